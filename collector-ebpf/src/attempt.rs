@@ -1,0 +1,149 @@
+//! `sock:inet_sock_set_state`: where an attempt starts and ends.
+
+use aya_ebpf::{
+
+    bindings::{BPF_F_REUSE_STACKID, BPF_F_USER_STACK},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns},
+    macros::tracepoint,
+    programs::{TracePointContext, tracing::StackIdContext},
+};
+use synspan_shared::{AF_INET, AttemptRecord, IPPROTO_TCP, SetStateFields, counter, tcp_state};
+
+use crate::maps::{ATTEMPTS, IN_FLIGHT, SCRATCH, STACKS, count, layout, policy, sock_int};
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = on_set_state(&ctx);
+    0
+}
+
+#[inline(always)]
+fn read<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i32> {
+    unsafe { ctx.read_at::<T>(offset as usize) }
+}
+
+fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
+    let fields = layout().set_state;
+    let newstate: i32 = read(ctx, fields.newstate)?;
+    let oldstate: i32 = read(ctx, fields.oldstate)?;
+    // Every TCP state change on the host lands here: leave as early as possible.
+    if newstate != tcp_state::SYN_SENT as i32 && oldstate != tcp_state::SYN_SENT as i32 {
+        return Ok(());
+    }
+    if read::<u16>(ctx, fields.protocol)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let sock: u64 = read(ctx, fields.skaddr)?;
+    if newstate == tcp_state::SYN_SENT as i32 {
+        start(ctx, &fields, sock)
+    } else {
+        finish(ctx, &fields, sock, newstate as u8)
+    }
+}
+
+/// Runs inside the application's own `connect()`: the only moment its identity is at hand.
+fn start(ctx: &TracePointContext, fields: &SetStateFields, sock: u64) -> Result<(), i32> {
+    let attempt = SCRATCH.get_ptr_mut(0).ok_or(0)?;
+    let attempt = unsafe { &mut *attempt };
+    *attempt = AttemptRecord::ZERO;
+    attempt.sock = sock;
+    attempt.start_ns = unsafe { bpf_ktime_get_ns() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    attempt.pid = (pid_tgid >> 32) as u32;
+    attempt.tid = pid_tgid as u32;
+    attempt.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    attempt.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    read_tuple(ctx, fields, attempt)?;
+    if policy().stacks != 0 {
+        let flags = BPF_F_REUSE_STACKID as u64;
+        attempt.kernel_stack_id = ctx.get_stackid(&STACKS, flags).map_or(-1, |id| id as i32);
+        attempt.user_stack_id = ctx
+            .get_stackid(&STACKS, flags | BPF_F_USER_STACK as u64)
+            .map_or(-1, |id| id as i32);
+    }
+    // BPF_NOEXIST first: an entry already there means the kernel reused the socket address
+    // before we saw the old attempt end. That attempt is lost; the new one must not merge
+    // into it.
+    if IN_FLIGHT.insert(&sock, attempt, aya_ebpf::bindings::BPF_NOEXIST as u64).is_err() {
+        count(counter::REPLACED);
+        if IN_FLIGHT.insert(&sock, attempt, 0).is_err() {
+            count(counter::TRACK_FAILED);
+            return Ok(());
+        }
+    }
+    count(counter::STARTED);
+    Ok(())
+}
+
+fn read_tuple(ctx: &TracePointContext, fields: &SetStateFields, attempt: &mut AttemptRecord) -> Result<(), i32> {
+    attempt.family = read(ctx, fields.family)?;
+    attempt.sport = read(ctx, fields.sport)?;
+    attempt.dport = read(ctx, fields.dport)?;
+    if attempt.family == AF_INET {
+        let s: [u8; 4] = read(ctx, fields.saddr)?;
+        let d: [u8; 4] = read(ctx, fields.daddr)?;
+        attempt.saddr[..4].copy_from_slice(&s);
+        attempt.daddr[..4].copy_from_slice(&d);
+    } else {
+        attempt.saddr = read(ctx, fields.saddr_v6)?;
+        attempt.daddr = read(ctx, fields.daddr_v6)?;
+    }
+    Ok(())
+}
+
+fn finish(ctx: &TracePointContext, fields: &SetStateFields, sock: u64, end_state: u8) -> Result<(), i32> {
+    let Some(attempt) = IN_FLIGHT.get_ptr_mut(&sock) else {
+        count(counter::UNTRACKED_FINISH);
+        return Ok(());
+    };
+    let attempt = unsafe { &mut *attempt };
+    count(counter::FINISHED);
+    attempt.end_ns = unsafe { bpf_ktime_get_ns() };
+    attempt.end_state = end_state;
+    // The source port (and, after a bind to a wildcard, the source address) is only known
+    // now: the kernel sets SYN_SENT before it picks the ephemeral port.
+    read_tuple(ctx, fields, attempt)?;
+    let sock_fields = layout().sock;
+    attempt.error = sock_int(sock, sock_fields.sk_err);
+    attempt.soft_error = sock_int(sock, sock_fields.sk_err_soft);
+
+    let policy = policy();
+    if !keep(attempt, &policy) {
+        count(counter::FILTERED);
+        let _ = IN_FLIGHT.remove(&sock);
+        return Ok(());
+    }
+    if policy.stacks != 0 {
+        attempt.end_kernel_stack_id = ctx
+            .get_stackid(&STACKS, BPF_F_REUSE_STACKID as u64)
+            .map_or(-1, |id| id as i32);
+    }
+    match ATTEMPTS.reserve::<AttemptRecord>(0) {
+        Some(mut entry) => {
+            entry.write(*attempt);
+            entry.submit(0);
+        }
+        None => count(counter::RINGBUF_FULL),
+    }
+    let _ = IN_FLIGHT.remove(&sock);
+    Ok(())
+}
+
+/// The in-kernel policy: failures always leave; successes only when they are interesting
+/// or sampled.
+#[inline(always)]
+fn keep(attempt: &AttemptRecord, policy: &synspan_shared::Policy) -> bool {
+    if attempt.end_state != tcp_state::ESTABLISHED {
+        return true;
+    }
+    if policy.sample_all != 0 {
+        return true;
+    }
+    if policy.keep_retried != 0 && attempt.retransmits > 0 {
+        return true;
+    }
+    if policy.slow_ns != 0 && attempt.end_ns.saturating_sub(attempt.start_ns) >= policy.slow_ns {
+        return true;
+    }
+    unsafe { bpf_get_prandom_u32() < policy.sample_below }
+}

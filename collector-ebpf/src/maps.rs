@@ -1,0 +1,91 @@
+//! Maps and load-time constants shared by every program.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{LruHashMap, PerCpuArray, RingBuf, StackTrace},
+};
+use synspan_shared::{AttemptRecord, KernelLayout, Policy, counter};
+
+/// Attempts in flight, keyed by socket address. The agent sizes it at load time.
+#[map]
+pub static IN_FLIGHT: LruHashMap<u64, AttemptRecord> = LruHashMap::with_max_entries(16384, 0);
+
+/// One finished attempt per record. The agent sizes it at load time.
+#[map]
+pub static ATTEMPTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
+
+#[map]
+pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+
+/// A record is larger than the 512-byte BPF stack allows comfortably, so new attempts are
+/// built here before they are copied into the in-flight map.
+#[map]
+pub static SCRATCH: PerCpuArray<AttemptRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// Set by the agent before load: where this kernel keeps the fields we read.
+#[unsafe(no_mangle)]
+static LAYOUT: KernelLayout = KernelLayout {
+    set_state: synspan_shared::SetStateFields {
+        skaddr: 0,
+        oldstate: 0,
+        newstate: 0,
+        sport: 0,
+        dport: 0,
+        family: 0,
+        protocol: 0,
+        saddr: 0,
+        daddr: 0,
+        saddr_v6: 0,
+        daddr_v6: 0,
+    },
+    retransmit: synspan_shared::RetransmitFields {
+        skaddr: 0,
+        state: 0,
+        sport: 0,
+    },
+    receive_reset: synspan_shared::ResetFields { skaddr: 0 },
+    send_reset: synspan_shared::ResetFields { skaddr: 0 },
+    sock: synspan_shared::SockFields {
+        sk_err: 0,
+        sk_err_soft: 0,
+    },
+};
+
+/// Set by the agent before load: which finished attempts leave the kernel.
+#[unsafe(no_mangle)]
+static POLICY: Policy = Policy::ALL;
+
+#[inline(always)]
+pub fn layout() -> KernelLayout {
+    // Volatile so that the compiler does not fold the zeros above into the code: the loader
+    // rewrites them.
+    unsafe { core::ptr::read_volatile(&LAYOUT) }
+}
+
+#[inline(always)]
+pub fn policy() -> Policy {
+    unsafe { core::ptr::read_volatile(&POLICY) }
+}
+
+#[inline(always)]
+pub fn count(slot: u32) {
+    if let Some(value) = COUNTERS.get_ptr_mut(slot) {
+        // Per-CPU slot: no other CPU writes it, and a program is not preempted mid-update.
+        unsafe { *value += 1 };
+    }
+}
+
+/// Reads an `int` at `offset` inside `struct sock`; 0 when the offset is unknown.
+#[inline(always)]
+pub fn sock_int(sock: u64, offset: u16) -> i32 {
+    if offset == 0 {
+        return 0;
+    }
+    unsafe {
+        aya_ebpf::helpers::bpf_probe_read_kernel((sock as *const u8).add(offset as usize) as *const i32)
+    }
+    .unwrap_or(0)
+}

@@ -1,0 +1,44 @@
+//! `tcp:tcp_receive_reset` and `tcp:tcp_send_reset`. A socket found in the in-flight map is
+//! still in SYN_SENT, so neither needs the state.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
+use synspan_shared::attempt_flags;
+
+use crate::maps::{IN_FLIGHT, layout};
+
+#[tracepoint(category = "tcp", name = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    mark(&ctx, layout().receive_reset.skaddr, attempt_flags::RST_RECEIVED);
+    0
+}
+
+/// The client resets in SYN_SENT when its SYN is answered by an ACK for data it never
+/// sent: the SYN met an existing connection.
+#[tracepoint(category = "tcp", name = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+    mark(&ctx, layout().send_reset.skaddr, attempt_flags::RST_SENT);
+    0
+}
+
+#[inline(always)]
+fn mark(ctx: &TracePointContext, skaddr_offset: u16, flag: u8) {
+    let Ok(sock) = (unsafe { ctx.read_at::<u64>(skaddr_offset as usize) }) else {
+        return;
+    };
+    if sock == 0 {
+        return;
+    }
+    let Some(attempt) = IN_FLIGHT.get_ptr_mut(&sock) else {
+        return;
+    };
+    let attempt = unsafe { &mut *attempt };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Keep the first time: that is when the attempt's fate turned.
+    if attempt.flags & flag == 0 {
+        match flag {
+            attempt_flags::RST_RECEIVED => attempt.rst_received_ns = now,
+            _ => attempt.rst_sent_ns = now,
+        }
+    }
+    attempt.flags |= flag;
+}

@@ -1,0 +1,242 @@
+//! The records and constants that synspan's kernel programs and its agent share.
+//!
+//! This crate is the only place where the layout of a record lives. Everything here is
+//! `#[repr(C)]` and plain old data, so the kernel can write it into a ring buffer and the
+//! agent can read it back byte for byte.
+#![no_std]
+
+/// Length of `task_struct::comm`, NUL included.
+pub const TASK_COMM_LEN: usize = 16;
+
+/// Retransmit timestamps kept per attempt. The count goes on past this; only the times of
+/// later retransmits are lost. The kernel's default `tcp_syn_retries` is 6.
+pub const MAX_RETRANSMIT_TIMES: usize = 16;
+
+/// `AF_INET` and `AF_INET6` as the tracepoints report them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+}
+
+/// Bits of [`AttemptRecord::flags`].
+pub mod attempt_flags {
+    /// A RST arrived while the socket was in SYN_SENT.
+    pub const RST_RECEIVED: u8 = 1 << 0;
+    /// The socket itself sent a RST while in SYN_SENT: its SYN met a live connection.
+    pub const RST_SENT: u8 = 1 << 1;
+    /// The kernel reported an error to the socket (`inet_sk_error_report`) before it closed.
+    pub const ERROR_REPORTED: u8 = 1 << 2;
+    /// The retransmit timestamps ran out; `retransmits` still counts every one.
+    pub const RETRANSMIT_TIMES_TRUNCATED: u8 = 1 << 3;
+}
+
+/// One connect attempt, from SYN_SENT to the moment the socket left it.
+///
+/// The kernel keeps one of these per socket in flight, keyed by the socket's address, and
+/// sends it to the agent once the attempt is over. Identity (pid, tid, comm, cgroup, user
+/// stack) is captured at SYN_SENT in the application's own context; later events, which may
+/// run in a timer or softirq, only add to it.
+///
+/// Times are `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`). Ports are in host byte
+/// order, addresses in network byte order (IPv4 in the first four bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttemptRecord {
+    /// Kernel address of the socket. Identifies the attempt only while it is in flight.
+    pub sock: u64,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub cgroup_id: u64,
+    pub retransmit_ns: [u64; MAX_RETRANSMIT_TIMES],
+    pub rst_received_ns: u64,
+    pub rst_sent_ns: u64,
+    pub error_report_ns: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub comm: [u8; TASK_COMM_LEN],
+    /// Thread group id (the "pid" users know) and thread id of the caller of `connect()`.
+    pub pid: u32,
+    pub tid: u32,
+    pub retransmits: u32,
+    /// `sk_err` when the socket left SYN_SENT: the errno `connect()` reports.
+    pub error: i32,
+    /// `sk_err_soft` at the same moment: an ICMP error that did not kill the attempt by itself.
+    pub soft_error: i32,
+    /// The errno of the last `inet_sk_error_report` while in SYN_SENT.
+    pub reported_error: i32,
+    /// Ids in the stack trace map; negative when not captured.
+    pub user_stack_id: i32,
+    pub kernel_stack_id: i32,
+    pub end_kernel_stack_id: i32,
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    /// The state the socket moved to when it left SYN_SENT.
+    pub end_state: u8,
+    pub flags: u8,
+    pub _pad: [u8; 4],
+}
+
+impl AttemptRecord {
+    pub const ZERO: Self = Self {
+        sock: 0,
+        start_ns: 0,
+        end_ns: 0,
+        cgroup_id: 0,
+        retransmit_ns: [0; MAX_RETRANSMIT_TIMES],
+        rst_received_ns: 0,
+        rst_sent_ns: 0,
+        error_report_ns: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        comm: [0; TASK_COMM_LEN],
+        pid: 0,
+        tid: 0,
+        retransmits: 0,
+        error: 0,
+        soft_error: 0,
+        reported_error: 0,
+        user_stack_id: -1,
+        kernel_stack_id: -1,
+        end_kernel_stack_id: -1,
+        family: 0,
+        sport: 0,
+        dport: 0,
+        end_state: 0,
+        flags: 0,
+        _pad: [0; 4],
+    };
+}
+
+/// Byte offsets of the tracepoint fields the programs read.
+///
+/// Tracepoint formats are stable in spirit but do grow fields between kernels, so the agent
+/// reads each offset from tracefs at start-up rather than trusting one kernel's layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SetStateFields {
+    pub skaddr: u16,
+    pub oldstate: u16,
+    pub newstate: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub protocol: u16,
+    pub saddr: u16,
+    pub daddr: u16,
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetransmitFields {
+    pub skaddr: u16,
+    pub state: u16,
+    pub sport: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResetFields {
+    pub skaddr: u16,
+}
+
+/// Offsets inside `struct sock`, resolved from the kernel's BTF. Zero means unknown.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockFields {
+    pub sk_err: u16,
+    pub sk_err_soft: u16,
+}
+
+/// Everything the programs need to know about this kernel's layouts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLayout {
+    pub set_state: SetStateFields,
+    pub retransmit: RetransmitFields,
+    pub receive_reset: ResetFields,
+    pub send_reset: ResetFields,
+    pub sock: SockFields,
+}
+
+/// Which finished attempts the kernel sends to the agent. The rest are counted and dropped
+/// in the kernel, at the cost of one map update.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Successes that took at least this long are kept. 0 disables the rule.
+    pub slow_ns: u64,
+    /// Other successes are kept when `bpf_get_prandom_u32() < sample_below`;
+    /// `u32::MAX` with `sample_all` set keeps all of them.
+    pub sample_below: u32,
+    pub sample_all: u8,
+    /// Keep successes that needed at least one SYN retransmit.
+    pub keep_retried: u8,
+    /// Capture kernel and user stacks.
+    pub stacks: u8,
+    pub _pad: u8,
+}
+
+impl Policy {
+    /// Every attempt is sent: the default.
+    pub const ALL: Self = Self {
+        slow_ns: 0,
+        sample_below: u32::MAX,
+        sample_all: 1,
+        keep_retried: 1,
+        stacks: 1,
+        _pad: 0,
+    };
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self::ALL
+    }
+}
+
+/// Slots of the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Attempts that entered SYN_SENT and were tracked.
+    pub const STARTED: u32 = 0;
+    /// Tracked attempts that left SYN_SENT.
+    pub const FINISHED: u32 = 1;
+    /// Finished attempts the policy dropped in the kernel.
+    pub const FILTERED: u32 = 2;
+    /// Finished attempts lost because the ring buffer was full.
+    pub const RINGBUF_FULL: u32 = 3;
+    /// An attempt started on a socket address whose previous attempt was never seen to
+    /// finish: the old one is lost.
+    pub const REPLACED: u32 = 4;
+    /// Sockets that left SYN_SENT without a tracked attempt: they started before synspan
+    /// did, or their entry was evicted from the in-flight map.
+    pub const UNTRACKED_FINISH: u32 = 5;
+    /// The in-flight map refused an insert.
+    pub const TRACK_FAILED: u32 = 6;
+    pub const LEN: u32 = 7;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), hold only integers and arrays of integers, and have
+    // no padding that the kernel would leave uninitialised.
+    unsafe impl aya::Pod for super::AttemptRecord {}
+    unsafe impl aya::Pod for super::KernelLayout {}
+    unsafe impl aya::Pod for super::Policy {}
+}
