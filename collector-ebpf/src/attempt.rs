@@ -22,6 +22,7 @@ fn read<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i32> {
     unsafe { ctx.read_at::<T>(offset as usize) }
 }
 
+#[inline(always)]
 fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     let fields = layout().set_state;
     let newstate: i32 = read(ctx, fields.newstate)?;
@@ -42,6 +43,7 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
 }
 
 /// Runs inside the application's own `connect()`: the only moment its identity is at hand.
+#[inline(always)]
 fn start(ctx: &TracePointContext, fields: &SetStateFields, sock: u64) -> Result<(), i32> {
     let attempt = SCRATCH.get_ptr_mut(0).ok_or(0)?;
     let attempt = unsafe { &mut *attempt };
@@ -75,6 +77,7 @@ fn start(ctx: &TracePointContext, fields: &SetStateFields, sock: u64) -> Result<
     Ok(())
 }
 
+#[inline(always)]
 fn read_tuple(ctx: &TracePointContext, fields: &SetStateFields, attempt: &mut AttemptRecord) -> Result<(), i32> {
     attempt.family = read(ctx, fields.family)?;
     attempt.sport = read(ctx, fields.sport)?;
@@ -91,6 +94,7 @@ fn read_tuple(ctx: &TracePointContext, fields: &SetStateFields, attempt: &mut At
     Ok(())
 }
 
+#[inline(always)]
 fn finish(ctx: &TracePointContext, fields: &SetStateFields, sock: u64, end_state: u8) -> Result<(), i32> {
     let Some(attempt) = IN_FLIGHT.get_ptr_mut(&sock) else {
         count(counter::UNTRACKED_FINISH);

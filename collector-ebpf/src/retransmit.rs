@@ -12,6 +12,7 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     0
 }
 
+#[inline(always)]
 fn on_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
     let fields = layout().retransmit;
     let state: i32 = unsafe { ctx.read_at(fields.state as usize)? };

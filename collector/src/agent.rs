@@ -1,0 +1,198 @@
+//! The agent: load, attach, read finished attempts, hand them to the sinks, account for
+//! every one, and shut down cleanly.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    attempt::{Attempt, read_record},
+    clock::WallClock,
+    config::Cli,
+    kernel_layout,
+    loader::{Limits, Tracer},
+    privilege,
+    sink::{
+        StdoutSink,
+        otlp::{OtlpSettings, OtlpSink},
+    },
+    span::{ConnectSpan, SpanBuilder},
+    stats::{Accounting, AgentCounters},
+};
+
+/// Records handled per wake-up at most, so that a storm cannot starve signal handling.
+const MAX_BATCH: usize = 4096;
+
+/// Reads finished attempts and dispatches them.
+struct Pipeline {
+    clock: WallClock,
+    spans: SpanBuilder,
+    stdout: Option<StdoutSink>,
+    otlp: Option<OtlpSink>,
+    counters: Arc<AgentCounters>,
+    batch: Vec<ConnectSpan>,
+}
+
+impl Pipeline {
+    /// Reads up to `MAX_BATCH` records; returns how many were read.
+    fn read(&mut self, ring: &mut RingBuf<MapData>) -> usize {
+        let mut read = 0;
+        while read < MAX_BATCH {
+            let Some(item) = ring.next() else { break };
+            read += 1;
+            let record = match read_record(&item) {
+                Ok(record) => record,
+                Err(err) => {
+                    tracing::warn!("skipping a ring-buffer record: {err}");
+                    AgentCounters::add(&self.counters.undecodable, 1);
+                    continue;
+                }
+            };
+            drop(item);
+            self.clock.refresh(record.end_ns);
+            match Attempt::decode(&record, &self.clock) {
+                Ok(attempt) => self.batch.push(self.spans.build(attempt)),
+                Err(err) => {
+                    tracing::warn!("skipping an attempt: {err}");
+                    AgentCounters::add(&self.counters.undecodable, 1);
+                }
+            }
+        }
+        AgentCounters::add(&self.counters.received, read as u64);
+        read
+    }
+
+    fn dispatch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        if let Some(stdout) = &mut self.stdout {
+            if let Err(err) = stdout.write(&self.batch) {
+                tracing::error!("writing to stdout failed ({err}); no more output on stdout");
+                self.stdout = None;
+            } else if self.otlp.is_none() {
+                AgentCounters::add(&self.counters.exported, self.batch.len() as u64);
+            }
+        }
+        match &mut self.otlp {
+            Some(otlp) => otlp.submit(std::mem::take(&mut self.batch)),
+            None => {
+                if self.stdout.is_none() {
+                    // Nowhere to go: the output broke, and there is no collector.
+                    AgentCounters::add(&self.counters.export_failed, self.batch.len() as u64);
+                }
+                self.batch.clear();
+            }
+        }
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    privilege::check()?;
+    let resolved = kernel_layout::resolve()?;
+    let policy = cli.policy();
+    let limits = Limits {
+        max_in_flight: cli.max_in_flight.get(),
+        ring_buffer_bytes: cli.ring_buffer_bytes,
+    };
+    let mut tracer = Tracer::load(&resolved, &policy, &limits)?;
+    let counters = Arc::new(AgentCounters::default());
+    let otlp = match &cli.otlp_endpoint {
+        Some(endpoint) => Some(OtlpSink::start(
+            OtlpSettings {
+                endpoint: endpoint.clone(),
+                queue_size: cli.export_queue_size.get() as usize,
+                batch_size: cli.export_batch_size.get() as usize,
+                retry_timeout: cli.export_retry_timeout,
+            },
+            counters.clone(),
+        )?),
+        None => None,
+    };
+    let ring = tracer.take_attempts()?;
+    // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, for as long as
+    // the AsyncFd owns the ring buffer.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|err| anyhow::anyhow!("watching the ring buffer: {err}"))?;
+    let mut pipeline = Pipeline {
+        clock: WallClock::sample(),
+        spans: SpanBuilder::new(host_name()),
+        stdout: StdoutSink::new(cli.output),
+        otlp,
+        counters: counters.clone(),
+        batch: Vec::with_capacity(MAX_BATCH),
+    };
+
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let skipped = tracer.attach(&resolved)?;
+    for (hook, why) in &skipped {
+        tracing::warn!("not attached: {hook} ({why}); spans will lack what it shows");
+    }
+    tracing::info!(
+        output = ?cli.output,
+        otlp = cli.otlp_endpoint.as_ref().map(|u| u.to_string()),
+        "synspan ready: tracing TCP connect attempts"
+    );
+
+    let mut stats_tick = (!cli.stats_interval.is_zero()).then(|| {
+        let mut tick = tokio::time::interval(cli.stats_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        tick
+    });
+    let report = |tracer: &Tracer| -> Accounting {
+        let kernel = tracer.counters().unwrap_or_default();
+        Accounting::read(kernel, tracer.in_flight().unwrap_or(0), &counters)
+    };
+
+    let signal_name = loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("polling the ring buffer")?;
+                let read = pipeline.read(guard.get_inner_mut());
+                if read < MAX_BATCH {
+                    guard.clear_ready();
+                }
+                pipeline.dispatch();
+            }
+            _ = sigint.recv() => break "SIGINT",
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = async { stats_tick.as_mut().unwrap().tick().await }, if stats_tick.is_some() => {
+                tracing::info!("stats: {}", report(&tracer));
+            }
+        }
+    };
+
+    tracing::info!("{signal_name}: stopping; a second signal exits at once");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
+        }
+        tracing::warn!("second signal: exiting without flushing");
+        std::process::exit(130);
+    });
+    tracer.detach();
+    // The programs are gone: whatever is in the ring buffer now is all there will be.
+    while pipeline.read(ring.get_mut()) > 0 {
+        pipeline.dispatch();
+    }
+    pipeline.dispatch();
+    if let Some(otlp) = pipeline.otlp.take() {
+        otlp.shutdown(cli.shutdown_timeout).await;
+    }
+    tracing::info!("final: {}", report(&tracer));
+    Ok(())
+}
+

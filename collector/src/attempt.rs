@@ -1,0 +1,238 @@
+//! `Attempt`, the domain type: one TCP connect attempt as synspan reports it.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::SystemTime,
+};
+
+use synspan_shared::{AF_INET, AF_INET6, AttemptRecord, MAX_RETRANSMIT_TIMES, attempt_flags};
+
+use crate::{
+    clock::WallClock,
+    outcome::{Outcome, classify},
+};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attempt {
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    pub outcome: Outcome,
+    /// The errno `connect()` saw, 0 for success and for a close by the application.
+    pub errno: i32,
+    /// An ICMP error recorded as soft while the attempt went on.
+    pub soft_errno: i32,
+    pub syn_retransmits: u32,
+    pub events: Vec<AttemptEvent>,
+    pub user_stack_id: Option<u32>,
+    pub kernel_stack_id: Option<u32>,
+    pub end_kernel_stack_id: Option<u32>,
+}
+
+/// Something the kernel showed while the attempt waited in SYN_SENT.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttemptEvent {
+    pub time: SystemTime,
+    pub kind: EventKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// The n-th SYN retransmit, counting from 1.
+    SynRetransmit(u32),
+    RstReceived,
+    /// The client reset its own half-open connection: its SYN met an existing connection.
+    RstSent,
+    /// The kernel reported an error to the socket, usually from an ICMP message.
+    ErrorReported(i32),
+}
+
+impl EventKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::SynRetransmit(_) => "syn_retransmit",
+            EventKind::RstReceived => "rst_received",
+            EventKind::RstSent => "rst_sent",
+            EventKind::ErrorReported(_) => "error_reported",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes, expected {expected}", expected = size_of::<AttemptRecord>())]
+    Size(usize),
+    #[error("unknown address family {0}")]
+    Family(u16),
+}
+
+/// Copies a ring-buffer record out of the kernel's bytes.
+pub fn read_record(bytes: &[u8]) -> Result<AttemptRecord, DecodeError> {
+    if bytes.len() < size_of::<AttemptRecord>() {
+        return Err(DecodeError::Size(bytes.len()));
+    }
+    // SAFETY: AttemptRecord is repr(C) plain old data of which every bit pattern is valid,
+    // and the length was checked; the ring buffer gives no alignment guarantee past 8.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<AttemptRecord>()) })
+}
+
+fn ip(family: u16, bytes: &[u8; 16]) -> Result<IpAddr, DecodeError> {
+    match family {
+        AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))),
+        AF_INET6 => Ok(IpAddr::V6(Ipv6Addr::from(*bytes))),
+        other => Err(DecodeError::Family(other)),
+    }
+}
+
+fn stack_id(id: i32) -> Option<u32> {
+    u32::try_from(id).ok()
+}
+
+/// The name the kernel keeps for a task: NUL-padded, at most 15 bytes, not always UTF-8.
+pub fn comm(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+impl Attempt {
+    pub fn decode(record: &AttemptRecord, clock: &WallClock) -> Result<Self, DecodeError> {
+        let at = |ns| clock.to_system_time(ns);
+        let mut events = Vec::with_capacity(record.retransmits as usize + 1);
+        let timed = (record.retransmits as usize).min(MAX_RETRANSMIT_TIMES);
+        for (i, &ns) in record.retransmit_ns[..timed].iter().enumerate() {
+            events.push(AttemptEvent {
+                time: at(ns),
+                kind: EventKind::SynRetransmit(i as u32 + 1),
+            });
+        }
+        if record.flags & attempt_flags::RST_RECEIVED != 0 {
+            events.push(AttemptEvent {
+                time: at(record.rst_received_ns),
+                kind: EventKind::RstReceived,
+            });
+        }
+        if record.flags & attempt_flags::RST_SENT != 0 {
+            events.push(AttemptEvent {
+                time: at(record.rst_sent_ns),
+                kind: EventKind::RstSent,
+            });
+        }
+        if record.flags & attempt_flags::ERROR_REPORTED != 0 {
+            events.push(AttemptEvent {
+                time: at(record.error_report_ns),
+                kind: EventKind::ErrorReported(record.reported_error),
+            });
+        }
+        events.sort_by_key(|e| e.time);
+        Ok(Self {
+            start: at(record.start_ns),
+            end: at(record.end_ns),
+            pid: record.pid,
+            tid: record.tid,
+            comm: comm(&record.comm),
+            cgroup_id: record.cgroup_id,
+            local: SocketAddr::new(ip(record.family, &record.saddr)?, record.sport),
+            peer: SocketAddr::new(ip(record.family, &record.daddr)?, record.dport),
+            outcome: classify(record),
+            errno: record.error,
+            soft_errno: record.soft_error,
+            syn_retransmits: record.retransmits,
+            events,
+            user_stack_id: stack_id(record.user_stack_id),
+            kernel_stack_id: stack_id(record.kernel_stack_id),
+            end_kernel_stack_id: stack_id(record.end_kernel_stack_id),
+        })
+    }
+
+    pub fn duration(&self) -> std::time::Duration {
+        self.end.duration_since(self.start).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use synspan_shared::tcp_state;
+
+    use super::*;
+
+    fn timed_out_v4() -> AttemptRecord {
+        let mut r = AttemptRecord::ZERO;
+        r.start_ns = 1_000_000_000;
+        r.end_ns = 8_100_000_000;
+        r.family = AF_INET;
+        r.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        r.daddr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        r.sport = 40000;
+        r.dport = 80;
+        r.pid = 42;
+        r.tid = 43;
+        r.comm[..2].copy_from_slice(b"nc");
+        r.end_state = tcp_state::CLOSE;
+        r.error = libc::ETIMEDOUT;
+        r.retransmits = 2;
+        r.retransmit_ns[0] = 2_000_000_000;
+        r.retransmit_ns[1] = 3_000_000_000;
+        r.kernel_stack_id = 7;
+        r
+    }
+
+    #[test]
+    fn decodes_bytes_and_fields() {
+        let r = timed_out_v4();
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&r as *const AttemptRecord).cast::<u8>(), size_of::<AttemptRecord>())
+        };
+        assert_eq!(read_record(bytes).unwrap(), r);
+        assert_eq!(read_record(&bytes[..10]), Err(DecodeError::Size(10)));
+
+        let clock = WallClock::from_offset(1_000_000_000_000_000_000);
+        let a = Attempt::decode(&r, &clock).unwrap();
+        assert_eq!(a.local, "127.0.0.1:40000".parse().unwrap());
+        assert_eq!(a.peer, "127.0.0.2:80".parse().unwrap());
+        assert_eq!(a.comm, "nc");
+        assert_eq!(a.outcome, Outcome::TimedOut);
+        assert_eq!(a.duration(), Duration::from_millis(7100));
+        assert_eq!(a.start, UNIX_EPOCH + Duration::from_nanos(1_000_000_001_000_000_000));
+        assert_eq!(a.events.len(), 2);
+        assert_eq!(a.events[1].kind, EventKind::SynRetransmit(2));
+        assert_eq!(a.events[1].time, UNIX_EPOCH + Duration::from_nanos(1_000_000_003_000_000_000));
+        assert_eq!(a.kernel_stack_id, Some(7));
+        assert_eq!(a.user_stack_id, None);
+    }
+
+    #[test]
+    fn decodes_ipv6_and_rejects_unknown_family() {
+        let mut r = timed_out_v4();
+        r.family = AF_INET6;
+        r.saddr = Ipv6Addr::LOCALHOST.octets();
+        r.daddr = Ipv6Addr::LOCALHOST.octets();
+        let a = Attempt::decode(&r, &WallClock::from_offset(0)).unwrap();
+        assert_eq!(a.peer, "[::1]:80".parse().unwrap());
+        r.family = 1;
+        assert_eq!(Attempt::decode(&r, &WallClock::from_offset(0)), Err(DecodeError::Family(1)));
+    }
+
+    #[test]
+    fn events_in_time_order() {
+        let mut r = timed_out_v4();
+        r.flags = attempt_flags::RST_SENT | attempt_flags::RETRANSMIT_TIMES_TRUNCATED;
+        r.rst_sent_ns = 1_500_000_000;
+        let a = Attempt::decode(&r, &WallClock::from_offset(0)).unwrap();
+        let kinds: Vec<_> = a.events.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [EventKind::RstSent, EventKind::SynRetransmit(1), EventKind::SynRetransmit(2)]);
+    }
+
+    #[test]
+    fn comm_stops_at_nul_and_survives_bad_utf8() {
+        assert_eq!(comm(b"curl\0\0\0"), "curl");
+        assert_eq!(comm(&[0xff, b'a', 0]), "\u{fffd}a");
+        assert_eq!(comm(b"exactly16bytes!!"), "exactly16bytes!!");
+    }
+}

@@ -1,0 +1,268 @@
+//! Command line and environment. Flags win over `OTEL_*` variables, which win over defaults.
+
+use std::{num::NonZeroU32, time::Duration};
+
+use clap::{Parser, ValueEnum, error::ErrorKind};
+use synspan_shared::Policy;
+
+const ABOUT: &str = "Every TCP connect attempt on this host as an OpenTelemetry span.";
+
+const LONG_ABOUT: &str = "\
+Every TCP connect attempt on this host as an OpenTelemetry span.
+
+synspan watches the kernel (tracepoints, no kprobes) and follows each outbound TCP connect
+from SYN_SENT until the socket leaves it: established, refused, timed out, unreachable, or
+aborted by the application. Each attempt carries the 4-tuple the kernel chose, the pid,
+thread and command of the caller, every SYN retransmit, and why it ended.
+
+With no flags it prints one line per finished attempt. Add --otlp-endpoint to export spans
+to an OpenTelemetry Collector; use --output json for one JSON object per attempt on stdout.
+Needs root, or CAP_BPF and CAP_PERFMON.";
+
+const AFTER_HELP: &str = "\
+Environment:
+  OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT
+                    OTLP gRPC endpoint when --otlp-endpoint is not given (in that order)
+  OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_TIMEOUT, OTEL_EXPORTER_OTLP_COMPRESSION
+                    read by the OTLP exporter as the OpenTelemetry specification says
+  SYNSPAN_LOG       log filter for stderr (tracing's EnvFilter syntax), default `info`
+
+Examples:
+  synspan                                   print every attempt
+  synspan --failures-only                   failures, retried and slow successes only
+  synspan --otlp-endpoint http://127.0.0.1:4317 --output none
+  synspan --output json | jq 'select(.attributes[\"synspan.outcome\"] != \"established\")'";
+
+/// What synspan writes to stdout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// One human-readable line per attempt.
+    Console,
+    /// One JSON object per attempt (JSON Lines); nothing else goes to stdout.
+    Json,
+    /// Nothing; use with --otlp-endpoint.
+    None,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "synspan", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// What to print on stdout for each finished attempt. Logs always go to stderr.
+    #[arg(long, value_enum, default_value_t = Output::Console)]
+    pub output: Output,
+
+    /// Export spans over OTLP gRPC to this collector, e.g. http://127.0.0.1:4317.
+    #[arg(long, value_name = "URL", value_parser = parse_endpoint)]
+    pub otlp_endpoint: Option<http::Uri>,
+
+    /// Keep every failure plus successes that needed a SYN retransmit or took longer than
+    /// --slow-threshold (default 1s); drop other successes in the kernel. The production
+    /// setting. Same as `--sample-successes 0 --keep-retried --slow-threshold 1s`.
+    #[arg(long)]
+    pub failures_only: bool,
+
+    /// Keep successes that took at least this long (e.g. 200ms, 1s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub slow_threshold: Option<Duration>,
+
+    /// Keep successes that needed at least one SYN retransmit.
+    #[arg(long)]
+    pub keep_retried: bool,
+
+    /// Fraction of the remaining successes to keep, from 0 to 1. Default 1, or 0 with
+    /// --failures-only. Failures are always kept.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub sample_successes: Option<f64>,
+
+    /// Do not capture kernel and user stacks: the lowest overhead.
+    #[arg(long)]
+    pub no_stacks: bool,
+
+    /// Attempts tracked in flight at once (the in-flight map's size). An attempt pushed out
+    /// by newer ones is counted as evicted.
+    #[arg(long, value_name = "N", default_value = "16384")]
+    pub max_in_flight: NonZeroU32,
+
+    /// Size of the kernel-to-agent ring buffer in bytes: a power of two, at least 4096.
+    /// Records that do not fit are counted as `ringbuf_full`.
+    #[arg(long, value_name = "BYTES", default_value = "4194304", value_parser = parse_ring_size)]
+    pub ring_buffer_bytes: u32,
+
+    /// Spans waiting for the OTLP exporter. When full, new spans are dropped and counted as
+    /// `export_queue_full`. Each queued span takes about 1 KiB.
+    #[arg(long, value_name = "SPANS", default_value = "65536")]
+    pub export_queue_size: NonZeroU32,
+
+    /// Spans per OTLP export request.
+    #[arg(long, value_name = "SPANS", default_value = "512")]
+    pub export_batch_size: NonZeroU32,
+
+    /// How long to retry one failed export, with backoff, before its spans are dropped and
+    /// counted as `export_failed`.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub export_retry_timeout: Duration,
+
+    /// Print accounting counters on stderr this often (e.g. 10s). 0 turns it off; a final
+    /// summary is always printed at exit.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub stats_interval: Duration,
+
+    /// On SIGINT or SIGTERM, wait this long for pending spans to be exported. A second
+    /// signal exits at once.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e}; write a duration such as 500ms, 5s or 1m"))
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err("expected a number from 0 to 1, such as 0.01".into()),
+    }
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n >= 4096 && n.is_power_of_two() => Ok(n),
+        _ => Err("expected a power of two of at least 4096, such as 4194304 (4 MiB)".into()),
+    }
+}
+
+/// An OTLP gRPC endpoint: `http://` or `https://`, a host, an optional port, no path.
+pub fn parse_endpoint(s: &str) -> Result<http::Uri, String> {
+    let hint = "expected a URL such as http://127.0.0.1:4317";
+    let uri: http::Uri = s.parse().map_err(|e| format!("{e}; {hint}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        Some(other) => return Err(format!("unsupported scheme `{other}`; {hint}")),
+        None => return Err(format!("no scheme; {hint}")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("no host; {hint}"));
+    }
+    if !matches!(uri.path(), "" | "/") {
+        return Err(format!(
+            "OTLP gRPC takes no path (got `{}`); {hint}",
+            uri.path()
+        ));
+    }
+    Ok(uri)
+}
+
+impl Cli {
+    /// Parses the command line and checks what clap cannot: the `OTEL_*` endpoints. Exits
+    /// with status 2 and a message on bad input, as clap does for flags.
+    pub fn load() -> Self {
+        let mut cli = Cli::parse();
+        if cli.otlp_endpoint.is_none() {
+            for var in ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"] {
+                let Ok(value) = std::env::var(var) else { continue };
+                if value.is_empty() {
+                    continue;
+                }
+                match parse_endpoint(&value) {
+                    Ok(uri) => {
+                        cli.otlp_endpoint = Some(uri);
+                        break;
+                    }
+                    Err(e) => {
+                        use clap::CommandFactory;
+                        Cli::command()
+                            .error(ErrorKind::InvalidValue, format!("invalid {var} '{value}': {e}"))
+                            .exit()
+                    }
+                }
+            }
+        }
+        cli
+    }
+
+    /// The in-kernel policy these flags describe.
+    pub fn policy(&self) -> Policy {
+        let rate = self
+            .sample_successes
+            .unwrap_or(if self.failures_only { 0.0 } else { 1.0 });
+        let slow = self
+            .slow_threshold
+            .or(self.failures_only.then_some(Duration::from_secs(1)))
+            .unwrap_or_default();
+        Policy {
+            slow_ns: u64::try_from(slow.as_nanos()).unwrap_or(u64::MAX),
+            sample_below: (rate * f64::from(u32::MAX)) as u32,
+            sample_all: u8::from(rate >= 1.0),
+            keep_retried: u8::from(self.keep_retried || self.failures_only),
+            stacks: u8::from(!self.no_stacks),
+            _pad: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("synspan").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_keep_everything() {
+        let c = cli(&[]).unwrap();
+        assert_eq!(c.output, Output::Console);
+        assert_eq!(c.policy(), Policy::ALL);
+    }
+
+    #[test]
+    fn failures_only_policy() {
+        let p = cli(&["--failures-only"]).unwrap().policy();
+        assert_eq!(p.sample_all, 0);
+        assert_eq!(p.sample_below, 0);
+        assert_eq!(p.keep_retried, 1);
+        assert_eq!(p.slow_ns, 1_000_000_000);
+        let p = cli(&["--failures-only", "--slow-threshold", "250ms", "--no-stacks"]).unwrap().policy();
+        assert_eq!(p.slow_ns, 250_000_000);
+        assert_eq!(p.stacks, 0);
+    }
+
+    #[test]
+    fn sampling_rate() {
+        let p = cli(&["--sample-successes", "0"]).unwrap().policy();
+        assert_eq!((p.sample_all, p.sample_below, p.keep_retried), (0, 0, 0));
+        let p = cli(&["--sample-successes", "0.5"]).unwrap().policy();
+        assert_eq!(p.sample_all, 0);
+        assert!((p.sample_below as f64 / u32::MAX as f64 - 0.5).abs() < 1e-6);
+        assert!(cli(&["--sample-successes", "1.5"]).is_err());
+    }
+
+    #[test]
+    fn endpoints() {
+        assert!(parse_endpoint("http://127.0.0.1:4317").is_ok());
+        assert!(parse_endpoint("https://collector.example:4317/").is_ok());
+        assert!(parse_endpoint("127.0.0.1:4317").unwrap_err().contains("http://"));
+        assert!(parse_endpoint("ftp://x:1").unwrap_err().contains("unsupported scheme"));
+        assert!(parse_endpoint("http://x:4317/v1/traces").unwrap_err().contains("no path"));
+        assert!(parse_endpoint("http://:4317").is_err());
+        let err = cli(&["--otlp-endpoint", "localhost"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn bad_values_exit_2() {
+        for args in [
+            &["--output", "xml"][..],
+            &["--ring-buffer-bytes", "1000"],
+            &["--stats-interval", "soon"],
+            &["--max-in-flight", "0"],
+            &["--no-such-flag"],
+        ] {
+            let err = cli(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+}

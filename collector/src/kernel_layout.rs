@@ -1,0 +1,244 @@
+//! Where this kernel keeps the fields the programs read: tracepoint formats from tracefs,
+//! `struct sock` members from BTF. Resolved once at start-up.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use btf_rs::{Btf, Type};
+use synspan_shared::{KernelLayout, ResetFields, RetransmitFields, SetStateFields, SockFields};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error(
+        "tracefs is not mounted (looked in /sys/kernel/tracing and /sys/kernel/debug/tracing); \
+         mount it with `mount -t tracefs tracefs /sys/kernel/tracing`"
+    )]
+    NoTracefs,
+    #[error(
+        "this kernel has no tracepoint {category}:{name} ({path}: {source}); synspan needs it \
+         (Linux 5.x or later with CONFIG_TRACEPOINTS)"
+    )]
+    MissingTracepoint {
+        category: &'static str,
+        name: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("tracepoint {category}:{name} has no field `{field}` on this kernel")]
+    MissingField {
+        category: &'static str,
+        name: &'static str,
+        field: &'static str,
+    },
+}
+
+/// The tracefs root, if mounted.
+pub fn tracefs_root() -> Result<PathBuf, LayoutError> {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("events").is_dir())
+        .ok_or(LayoutError::NoTracefs)
+}
+
+/// Field offsets of one tracepoint, parsed from its `format` file.
+pub struct TracepointFormat {
+    category: &'static str,
+    name: &'static str,
+    fields: Vec<(String, u16)>,
+}
+
+impl TracepointFormat {
+    pub fn read(tracefs: &Path, category: &'static str, name: &'static str) -> Result<Self, LayoutError> {
+        let path = tracefs.join("events").join(category).join(name).join("format");
+        let text = fs::read_to_string(&path).map_err(|source| LayoutError::MissingTracepoint {
+            category,
+            name,
+            path,
+            source,
+        })?;
+        Ok(Self::parse(category, name, &text))
+    }
+
+    pub fn parse(category: &'static str, name: &'static str, text: &str) -> Self {
+        let fields = text
+            .lines()
+            .filter_map(|line| {
+                // "\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;"
+                let decl = line.trim().strip_prefix("field:")?;
+                let (decl, rest) = decl.split_once(';')?;
+                let field = decl.rsplit([' ', '*']).next()?;
+                let field = field.split('[').next()?.to_string();
+                let offset = rest.split(';').find_map(|part| part.trim().strip_prefix("offset:"))?;
+                Some((field, offset.parse().ok()?))
+            })
+            .collect();
+        Self {
+            category,
+            name,
+            fields,
+        }
+    }
+
+    pub fn offset(&self, field: &'static str) -> Result<u16, LayoutError> {
+        self.fields
+            .iter()
+            .find(|(name, _)| name == field)
+            .map(|(_, offset)| *offset)
+            .ok_or(LayoutError::MissingField {
+                category: self.category,
+                name: self.name,
+                field,
+            })
+    }
+}
+
+/// The layouts, and the optional hooks this kernel cannot serve.
+pub struct Resolved {
+    pub layout: KernelLayout,
+    /// (program name, why) for each optional hook that will not be attached.
+    pub unavailable: Vec<(&'static str, String)>,
+}
+
+/// Reads every layout the programs need. Only `sock:inet_sock_set_state` is required: it
+/// alone gives each attempt its start, end and tuple. The other hooks add retransmits,
+/// resets and errors, and are skipped with a warning where the kernel lacks them.
+/// `struct sock` offsets come from BTF; without them the errno is inferred, not read.
+pub fn resolve() -> Result<Resolved, LayoutError> {
+    let tracefs = tracefs_root()?;
+    let set_state = TracepointFormat::read(&tracefs, "sock", "inet_sock_set_state")?;
+    let mut unavailable = Vec::new();
+    let retransmit = optional(&tracefs, ("tcp", "tcp_retransmit_skb"), &mut unavailable, |f| {
+        Ok(RetransmitFields {
+            skaddr: f.offset("skaddr")?,
+            state: f.offset("state")?,
+            sport: f.offset("sport")?,
+        })
+    });
+    let receive_reset = optional(&tracefs, ("tcp", "tcp_receive_reset"), &mut unavailable, |f| {
+        Ok(ResetFields { skaddr: f.offset("skaddr")? })
+    });
+    let send_reset = optional(&tracefs, ("tcp", "tcp_send_reset"), &mut unavailable, |f| {
+        Ok(ResetFields { skaddr: f.offset("skaddr")? })
+    });
+    let sock = sock_fields();
+    if sock.sk_err == 0 {
+        unavailable.push(("inet_sk_error_report", "no offset for struct sock::sk_err in kernel BTF".into()));
+    }
+    Ok(Resolved {
+        layout: KernelLayout {
+            set_state: SetStateFields {
+                skaddr: set_state.offset("skaddr")?,
+                oldstate: set_state.offset("oldstate")?,
+                newstate: set_state.offset("newstate")?,
+                sport: set_state.offset("sport")?,
+                dport: set_state.offset("dport")?,
+                family: set_state.offset("family")?,
+                protocol: set_state.offset("protocol")?,
+                saddr: set_state.offset("saddr")?,
+                daddr: set_state.offset("daddr")?,
+                saddr_v6: set_state.offset("saddr_v6")?,
+                daddr_v6: set_state.offset("daddr_v6")?,
+            },
+            retransmit,
+            receive_reset,
+            send_reset,
+            sock,
+        },
+        unavailable,
+    })
+}
+
+/// Reads an optional tracepoint's offsets; on failure records why and returns zeros, which
+/// the loader takes as "do not attach". The program is named after its tracepoint.
+fn optional<T: Default>(
+    tracefs: &Path,
+    (category, name): (&'static str, &'static str),
+    unavailable: &mut Vec<(&'static str, String)>,
+    read: impl FnOnce(&TracepointFormat) -> Result<T, LayoutError>,
+) -> T {
+    match TracepointFormat::read(tracefs, category, name).and_then(|f| read(&f)) {
+        Ok(fields) => fields,
+        Err(err) => {
+            unavailable.push((name, err.to_string()));
+            T::default()
+        }
+    }
+}
+
+fn sock_fields() -> SockFields {
+    let btf = match Btf::from_file("/sys/kernel/btf/vmlinux") {
+        Ok(btf) => btf,
+        Err(err) => {
+            tracing::warn!("no kernel BTF ({err}): errno of failed attempts is inferred, not read");
+            return SockFields::default();
+        }
+    };
+    let offset = |member: &str| match member_offset(&btf, "sock", member) {
+        Some(offset) => u16::try_from(offset).unwrap_or(0),
+        None => {
+            tracing::warn!("struct sock has no member {member} in this kernel's BTF");
+            0
+        }
+    };
+    SockFields {
+        sk_err: offset("sk_err"),
+        sk_err_soft: offset("sk_err_soft"),
+    }
+}
+
+/// Byte offset of `member` in `struct name`, looking through anonymous structs and unions.
+pub fn member_offset(btf: &Btf, name: &str, member: &str) -> Option<u32> {
+    btf.resolve_types_by_name(name).ok()?.into_iter().find_map(|ty| match ty {
+        Type::Struct(st) => find_member(btf, &st, member, 0),
+        _ => None,
+    })
+}
+
+fn find_member(btf: &Btf, st: &btf_rs::Struct, member: &str, base_bits: u32) -> Option<u32> {
+    for m in &st.members {
+        let bits = base_bits + m.bit_offset();
+        let name = btf.resolve_name(m).unwrap_or_default();
+        if name == member {
+            return Some(bits / 8);
+        }
+        if name.is_empty() {
+            let nested = match btf.resolve_chained_type(m).ok()? {
+                Type::Struct(s) | Type::Union(s) => s,
+                _ => continue,
+            };
+            if let Some(found) = find_member(btf, &nested, member, bits) {
+                return Some(found);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SET_STATE: &str = "name: inet_sock_set_state
+ID: 1427
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;
+
+print fmt: \"family=%s\"";
+
+    #[test]
+    fn parses_tracefs_format() {
+        let format = TracepointFormat::parse("sock", "inet_sock_set_state", SET_STATE);
+        assert_eq!(format.offset("skaddr").unwrap(), 8);
+        assert_eq!(format.offset("oldstate").unwrap(), 16);
+        assert_eq!(format.offset("saddr_v6").unwrap(), 40);
+        assert_eq!(format.offset("common_type").unwrap(), 0);
+        let err = format.offset("newstate").unwrap_err().to_string();
+        assert!(err.contains("sock:inet_sock_set_state has no field `newstate`"), "{err}");
+    }
+}

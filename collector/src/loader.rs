@@ -1,0 +1,209 @@
+//! Loading the kernel programs, attaching them, and handing out their maps.
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
+    programs::{BtfTracePoint, TracePoint},
+};
+use synspan_shared::{AttemptRecord, Policy, counter};
+
+use crate::kernel_layout::Resolved;
+
+/// The compiled programs, built by `build.rs` from `collector-ebpf/`.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/synspan"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("loading the eBPF programs failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("the object has no program {0}; the build is broken")]
+    NoProgram(&'static str),
+    #[error("the object has no map {0}; the build is broken")]
+    NoMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("{program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("reading kernel BTF for {program}: {source}")]
+    Btf {
+        program: &'static str,
+        #[source]
+        source: aya::BtfError,
+    },
+}
+
+/// Sizes chosen on the command line.
+pub struct Limits {
+    pub max_in_flight: u32,
+    pub ring_buffer_bytes: u32,
+}
+
+/// Tracepoint programs: (program and tracepoint name, category, required).
+const TRACEPOINTS: [(&str, &str, bool); 4] = [
+    ("inet_sock_set_state", "sock", true),
+    ("tcp_retransmit_skb", "tcp", false),
+    ("tcp_receive_reset", "tcp", false),
+    ("tcp_send_reset", "tcp", false),
+];
+const ERROR_REPORT: &str = "inet_sk_error_report";
+
+/// The loaded programs. Dropping it detaches and unloads everything.
+pub struct Tracer {
+    ebpf: Ebpf,
+}
+
+/// Sums of the kernel's per-CPU counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    pub started: u64,
+    pub finished: u64,
+    pub filtered: u64,
+    pub ringbuf_full: u64,
+    pub replaced: u64,
+    pub untracked_finish: u64,
+    pub track_failed: u64,
+}
+
+fn raise_memlock() {
+    // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones use the memory
+    // cgroup and ignore it. Without CAP_SYS_RESOURCE this fails, which is fine on the latter.
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!("setrlimit(RLIMIT_MEMLOCK): {}", std::io::Error::last_os_error());
+    }
+}
+
+impl Tracer {
+    pub fn load(resolved: &Resolved, policy: &Policy, limits: &Limits) -> Result<Self, LoadError> {
+        raise_memlock();
+        let ebpf = EbpfLoader::new()
+            .override_global("LAYOUT", &resolved.layout, true)
+            .override_global("POLICY", policy, true)
+            .map_max_entries("IN_FLIGHT", limits.max_in_flight)
+            .map_max_entries("ATTEMPTS", limits.ring_buffer_bytes)
+            .load(PROGRAMS)
+            .map_err(LoadError::Load)?;
+        Ok(Self { ebpf })
+    }
+
+    /// Attaches every hook this kernel has. Returns the hooks that were skipped, with why.
+    pub fn attach(&mut self, resolved: &Resolved) -> Result<Vec<(&'static str, String)>, LoadError> {
+        let mut skipped = resolved.unavailable.clone();
+        let is_skipped = |name: &str, skipped: &[(&str, String)]| skipped.iter().any(|(n, _)| *n == name);
+        for (name, category, required) in TRACEPOINTS {
+            if is_skipped(name, &skipped) {
+                continue;
+            }
+            let program: &mut TracePoint = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(LoadError::NoProgram(name))?
+                .try_into()
+                .map_err(|source| LoadError::Program { program: name, source })?;
+            let result = program.load().and_then(|()| program.attach(category, name).map(drop));
+            match result {
+                Ok(()) => {}
+                Err(source) if required => return Err(LoadError::Program { program: name, source }),
+                Err(err) => skipped.push((name, err.to_string())),
+            }
+        }
+        if !is_skipped(ERROR_REPORT, &skipped)
+            && let Err(err) = self.attach_error_report()
+        {
+            skipped.push((ERROR_REPORT, err.to_string()));
+        }
+        Ok(skipped)
+    }
+
+    fn attach_error_report(&mut self) -> Result<(), LoadError> {
+        let btf = Btf::from_sys_fs().map_err(|source| LoadError::Btf {
+            program: ERROR_REPORT,
+            source,
+        })?;
+        let program: &mut BtfTracePoint = self
+            .ebpf
+            .program_mut(ERROR_REPORT)
+            .ok_or(LoadError::NoProgram(ERROR_REPORT))?
+            .try_into()
+            .map_err(|source| LoadError::Program {
+                program: ERROR_REPORT,
+                source,
+            })?;
+        program
+            .load(ERROR_REPORT, &btf)
+            .and_then(|()| program.attach().map(drop))
+            .map_err(|source| LoadError::Program {
+                program: ERROR_REPORT,
+                source,
+            })
+    }
+
+    /// Detaches every program so that no new attempt is recorded. Maps stay readable.
+    pub fn detach(&mut self) {
+        for (name, program) in self.ebpf.programs_mut() {
+            let result = match program {
+                aya::programs::Program::TracePoint(p) => p.unload(),
+                aya::programs::Program::BtfTracePoint(p) => p.unload(),
+                _ => Ok(()),
+            };
+            if let Err(err) = result {
+                tracing::debug!("unloading {name}: {err}");
+            }
+        }
+    }
+
+    pub fn take_attempts(&mut self) -> Result<RingBuf<MapData>, LoadError> {
+        let map = self.ebpf.take_map("ATTEMPTS").ok_or(LoadError::NoMap("ATTEMPTS"))?;
+        RingBuf::try_from(map).map_err(|source| LoadError::Map { name: "ATTEMPTS", source })
+    }
+
+    pub fn take_stacks(&mut self) -> Result<StackTraceMap<MapData>, LoadError> {
+        let map = self.ebpf.take_map("STACKS").ok_or(LoadError::NoMap("STACKS"))?;
+        StackTraceMap::try_from(map).map_err(|source| LoadError::Map { name: "STACKS", source })
+    }
+
+    pub fn counters(&self) -> Result<KernelCounters, LoadError> {
+        let map = self.ebpf.map("COUNTERS").ok_or(LoadError::NoMap("COUNTERS"))?;
+        let array = PerCpuArray::<_, u64>::try_from(map).map_err(|source| LoadError::Map {
+            name: "COUNTERS",
+            source,
+        })?;
+        let sum = |slot: u32| {
+            array
+                .get(&slot, 0)
+                .map(|values| values.iter().sum::<u64>())
+                .unwrap_or(0)
+        };
+        Ok(KernelCounters {
+            started: sum(counter::STARTED),
+            finished: sum(counter::FINISHED),
+            filtered: sum(counter::FILTERED),
+            ringbuf_full: sum(counter::RINGBUF_FULL),
+            replaced: sum(counter::REPLACED),
+            untracked_finish: sum(counter::UNTRACKED_FINISH),
+            track_failed: sum(counter::TRACK_FAILED),
+        })
+    }
+
+    /// Attempts still waiting in SYN_SENT.
+    pub fn in_flight(&self) -> Result<u64, LoadError> {
+        let map = self.ebpf.map("IN_FLIGHT").ok_or(LoadError::NoMap("IN_FLIGHT"))?;
+        let in_flight = HashMap::<_, u64, AttemptRecord>::try_from(map).map_err(|source| LoadError::Map {
+            name: "IN_FLIGHT",
+            source,
+        })?;
+        Ok(in_flight.keys().filter(Result::is_ok).count() as u64)
+    }
+}

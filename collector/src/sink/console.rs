@@ -1,0 +1,45 @@
+//! One human-readable line per attempt.
+//!
+//! ```text
+//! 2026-11-25T21:48:04.120Z timed_out           7103.2ms pid=23023/23023 nc               10.0.0.1:42636 -> 10.0.0.2:22 retransmits=5
+//! ```
+
+use std::io::{self, Write};
+
+use crate::span::ConnectSpan;
+
+pub fn write_line(out: &mut Vec<u8>, span: &ConnectSpan) -> io::Result<()> {
+    let a = &span.attempt;
+    writeln!(
+        out,
+        "{} {:<21} {:>9.1}ms pid={}/{} {:<15} {} -> {} retransmits={}",
+        humantime::format_rfc3339_millis(a.start),
+        a.outcome.as_str(),
+        a.duration().as_secs_f64() * 1e3,
+        a.pid,
+        a.tid,
+        a.comm,
+        a.local,
+        a.peer,
+        a.syn_retransmits,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::span::{SpanBuilder, tests::timed_out};
+
+    #[test]
+    fn line_shows_what_matters() {
+        let span = SpanBuilder::new("h".into()).build(timed_out());
+        let mut out = Vec::new();
+        write_line(&mut out, &span).unwrap();
+        let line = String::from_utf8(out).unwrap();
+        assert_eq!(
+            line,
+            "2023-11-14T22:13:20.000Z timed_out                7100.0ms pid=42/43 nc              \
+             127.0.0.1:40000 -> 127.0.0.2:80 retransmits=1\n"
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! OTLP gRPC export with a bounded queue, batching, and retry with backoff.
+//!
+//! The reader never waits for the collector: it hands spans to a bounded queue and moves on.
+//! When the queue is full the span is dropped and counted. One export task drains the queue
+//! in batches and retries a failed batch with exponential backoff until
+//! `--export-retry-timeout`, then drops it and counts it. While it retries, new spans wait in
+//! the queue, so a collector outage shorter than the queue's worth of attempts loses nothing.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
+use opentelemetry_sdk::{Resource, trace::SpanExporter};
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use crate::{span::ConnectSpan, stats::AgentCounters};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OtlpError {
+    #[error("cannot build the OTLP exporter for {endpoint}: {source}")]
+    Build {
+        endpoint: String,
+        #[source]
+        source: opentelemetry_otlp::ExporterBuildError,
+    },
+}
+
+pub struct OtlpSettings {
+    pub endpoint: http::Uri,
+    pub queue_size: usize,
+    pub batch_size: usize,
+    pub retry_timeout: Duration,
+}
+
+/// How long the export task waits for a batch to fill before it sends what it has.
+const BATCH_DELAY: Duration = Duration::from_millis(200);
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// At most one "queue full" warning this often.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+pub struct OtlpSink {
+    queue: mpsc::Sender<ConnectSpan>,
+    task: JoinHandle<()>,
+    counters: Arc<AgentCounters>,
+    last_full_warning: Option<Instant>,
+}
+
+impl OtlpSink {
+    /// Builds the exporter and starts the export task. Connects lazily: a collector that is
+    /// down at start-up is retried like any other outage.
+    pub fn start(settings: OtlpSettings, counters: Arc<AgentCounters>) -> Result<Self, OtlpError> {
+        let endpoint = settings.endpoint.to_string();
+        let endpoint = endpoint.trim_end_matches('/').to_string();
+        let mut builder = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.clone());
+        if settings.endpoint.scheme_str() == Some("https") {
+            builder = builder.with_tls_config(tonic::transport::ClientTlsConfig::new().with_enabled_roots());
+        }
+        let exporter = builder.build().map_err(|source| OtlpError::Build { endpoint, source })?;
+        let (queue, rx) = mpsc::channel(settings.queue_size);
+        let task = tokio::spawn(export_loop(exporter, rx, settings, counters.clone()));
+        Ok(Self {
+            queue,
+            task,
+            counters,
+            last_full_warning: None,
+        })
+    }
+
+    /// Queues spans for export without ever waiting.
+    pub fn submit(&mut self, batch: Vec<ConnectSpan>) {
+        let mut full = 0u64;
+        let mut queued = 0u64;
+        for span in batch {
+            match self.queue.try_send(span) {
+                Ok(()) => queued += 1,
+                Err(_) => full += 1,
+            }
+        }
+        AgentCounters::add(&self.counters.submitted, queued);
+        if full > 0 {
+            AgentCounters::add(&self.counters.export_queue_full, full);
+            if self.last_full_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+                self.last_full_warning = Some(Instant::now());
+                tracing::warn!(
+                    dropped = full,
+                    "OTLP export queue is full ({} spans): dropping spans; the collector is down \
+                     or slower than the attempt rate (see --export-queue-size)",
+                    self.queue.max_capacity()
+                );
+            }
+        }
+    }
+
+    /// Exports what is queued, waiting at most `timeout`. Spans left over are counted as
+    /// `unflushed`.
+    pub async fn shutdown(self, timeout: Duration) {
+        let Self { queue, mut task, counters, .. } = self;
+        let left = queue.max_capacity() - queue.capacity();
+        drop(queue);
+        if tokio::time::timeout(timeout, &mut task).await.is_err() {
+            task.abort();
+            // What the export task had not settled is exactly what is not yet counted.
+            tracing::warn!(
+                "shutdown timeout: OTLP export did not finish in {timeout:?} ({left} spans were queued)"
+            );
+            AgentCounters::add(&counters.unflushed, unsettled(&counters));
+        }
+    }
+}
+
+/// Spans handed to the export task that it has neither exported nor dropped.
+fn unsettled(counters: &AgentCounters) -> u64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    let submitted = counters.submitted.load(Relaxed);
+    submitted.saturating_sub(counters.exported.load(Relaxed) + counters.export_failed.load(Relaxed))
+}
+
+async fn export_loop(
+    mut exporter: opentelemetry_otlp::SpanExporter,
+    mut rx: mpsc::Receiver<ConnectSpan>,
+    settings: OtlpSettings,
+    counters: Arc<AgentCounters>,
+) {
+    let mut batch = Vec::with_capacity(settings.batch_size);
+    loop {
+        batch.clear();
+        if rx.recv_many(&mut batch, settings.batch_size).await == 0 {
+            return;
+        }
+        // Let a batch fill up under load instead of sending one request per wake-up.
+        if batch.len() < settings.batch_size {
+            let deadline = tokio::time::Instant::now() + BATCH_DELAY;
+            while batch.len() < settings.batch_size {
+                let want = settings.batch_size - batch.len();
+                match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, want)).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        }
+        export_batch(&mut exporter, &mut batch, &settings, &counters).await;
+    }
+}
+
+/// Exports one batch, one request per service (the resource is per request in the
+/// exporter), retrying each with backoff.
+async fn export_batch(
+    exporter: &mut opentelemetry_otlp::SpanExporter,
+    batch: &mut Vec<ConnectSpan>,
+    settings: &OtlpSettings,
+    counters: &AgentCounters,
+) {
+    batch.sort_by(|a, b| resource_key(&a.resource).cmp(&resource_key(&b.resource)));
+    while !batch.is_empty() {
+        let key = resource_key(&batch[0].resource);
+        let n = batch.iter().take_while(|s| resource_key(&s.resource) == key).count();
+        let group: Vec<ConnectSpan> = batch.drain(..n).collect();
+        let resource = group[0].resource.clone();
+        let spans: Vec<_> = group.into_iter().map(|s| s.data).collect();
+        export_with_retry(exporter, &resource, spans, settings, counters).await;
+    }
+}
+
+/// Spans of one service share one resource (see `SpanBuilder`), so the name identifies it.
+fn resource_key(resource: &Resource) -> String {
+    resource
+        .get(&opentelemetry::Key::from_static_str(crate::span::key::SERVICE_NAME))
+        .map(|v| v.to_string())
+        .unwrap_or_default()
+}
+
+async fn export_with_retry(
+    exporter: &mut opentelemetry_otlp::SpanExporter,
+    resource: &Resource,
+    spans: Vec<opentelemetry_sdk::trace::SpanData>,
+    settings: &OtlpSettings,
+    counters: &AgentCounters,
+) {
+    let n = spans.len() as u64;
+    exporter.set_resource(resource);
+    let started = Instant::now();
+    let mut backoff = BACKOFF_START;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match exporter.export(spans.clone()).await {
+            Ok(()) => {
+                AgentCounters::add(&counters.exported, n);
+                if attempt > 1 {
+                    tracing::info!(spans = n, attempt, "OTLP export succeeded after retries");
+                }
+                return;
+            }
+            Err(err) if started.elapsed() + backoff > settings.retry_timeout => {
+                tracing::error!(spans = n, attempt, "OTLP export failed, giving up on this batch: {err}");
+                AgentCounters::add(&counters.export_failed, n);
+                return;
+            }
+            Err(err) => {
+                if attempt == 1 {
+                    tracing::warn!(spans = n, "OTLP export failed, retrying with backoff: {err}");
+                } else {
+                    tracing::debug!(spans = n, attempt, "OTLP export failed again: {err}");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}

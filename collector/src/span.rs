@@ -1,0 +1,263 @@
+//! An `Attempt` as an OpenTelemetry span. The OTLP and JSON sinks both start from here, so
+//! the JSON line mirrors the exported span exactly.
+
+use std::{borrow::Cow, collections::HashMap, time::SystemTime};
+
+use opentelemetry::{
+    InstrumentationScope, KeyValue,
+    trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceState},
+};
+use opentelemetry_sdk::{
+    Resource,
+    trace::{IdGenerator, RandomIdGenerator, SpanData, SpanEvents, SpanLinks},
+};
+
+use crate::attempt::{Attempt, EventKind};
+
+/// Low-cardinality on purpose: addresses and ports are attributes, never part of the name.
+pub const SPAN_NAME: &str = "tcp connect";
+
+/// Attribute keys. OpenTelemetry semantic conventions first; ours under `synspan.`.
+pub mod key {
+    pub const NETWORK_TRANSPORT: &str = "network.transport";
+    pub const NETWORK_TYPE: &str = "network.type";
+    pub const NETWORK_LOCAL_ADDRESS: &str = "network.local.address";
+    pub const NETWORK_LOCAL_PORT: &str = "network.local.port";
+    pub const NETWORK_PEER_ADDRESS: &str = "network.peer.address";
+    pub const NETWORK_PEER_PORT: &str = "network.peer.port";
+    pub const SERVER_ADDRESS: &str = "server.address";
+    pub const SERVER_PORT: &str = "server.port";
+    pub const PROCESS_PID: &str = "process.pid";
+    pub const THREAD_ID: &str = "thread.id";
+    pub const PROCESS_EXECUTABLE_NAME: &str = "process.executable.name";
+    pub const ERROR_TYPE: &str = "error.type";
+    pub const SERVICE_NAME: &str = "service.name";
+    pub const HOST_NAME: &str = "host.name";
+
+    pub const OUTCOME: &str = "synspan.outcome";
+    pub const SYN_RETRANSMITS: &str = "synspan.syn_retransmits";
+    pub const ERRNO: &str = "synspan.errno";
+    pub const SOFT_ERRNO: &str = "synspan.soft_errno";
+    pub const CGROUP_ID: &str = "synspan.cgroup_id";
+    /// On events.
+    pub const RETRANSMIT_NUMBER: &str = "synspan.retransmit.number";
+    pub const ELAPSED_MS: &str = "synspan.elapsed_ms";
+}
+
+/// A finished attempt, ready for every sink.
+#[derive(Clone, Debug)]
+pub struct ConnectSpan {
+    pub attempt: Attempt,
+    pub data: SpanData,
+    /// The traced process's service, not synspan's.
+    pub resource: Resource,
+}
+
+/// Builds spans; owns the id generator and the per-service resources.
+pub struct SpanBuilder {
+    ids: RandomIdGenerator,
+    scope: InstrumentationScope,
+    host_name: String,
+    resources: HashMap<String, Resource>,
+}
+
+/// Distinct services remembered; past this the cache starts over rather than grow.
+const MAX_RESOURCES: usize = 4096;
+
+impl SpanBuilder {
+    pub fn new(host_name: String) -> Self {
+        Self {
+            ids: RandomIdGenerator::default(),
+            scope: InstrumentationScope::builder(env!("CARGO_PKG_NAME"))
+                .with_version(env!("CARGO_PKG_VERSION"))
+                .build(),
+            host_name,
+            resources: HashMap::new(),
+        }
+    }
+
+    fn resource(&mut self, service: &str) -> Resource {
+        if let Some(resource) = self.resources.get(service) {
+            return resource.clone();
+        }
+        if self.resources.len() >= MAX_RESOURCES {
+            self.resources.clear();
+        }
+        let resource = Resource::builder_empty()
+            .with_attributes([
+                KeyValue::new(key::SERVICE_NAME, service.to_string()),
+                KeyValue::new(key::HOST_NAME, self.host_name.clone()),
+            ])
+            .build();
+        self.resources.insert(service.to_string(), resource.clone());
+        resource
+    }
+
+    pub fn build(&mut self, attempt: Attempt) -> ConnectSpan {
+        let span_context = SpanContext::new(
+            self.ids.new_trace_id(),
+            self.ids.new_span_id(),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        );
+        let data = SpanData {
+            span_context,
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Client,
+            name: Cow::Borrowed(SPAN_NAME),
+            start_time: attempt.start,
+            end_time: attempt.end,
+            attributes: attributes(&attempt),
+            dropped_attributes_count: 0,
+            events: span_events(&attempt),
+            links: SpanLinks::default(),
+            status: status(&attempt),
+            instrumentation_scope: self.scope.clone(),
+        };
+        let resource = self.resource(&attempt.comm);
+        ConnectSpan {
+            attempt,
+            data,
+            resource,
+        }
+    }
+}
+
+fn attributes(a: &Attempt) -> Vec<KeyValue> {
+    let mut attrs = Vec::with_capacity(20);
+    attrs.extend([
+        KeyValue::new(key::NETWORK_TRANSPORT, "tcp"),
+        KeyValue::new(key::NETWORK_TYPE, if a.peer.is_ipv4() { "ipv4" } else { "ipv6" }),
+        KeyValue::new(key::NETWORK_LOCAL_ADDRESS, a.local.ip().to_string()),
+        KeyValue::new(key::NETWORK_LOCAL_PORT, i64::from(a.local.port())),
+        KeyValue::new(key::NETWORK_PEER_ADDRESS, a.peer.ip().to_string()),
+        KeyValue::new(key::NETWORK_PEER_PORT, i64::from(a.peer.port())),
+        KeyValue::new(key::SERVER_ADDRESS, a.peer.ip().to_string()),
+        KeyValue::new(key::SERVER_PORT, i64::from(a.peer.port())),
+        KeyValue::new(key::PROCESS_PID, i64::from(a.pid)),
+        KeyValue::new(key::THREAD_ID, i64::from(a.tid)),
+        KeyValue::new(key::PROCESS_EXECUTABLE_NAME, a.comm.clone()),
+        KeyValue::new(key::OUTCOME, a.outcome.as_str()),
+        KeyValue::new(key::SYN_RETRANSMITS, i64::from(a.syn_retransmits)),
+        KeyValue::new(key::CGROUP_ID, a.cgroup_id as i64),
+    ]);
+    if a.outcome.is_failure() {
+        attrs.push(KeyValue::new(key::ERROR_TYPE, a.outcome.as_str()));
+    }
+    if a.errno != 0 {
+        attrs.push(KeyValue::new(key::ERRNO, i64::from(a.errno)));
+    }
+    if a.soft_errno != 0 {
+        attrs.push(KeyValue::new(key::SOFT_ERRNO, i64::from(a.soft_errno)));
+    }
+    attrs
+}
+
+fn elapsed_ms(start: SystemTime, t: SystemTime) -> f64 {
+    t.duration_since(start).unwrap_or_default().as_secs_f64() * 1e3
+}
+
+fn events(a: &Attempt) -> Vec<opentelemetry::trace::Event> {
+    a.events
+        .iter()
+        .map(|e| {
+            let mut attrs = vec![KeyValue::new(key::ELAPSED_MS, elapsed_ms(a.start, e.time))];
+            match e.kind {
+                EventKind::SynRetransmit(n) => attrs.push(KeyValue::new(key::RETRANSMIT_NUMBER, i64::from(n))),
+                EventKind::ErrorReported(errno) => attrs.push(KeyValue::new(key::ERRNO, i64::from(errno))),
+                EventKind::RstReceived | EventKind::RstSent => {}
+            }
+            opentelemetry::trace::Event::new(e.kind.name(), e.time, attrs, 0)
+        })
+        .collect()
+}
+
+fn span_events(a: &Attempt) -> SpanEvents {
+    let mut span_events = SpanEvents::default();
+    span_events.events = events(a);
+    span_events
+}
+
+fn status(a: &Attempt) -> Status {
+    if !a.outcome.is_failure() {
+        return Status::Unset;
+    }
+    let description = if a.errno != 0 {
+        format!("connect failed: {}", std::io::Error::from_raw_os_error(a.errno))
+    } else {
+        format!("connect failed: {}", a.outcome)
+    };
+    Status::error(description)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use opentelemetry::Value;
+
+    use super::*;
+    use crate::{
+        attempt::AttemptEvent,
+        outcome::Outcome,
+    };
+
+    pub(crate) fn timed_out() -> Attempt {
+        let start = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        Attempt {
+            start,
+            end: start + Duration::from_millis(7100),
+            pid: 42,
+            tid: 43,
+            comm: "nc".into(),
+            cgroup_id: 1,
+            local: "127.0.0.1:40000".parse().unwrap(),
+            peer: "127.0.0.2:80".parse().unwrap(),
+            outcome: Outcome::TimedOut,
+            errno: libc::ETIMEDOUT,
+            soft_errno: 0,
+            syn_retransmits: 1,
+            events: vec![AttemptEvent {
+                time: start + Duration::from_secs(1),
+                kind: EventKind::SynRetransmit(1),
+            }],
+            user_stack_id: None,
+            kernel_stack_id: None,
+            end_kernel_stack_id: None,
+        }
+    }
+
+    fn attr<'a>(span: &'a SpanData, k: &str) -> Option<&'a Value> {
+        span.attributes.iter().find(|kv| kv.key.as_str() == k).map(|kv| &kv.value)
+    }
+
+    #[test]
+    fn failed_attempt_span() {
+        let mut builder = SpanBuilder::new("host".into());
+        let span = builder.build(timed_out());
+        let d = &span.data;
+        assert_eq!(d.name, SPAN_NAME);
+        assert_eq!(d.span_kind, SpanKind::Client);
+        assert!(matches!(&d.status, Status::Error { description } if description.contains("timed out")));
+        assert_eq!(attr(d, key::ERROR_TYPE), Some(&Value::from("timed_out")));
+        assert_eq!(attr(d, key::NETWORK_LOCAL_PORT), Some(&Value::I64(40000)));
+        assert_eq!(attr(d, key::NETWORK_TYPE), Some(&Value::from("ipv4")));
+        assert_eq!(d.events.len(), 1);
+        assert_eq!(d.events[0].name, "syn_retransmit");
+        assert!(d.span_context.is_valid());
+        let service = span.resource.get(&opentelemetry::Key::from_static_str(key::SERVICE_NAME));
+        assert_eq!(service, Some(Value::from("nc")));
+    }
+
+    #[test]
+    fn established_has_no_error() {
+        let mut a = timed_out();
+        a.outcome = Outcome::Established;
+        a.errno = 0;
+        let span = SpanBuilder::new("host".into()).build(a);
+        assert_eq!(span.data.status, Status::Unset);
+        assert_eq!(attr(&span.data, key::ERROR_TYPE), None);
+    }
+}

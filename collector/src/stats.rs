@@ -1,0 +1,149 @@
+//! Accounting: every attempt the kernel saw is exported or counted under a named reason.
+
+use std::{
+    fmt,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+};
+
+use crate::loader::KernelCounters;
+
+/// Counters kept by the agent. Shared between the reader and the export task.
+#[derive(Debug, Default)]
+pub struct AgentCounters {
+    /// Records read from the ring buffer.
+    pub received: AtomicU64,
+    /// Records that could not be decoded (an unknown address family).
+    pub undecodable: AtomicU64,
+    /// Spans handed to the OTLP export queue.
+    pub submitted: AtomicU64,
+    /// Spans delivered: accepted by the OTLP collector when exporting, else written to stdout.
+    pub exported: AtomicU64,
+    pub export_queue_full: AtomicU64,
+    pub export_failed: AtomicU64,
+    /// Spans still queued when the shutdown timeout ran out.
+    pub unflushed: AtomicU64,
+}
+
+impl AgentCounters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+}
+
+/// One consistent reading of every counter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Accounting {
+    pub kernel: KernelCounters,
+    pub in_flight: u64,
+    pub received: u64,
+    pub undecodable: u64,
+    pub exported: u64,
+    pub export_queue_full: u64,
+    pub export_failed: u64,
+    pub unflushed: u64,
+}
+
+impl Accounting {
+    pub fn read(kernel: KernelCounters, in_flight: u64, agent: &AgentCounters) -> Self {
+        Self {
+            kernel,
+            in_flight,
+            received: agent.received.load(Relaxed),
+            undecodable: agent.undecodable.load(Relaxed),
+            exported: agent.exported.load(Relaxed),
+            export_queue_full: agent.export_queue_full.load(Relaxed),
+            export_failed: agent.export_failed.load(Relaxed),
+            unflushed: agent.unflushed.load(Relaxed),
+        }
+    }
+
+    /// Attempts pushed out of the in-flight map by newer ones before they finished.
+    pub fn evicted(&self) -> u64 {
+        let k = &self.kernel;
+        k.started
+            .saturating_sub(k.finished)
+            .saturating_sub(self.in_flight)
+            .saturating_sub(k.replaced)
+    }
+
+    /// Attempts that will never be exported, whatever the reason.
+    pub fn dropped(&self) -> u64 {
+        let k = &self.kernel;
+        k.filtered
+            + k.ringbuf_full
+            + k.replaced
+            + k.track_failed
+            + self.evicted()
+            + self.undecodable
+            + self.export_queue_full
+            + self.export_failed
+            + self.unflushed
+    }
+
+    /// Every attempt the kernel saw is exported, in flight, dropped under a reason, or
+    /// received and not yet settled by the exporter.
+    pub fn pending(&self) -> u64 {
+        let seen = self.kernel.started + self.kernel.track_failed;
+        seen.saturating_sub(self.exported + self.dropped() + self.in_flight)
+    }
+}
+
+impl fmt::Display for Accounting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let k = &self.kernel;
+        write!(
+            f,
+            "attempts started={} in_flight={} exported={} pending={} dropped={} \
+             (filtered={} ringbuf_full={} evicted={} replaced={} track_failed={} \
+             undecodable={} export_queue_full={} export_failed={} unflushed={}) \
+             untracked_finish={}",
+            k.started,
+            self.in_flight,
+            self.exported,
+            self.pending(),
+            self.dropped(),
+            k.filtered,
+            k.ringbuf_full,
+            self.evicted(),
+            k.replaced,
+            k.track_failed,
+            self.undecodable,
+            self.export_queue_full,
+            self.export_failed,
+            self.unflushed,
+            k.untracked_finish,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_attempt_is_accounted_for() {
+        let a = Accounting {
+            kernel: KernelCounters {
+                started: 100,
+                finished: 95,
+                filtered: 10,
+                ringbuf_full: 5,
+                replaced: 1,
+                untracked_finish: 3,
+                track_failed: 0,
+            },
+            in_flight: 2,
+            received: 80,
+            undecodable: 0,
+            exported: 70,
+            export_queue_full: 4,
+            export_failed: 3,
+            unflushed: 1,
+        };
+        assert_eq!(a.evicted(), 2);
+        assert_eq!(a.dropped(), 10 + 5 + 1 + 2 + 4 + 3 + 1);
+        assert_eq!(a.pending(), 100 - 70 - 26 - 2);
+        let line = a.to_string();
+        assert!(line.contains("started=100") && line.contains("evicted=2"), "{line}");
+    }
+}
