@@ -10,7 +10,9 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("collector has no parent directory"))?
         .join("collector-ebpf");
-    let root = root.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", root.display()))?;
+    let root = root
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {}", root.display()))?;
     // The shared crate is part of the kernel programs too.
     println!("cargo:rerun-if-changed={manifest_dir}/../shared/src");
     aya_build::build_ebpf(

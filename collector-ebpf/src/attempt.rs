@@ -1,15 +1,19 @@
 //! `sock:inet_sock_set_state`: where an attempt starts and ends.
 
 use aya_ebpf::{
-
     bindings::{BPF_F_REUSE_STACKID, BPF_F_USER_STACK},
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_prandom_u32,
+        bpf_ktime_get_ns,
+    },
     macros::tracepoint,
     programs::{TracePointContext, tracing::StackIdContext},
 };
 use synspan_shared::{AF_INET, AttemptRecord, IPPROTO_TCP, SetStateFields, counter, tcp_state};
 
-use crate::maps::{ATTEMPTS, IN_FLIGHT, SCRATCH, STACKS, count, layout, policy, sock_int};
+use crate::maps::{
+    ATTEMPTS, CONNECTING, IN_FLIGHT, SCRATCH, STACKS, count, layout, note_error, policy, sock_int,
+};
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
@@ -66,7 +70,10 @@ fn start(ctx: &TracePointContext, fields: &SetStateFields, sock: u64) -> Result<
     // BPF_NOEXIST first: an entry already there means the kernel reused the socket address
     // before we saw the old attempt end. That attempt is lost; the new one must not merge
     // into it.
-    if IN_FLIGHT.insert(&sock, attempt, aya_ebpf::bindings::BPF_NOEXIST as u64).is_err() {
+    if IN_FLIGHT
+        .insert(&sock, attempt, aya_ebpf::bindings::BPF_NOEXIST as u64)
+        .is_err()
+    {
         count(counter::REPLACED);
         if IN_FLIGHT.insert(&sock, attempt, 0).is_err() {
             count(counter::TRACK_FAILED);
@@ -74,11 +81,16 @@ fn start(ctx: &TracePointContext, fields: &SetStateFields, sock: u64) -> Result<
         }
     }
     count(counter::STARTED);
+    let _ = CONNECTING.insert(&attempt.tid, &sock, 0);
     Ok(())
 }
 
 #[inline(always)]
-fn read_tuple(ctx: &TracePointContext, fields: &SetStateFields, attempt: &mut AttemptRecord) -> Result<(), i32> {
+fn read_tuple(
+    ctx: &TracePointContext,
+    fields: &SetStateFields,
+    attempt: &mut AttemptRecord,
+) -> Result<(), i32> {
     attempt.family = read(ctx, fields.family)?;
     attempt.sport = read(ctx, fields.sport)?;
     attempt.dport = read(ctx, fields.dport)?;
@@ -110,6 +122,7 @@ fn finish(ctx: &TracePointContext, fields: &SetStateFields, sock: u64, end_state
     let sock_fields = layout().sock;
     attempt.error = sock_int(sock, sock_fields.sk_err);
     attempt.soft_error = sock_int(sock, sock_fields.sk_err_soft);
+    note_error(attempt, sock, attempt.end_ns);
 
     let policy = policy();
     if !keep(attempt, &policy) {

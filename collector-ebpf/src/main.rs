@@ -7,6 +7,7 @@
 #![no_main]
 
 mod attempt;
+mod connect_exit;
 mod error_report;
 mod maps;
 mod reset;

@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf, StackTrace},
 };
-use synspan_shared::{AttemptRecord, KernelLayout, Policy, counter};
+use synspan_shared::{AttemptRecord, KernelLayout, Policy, attempt_flags, counter};
 
 /// Attempts in flight, keyed by socket address. The agent sizes it at load time.
 #[map]
@@ -16,6 +16,10 @@ pub static ATTEMPTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 
 #[map]
 pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+
+/// Thread id to the socket its `connect()` put in SYN_SENT, until that `connect()` returns.
+#[map]
+pub static CONNECTING: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
@@ -88,4 +92,24 @@ pub fn sock_int(sock: u64, offset: u16) -> i32 {
         aya_ebpf::helpers::bpf_probe_read_kernel((sock as *const u8).add(offset as usize) as *const i32)
     }
     .unwrap_or(0)
+}
+
+/// Records the socket's pending error, if any and if none was recorded yet. Soft errors
+/// (an ICMP message while the socket was busy) are not reported by any tracepoint, so every
+/// hook that visits an attempt looks.
+#[inline(always)]
+pub fn note_error(attempt: &mut AttemptRecord, sock: u64, now_ns: u64) {
+    if attempt.flags & attempt_flags::ERROR_SEEN != 0 {
+        return;
+    }
+    let fields = layout().sock;
+    let mut error = sock_int(sock, fields.sk_err);
+    if error == 0 {
+        error = sock_int(sock, fields.sk_err_soft);
+    }
+    if error != 0 {
+        attempt.first_error = error;
+        attempt.first_error_ns = now_ns;
+        attempt.flags |= attempt_flags::ERROR_SEEN;
+    }
 }

@@ -4,7 +4,7 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
 use synspan_shared::{MAX_RETRANSMIT_TIMES, attempt_flags, tcp_state};
 
-use crate::maps::{IN_FLIGHT, layout};
+use crate::maps::{IN_FLIGHT, layout, note_error};
 
 #[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
@@ -32,6 +32,7 @@ fn on_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
         attempt.flags |= attempt_flags::RETRANSMIT_TIMES_TRUNCATED;
     }
     attempt.retransmits += 1;
+    note_error(attempt, sock, now);
     if let Ok(sport) = unsafe { ctx.read_at::<u16>(fields.sport as usize) } {
         attempt.sport = sport;
     }

@@ -195,4 +195,3 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!("final: {}", report(&tracer));
     Ok(())
 }
-

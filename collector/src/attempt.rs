@@ -23,7 +23,7 @@ pub struct Attempt {
     pub local: SocketAddr,
     pub peer: SocketAddr,
     pub outcome: Outcome,
-    /// The errno `connect()` saw, 0 for success and for a close by the application.
+    /// The errno the application saw, 0 for success and for a plain close by the application.
     pub errno: i32,
     /// An ICMP error recorded as soft while the attempt went on.
     pub soft_errno: i32,
@@ -48,8 +48,9 @@ pub enum EventKind {
     RstReceived,
     /// The client reset its own half-open connection: its SYN met an existing connection.
     RstSent,
-    /// The kernel reported an error to the socket, usually from an ICMP message.
-    ErrorReported(i32),
+    /// A socket error other than a reset or the final timeout, usually from an ICMP message;
+    /// timed when synspan first saw it, which may be later than its arrival.
+    IcmpError(i32),
 }
 
 impl EventKind {
@@ -58,7 +59,7 @@ impl EventKind {
             EventKind::SynRetransmit(_) => "syn_retransmit",
             EventKind::RstReceived => "rst_received",
             EventKind::RstSent => "rst_sent",
-            EventKind::ErrorReported(_) => "error_reported",
+            EventKind::IcmpError(_) => "icmp_error",
         }
     }
 }
@@ -122,13 +123,21 @@ impl Attempt {
                 kind: EventKind::RstSent,
             });
         }
-        if record.flags & attempt_flags::ERROR_REPORTED != 0 {
+        let icmp = !matches!(record.first_error, 0 | libc::ECONNREFUSED | libc::ETIMEDOUT);
+        if record.flags & attempt_flags::ERROR_SEEN != 0 && icmp {
             events.push(AttemptEvent {
-                time: at(record.error_report_ns),
-                kind: EventKind::ErrorReported(record.reported_error),
+                time: at(record.first_error_ns),
+                kind: EventKind::IcmpError(record.first_error),
             });
         }
         events.sort_by_key(|e| e.time);
+        let outcome = classify(record);
+        // A soft error the application read and acted on is the errno it saw.
+        let errno = if record.error == 0 && Outcome::from_errno(record.first_error) == Some(outcome) {
+            record.first_error
+        } else {
+            record.error
+        };
         Ok(Self {
             start: at(record.start_ns),
             end: at(record.end_ns),
@@ -138,8 +147,8 @@ impl Attempt {
             cgroup_id: record.cgroup_id,
             local: SocketAddr::new(ip(record.family, &record.saddr)?, record.sport),
             peer: SocketAddr::new(ip(record.family, &record.daddr)?, record.dport),
-            outcome: classify(record),
-            errno: record.error,
+            outcome,
+            errno,
             soft_errno: record.soft_error,
             syn_retransmits: record.retransmits,
             events,
@@ -187,7 +196,10 @@ mod tests {
     fn decodes_bytes_and_fields() {
         let r = timed_out_v4();
         let bytes = unsafe {
-            std::slice::from_raw_parts((&r as *const AttemptRecord).cast::<u8>(), size_of::<AttemptRecord>())
+            std::slice::from_raw_parts(
+                (&r as *const AttemptRecord).cast::<u8>(),
+                size_of::<AttemptRecord>(),
+            )
         };
         assert_eq!(read_record(bytes).unwrap(), r);
         assert_eq!(read_record(&bytes[..10]), Err(DecodeError::Size(10)));
@@ -199,10 +211,16 @@ mod tests {
         assert_eq!(a.comm, "nc");
         assert_eq!(a.outcome, Outcome::TimedOut);
         assert_eq!(a.duration(), Duration::from_millis(7100));
-        assert_eq!(a.start, UNIX_EPOCH + Duration::from_nanos(1_000_000_001_000_000_000));
+        assert_eq!(
+            a.start,
+            UNIX_EPOCH + Duration::from_nanos(1_000_000_001_000_000_000)
+        );
         assert_eq!(a.events.len(), 2);
         assert_eq!(a.events[1].kind, EventKind::SynRetransmit(2));
-        assert_eq!(a.events[1].time, UNIX_EPOCH + Duration::from_nanos(1_000_000_003_000_000_000));
+        assert_eq!(
+            a.events[1].time,
+            UNIX_EPOCH + Duration::from_nanos(1_000_000_003_000_000_000)
+        );
         assert_eq!(a.kernel_stack_id, Some(7));
         assert_eq!(a.user_stack_id, None);
     }
@@ -216,7 +234,10 @@ mod tests {
         let a = Attempt::decode(&r, &WallClock::from_offset(0)).unwrap();
         assert_eq!(a.peer, "[::1]:80".parse().unwrap());
         r.family = 1;
-        assert_eq!(Attempt::decode(&r, &WallClock::from_offset(0)), Err(DecodeError::Family(1)));
+        assert_eq!(
+            Attempt::decode(&r, &WallClock::from_offset(0)),
+            Err(DecodeError::Family(1))
+        );
     }
 
     #[test]
@@ -226,7 +247,14 @@ mod tests {
         r.rst_sent_ns = 1_500_000_000;
         let a = Attempt::decode(&r, &WallClock::from_offset(0)).unwrap();
         let kinds: Vec<_> = a.events.iter().map(|e| e.kind).collect();
-        assert_eq!(kinds, [EventKind::RstSent, EventKind::SynRetransmit(1), EventKind::SynRetransmit(2)]);
+        assert_eq!(
+            kinds,
+            [
+                EventKind::RstSent,
+                EventKind::SynRetransmit(1),
+                EventKind::SynRetransmit(2)
+            ]
+        );
     }
 
     #[test]

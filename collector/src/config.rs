@@ -147,10 +147,7 @@ pub fn parse_endpoint(s: &str) -> Result<http::Uri, String> {
         return Err(format!("no host; {hint}"));
     }
     if !matches!(uri.path(), "" | "/") {
-        return Err(format!(
-            "OTLP gRPC takes no path (got `{}`); {hint}",
-            uri.path()
-        ));
+        return Err(format!("OTLP gRPC takes no path (got `{}`); {hint}", uri.path()));
     }
     Ok(uri)
 }
@@ -161,7 +158,10 @@ impl Cli {
     pub fn load() -> Self {
         let mut cli = Cli::parse();
         if cli.otlp_endpoint.is_none() {
-            for var in ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"] {
+            for var in [
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ] {
                 let Ok(value) = std::env::var(var) else { continue };
                 if value.is_empty() {
                     continue;
@@ -225,7 +225,9 @@ mod tests {
         assert_eq!(p.sample_below, 0);
         assert_eq!(p.keep_retried, 1);
         assert_eq!(p.slow_ns, 1_000_000_000);
-        let p = cli(&["--failures-only", "--slow-threshold", "250ms", "--no-stacks"]).unwrap().policy();
+        let p = cli(&["--failures-only", "--slow-threshold", "250ms", "--no-stacks"])
+            .unwrap()
+            .policy();
         assert_eq!(p.slow_ns, 250_000_000);
         assert_eq!(p.stacks, 0);
     }
@@ -245,8 +247,16 @@ mod tests {
         assert!(parse_endpoint("http://127.0.0.1:4317").is_ok());
         assert!(parse_endpoint("https://collector.example:4317/").is_ok());
         assert!(parse_endpoint("127.0.0.1:4317").unwrap_err().contains("http://"));
-        assert!(parse_endpoint("ftp://x:1").unwrap_err().contains("unsupported scheme"));
-        assert!(parse_endpoint("http://x:4317/v1/traces").unwrap_err().contains("no path"));
+        assert!(
+            parse_endpoint("ftp://x:1")
+                .unwrap_err()
+                .contains("unsupported scheme")
+        );
+        assert!(
+            parse_endpoint("http://x:4317/v1/traces")
+                .unwrap_err()
+                .contains("no path")
+        );
         assert!(parse_endpoint("http://:4317").is_err());
         let err = cli(&["--otlp-endpoint", "localhost"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);

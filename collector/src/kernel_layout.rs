@@ -71,7 +71,9 @@ impl TracepointFormat {
                 let (decl, rest) = decl.split_once(';')?;
                 let field = decl.rsplit([' ', '*']).next()?;
                 let field = field.split('[').next()?.to_string();
-                let offset = rest.split(';').find_map(|part| part.trim().strip_prefix("offset:"))?;
+                let offset = rest
+                    .split(';')
+                    .find_map(|part| part.trim().strip_prefix("offset:"))?;
                 Some((field, offset.parse().ok()?))
             })
             .collect();
@@ -118,14 +120,21 @@ pub fn resolve() -> Result<Resolved, LayoutError> {
         })
     });
     let receive_reset = optional(&tracefs, ("tcp", "tcp_receive_reset"), &mut unavailable, |f| {
-        Ok(ResetFields { skaddr: f.offset("skaddr")? })
+        Ok(ResetFields {
+            skaddr: f.offset("skaddr")?,
+        })
     });
     let send_reset = optional(&tracefs, ("tcp", "tcp_send_reset"), &mut unavailable, |f| {
-        Ok(ResetFields { skaddr: f.offset("skaddr")? })
+        Ok(ResetFields {
+            skaddr: f.offset("skaddr")?,
+        })
     });
     let sock = sock_fields();
     if sock.sk_err == 0 {
-        unavailable.push(("inet_sk_error_report", "no offset for struct sock::sk_err in kernel BTF".into()));
+        unavailable.push((
+            "inet_sk_error_report",
+            "no offset for struct sock::sk_err in kernel BTF".into(),
+        ));
     }
     Ok(Resolved {
         layout: KernelLayout {
@@ -191,10 +200,13 @@ fn sock_fields() -> SockFields {
 
 /// Byte offset of `member` in `struct name`, looking through anonymous structs and unions.
 pub fn member_offset(btf: &Btf, name: &str, member: &str) -> Option<u32> {
-    btf.resolve_types_by_name(name).ok()?.into_iter().find_map(|ty| match ty {
-        Type::Struct(st) => find_member(btf, &st, member, 0),
-        _ => None,
-    })
+    btf.resolve_types_by_name(name)
+        .ok()?
+        .into_iter()
+        .find_map(|ty| match ty {
+            Type::Struct(st) => find_member(btf, &st, member, 0),
+            _ => None,
+        })
 }
 
 fn find_member(btf: &Btf, st: &btf_rs::Struct, member: &str, base_bits: u32) -> Option<u32> {
@@ -239,6 +251,9 @@ print fmt: \"family=%s\"";
         assert_eq!(format.offset("saddr_v6").unwrap(), 40);
         assert_eq!(format.offset("common_type").unwrap(), 0);
         let err = format.offset("newstate").unwrap_err().to_string();
-        assert!(err.contains("sock:inet_sock_set_state has no field `newstate`"), "{err}");
+        assert!(
+            err.contains("sock:inet_sock_set_state has no field `newstate`"),
+            "{err}"
+        );
     }
 }

@@ -10,7 +10,7 @@ use synspan_shared::{AttemptRecord, Policy, counter};
 use crate::kernel_layout::Resolved;
 
 /// The compiled programs, built by `build.rs` from `collector-ebpf/`.
-static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/synspan"));
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/synspan-ebpf"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -47,11 +47,12 @@ pub struct Limits {
 }
 
 /// Tracepoint programs: (program and tracepoint name, category, required).
-const TRACEPOINTS: [(&str, &str, bool); 4] = [
+const TRACEPOINTS: [(&str, &str, bool); 5] = [
     ("inet_sock_set_state", "sock", true),
     ("tcp_retransmit_skb", "tcp", false),
     ("tcp_receive_reset", "tcp", false),
     ("tcp_send_reset", "tcp", false),
+    ("sys_exit_connect", "syscalls", false),
 ];
 const ERROR_REPORT: &str = "inet_sk_error_report";
 
@@ -111,11 +112,21 @@ impl Tracer {
                 .program_mut(name)
                 .ok_or(LoadError::NoProgram(name))?
                 .try_into()
-                .map_err(|source| LoadError::Program { program: name, source })?;
-            let result = program.load().and_then(|()| program.attach(category, name).map(drop));
+                .map_err(|source| LoadError::Program {
+                    program: name,
+                    source,
+                })?;
+            let result = program
+                .load()
+                .and_then(|()| program.attach(category, name).map(drop));
             match result {
                 Ok(()) => {}
-                Err(source) if required => return Err(LoadError::Program { program: name, source }),
+                Err(source) if required => {
+                    return Err(LoadError::Program {
+                        program: name,
+                        source,
+                    });
+                }
                 Err(err) => skipped.push((name, err.to_string())),
             }
         }
@@ -165,13 +176,22 @@ impl Tracer {
     }
 
     pub fn take_attempts(&mut self) -> Result<RingBuf<MapData>, LoadError> {
-        let map = self.ebpf.take_map("ATTEMPTS").ok_or(LoadError::NoMap("ATTEMPTS"))?;
-        RingBuf::try_from(map).map_err(|source| LoadError::Map { name: "ATTEMPTS", source })
+        let map = self
+            .ebpf
+            .take_map("ATTEMPTS")
+            .ok_or(LoadError::NoMap("ATTEMPTS"))?;
+        RingBuf::try_from(map).map_err(|source| LoadError::Map {
+            name: "ATTEMPTS",
+            source,
+        })
     }
 
     pub fn take_stacks(&mut self) -> Result<StackTraceMap<MapData>, LoadError> {
         let map = self.ebpf.take_map("STACKS").ok_or(LoadError::NoMap("STACKS"))?;
-        StackTraceMap::try_from(map).map_err(|source| LoadError::Map { name: "STACKS", source })
+        StackTraceMap::try_from(map).map_err(|source| LoadError::Map {
+            name: "STACKS",
+            source,
+        })
     }
 
     pub fn counters(&self) -> Result<KernelCounters, LoadError> {

@@ -87,6 +87,13 @@ pub fn classify(record: &AttemptRecord) -> Outcome {
     if record.sport == 0 && record.retransmits == 0 {
         return Outcome::AddressNotAvailable;
     }
+    // The application closed the socket. If the kernel had told it why first (a soft ICMP
+    // error, which reading SO_ERROR clears), that is why the attempt ended.
+    if record.flags & attempt_flags::ERROR_SEEN != 0
+        && let Some(outcome) = Outcome::from_errno(record.first_error)
+    {
+        return outcome;
+    }
     Outcome::Aborted
 }
 
@@ -113,22 +120,36 @@ mod tests {
             (libc::EPERM, Outcome::Other),
         ];
         for (errno, outcome) in cases {
-            assert_eq!(classify(&record(tcp_state::CLOSE, errno, 40000)), outcome, "errno {errno}");
+            assert_eq!(
+                classify(&record(tcp_state::CLOSE, errno, 40000)),
+                outcome,
+                "errno {errno}"
+            );
         }
     }
 
     #[test]
     fn established_ignores_errors() {
-        assert_eq!(classify(&record(tcp_state::ESTABLISHED, 0, 40000)), Outcome::Established);
+        assert_eq!(
+            classify(&record(tcp_state::ESTABLISHED, 0, 40000)),
+            Outcome::Established
+        );
     }
 
     #[test]
     fn closed_without_error() {
         assert_eq!(classify(&record(tcp_state::CLOSE, 0, 40000)), Outcome::Aborted);
-        assert_eq!(classify(&record(tcp_state::CLOSE, 0, 0)), Outcome::AddressNotAvailable);
+        assert_eq!(
+            classify(&record(tcp_state::CLOSE, 0, 0)),
+            Outcome::AddressNotAvailable
+        );
         let mut reset = record(tcp_state::CLOSE, 0, 40000);
         reset.flags = attempt_flags::RST_RECEIVED;
         assert_eq!(classify(&reset), Outcome::ConnectionRefused);
+        let mut icmp = record(tcp_state::CLOSE, 0, 40000);
+        icmp.flags = attempt_flags::ERROR_SEEN;
+        icmp.first_error = libc::EHOSTUNREACH;
+        assert_eq!(classify(&icmp), Outcome::HostUnreachable);
         let mut retried = record(tcp_state::CLOSE, 0, 0);
         retried.retransmits = 2;
         assert_eq!(classify(&retried), Outcome::Aborted);

@@ -165,8 +165,10 @@ fn events(a: &Attempt) -> Vec<opentelemetry::trace::Event> {
         .map(|e| {
             let mut attrs = vec![KeyValue::new(key::ELAPSED_MS, elapsed_ms(a.start, e.time))];
             match e.kind {
-                EventKind::SynRetransmit(n) => attrs.push(KeyValue::new(key::RETRANSMIT_NUMBER, i64::from(n))),
-                EventKind::ErrorReported(errno) => attrs.push(KeyValue::new(key::ERRNO, i64::from(errno))),
+                EventKind::SynRetransmit(n) => {
+                    attrs.push(KeyValue::new(key::RETRANSMIT_NUMBER, i64::from(n)))
+                }
+                EventKind::IcmpError(errno) => attrs.push(KeyValue::new(key::ERRNO, i64::from(errno))),
                 EventKind::RstReceived | EventKind::RstSent => {}
             }
             opentelemetry::trace::Event::new(e.kind.name(), e.time, attrs, 0)
@@ -193,16 +195,13 @@ fn status(a: &Attempt) -> Status {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use opentelemetry::Value;
 
     use super::*;
-    use crate::{
-        attempt::AttemptEvent,
-        outcome::Outcome,
-    };
+    use crate::{attempt::AttemptEvent, outcome::Outcome};
 
     pub(crate) fn timed_out() -> Attempt {
         let start = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
@@ -230,7 +229,10 @@ mod tests {
     }
 
     fn attr<'a>(span: &'a SpanData, k: &str) -> Option<&'a Value> {
-        span.attributes.iter().find(|kv| kv.key.as_str() == k).map(|kv| &kv.value)
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == k)
+            .map(|kv| &kv.value)
     }
 
     #[test]
@@ -247,7 +249,9 @@ mod tests {
         assert_eq!(d.events.len(), 1);
         assert_eq!(d.events[0].name, "syn_retransmit");
         assert!(d.span_context.is_valid());
-        let service = span.resource.get(&opentelemetry::Key::from_static_str(key::SERVICE_NAME));
+        let service = span
+            .resource
+            .get(&opentelemetry::Key::from_static_str(key::SERVICE_NAME));
         assert_eq!(service, Some(Value::from("nc")));
     }
 

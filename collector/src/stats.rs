@@ -144,6 +144,9 @@ mod tests {
         assert_eq!(a.dropped(), 10 + 5 + 1 + 2 + 4 + 3 + 1);
         assert_eq!(a.pending(), 100 - 70 - 26 - 2);
         let line = a.to_string();
-        assert!(line.contains("started=100") && line.contains("evicted=2"), "{line}");
+        assert!(
+            line.contains("started=100") && line.contains("evicted=2"),
+            "{line}"
+        );
     }
 }

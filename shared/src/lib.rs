@@ -38,8 +38,8 @@ pub mod attempt_flags {
     pub const RST_RECEIVED: u8 = 1 << 0;
     /// The socket itself sent a RST while in SYN_SENT: its SYN met a live connection.
     pub const RST_SENT: u8 = 1 << 1;
-    /// The kernel reported an error to the socket (`inet_sk_error_report`) before it closed.
-    pub const ERROR_REPORTED: u8 = 1 << 2;
+    /// A socket error (hard or soft, usually from ICMP) was seen before the socket closed.
+    pub const ERROR_SEEN: u8 = 1 << 2;
     /// The retransmit timestamps ran out; `retransmits` still counts every one.
     pub const RETRANSMIT_TIMES_TRUNCATED: u8 = 1 << 3;
 }
@@ -64,7 +64,7 @@ pub struct AttemptRecord {
     pub retransmit_ns: [u64; MAX_RETRANSMIT_TIMES],
     pub rst_received_ns: u64,
     pub rst_sent_ns: u64,
-    pub error_report_ns: u64,
+    pub first_error_ns: u64,
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
     pub comm: [u8; TASK_COMM_LEN],
@@ -76,8 +76,11 @@ pub struct AttemptRecord {
     pub error: i32,
     /// `sk_err_soft` at the same moment: an ICMP error that did not kill the attempt by itself.
     pub soft_error: i32,
-    /// The errno of the last `inet_sk_error_report` while in SYN_SENT.
-    pub reported_error: i32,
+    /// The first socket error seen while in SYN_SENT: at the exit of `connect()`, at a
+    /// retransmit, or reported by the kernel. An ICMP error that arrives while `connect()`
+    /// holds the socket is only a soft error, and the application may consume it
+    /// (`SO_ERROR`) before it closes the socket; this keeps it.
+    pub first_error: i32,
     /// Ids in the stack trace map; negative when not captured.
     pub user_stack_id: i32,
     pub kernel_stack_id: i32,
@@ -100,7 +103,7 @@ impl AttemptRecord {
         retransmit_ns: [0; MAX_RETRANSMIT_TIMES],
         rst_received_ns: 0,
         rst_sent_ns: 0,
-        error_report_ns: 0,
+        first_error_ns: 0,
         saddr: [0; 16],
         daddr: [0; 16],
         comm: [0; TASK_COMM_LEN],
@@ -109,7 +112,7 @@ impl AttemptRecord {
         retransmits: 0,
         error: 0,
         soft_error: 0,
-        reported_error: 0,
+        first_error: 0,
         user_stack_id: -1,
         kernel_stack_id: -1,
         end_kernel_stack_id: -1,
@@ -199,7 +202,7 @@ impl Policy {
         slow_ns: 0,
         sample_below: u32::MAX,
         sample_all: 1,
-        keep_retried: 1,
+        keep_retried: 0,
         stacks: 1,
         _pad: 0,
     };

@@ -60,7 +60,9 @@ impl OtlpSink {
         if settings.endpoint.scheme_str() == Some("https") {
             builder = builder.with_tls_config(tonic::transport::ClientTlsConfig::new().with_enabled_roots());
         }
-        let exporter = builder.build().map_err(|source| OtlpError::Build { endpoint, source })?;
+        let exporter = builder
+            .build()
+            .map_err(|source| OtlpError::Build { endpoint, source })?;
         let (queue, rx) = mpsc::channel(settings.queue_size);
         let task = tokio::spawn(export_loop(exporter, rx, settings, counters.clone()));
         Ok(Self {
@@ -99,7 +101,12 @@ impl OtlpSink {
     /// Exports what is queued, waiting at most `timeout`. Spans left over are counted as
     /// `unflushed`.
     pub async fn shutdown(self, timeout: Duration) {
-        let Self { queue, mut task, counters, .. } = self;
+        let Self {
+            queue,
+            mut task,
+            counters,
+            ..
+        } = self;
         let left = queue.max_capacity() - queue.capacity();
         drop(queue);
         if tokio::time::timeout(timeout, &mut task).await.is_err() {
@@ -155,10 +162,13 @@ async fn export_batch(
     settings: &OtlpSettings,
     counters: &AgentCounters,
 ) {
-    batch.sort_by(|a, b| resource_key(&a.resource).cmp(&resource_key(&b.resource)));
+    batch.sort_by_cached_key(|s| resource_key(&s.resource));
     while !batch.is_empty() {
         let key = resource_key(&batch[0].resource);
-        let n = batch.iter().take_while(|s| resource_key(&s.resource) == key).count();
+        let n = batch
+            .iter()
+            .take_while(|s| resource_key(&s.resource) == key)
+            .count();
         let group: Vec<ConnectSpan> = batch.drain(..n).collect();
         let resource = group[0].resource.clone();
         let spans: Vec<_> = group.into_iter().map(|s| s.data).collect();
@@ -169,7 +179,9 @@ async fn export_batch(
 /// Spans of one service share one resource (see `SpanBuilder`), so the name identifies it.
 fn resource_key(resource: &Resource) -> String {
     resource
-        .get(&opentelemetry::Key::from_static_str(crate::span::key::SERVICE_NAME))
+        .get(&opentelemetry::Key::from_static_str(
+            crate::span::key::SERVICE_NAME,
+        ))
         .map(|v| v.to_string())
         .unwrap_or_default()
 }
@@ -197,7 +209,11 @@ async fn export_with_retry(
                 return;
             }
             Err(err) if started.elapsed() + backoff > settings.retry_timeout => {
-                tracing::error!(spans = n, attempt, "OTLP export failed, giving up on this batch: {err}");
+                tracing::error!(
+                    spans = n,
+                    attempt,
+                    "OTLP export failed, giving up on this batch: {err}"
+                );
                 AgentCounters::add(&counters.export_failed, n);
                 return;
             }

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sets up the toolchain if needed, builds synspan, and runs it with the arguments given.
+#   sudo scripts/run.sh                # one line per connect attempt on this host
+#   sudo scripts/run.sh --help
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+cargo build --release --bins >&2
+exec target/release/synspan "$@"

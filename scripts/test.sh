@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs every check CI runs: format, lints, unit tests, and the kernel-level end-to-end tests
+# (which need root: they load eBPF programs and create network namespaces).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+scripts/setup-receiver.sh
+cargo fmt --all --check
+cargo clippy --release --all-targets -- -D warnings
+# The end-to-end tests run the release binaries of this workspace.
+cargo build --release --bins
+cargo test --release -- "$@"

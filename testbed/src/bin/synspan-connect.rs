@@ -1,0 +1,215 @@
+//! One TCP connect attempt, reported as one JSON line on stdout: the client side of
+//! synspan's tests and benchmarks.
+//!
+//! ```text
+//! synspan-connect ADDR:PORT [--bind-port P] [--close-after MS] [--listen-first] [--hold]
+//! ```
+//! --listen-first  listen on ADDR at an ephemeral port first and connect to it (a success)
+//! --close-after   close the socket if the attempt has not ended after MS milliseconds
+//! --hold          print the report, then sleep until killed (tests that kill the client)
+//!
+//! The connect is non-blocking so that the local port can be read right after the kernel
+//! chose it: once an attempt fails, the kernel releases the port and getsockname says 0.
+
+use std::{
+    io,
+    mem::{size_of, zeroed},
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::Instant,
+};
+
+use anyhow::{Context, bail};
+use synspan_testbed::sockaddr::{from_raw, to_raw};
+
+struct Args {
+    target: SocketAddr,
+    bind_port: Option<u16>,
+    close_after_ms: Option<i32>,
+    listen_first: bool,
+    hold: bool,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = std::env::args().skip(1);
+    let mut target = None;
+    let mut parsed = Args {
+        target: "127.0.0.1:0".parse()?,
+        bind_port: None,
+        close_after_ms: None,
+        listen_first: false,
+        hold: false,
+    };
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--bind-port" => parsed.bind_port = Some(args.next().context("--bind-port P")?.parse()?),
+            "--close-after" => {
+                parsed.close_after_ms = Some(args.next().context("--close-after MS")?.parse()?)
+            }
+            "--listen-first" => parsed.listen_first = true,
+            "--hold" => parsed.hold = true,
+            other if target.is_none() => target = Some(other.parse::<SocketAddr>().context("ADDR:PORT")?),
+            other => bail!("unexpected argument {other}"),
+        }
+    }
+    parsed.target = target.context(
+        "usage: synspan-connect ADDR:PORT [--bind-port P] [--close-after MS] [--listen-first] [--hold]",
+    )?;
+    Ok(parsed)
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn socket(ip: IpAddr) -> io::Result<OwnedFd> {
+    let family = if ip.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscalls; the fd is owned right away.
+    let fd = check(unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn bind(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    let (raw, len) = to_raw(addr);
+    unsafe {
+        check(libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as u32,
+        ))?;
+        check(libc::bind(
+            fd.as_raw_fd(),
+            (&raw as *const libc::sockaddr_storage).cast(),
+            len,
+        ))?;
+    }
+    Ok(())
+}
+
+fn local_addr(fd: &OwnedFd) -> io::Result<SocketAddr> {
+    let mut raw: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    check(unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            (&mut raw as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    })?;
+    from_raw(&raw).ok_or_else(|| io::Error::other("unknown address family"))
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    Ok(())
+}
+
+fn so_error(fd: &OwnedFd) -> io::Result<i32> {
+    let mut err: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    check(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(err)
+}
+
+#[inline(never)]
+fn main() -> anyhow::Result<()> {
+    let mut args = parse_args()?;
+    let _listener = if args.listen_first {
+        let listener = socket(args.target.ip())?;
+        bind(&listener, SocketAddr::new(args.target.ip(), 0))?;
+        check(unsafe { libc::listen(listener.as_raw_fd(), 16) })?;
+        args.target = local_addr(&listener)?;
+        Some(listener)
+    } else {
+        None
+    };
+    let report = synspan_testbed_connect_attempt(&args)?;
+    println!("{report}");
+    if args.hold {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+    Ok(())
+}
+
+/// The function whose name the user stack on the span must show: keep it out of line and
+/// give it a name nothing else has.
+#[inline(never)]
+#[unsafe(no_mangle)]
+fn synspan_testbed_connect_attempt(args: &Args) -> anyhow::Result<serde_json::Value> {
+    let fd = socket(args.target.ip())?;
+    if let Some(port) = args.bind_port {
+        let any: IpAddr = if args.target.is_ipv4() {
+            [0u8; 4].into()
+        } else {
+            [0u16; 8].into()
+        };
+        bind(&fd, SocketAddr::new(any, port))?;
+    }
+    set_nonblocking(&fd)?;
+    let started = Instant::now();
+    let (raw, len) = to_raw(args.target);
+    let ret = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&raw as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    let connect_errno = if ret < 0 {
+        io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    } else {
+        0
+    };
+    let local = local_addr(&fd)?;
+    let mut errno = connect_errno;
+    let mut closed_by_app = false;
+    if connect_errno == libc::EINPROGRESS {
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let wait_ms = args.close_after_ms.unwrap_or(300_000);
+        let ready = check(unsafe { libc::poll(&mut pfd, 1, wait_ms) })?;
+        if ready == 0 {
+            closed_by_app = true;
+            errno = 0;
+        } else {
+            errno = so_error(&fd)?;
+        }
+    }
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    drop(fd);
+    Ok(serde_json::json!({
+        "pid": std::process::id(),
+        "tid": unsafe { libc::gettid() },
+        "local": local.to_string(),
+        "local_port": local.port(),
+        "peer": args.target.to_string(),
+        "errno": errno,
+        "closed_by_app": closed_by_app,
+        "elapsed_ms": elapsed_ms,
+    }))
+}

@@ -1,0 +1,40 @@
+//! Runs `synspan-connect` inside a namespace and reads its report.
+
+use std::process::Stdio;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::{netns::Netns, workspace_bin};
+
+/// What the client saw of its own attempt.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Report {
+    pub pid: u32,
+    pub tid: u32,
+    pub local: String,
+    pub local_port: u16,
+    pub peer: String,
+    pub errno: i32,
+    pub closed_by_app: bool,
+    pub elapsed_ms: f64,
+}
+
+/// One attempt from inside `ns`: `synspan-connect TARGET ARGS`.
+pub fn connect(ns: &Netns, target: &str, args: &[&str]) -> anyhow::Result<Report> {
+    let out = ns
+        .command(&workspace_bin("synspan-connect"))
+        .arg(target)
+        .args(args)
+        .stderr(Stdio::piped())
+        .output()
+        .context("running synspan-connect")?;
+    if !out.status.success() {
+        bail!(
+            "synspan-connect {target} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("client report {:?}", String::from_utf8_lossy(&out.stdout)))
+}

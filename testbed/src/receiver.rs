@@ -1,0 +1,155 @@
+//! rotel, a real OpenTelemetry collector, as the OTLP gRPC receiver of the tests. Its
+//! Python trace processor (`testbed/rotel_processor.py`) writes one JSON line per span.
+
+use std::{
+    fs,
+    io::Read,
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use crate::{read_json_lines, repo_root, wait_until};
+
+pub struct Receiver {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+fn agent_path() -> PathBuf {
+    std::env::var_os("SYNSPAN_ROTEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/lib/python3.11/site-packages/rotel/rotel-agent"))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Receiver {
+    /// Starts a receiver on a free loopback port.
+    pub fn start() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("synspan-rx-{}-{}", std::process::id(), free_port()?));
+        fs::create_dir_all(&dir)?;
+        let mut rx = Self {
+            child: None,
+            port: 0,
+            dir,
+        };
+        // Another process can take the port between our probe and rotel's bind: try again.
+        for _ in 0..5 {
+            rx.port = free_port()?;
+            if rx.spawn().is_ok() {
+                return Ok(rx);
+            }
+        }
+        bail!("rotel did not start; log:\n{}", rx.log())
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let agent = agent_path();
+        anyhow::ensure!(
+            agent.exists(),
+            "{} is missing: run scripts/setup-receiver.sh",
+            agent.display()
+        );
+        let log = fs::File::create(self.dir.join("rotel.log"))?;
+        let child = Command::new(&agent)
+            .args([
+                "start",
+                "--otlp-grpc-endpoint",
+                &format!("127.0.0.1:{}", self.port),
+            ])
+            .args(["--otlp-http-endpoint", "127.0.0.1:0", "--exporter", "blackhole"])
+            .args([
+                "--otlp-receiver-metrics-disabled",
+                "--otlp-receiver-logs-disabled",
+            ])
+            .arg("--otlp-with-trace-processor")
+            .arg(repo_root().join("testbed/rotel_processor.py"))
+            .env("NO_COLOR", "1")
+            .env("SYNSPAN_RECEIVER_OUT", self.spans_path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", agent.display()))?;
+        self.child = Some(child);
+        let up = wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()
+        });
+        // A processor that fails to load makes rotel exit just after it binds.
+        std::thread::sleep(Duration::from_millis(100));
+        let alive = matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)));
+        if up.is_none() || !alive {
+            self.stop();
+            bail!("rotel is not listening on 127.0.0.1:{}", self.port);
+        }
+        Ok(())
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn spans_path(&self) -> PathBuf {
+        self.dir.join("spans.jsonl")
+    }
+
+    pub fn spans(&self) -> Vec<Value> {
+        read_json_lines(&self.spans_path())
+    }
+
+    pub fn wait_span(&self, span_id: &str, timeout: Duration) -> Option<Value> {
+        wait_until(timeout, || {
+            self.spans().into_iter().find(|s| s["span_id"] == span_id)
+        })
+    }
+
+    /// Waits until at least `n` received spans satisfy `pred`; returns those.
+    pub fn wait_spans(&self, n: usize, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let matching = || self.spans().into_iter().filter(|s| pred(s)).collect::<Vec<_>>();
+        wait_until(timeout, || Some(matching()).filter(|m| m.len() >= n)).unwrap_or_else(matching)
+    }
+
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = fs::File::open(self.dir.join("rotel.log")) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// Stops the receiver (SIGTERM, then SIGKILL); `restart` brings it back on the same port.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: plain syscall on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            if wait_until(Duration::from_secs(5), || child.try_wait().ok().flatten()).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.spawn()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
