@@ -112,6 +112,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(endpoint) => Some(OtlpSink::start(
             OtlpSettings {
                 endpoint: endpoint.clone(),
+                tls: cli.tls.clone(),
                 queue_size: cli.export_queue_size.get() as usize,
                 batch_size: cli.export_batch_size.get() as usize,
                 retry_timeout: cli.export_retry_timeout,
@@ -140,9 +141,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     for (hook, why) in &skipped {
         tracing::warn!("not attached: {hook} ({why}); spans will lack what it shows");
     }
+    match privilege::drop_unneeded() {
+        Ok(()) => tracing::debug!("capabilities dropped; kept {:?}", privilege::KEPT),
+        Err(err) => tracing::warn!("could not drop capabilities: {err}"),
+    }
     tracing::info!(
         output = ?cli.output,
-        otlp = cli.otlp_endpoint.as_ref().map(|u| u.to_string()),
+        otlp = cli.otlp_endpoint.as_ref().map(crate::config::redacted),
         "synspan ready: tracing TCP connect attempts"
     );
 

@@ -1,9 +1,11 @@
 //! Command line and environment. Flags win over `OTEL_*` variables, which win over defaults.
 
-use std::{num::NonZeroU32, time::Duration};
+use std::{num::NonZeroU32, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum, error::ErrorKind};
 use synspan_shared::Policy;
+
+use crate::sink::tls::{TlsError, TlsMaterial, from_flag_or_env};
 
 const ABOUT: &str = "Every TCP connect attempt on this host as an OpenTelemetry span.";
 
@@ -23,8 +25,12 @@ const AFTER_HELP: &str = "\
 Environment:
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT
                     OTLP gRPC endpoint when --otlp-endpoint is not given (in that order)
+  OTEL_EXPORTER_OTLP_CERTIFICATE, OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE,
+  OTEL_EXPORTER_OTLP_CLIENT_KEY (and their _TRACES_ forms)
+                    TLS files when the --otlp-* flags are not given
   OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_TIMEOUT, OTEL_EXPORTER_OTLP_COMPRESSION
-                    read by the OTLP exporter as the OpenTelemetry specification says
+                    read by the OTLP exporter as the OpenTelemetry specification says;
+                    header values (API keys) are never logged
   SYNSPAN_LOG       log filter for stderr (tracing's EnvFilter syntax), default `info`
 
 Examples:
@@ -54,6 +60,23 @@ pub struct Cli {
     /// Export spans over OTLP gRPC to this collector, e.g. http://127.0.0.1:4317.
     #[arg(long, value_name = "URL", value_parser = parse_endpoint)]
     pub otlp_endpoint: Option<http::Uri>,
+
+    /// CA certificate(s), PEM, that sign the collector's certificate (https endpoints).
+    /// Default: the system's roots. Env: OTEL_EXPORTER_OTLP_CERTIFICATE.
+    #[arg(long, value_name = "FILE")]
+    pub otlp_ca_file: Option<PathBuf>,
+
+    /// Client certificate chain, PEM, for mutual TLS. Env: OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE.
+    #[arg(long, value_name = "FILE", requires = "otlp_client_key")]
+    pub otlp_client_cert: Option<PathBuf>,
+
+    /// Client private key, PEM, for mutual TLS. Env: OTEL_EXPORTER_OTLP_CLIENT_KEY.
+    #[arg(long, value_name = "FILE", requires = "otlp_client_cert")]
+    pub otlp_client_key: Option<PathBuf>,
+
+    /// TLS material resolved from the three flags above and the environment.
+    #[arg(skip)]
+    pub tls: TlsMaterial,
 
     /// Keep every failure plus successes that needed a SYN retransmit or took longer than
     /// --slow-threshold (default 1s); drop other successes in the kernel. The production
@@ -152,11 +175,63 @@ pub fn parse_endpoint(s: &str) -> Result<http::Uri, String> {
     Ok(uri)
 }
 
+/// An endpoint fit for logs: user information (a password) is cut out.
+pub fn redacted(uri: &http::Uri) -> String {
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    let host = authority.rsplit('@').next().unwrap_or_default();
+    format!("{}://{host}", uri.scheme_str().unwrap_or("http"))
+}
+
 impl Cli {
-    /// Parses the command line and checks what clap cannot: the `OTEL_*` endpoints. Exits
-    /// with status 2 and a message on bad input, as clap does for flags.
+    /// Parses the command line and checks what clap cannot: the `OTEL_*` endpoints and the
+    /// TLS files. Exits with status 2 and a message on bad input, as clap does for flags.
     pub fn load() -> Self {
+        use clap::CommandFactory;
         let mut cli = Cli::parse();
+        if let Err(e) = cli.resolve_env() {
+            Cli::command().error(ErrorKind::InvalidValue, e).exit()
+        }
+        cli
+    }
+
+    fn resolve_env(&mut self) -> Result<(), String> {
+        self.resolve_endpoint()?;
+        let ca = from_flag_or_env(
+            self.otlp_ca_file.as_deref(),
+            "--otlp-ca-file",
+            &[
+                "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+                "OTEL_EXPORTER_OTLP_CERTIFICATE",
+            ],
+        );
+        let cert = from_flag_or_env(
+            self.otlp_client_cert.as_deref(),
+            "--otlp-client-cert",
+            &[
+                "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            ],
+        );
+        let key = from_flag_or_env(
+            self.otlp_client_key.as_deref(),
+            "--otlp-client-key",
+            &[
+                "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+                "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+            ],
+        );
+        self.tls = TlsMaterial::load(ca.as_ref(), cert.as_ref(), key.as_ref()).map_err(|e| e.to_string())?;
+        if !self.tls.is_empty()
+            && let Some(endpoint) = &self.otlp_endpoint
+            && endpoint.scheme_str() != Some("https")
+        {
+            return Err(TlsError::NotHttps(redacted(endpoint)).to_string());
+        }
+        Ok(())
+    }
+
+    fn resolve_endpoint(&mut self) -> Result<(), String> {
+        let cli = self;
         if cli.otlp_endpoint.is_none() {
             for var in [
                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
@@ -171,16 +246,11 @@ impl Cli {
                         cli.otlp_endpoint = Some(uri);
                         break;
                     }
-                    Err(e) => {
-                        use clap::CommandFactory;
-                        Cli::command()
-                            .error(ErrorKind::InvalidValue, format!("invalid {var} '{value}': {e}"))
-                            .exit()
-                    }
+                    Err(e) => return Err(format!("invalid {var}: {e}")),
                 }
             }
         }
-        cli
+        Ok(())
     }
 
     /// The in-kernel policy these flags describe.
@@ -260,6 +330,12 @@ mod tests {
         assert!(parse_endpoint("http://:4317").is_err());
         let err = cli(&["--otlp-endpoint", "localhost"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn endpoint_logs_without_password() {
+        let uri = parse_endpoint("https://user:secret@collector:4317").unwrap();
+        assert_eq!(redacted(&uri), "https://collector:4317");
     }
 
     #[test]

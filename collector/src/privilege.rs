@@ -47,6 +47,38 @@ pub fn missing(caps: u64) -> Vec<&'static str> {
     missing
 }
 
+/// Capabilities kept once the programs are attached. The programs stay attached through the
+/// file descriptors synspan holds, which needs no capability.
+/// - CAP_BPF: reading maps. Before Linux 6.5, with unprivileged BPF disabled (the default on
+///   most distributions), every bpf() call needs it, even on a descriptor we already hold.
+/// - CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH: reading `/proc/<pid>/` of other users' processes
+///   (executable, environment, memory maps) to name them and symbolize their stacks.
+pub const KEPT: [caps::Capability; 3] = [
+    caps::Capability::CAP_BPF,
+    caps::Capability::CAP_SYS_PTRACE,
+    caps::Capability::CAP_DAC_READ_SEARCH,
+];
+
+/// Drops every capability but [`KEPT`] from every set, so that a compromised agent holds
+/// as little as possible. Best effort where the bounding set cannot be changed.
+pub fn drop_unneeded() -> Result<(), caps::errors::CapsError> {
+    use caps::{CapSet, Capability, CapsHashSet};
+    let keep: CapsHashSet = KEPT.into_iter().collect();
+    let permitted = caps::read(None, CapSet::Permitted)?;
+    let still: CapsHashSet = permitted.intersection(&keep).copied().collect();
+    // The bounding set needs CAP_SETPCAP, which goes with the rest below.
+    if permitted.contains(&Capability::CAP_SETPCAP) {
+        for cap in caps::all().difference(&keep) {
+            caps::drop(None, CapSet::Bounding, *cap)?;
+        }
+    }
+    caps::clear(None, CapSet::Ambient)?;
+    caps::set(None, CapSet::Inheritable, &CapsHashSet::new())?;
+    caps::set(None, CapSet::Effective, &still)?;
+    caps::set(None, CapSet::Permitted, &still)?;
+    Ok(())
+}
+
 pub fn check() -> Result<(), PrivilegeError> {
     let missing = missing(effective()?);
     if missing.is_empty() {

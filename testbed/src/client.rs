@@ -22,6 +22,13 @@ pub struct Report {
 
 /// One attempt from inside `ns`: `synspan-connect TARGET ARGS`.
 pub fn connect(ns: &Netns, target: &str, args: &[&str]) -> anyhow::Result<Report> {
+    let mut reports = connect_many(ns, target, args)?;
+    anyhow::ensure!(reports.len() == 1, "expected one report, got {}", reports.len());
+    Ok(reports.remove(0))
+}
+
+/// Attempts from inside `ns`, one report per attempt (`--count`, `--parallel`).
+pub fn connect_many(ns: &Netns, target: &str, args: &[&str]) -> anyhow::Result<Vec<Report>> {
     let out = ns
         .command(&workspace_bin("synspan-connect"))
         .arg(target)

@@ -15,7 +15,7 @@ use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::{Resource, trace::SpanExporter};
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use crate::{span::ConnectSpan, stats::AgentCounters};
+use crate::{config::redacted, sink::tls::TlsMaterial, span::ConnectSpan, stats::AgentCounters};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OtlpError {
@@ -29,6 +29,7 @@ pub enum OtlpError {
 
 pub struct OtlpSettings {
     pub endpoint: http::Uri,
+    pub tls: TlsMaterial,
     pub queue_size: usize,
     pub batch_size: usize,
     pub retry_timeout: Duration,
@@ -56,13 +57,14 @@ impl OtlpSink {
         let endpoint = endpoint.trim_end_matches('/').to_string();
         let mut builder = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
-            .with_endpoint(endpoint.clone());
+            .with_endpoint(endpoint);
         if settings.endpoint.scheme_str() == Some("https") {
-            builder = builder.with_tls_config(tonic::transport::ClientTlsConfig::new().with_enabled_roots());
+            builder = builder.with_tls_config(tls_config(&settings));
         }
-        let exporter = builder
-            .build()
-            .map_err(|source| OtlpError::Build { endpoint, source })?;
+        let exporter = builder.build().map_err(|source| OtlpError::Build {
+            endpoint: redacted(&settings.endpoint),
+            source,
+        })?;
         let (queue, rx) = mpsc::channel(settings.queue_size);
         let task = tokio::spawn(export_loop(exporter, rx, settings, counters.clone()));
         Ok(Self {
@@ -118,6 +120,22 @@ impl OtlpSink {
             AgentCounters::add(&counters.unflushed, unsettled(&counters));
         }
     }
+}
+
+fn tls_config(settings: &OtlpSettings) -> tonic::transport::ClientTlsConfig {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    // A CA given on purpose is the only one trusted; otherwise the system's roots are.
+    let mut tls = match &settings.tls.ca {
+        Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
+        None => ClientTlsConfig::new().with_enabled_roots(),
+    };
+    if let Some((cert, key)) = &settings.tls.identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    if let Some(host) = settings.endpoint.host() {
+        tls = tls.domain_name(host.trim_matches(['[', ']']));
+    }
+    tls
 }
 
 /// Spans handed to the export task that it has neither exported nor dropped.

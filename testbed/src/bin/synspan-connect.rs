@@ -3,16 +3,19 @@
 //!
 //! ```text
 //! synspan-connect ADDR:PORT [--bind-port P] [--close-after MS] [--listen-first] [--hold]
+//!                 [--count N] [--parallel N]
 //! ```
 //! --listen-first  listen on ADDR at an ephemeral port first and connect to it (a success)
 //! --close-after   close the socket if the attempt has not ended after MS milliseconds
 //! --hold          print the report, then sleep until killed (tests that kill the client)
+//! --count N       N attempts one after another, one report line each
+//! --parallel N    N threads, each making its attempts at the same moment
 //!
 //! The connect is non-blocking so that the local port can be read right after the kernel
 //! chose it: once an attempt fails, the kernel releases the port and getsockname says 0.
 
 use std::{
-    io,
+    io::{self, Write},
     mem::{size_of, zeroed},
     net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -28,6 +31,8 @@ struct Args {
     close_after_ms: Option<i32>,
     listen_first: bool,
     hold: bool,
+    count: u32,
+    parallel: u32,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -39,6 +44,8 @@ fn parse_args() -> anyhow::Result<Args> {
         close_after_ms: None,
         listen_first: false,
         hold: false,
+        count: 1,
+        parallel: 1,
     };
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -48,6 +55,8 @@ fn parse_args() -> anyhow::Result<Args> {
             }
             "--listen-first" => parsed.listen_first = true,
             "--hold" => parsed.hold = true,
+            "--count" => parsed.count = args.next().context("--count N")?.parse()?,
+            "--parallel" => parsed.parallel = args.next().context("--parallel N")?.parse()?,
             other if target.is_none() => target = Some(other.parse::<SocketAddr>().context("ADDR:PORT")?),
             other => bail!("unexpected argument {other}"),
         }
@@ -143,8 +152,30 @@ fn main() -> anyhow::Result<()> {
     } else {
         None
     };
-    let report = synspan_testbed_connect_attempt(&args)?;
-    println!("{report}");
+    let barrier = std::sync::Barrier::new(args.parallel as usize);
+    let reports: Vec<String> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..args.parallel)
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<Vec<String>> {
+                    barrier.wait();
+                    (0..args.count)
+                        .map(|_| synspan_testbed_connect_attempt(&args).map(|r| r.to_string()))
+                        .collect()
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("attempt thread panicked"))
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map(|v| v.concat())
+    })?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for report in reports {
+        writeln!(out, "{report}")?;
+    }
+    out.flush()?;
+    drop(out);
     if args.hold {
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
