@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-scripts/setup-receiver.sh
+scripts/setup-test.sh
 cargo fmt --all --check
 cargo clippy --release --all-targets -- -D warnings
 # The end-to-end tests run the release binaries of this workspace.

@@ -26,6 +26,21 @@ pub struct Stopped {
     pub spans: Vec<Value>,
 }
 
+impl Stopped {
+    /// The `key=value` counters of the final accounting line.
+    pub fn accounting(&self) -> std::collections::HashMap<String, u64> {
+        let line = self
+            .stderr
+            .lines()
+            .rfind(|l| l.contains("final: attempts"))
+            .unwrap_or_default();
+        line.split([' ', '(', ')'])
+            .filter_map(|kv| kv.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+            .collect()
+    }
+}
+
 impl Agent {
     /// Starts `synspan --output json ARGS` and waits until it says it is ready.
     pub fn start(args: &[&str]) -> anyhow::Result<Self> {
@@ -78,6 +93,22 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Ids of the BPF programs this agent holds, from its file descriptors.
+    pub fn prog_ids(&self) -> Vec<u32> {
+        let dir = format!("/proc/{}/fdinfo", self.pid());
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
+            .filter_map(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("prog_id:"))
+                    .and_then(|id| id.trim().parse().ok())
+            })
+            .collect()
     }
 
     pub fn stderr(&self) -> String {

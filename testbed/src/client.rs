@@ -42,6 +42,8 @@ pub fn connect_many(ns: &Netns, target: &str, args: &[&str]) -> anyhow::Result<V
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("client report {:?}", String::from_utf8_lossy(&out.stdout)))
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).with_context(|| format!("client report {line:?}")))
+        .collect()
 }

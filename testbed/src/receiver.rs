@@ -32,15 +32,22 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Receiver {
+    /// A receiver with a free loopback port chosen but not yet listening: the collector
+    /// is "down" until [`Receiver::restart`].
+    pub fn reserve() -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let dir = std::env::temp_dir().join(format!("synspan-rx-{}-{port}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        Ok(Self {
+            child: None,
+            port,
+            dir,
+        })
+    }
+
     /// Starts a receiver on a free loopback port.
     pub fn start() -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("synspan-rx-{}-{}", std::process::id(), free_port()?));
-        fs::create_dir_all(&dir)?;
-        let mut rx = Self {
-            child: None,
-            port: 0,
-            dir,
-        };
+        let mut rx = Self::reserve()?;
         // Another process can take the port between our probe and rotel's bind: try again.
         for _ in 0..5 {
             rx.port = free_port()?;
@@ -55,7 +62,7 @@ impl Receiver {
         let agent = agent_path();
         anyhow::ensure!(
             agent.exists(),
-            "{} is missing: run scripts/setup-receiver.sh",
+            "{} is missing: run scripts/setup-test.sh",
             agent.display()
         );
         let log = fs::File::create(self.dir.join("rotel.log"))?;

@@ -129,6 +129,9 @@ fn tls_config(settings: &OtlpSettings) -> tonic::transport::ClientTlsConfig {
         Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
         None => ClientTlsConfig::new().with_enabled_roots(),
     };
+    // gRPC is HTTP/2 whatever ALPN says; TLS terminators that do not negotiate ALPN (stunnel,
+    // some load balancers) would otherwise be refused.
+    tls = tls.assume_http2(true);
     if let Some((cert, key)) = &settings.tls.identity {
         tls = tls.identity(Identity::from_pem(cert, key));
     }

@@ -1,0 +1,315 @@
+//! End to end: collector outages, concurrency, socket-address reuse, clean exit, bad input,
+//! missing privileges, TLS. Needs root.
+
+use std::{
+    collections::{HashMap, HashSet},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use synspan_testbed::{
+    agent::Agent,
+    client::{Report, connect_many},
+    netns::Netns,
+    receiver::Receiver,
+    workspace_bin,
+};
+
+/// `count` refused attempts, each from its own process (so each has its own pid).
+fn refused_attempts(ns: &Netns, count: usize) -> Vec<Report> {
+    (0..count)
+        .flat_map(|_| connect_many(ns, "127.0.0.1:9", &[]).unwrap())
+        .collect()
+}
+
+fn pids(reports: &[Report]) -> HashSet<u64> {
+    reports.iter().map(|r| u64::from(r.pid)).collect()
+}
+
+fn of_pids(spans: &[Value], pids: &HashSet<u64>) -> Vec<Value> {
+    spans
+        .iter()
+        .filter(|s| {
+            s["attributes"]["process.pid"]
+                .as_u64()
+                .is_some_and(|p| pids.contains(&p))
+        })
+        .cloned()
+        .collect()
+}
+
+/// At exit every attempt synspan saw is exported, still in flight, or dropped under a reason.
+fn assert_accounted(stopped: &synspan_testbed::agent::Stopped) {
+    let a = stopped.accounting();
+    assert!(
+        a.contains_key("started"),
+        "no final accounting line:\n{}",
+        stopped.stderr
+    );
+    assert_eq!(a["pending"], 0, "{a:?}");
+    assert_eq!(
+        a["started"] + a["track_failed"],
+        a["exported"] + a["dropped"] + a["in_flight"],
+        "{a:?}"
+    );
+}
+
+#[test]
+fn collector_down_at_start_loses_nothing() {
+    let mut receiver = Receiver::reserve().unwrap();
+    let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).unwrap();
+    let ns = Netns::new("down").unwrap();
+    let reports = refused_attempts(&ns, 50);
+    let pids = pids(&reports);
+    assert_eq!(of_pids(&agent.spans(), &pids).len(), 50, "JSON output");
+    std::thread::sleep(Duration::from_secs(1));
+    receiver.restart().unwrap();
+    // Backoff tops out at 5 s between tries.
+    let got = receiver.wait_spans(50, Duration::from_secs(30), |s| {
+        s["attributes"]["process.pid"]
+            .as_u64()
+            .is_some_and(|p| pids.contains(&p))
+    });
+    assert_eq!(got.len(), 50, "received {} of 50\n{}", got.len(), agent.stderr());
+    let stopped = agent.stop(Duration::from_secs(10)).unwrap();
+    assert!(stopped.status.success());
+    assert_accounted(&stopped);
+}
+
+#[test]
+fn collector_outage_in_the_middle() {
+    let mut receiver = Receiver::start().unwrap();
+    let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).unwrap();
+    let ns = Netns::new("outage").unwrap();
+    let mut reports = refused_attempts(&ns, 20);
+    receiver.stop();
+    reports.extend(refused_attempts(&ns, 20));
+    std::thread::sleep(Duration::from_secs(1));
+    receiver.restart().unwrap();
+    reports.extend(refused_attempts(&ns, 20));
+    let pids = pids(&reports);
+    let in_pids = |s: &Value| {
+        s["attributes"]["process.pid"]
+            .as_u64()
+            .is_some_and(|p| pids.contains(&p))
+    };
+    let got = receiver.wait_spans(60, Duration::from_secs(30), in_pids);
+    let stopped = agent.stop(Duration::from_secs(10)).unwrap();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    assert_accounted(&stopped);
+    let a = stopped.accounting();
+    let lost = a["export_queue_full"] + a["export_failed"] + a["unflushed"];
+    let received: HashSet<String> = got
+        .iter()
+        .map(|s| s["span_id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        received.len() as u64 + lost >= 60,
+        "received {} of 60, counted lost {lost}\n{}",
+        received.len(),
+        stopped.stderr
+    );
+    assert_eq!(
+        received.len(),
+        60,
+        "an outage this short must lose nothing\n{}",
+        stopped.stderr
+    );
+}
+
+#[test]
+fn concurrent_attempts_keep_their_identity() {
+    let agent = Agent::start(&[]).unwrap();
+    let ns = Netns::new("conc").unwrap();
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            ns.command(&workspace_bin("synspan-connect"))
+                .args(["127.0.0.1:9", "--parallel", "10"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let reports: Vec<Report> = clients
+        .into_iter()
+        .flat_map(|c| {
+            let out = c.wait_with_output().unwrap();
+            assert!(out.status.success());
+            String::from_utf8(out.stdout)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<Report>(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(reports.len(), 200);
+    let pids = pids(&reports);
+    assert_eq!(pids.len(), 20);
+    let spans = synspan_testbed::wait_until(Duration::from_secs(20), || {
+        let spans = of_pids(&agent.spans(), &pids);
+        (spans.len() >= 200).then_some(spans)
+    })
+    .unwrap_or_else(|| of_pids(&agent.spans(), &pids));
+    assert_eq!(spans.len(), 200);
+    // A refused attempt frees its port at once, so two attempts racing for the same
+    // destination may get the same port one after the other: the key is (tid, port).
+    let key = |tid: u64, port: u64| (tid, port);
+    let by_key: HashMap<(u64, u64), &Value> = spans
+        .iter()
+        .map(|s| {
+            let a = &s["attributes"];
+            (
+                key(
+                    a["thread.id"].as_u64().unwrap(),
+                    a["network.local.port"].as_u64().unwrap(),
+                ),
+                s,
+            )
+        })
+        .collect();
+    assert_eq!(by_key.len(), 200, "every attempt must be its own span");
+    let ids: HashSet<&str> = spans.iter().map(|s| s["span_id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 200);
+    for r in &reports {
+        let span = by_key
+            .get(&key(u64::from(r.tid), u64::from(r.local_port)))
+            .unwrap_or_else(|| panic!("no span for {r:?}"));
+        let a = &span["attributes"];
+        assert_eq!(a["process.pid"], r.pid, "{span}");
+        assert_eq!(a["synspan.outcome"], "connection_refused", "{span}");
+        assert_eq!(a["network.peer.port"], 9, "{span}");
+    }
+    let ports: HashSet<u64> = reports.iter().map(|r| u64::from(r.local_port)).collect();
+    assert!(ports.len() > 150, "ports should mostly differ: {}", ports.len());
+}
+
+#[test]
+fn ten_thousand_sequential_attempts_are_ten_thousand_spans() {
+    let agent = Agent::start(&[]).unwrap();
+    let ns = Netns::new("reuse").unwrap();
+    let reports = connect_many(&ns, "127.0.0.1:9", &["--count", "10000"]).unwrap();
+    assert_eq!(reports.len(), 10_000);
+    let pid = reports[0].pid;
+    let spans = agent.wait_spans_of(pid, 10_000, Duration::from_secs(60));
+    assert_eq!(spans.len(), 10_000, "{}", agent.stderr());
+    let ids: HashSet<&str> = spans.iter().map(|s| s["span_id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 10_000);
+    // The same port may come back across attempts: compare as multisets, in order.
+    let seen: Vec<u64> = spans
+        .iter()
+        .map(|s| s["attributes"]["network.local.port"].as_u64().unwrap())
+        .collect();
+    let made: Vec<u64> = reports.iter().map(|r| u64::from(r.local_port)).collect();
+    assert_eq!(
+        seen, made,
+        "spans must come in attempt order with the ports the client saw"
+    );
+    assert!(
+        spans
+            .iter()
+            .all(|s| s["attributes"]["synspan.outcome"] == "connection_refused")
+    );
+    let stopped = agent.stop(Duration::from_secs(10)).unwrap();
+    assert_accounted(&stopped);
+    assert_eq!(stopped.accounting()["replaced"], 0);
+}
+
+#[test]
+fn sigterm_exits_cleanly_and_unloads_everything() {
+    let agent = Agent::start(&["--shutdown-timeout", "2s"]).unwrap();
+    let ids = agent.prog_ids();
+    assert!(ids.len() >= 2, "expected the agent's programs, got {ids:?}");
+    let started = Instant::now();
+    let stopped = agent.stop(Duration::from_secs(10)).unwrap();
+    assert_eq!(stopped.status.code(), Some(0), "{}", stopped.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(stopped.stderr.contains("final: attempts"), "{}", stopped.stderr);
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .expect("bpftool");
+    let progs: Vec<Value> = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    let left: Vec<&Value> = progs
+        .iter()
+        .filter(|p| ids.iter().any(|id| p["id"] == *id))
+        .collect();
+    assert!(left.is_empty(), "programs left in the kernel: {left:#?}");
+}
+
+fn run_synspan(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = Command::new(workspace_bin("synspan"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_input_exits_2_with_a_message() {
+    // (arguments, environment, what the message must say)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 8] = [
+        (&["--no-such-flag"], &[], "unexpected argument"),
+        (&["--output", "xml"], &[], "invalid value 'xml'"),
+        (&["--otlp-endpoint", "localhost:4317"], &[], "http://"),
+        (&["--otlp-endpoint", "http://h:4317/v1/traces"], &[], "no path"),
+        (&["--stats-interval", "soon"], &[], "duration"),
+        (&["--ring-buffer-bytes", "1000"], &[], "power of two"),
+        (
+            &[],
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")],
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ),
+        (
+            &[
+                "--otlp-endpoint",
+                "https://h:4317",
+                "--otlp-ca-file",
+                "/nonexistent/ca.pem",
+            ],
+            &[],
+            "cannot read --otlp-ca-file",
+        ),
+    ];
+    for (args, env, needle) in cases {
+        let (code, stderr) = run_synspan(args, env);
+        assert_eq!(code, Some(2), "{args:?} {env:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: expected `{needle}` in: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn without_privileges_it_says_which_are_missing() {
+    let synspan = workspace_bin("synspan");
+    for who in [&["--reuid=65534", "--regid=65534", "--clear-groups"][..], &[]] {
+        let out = Command::new("setpriv")
+            .args(who)
+            .args(["--inh-caps=-all", "--bounding-set=-all", "--"])
+            .arg(&synspan)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("missing capabilities: CAP_BPF, CAP_PERFMON"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+}

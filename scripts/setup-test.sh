@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what the end-to-end tests use beyond the build toolchain: rotel (a real
+# OpenTelemetry collector from PyPI, the OTLP receiver) into .venv, bpftool (checks that no
+# program is left behind), stunnel and openssl (TLS in front of the receiver). Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need_apt=()
+for pkg in bpftool stunnel4 openssl util-linux; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+ROTEL_VERSION=0.0.1a15
+agent=.venv/lib/python3.11/site-packages/rotel/rotel-agent
+if [ ! -x "$agent" ]; then
+    python3 -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check "rotel==${ROTEL_VERSION}"
+fi
+[ -x "$agent" ] || { echo "setup-test: $agent missing after install (is python3 3.11?)" >&2; exit 1; }
+# rotel-agent embeds libpython3.11.
+if ldd "$agent" | grep -q 'not found'; then
+    apt-get install -y -qq --no-install-recommends libpython3.11 >/dev/null
+fi
+echo "setup-test: ok" >&2
