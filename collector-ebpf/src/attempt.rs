@@ -7,12 +7,14 @@ use aya_ebpf::{
         bpf_ktime_get_ns,
     },
     macros::tracepoint,
+    maps::lpm_trie::Key,
     programs::{TracePointContext, tracing::StackIdContext},
 };
-use synspan_shared::{AF_INET, AttemptRecord, IPPROTO_TCP, SetStateFields, counter, tcp_state};
+use synspan_shared::{AF_INET, AttemptRecord, IPPROTO_TCP, SetStateFields, counter, filter, tcp_state};
 
 use crate::maps::{
-    ATTEMPTS, CONNECTING, IN_FLIGHT, SCRATCH, STACKS, count, layout, note_error, policy, sock_int,
+    ALLOW_CGROUPS, ALLOW_DESTS, ALLOW_PIDS, ALLOW_PORTS, ATTEMPTS, CONNECTING, IN_FLIGHT, SCRATCH, STACKS,
+    count, layout, note_error, policy, sock_int,
 };
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
@@ -60,7 +62,12 @@ fn start(ctx: &TracePointContext, fields: &SetStateFields, sock: u64) -> Result<
     attempt.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     attempt.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     read_tuple(ctx, fields, attempt)?;
-    if policy().stacks != 0 {
+    let policy = policy();
+    if policy.filters != 0 && !allowed(attempt, policy.filters) {
+        count(counter::SKIPPED);
+        return Ok(());
+    }
+    if policy.stacks != 0 {
         let flags = BPF_F_REUSE_STACKID as u64;
         attempt.kernel_stack_id = ctx.get_stackid(&STACKS, flags).map_or(-1, |id| id as i32);
         attempt.user_stack_id = ctx
@@ -83,6 +90,34 @@ fn start(ctx: &TracePointContext, fields: &SetStateFields, sock: u64) -> Result<
     count(counter::STARTED);
     let _ = CONNECTING.insert(&attempt.tid, &sock, 0);
     Ok(())
+}
+
+/// Every allow-list the policy names must contain the attempt.
+#[inline(always)]
+fn allowed(attempt: &AttemptRecord, filters: u8) -> bool {
+    unsafe {
+        if filters & filter::PID != 0 && ALLOW_PIDS.get(&attempt.pid).is_none() {
+            return false;
+        }
+        if filters & filter::CGROUP != 0 && ALLOW_CGROUPS.get(&attempt.cgroup_id).is_none() {
+            return false;
+        }
+        if filters & filter::PORT != 0 && ALLOW_PORTS.get(&attempt.dport).is_none() {
+            return false;
+        }
+    }
+    if filters & filter::DEST != 0 {
+        let mut addr = attempt.daddr;
+        if attempt.family == AF_INET {
+            addr = [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3],
+            ];
+        }
+        if ALLOW_DESTS.get(&Key::new(128, addr)).is_none() {
+            return false;
+        }
+    }
+    true
 }
 
 #[inline(always)]

@@ -2,9 +2,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf, StackTrace},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace, lpm_trie::LpmTrie},
 };
-use synspan_shared::{AttemptRecord, KernelLayout, Policy, attempt_flags, counter};
+use synspan_shared::{AttemptRecord, KernelLayout, MAX_FILTER_ENTRIES, Policy, attempt_flags, counter};
 
 /// Attempts in flight, keyed by socket address. The agent sizes it at load time.
 #[map]
@@ -20,6 +20,16 @@ pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 /// Thread id to the socket its `connect()` put in SYN_SENT, until that `connect()` returns.
 #[map]
 pub static CONNECTING: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
+
+/// Allow-lists, filled by the agent before attach; see `synspan_shared::filter`.
+#[map]
+pub static ALLOW_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
+#[map]
+pub static ALLOW_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
+#[map]
+pub static ALLOW_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
+#[map]
+pub static ALLOW_DESTS: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_FILTER_ENTRIES, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);

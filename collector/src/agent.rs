@@ -15,7 +15,7 @@ use crate::{
     clock::WallClock,
     config::Cli,
     kernel_layout,
-    loader::{Limits, Tracer},
+    loader::{Filters, Limits, Tracer, cgroup_id},
     privilege,
     sink::{
         StdoutSink,
@@ -106,7 +106,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         max_in_flight: cli.max_in_flight.get(),
         ring_buffer_bytes: cli.ring_buffer_bytes,
     };
+    let filters = Filters {
+        pids: cli.pids.clone(),
+        cgroup_ids: cli
+            .cgroups
+            .iter()
+            .map(|p| cgroup_id(p))
+            .collect::<Result<_, _>>()?,
+        ports: cli.dest_ports.clone(),
+        dests: cli.dests.clone(),
+    };
     let mut tracer = Tracer::load(&resolved, &policy, &limits)?;
+    tracer.set_filters(&filters)?;
     let counters = Arc::new(AgentCounters::default());
     let otlp = match &cli.otlp_endpoint {
         Some(endpoint) => Some(OtlpSink::start(

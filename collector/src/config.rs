@@ -3,7 +3,7 @@
 use std::{num::NonZeroU32, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum, error::ErrorKind};
-use synspan_shared::Policy;
+use synspan_shared::{Policy, filter};
 
 use crate::sink::tls::{TlsError, TlsMaterial, from_flag_or_env};
 
@@ -96,6 +96,24 @@ pub struct Cli {
     /// --failures-only. Failures are always kept.
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub sample_successes: Option<f64>,
+
+    /// Trace only attempts made by these processes (tgid). Repeat or separate with commas.
+    #[arg(long = "pid", value_name = "PID", value_delimiter = ',')]
+    pub pids: Vec<u32>,
+
+    /// Trace only attempts made from these cgroup v2 directories (e.g.
+    /// /sys/fs/cgroup/system.slice/nginx.service). Repeat or separate with commas.
+    #[arg(long = "cgroup", value_name = "PATH", value_delimiter = ',')]
+    pub cgroups: Vec<PathBuf>,
+
+    /// Trace only attempts to these destination ports. Repeat or separate with commas.
+    #[arg(long = "dest-port", value_name = "PORT", value_delimiter = ',')]
+    pub dest_ports: Vec<u16>,
+
+    /// Trace only attempts to these destination networks (CIDR, IPv4 or IPv6, e.g.
+    /// 10.0.0.0/8). Repeat or separate with commas.
+    #[arg(long = "dest", value_name = "CIDR", value_delimiter = ',')]
+    pub dests: Vec<ipnet::IpNet>,
 
     /// Do not capture kernel and user stacks: the lowest overhead.
     #[arg(long)]
@@ -268,7 +286,15 @@ impl Cli {
             sample_all: u8::from(rate >= 1.0),
             keep_retried: u8::from(self.keep_retried || self.failures_only),
             stacks: u8::from(!self.no_stacks),
-            _pad: 0,
+            filters: [
+                (!self.pids.is_empty(), filter::PID),
+                (!self.cgroups.is_empty(), filter::CGROUP),
+                (!self.dest_ports.is_empty(), filter::PORT),
+                (!self.dests.is_empty(), filter::DEST),
+            ]
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .fold(0, |bits, (_, bit)| bits | bit),
         }
     }
 }
@@ -300,6 +326,24 @@ mod tests {
             .policy();
         assert_eq!(p.slow_ns, 250_000_000);
         assert_eq!(p.stacks, 0);
+    }
+
+    #[test]
+    fn filters() {
+        let c = cli(&[
+            "--pid",
+            "1,2",
+            "--dest-port",
+            "443",
+            "--dest",
+            "10.0.0.0/8,fd00::/8",
+        ])
+        .unwrap();
+        assert_eq!(c.pids, [1, 2]);
+        assert_eq!(c.dests.len(), 2);
+        assert_eq!(c.policy().filters, filter::PID | filter::PORT | filter::DEST);
+        assert!(cli(&["--dest", "10.0.0.0/33"]).is_err());
+        assert!(cli(&["--dest-port", "70000"]).is_err());
     }
 
     #[test]

@@ -1,11 +1,20 @@
 //! Loading the kernel programs, attaching them, and handing out their maps.
 
+use std::{
+    net::IpAddr,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
+    maps::{
+        HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{BtfTracePoint, TracePoint},
 };
-use synspan_shared::{AttemptRecord, Policy, counter};
+use synspan_shared::{AttemptRecord, MAX_FILTER_ENTRIES, Policy, counter};
 
 use crate::kernel_layout::Resolved;
 
@@ -32,6 +41,10 @@ pub enum LoadError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("--cgroup {path}: {reason}")]
+    Cgroup { path: PathBuf, reason: String },
+    #[error("too many {what} filters: at most {MAX_FILTER_ENTRIES}")]
+    TooManyFilters { what: &'static str },
     #[error("reading kernel BTF for {program}: {source}")]
     Btf {
         program: &'static str,
@@ -44,6 +57,46 @@ pub enum LoadError {
 pub struct Limits {
     pub max_in_flight: u32,
     pub ring_buffer_bytes: u32,
+}
+
+/// The allow-lists of the in-kernel filter; empty lists are off.
+#[derive(Debug, Default)]
+pub struct Filters {
+    pub pids: Vec<u32>,
+    pub cgroup_ids: Vec<u64>,
+    pub ports: Vec<u16>,
+    pub dests: Vec<ipnet::IpNet>,
+}
+
+/// The id the kernel gives a cgroup v2 directory: its inode number.
+pub fn cgroup_id(path: &Path) -> Result<u64, LoadError> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let err = |reason: String| LoadError::Cgroup {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    let c_path =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| err(e.to_string()))?;
+    // SAFETY: statfs on a NUL-terminated path into a zeroed, properly sized struct.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut fs) } != 0 {
+        return Err(err(std::io::Error::last_os_error().to_string()));
+    }
+    if fs.f_type as i64 != CGROUP2_SUPER_MAGIC {
+        return Err(err(
+            "not a cgroup v2 directory (on hybrid hosts the v2 tree is /sys/fs/cgroup/unified)".into(),
+        ));
+    }
+    Ok(meta.ino())
+}
+
+/// IPv4 networks live in the trie as IPv4-mapped IPv6 (`::ffff:0:0/96`).
+fn dest_key(net: &ipnet::IpNet) -> Key<[u8; 16]> {
+    match net.addr() {
+        IpAddr::V4(v4) => Key::new(96 + u32::from(net.prefix_len()), v4.to_ipv6_mapped().octets()),
+        IpAddr::V6(v6) => Key::new(u32::from(net.prefix_len()), v6.octets()),
+    }
 }
 
 /// Tracepoint programs: (program and tracepoint name, category, required).
@@ -71,6 +124,7 @@ pub struct KernelCounters {
     pub replaced: u64,
     pub untracked_finish: u64,
     pub track_failed: u64,
+    pub skipped: u64,
 }
 
 fn raise_memlock() {
@@ -97,6 +151,38 @@ impl Tracer {
             .load(PROGRAMS)
             .map_err(LoadError::Load)?;
         Ok(Self { ebpf })
+    }
+
+    /// Fills the allow-lists. Call before [`Tracer::attach`].
+    pub fn set_filters(&mut self, filters: &Filters) -> Result<(), LoadError> {
+        fn fill<K: aya::Pod>(ebpf: &mut Ebpf, name: &'static str, keys: &[K]) -> Result<(), LoadError> {
+            if keys.len() > MAX_FILTER_ENTRIES as usize {
+                return Err(LoadError::TooManyFilters { what: name });
+            }
+            let map = ebpf.map_mut(name).ok_or(LoadError::NoMap(name))?;
+            let mut map =
+                HashMap::<_, K, u8>::try_from(map).map_err(|source| LoadError::Map { name, source })?;
+            for key in keys {
+                map.insert(key, &1, 0)
+                    .map_err(|source| LoadError::Map { name, source })?;
+            }
+            Ok(())
+        }
+        fill(&mut self.ebpf, "ALLOW_PIDS", &filters.pids)?;
+        fill(&mut self.ebpf, "ALLOW_CGROUPS", &filters.cgroup_ids)?;
+        fill(&mut self.ebpf, "ALLOW_PORTS", &filters.ports)?;
+        if filters.dests.len() > MAX_FILTER_ENTRIES as usize {
+            return Err(LoadError::TooManyFilters { what: "ALLOW_DESTS" });
+        }
+        let name = "ALLOW_DESTS";
+        let map = self.ebpf.map_mut(name).ok_or(LoadError::NoMap(name))?;
+        let mut trie =
+            LpmTrie::<_, [u8; 16], u8>::try_from(map).map_err(|source| LoadError::Map { name, source })?;
+        for net in &filters.dests {
+            trie.insert(&dest_key(&net.trunc()), &1, 0)
+                .map_err(|source| LoadError::Map { name, source })?;
+        }
+        Ok(())
     }
 
     /// Attaches every hook this kernel has. Returns the hooks that were skipped, with why.
@@ -214,6 +300,7 @@ impl Tracer {
             replaced: sum(counter::REPLACED),
             untracked_finish: sum(counter::UNTRACKED_FINISH),
             track_failed: sum(counter::TRACK_FAILED),
+            skipped: sum(counter::SKIPPED),
         })
     }
 

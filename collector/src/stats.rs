@@ -66,10 +66,16 @@ impl Accounting {
             .saturating_sub(k.replaced)
     }
 
+    /// Attempts the policy dropped: at SYN_SENT by an allow-list, or at the end by the
+    /// success rules and sampling.
+    pub fn filtered(&self) -> u64 {
+        self.kernel.filtered + self.kernel.skipped
+    }
+
     /// Attempts that will never be exported, whatever the reason.
     pub fn dropped(&self) -> u64 {
         let k = &self.kernel;
-        k.filtered
+        self.filtered()
             + k.ringbuf_full
             + k.replaced
             + k.track_failed
@@ -80,10 +86,15 @@ impl Accounting {
             + self.unflushed
     }
 
+    /// Attempts the kernel saw enter SYN_SENT while synspan ran.
+    pub fn seen(&self) -> u64 {
+        self.kernel.started + self.kernel.track_failed + self.kernel.skipped
+    }
+
     /// Every attempt the kernel saw is exported, in flight, dropped under a reason, or
     /// received and not yet settled by the exporter.
     pub fn pending(&self) -> u64 {
-        let seen = self.kernel.started + self.kernel.track_failed;
+        let seen = self.seen();
         seen.saturating_sub(self.exported + self.dropped() + self.in_flight)
     }
 }
@@ -93,16 +104,16 @@ impl fmt::Display for Accounting {
         let k = &self.kernel;
         write!(
             f,
-            "attempts started={} in_flight={} exported={} pending={} dropped={} \
+            "attempts seen={} in_flight={} exported={} pending={} dropped={} \
              (filtered={} ringbuf_full={} evicted={} replaced={} track_failed={} \
              undecodable={} export_queue_full={} export_failed={} unflushed={}) \
              untracked_finish={}",
-            k.started,
+            self.seen(),
             self.in_flight,
             self.exported,
             self.pending(),
             self.dropped(),
-            k.filtered,
+            self.filtered(),
             k.ringbuf_full,
             self.evicted(),
             k.replaced,
@@ -131,6 +142,7 @@ mod tests {
                 replaced: 1,
                 untracked_finish: 3,
                 track_failed: 0,
+                skipped: 4,
             },
             in_flight: 2,
             received: 80,

@@ -193,8 +193,26 @@ pub struct Policy {
     pub keep_retried: u8,
     /// Capture kernel and user stacks.
     pub stacks: u8,
-    pub _pad: u8,
+    /// Bits of [`filter`]: which allow-lists an attempt must match to be traced at all.
+    pub filters: u8,
 }
+
+/// Bits of [`Policy::filters`]. Each set bit names an allow-list map the attempt must hit;
+/// an attempt that misses is counted as filtered at SYN_SENT and never tracked.
+pub mod filter {
+    /// `ALLOW_PIDS`, keyed by tgid.
+    pub const PID: u8 = 1 << 0;
+    /// `ALLOW_CGROUPS`, keyed by cgroup v2 id.
+    pub const CGROUP: u8 = 1 << 1;
+    /// `ALLOW_PORTS`, keyed by destination port.
+    pub const PORT: u8 = 1 << 2;
+    /// `ALLOW_DESTS`, an LPM trie of destination prefixes over IPv6 addresses, with IPv4
+    /// as `::ffff:a.b.c.d`.
+    pub const DEST: u8 = 1 << 3;
+}
+
+/// Maximum entries of each allow-list map.
+pub const MAX_FILTER_ENTRIES: u32 = 1024;
 
 impl Policy {
     /// Every attempt is sent: the default.
@@ -204,7 +222,7 @@ impl Policy {
         sample_all: 1,
         keep_retried: 0,
         stacks: 1,
-        _pad: 0,
+        filters: 0,
     };
 }
 
@@ -232,7 +250,9 @@ pub mod counter {
     pub const UNTRACKED_FINISH: u32 = 5;
     /// The in-flight map refused an insert.
     pub const TRACK_FAILED: u32 = 6;
-    pub const LEN: u32 = 7;
+    /// Attempts that missed an allow-list at SYN_SENT and were never tracked.
+    pub const SKIPPED: u32 = 7;
+    pub const LEN: u32 = 8;
 }
 
 #[cfg(feature = "user")]
