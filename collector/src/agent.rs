@@ -17,6 +17,7 @@ use crate::{
     kernel_layout,
     loader::{Filters, Limits, Tracer, cgroup_id},
     privilege,
+    self_metrics::{SelfMetrics, Snapshot},
     sink::{
         StdoutSink,
         otlp::{OtlpSettings, OtlpSink},
@@ -132,6 +133,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         )?),
         None => None,
     };
+    let snapshot: Snapshot = Default::default();
+    let self_metrics = match &cli.otlp_endpoint {
+        Some(endpoint) if !cli.metrics_interval.is_zero() => Some(SelfMetrics::start(
+            endpoint,
+            &cli.tls,
+            &host_name(),
+            cli.metrics_interval,
+            snapshot.clone(),
+        )?),
+        _ => None,
+    };
     let ring = tracer.take_attempts()?;
     // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, for as long as
     // the AsyncFd owns the ring buffer.
@@ -162,14 +174,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         "synspan ready: tracing TCP connect attempts"
     );
 
-    let mut stats_tick = (!cli.stats_interval.is_zero()).then(|| {
-        let mut tick = tokio::time::interval(cli.stats_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        tick
-    });
+    let ticker = |every: std::time::Duration| {
+        (!every.is_zero()).then(|| {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            tick
+        })
+    };
+    let mut stats_tick = ticker(cli.stats_interval);
+    let mut metrics_tick = self_metrics.as_ref().and_then(|_| ticker(cli.metrics_interval));
     let report = |tracer: &Tracer| -> Accounting {
         let kernel = tracer.counters().unwrap_or_default();
-        Accounting::read(kernel, tracer.in_flight().unwrap_or(0), &counters)
+        let accounting = Accounting::read(kernel, tracer.in_flight().unwrap_or(0), &counters);
+        *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = accounting;
+        accounting
     };
 
     let signal_name = loop {
@@ -186,6 +204,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             _ = sigterm.recv() => break "SIGTERM",
             _ = async { stats_tick.as_mut().unwrap().tick().await }, if stats_tick.is_some() => {
                 tracing::info!("stats: {}", report(&tracer));
+            }
+            _ = async { metrics_tick.as_mut().unwrap().tick().await }, if metrics_tick.is_some() => {
+                report(&tracer);
             }
         }
     };
@@ -209,5 +230,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         otlp.shutdown(cli.shutdown_timeout).await;
     }
     tracing::info!("final: {}", report(&tracer));
+    if let Some(metrics) = self_metrics {
+        // The last reading goes out with the flush; the SDK blocks, so not on the runtime.
+        let flush = tokio::task::spawn_blocking(move || metrics.shutdown());
+        if tokio::time::timeout(cli.shutdown_timeout, flush).await.is_err() {
+            tracing::warn!("self-metrics were not flushed within the shutdown timeout");
+        }
+    }
     Ok(())
 }

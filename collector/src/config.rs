@@ -148,6 +148,11 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
     pub stats_interval: Duration,
 
+    /// Export synspan's own counters (seen, exported, dropped by reason) as OTLP metrics to
+    /// the same endpoint this often. 0 turns them off.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub metrics_interval: Duration,
+
     /// On SIGINT or SIGTERM, wait this long for pending spans to be exported. A second
     /// signal exits at once.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]

@@ -153,11 +153,12 @@ mod tests {
             unflushed: 1,
         };
         assert_eq!(a.evicted(), 2);
-        assert_eq!(a.dropped(), 10 + 5 + 1 + 2 + 4 + 3 + 1);
-        assert_eq!(a.pending(), 100 - 70 - 26 - 2);
+        assert_eq!(a.seen(), 104);
+        assert_eq!(a.dropped(), 14 + 5 + 1 + 2 + 4 + 3 + 1);
+        assert_eq!(a.pending(), 104 - 70 - 30 - 2);
         let line = a.to_string();
         assert!(
-            line.contains("started=100") && line.contains("evicted=2"),
+            line.contains("seen=104") && line.contains("evicted=2"),
             "{line}"
         );
     }

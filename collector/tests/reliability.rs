@@ -309,3 +309,37 @@ fn without_privileges_it_says_which_are_missing() {
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     }
 }
+
+#[test]
+fn self_metrics_reach_the_collector() {
+    let receiver = Receiver::start().unwrap();
+    let agent = Agent::start(&[
+        "--otlp-endpoint",
+        &receiver.endpoint(),
+        "--metrics-interval",
+        "1s",
+    ])
+    .unwrap();
+    let ns = Netns::new("metrics").unwrap();
+    refused_attempts(&ns, 3);
+    let log = synspan_testbed::wait_until(Duration::from_secs(20), || {
+        let log = receiver.log();
+        (log.contains("synspan.attempts.dropped") && log.contains("synspan.attempts.exported")).then_some(log)
+    });
+    assert!(
+        log.is_some(),
+        "no self-metrics at the receiver:\n{}",
+        receiver.log()
+    );
+    let log = log.unwrap();
+    for needle in [
+        "synspan.attempts.seen",
+        "synspan.drop.reason",
+        "ringbuf_full",
+        "synspan.attempts.in_flight",
+    ] {
+        assert!(log.contains(needle), "`{needle}` missing from:\n{log}");
+    }
+    let stopped = agent.stop(Duration::from_secs(10)).unwrap();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+}

@@ -2,6 +2,7 @@
 //! real OTLP receiver. Shared by the end-to-end tests and the benchmark.
 
 pub mod agent;
+pub mod bench;
 pub mod cgroup;
 pub mod client;
 pub mod netns;

@@ -74,7 +74,10 @@ impl Receiver {
             ])
             .args(["--otlp-http-endpoint", "127.0.0.1:0", "--exporter", "blackhole"])
             .args([
-                "--otlp-receiver-metrics-disabled",
+                "--debug-log",
+                "metrics",
+                "--debug-log-verbosity",
+                "detailed",
                 "--otlp-receiver-logs-disabled",
             ])
             .arg("--otlp-with-trace-processor")

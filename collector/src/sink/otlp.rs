@@ -59,7 +59,7 @@ impl OtlpSink {
             .with_tonic()
             .with_endpoint(endpoint);
         if settings.endpoint.scheme_str() == Some("https") {
-            builder = builder.with_tls_config(tls_config(&settings));
+            builder = builder.with_tls_config(tls_config(&settings.endpoint, &settings.tls));
         }
         let exporter = builder.build().map_err(|source| OtlpError::Build {
             endpoint: redacted(&settings.endpoint),
@@ -122,20 +122,21 @@ impl OtlpSink {
     }
 }
 
-fn tls_config(settings: &OtlpSettings) -> tonic::transport::ClientTlsConfig {
+/// The TLS side of an OTLP connection to `endpoint`, shared by spans and self-metrics.
+pub(crate) fn tls_config(endpoint: &http::Uri, material: &TlsMaterial) -> tonic::transport::ClientTlsConfig {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
     // A CA given on purpose is the only one trusted; otherwise the system's roots are.
-    let mut tls = match &settings.tls.ca {
+    let mut tls = match &material.ca {
         Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
         None => ClientTlsConfig::new().with_enabled_roots(),
     };
     // gRPC is HTTP/2 whatever ALPN says; TLS terminators that do not negotiate ALPN (stunnel,
     // some load balancers) would otherwise be refused.
     tls = tls.assume_http2(true);
-    if let Some((cert, key)) = &settings.tls.identity {
+    if let Some((cert, key)) = &material.identity {
         tls = tls.identity(Identity::from_pem(cert, key));
     }
-    if let Some(host) = settings.endpoint.host() {
+    if let Some(host) = endpoint.host() {
         tls = tls.domain_name(host.trim_matches(['[', ']']));
     }
     tls

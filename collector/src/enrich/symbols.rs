@@ -1,0 +1,783 @@
+//! Names for the addresses of kernel and user stacks.
+//!
+//! A stack as `bpf_get_stackid` returns it holds, innermost first, where the thread was, then
+//! return addresses. A return address points after its call, and when the call is the last
+//! instruction of a function (a call that never returns) that is already the next function.
+//! So every frame but the first is looked up one byte earlier, and shown with its offset from
+//! the address itself, as perf does.
+//!
+//! User stacks are symbolized with blazesym, from the very files the process had mapped. A
+//! process may exit, or a package upgrade replace its libraries, before its stack is
+//! symbolized: [`StackNormalizer::normalize`] captures what is needed (each address as an
+//! offset in a file, and that file held open) while the process lives;
+//! [`UserSymbolizer::symbolize_normalized`] names the frames any time later.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    ffi::OsStr,
+    fmt,
+    fs::{File, Metadata},
+    io,
+    os::{
+        fd::AsRawFd,
+        unix::{ffi::OsStrExt, fs::MetadataExt},
+    },
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use blazesym::symbolize::{
+    CodeInfo, Input, Symbolized, Symbolizer,
+    source::{Elf, Source},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SymbolError {
+    #[error("process {0} has exited")]
+    Gone(u32),
+    #[error("reading {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "/proc/kallsyms shows every address as 0: kernel.kptr_restrict is set, or synspan lacks CAP_SYSLOG"
+    )]
+    KernelAddressesHidden,
+}
+
+/// The address to look up for the `index`-th frame of a stack.
+fn lookup_address(index: usize, addr: u64) -> u64 {
+    if index == 0 { addr } else { addr.saturating_sub(1) }
+}
+
+/// No kernel function is this long. An address further from the symbol below it is in code
+/// that `/proc/kallsyms` did not list when it was read: a module loaded since, a BPF program.
+const MAX_KERNEL_SYMBOL_SPAN: u64 = 1 << 20;
+
+/// The kernel's symbols, read once from `/proc/kallsyms`.
+#[derive(Clone, Debug)]
+pub struct KernelSymbols {
+    symbols: BTreeMap<u64, String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelSymbol<'a> {
+    pub name: &'a str,
+    /// The module, for a symbol that is not in the kernel image.
+    pub module: Option<&'a str>,
+    pub offset: u64,
+}
+
+impl fmt::Display for KernelSymbol<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}+{:#x}", self.name, self.offset)?;
+        if let Some(module) = self.module {
+            write!(f, " [{module}]")?;
+        }
+        Ok(())
+    }
+}
+
+impl KernelSymbols {
+    /// Reads `/proc/kallsyms`. The kernel shows the addresses only to a reader with
+    /// `CAP_SYSLOG` (or to everyone, with `kernel.kptr_restrict=0`), and synspan does not keep
+    /// that capability: load them before dropping capabilities.
+    pub fn load() -> Result<Self, SymbolError> {
+        let symbols = aya::util::kernel_symbols().map_err(|source| SymbolError::Io {
+            path: PathBuf::from("/proc/kallsyms"),
+            source,
+        })?;
+        Self::from_symbols(symbols)
+    }
+
+    /// From `/proc/kallsyms` as aya parses it: address to name, `name\t[module]` for a module.
+    pub fn from_symbols(symbols: BTreeMap<u64, String>) -> Result<Self, SymbolError> {
+        if symbols.range(1..).next().is_none() {
+            return Err(SymbolError::KernelAddressesHidden);
+        }
+        Ok(Self { symbols })
+    }
+
+    pub fn len(&self) -> usize {
+        self.symbols.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.symbols.is_empty()
+    }
+
+    /// The symbol an address is in: the nearest one at or below it.
+    pub fn resolve(&self, addr: u64) -> Option<KernelSymbol<'_>> {
+        let (&start, name) = self.symbols.range(..=addr).next_back()?;
+        let offset = addr - start;
+        if offset >= MAX_KERNEL_SYMBOL_SPAN {
+            return None;
+        }
+        let (name, module) = match name.split_once('\t') {
+            Some((name, module)) => (name, Some(module.trim_start_matches('[').trim_end_matches(']'))),
+            None => (name.as_str(), None),
+        };
+        Some(KernelSymbol { name, module, offset })
+    }
+
+    /// One line per frame: `tcp_connect+0x5`, `nf_hook_slow+0x44 [nf_tables]`, or the bare
+    /// address when no symbol fits.
+    pub fn symbolize(&self, addrs: &[u64]) -> Vec<String> {
+        addrs
+            .iter()
+            .enumerate()
+            .map(|(i, &addr)| {
+                let lookup = lookup_address(i, addr);
+                match self.resolve(lookup) {
+                    Some(mut symbol) => {
+                        symbol.offset += addr - lookup;
+                        symbol.to_string()
+                    }
+                    None => format!("{addr:#x}"),
+                }
+            })
+            .collect()
+    }
+}
+
+/// A line of `/proc/<pid>/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Mapping {
+    start: u64,
+    end: u64,
+    /// Where in the file the mapping starts.
+    offset: u64,
+    /// The path of the file, or a name such as `[vdso]`; `None` for anonymous memory.
+    name: Option<PathBuf>,
+    /// The file was unlinked since it was mapped: its path may now name another file.
+    deleted: bool,
+}
+
+fn parse_maps(bytes: &[u8]) -> Vec<Mapping> {
+    bytes.split(|&b| b == b'\n').filter_map(parse_maps_line).collect()
+}
+
+/// `start-end perms offset dev inode   name`; the name may hold spaces.
+fn parse_maps_line(line: &[u8]) -> Option<Mapping> {
+    let hex = |field: &[u8]| u64::from_str_radix(std::str::from_utf8(field).ok()?, 16).ok();
+    let mut fields = line.splitn(6, |&b| b == b' ');
+    let range = fields.next()?;
+    let dash = range.iter().position(|&b| b == b'-')?;
+    let _perms = fields.next()?;
+    let offset = hex(fields.next()?)?;
+    let _dev = fields.next()?;
+    let _inode = fields.next()?;
+    let name = fields.next().unwrap_or_default().trim_ascii_start();
+    let (name, deleted) = match name.strip_suffix(b" (deleted)") {
+        Some(name) => (name, true),
+        None => (name, false),
+    };
+    Some(Mapping {
+        start: hex(&range[..dash])?,
+        end: hex(&range[dash + 1..])?,
+        offset,
+        name: (!name.is_empty()).then(|| PathBuf::from(OsStr::from_bytes(name))),
+        deleted,
+    })
+}
+
+fn mapping_of(mappings: &[Mapping], addr: u64) -> Option<&Mapping> {
+    let after = mappings.partition_point(|m| m.start <= addr);
+    let mapping = mappings.get(after.checked_sub(1)?)?;
+    (addr < mapping.end).then_some(mapping)
+}
+
+/// What makes a file the same file: a path can be replaced, an inode number reused.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl FileIdentity {
+    fn of(metadata: &Metadata) -> Self {
+        Self {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+            size: metadata.size(),
+            mtime: metadata.mtime(),
+            mtime_nsec: metadata.mtime_nsec(),
+        }
+    }
+}
+
+/// A file a process had mapped, held open: it stays readable after the process exits, and
+/// after the file is deleted or replaced.
+#[derive(Debug)]
+pub struct Module {
+    /// The path as the process saw it, in its own mount namespace.
+    pub path: PathBuf,
+    pub build_id: Option<Arc<[u8]>>,
+    file: File,
+    identity: FileIdentity,
+}
+
+/// Names the held file whatever its path has become, from any mount namespace.
+fn fd_path(file: &File) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+/// The same code has the same build id in every container that ships it; a file without one
+/// is known by its identity.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+enum ModuleKey {
+    BuildId(Arc<[u8]>),
+    File(FileIdentity),
+}
+
+impl Module {
+    fn key(&self) -> ModuleKey {
+        match &self.build_id {
+            Some(id) => ModuleKey::BuildId(id.clone()),
+            None => ModuleKey::File(self.identity),
+        }
+    }
+}
+
+/// One frame of a user stack, with what naming it takes once the process is gone.
+#[derive(Clone, Debug)]
+pub struct NormalizedFrame {
+    /// The address as the stack held it.
+    pub addr: u64,
+    pub location: Location,
+    /// Looked up one byte earlier: see the module documentation.
+    return_address: bool,
+}
+
+#[derive(Clone, Debug)]
+pub enum Location {
+    /// In a mapped file: the file, and the offset of the address in it.
+    File { module: Arc<Module>, offset: u64 },
+    /// In a mapping that is not a file synspan could open, such as `[vdso]`: its name in
+    /// `/proc/<pid>/maps`, and the offset of the address in it.
+    Named { name: PathBuf, offset: u64 },
+    /// In anonymous memory (JIT-compiled code), or in no mapping at all.
+    Unknown,
+}
+
+/// Build ids remembered before the cache starts over.
+const MAX_BUILD_IDS: usize = 4096;
+
+/// Captures, while a process lives, what symbolizing its stacks takes. It holds no blazesym
+/// state, so it can live on another thread than the [`UserSymbolizer`].
+#[derive(Debug, Default)]
+pub struct StackNormalizer {
+    build_ids: HashMap<FileIdentity, Option<Arc<[u8]>>>,
+    /// `/proc/<pid>/map_files/` needs `CAP_SYS_ADMIN` (or `CAP_CHECKPOINT_RESTORE`), which
+    /// synspan drops once attached; after the first refusal it is not tried again.
+    map_files_denied: bool,
+}
+
+impl StackNormalizer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Where each address of a user stack of `pid` lives, innermost frame first. Fails with
+    /// [`SymbolError::Gone`] when the process has exited (a zombie has no memory left).
+    pub fn normalize(&mut self, pid: u32, addrs: &[u64]) -> Result<Vec<NormalizedFrame>, SymbolError> {
+        let path = PathBuf::from(format!("/proc/{pid}/maps"));
+        let bytes = std::fs::read(&path).map_err(|source| {
+            if matches!(source.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) {
+                SymbolError::Gone(pid)
+            } else {
+                SymbolError::Io { path, source }
+            }
+        })?;
+        let mappings = parse_maps(&bytes);
+        if mappings.is_empty() {
+            return Err(SymbolError::Gone(pid));
+        }
+        let mut modules: HashMap<&Path, Option<Arc<Module>>> = HashMap::new();
+        let mut frames = Vec::with_capacity(addrs.len());
+        for (i, &addr) in addrs.iter().enumerate() {
+            let lookup = lookup_address(i, addr);
+            let location = match mapping_of(&mappings, lookup) {
+                Some(mapping @ Mapping { name: Some(name), .. }) => {
+                    let offset = addr - mapping.start + mapping.offset;
+                    let module = if name.is_absolute() {
+                        modules
+                            .entry(name)
+                            .or_insert_with(|| self.open_module(pid, mapping, name))
+                            .clone()
+                    } else {
+                        None
+                    };
+                    match module {
+                        Some(module) => Location::File { module, offset },
+                        None => Location::Named {
+                            name: name.clone(),
+                            offset,
+                        },
+                    }
+                }
+                _ => Location::Unknown,
+            };
+            frames.push(NormalizedFrame {
+                addr,
+                location,
+                return_address: lookup != addr,
+            });
+        }
+        Ok(frames)
+    }
+
+    fn open_module(&mut self, pid: u32, mapping: &Mapping, name: &Path) -> Option<Arc<Module>> {
+        let file = self.open_mapped_file(pid, mapping, name)?;
+        let identity = FileIdentity::of(&file.metadata().ok()?);
+        let build_id = self.build_id(&file, identity);
+        Some(Arc::new(Module {
+            path: name.to_owned(),
+            build_id,
+            file,
+            identity,
+        }))
+    }
+
+    fn open_mapped_file(&mut self, pid: u32, mapping: &Mapping, name: &Path) -> Option<File> {
+        // The file the process mapped, even deleted since.
+        if !self.map_files_denied {
+            let map_file = format!("/proc/{pid}/map_files/{:x}-{:x}", mapping.start, mapping.end);
+            match File::open(&map_file) {
+                Ok(file) => return Some(file),
+                Err(err) if err.raw_os_error() == Some(libc::EPERM) => {
+                    tracing::debug!("{map_file}: {err}; opening mapped files by path from now on");
+                    self.map_files_denied = true;
+                }
+                Err(err) => tracing::debug!("{map_file}: {err}"),
+            }
+        }
+        if mapping.deleted {
+            return None;
+        }
+        // The path in the process's own mount namespace: a container's files are not at that
+        // path on the host.
+        let in_root = Path::new(&format!("/proc/{pid}/root")).join(name.strip_prefix("/").ok()?);
+        File::open(&in_root)
+            .inspect_err(|err| tracing::debug!("{}: {err}", in_root.display()))
+            .ok()
+    }
+
+    fn build_id(&mut self, file: &File, identity: FileIdentity) -> Option<Arc<[u8]>> {
+        if let Some(build_id) = self.build_ids.get(&identity) {
+            return build_id.clone();
+        }
+        let build_id = match blazesym::helper::read_elf_build_id(&fd_path(file)) {
+            Ok(build_id) => build_id.map(|id| Arc::from(&*id)),
+            Err(err) => {
+                tracing::debug!("no build id: {err}");
+                None
+            }
+        };
+        if self.build_ids.len() >= MAX_BUILD_IDS {
+            self.build_ids.clear();
+        }
+        self.build_ids.insert(identity, build_id.clone());
+        build_id
+    }
+}
+
+/// Files blazesym may hold open and parsed before it starts over.
+const MAX_SOURCES: usize = 256;
+/// Symbolized offsets remembered before the cache starts over.
+const MAX_FOUND: usize = 65536;
+
+/// What blazesym found at an offset.
+#[derive(Clone, Debug)]
+struct Found {
+    name: String,
+    /// From the start of the symbol to the offset looked up.
+    offset: u64,
+    /// `file:line`, from DWARF.
+    code: Option<String>,
+}
+
+/// Symbolizes user stacks with blazesym, remembering what it found for each offset of each
+/// file, so a storm of failing connects from the same code costs one lookup per frame.
+///
+/// blazesym's symbolizer is neither `Send` nor `Sync`: create this on the thread that uses it.
+#[derive(Debug)]
+pub struct UserSymbolizer {
+    symbolizer: Symbolizer,
+    /// Paths given to `symbolizer`, which holds each file open and parsed.
+    sources: HashSet<PathBuf>,
+    /// Files given to `symbolizer` since it was created; a `/proc/self/fd/` path can name a
+    /// new file each time.
+    loaded: usize,
+    found: HashMap<(ModuleKey, u64), Option<Found>>,
+    normalizer: StackNormalizer,
+}
+
+fn new_symbolizer() -> Symbolizer {
+    // One line per frame: the functions inlined at an address are not reported.
+    Symbolizer::builder().enable_inlined_fns(false).build()
+}
+
+fn code_location(code: &CodeInfo<'_>) -> String {
+    let path = code.to_path();
+    match code.line {
+        Some(line) => format!("{}:{line}", path.display()),
+        None => path.display().to_string(),
+    }
+}
+
+impl Default for UserSymbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl UserSymbolizer {
+    pub fn new() -> Self {
+        Self {
+            symbolizer: new_symbolizer(),
+            sources: HashSet::new(),
+            loaded: 0,
+            found: HashMap::new(),
+            normalizer: StackNormalizer::new(),
+        }
+    }
+
+    /// Symbolizes a stack of a live process: normalizes it, then symbolizes that, so what is
+    /// found is shared with every other process running the same files.
+    pub fn symbolize_process(&mut self, pid: u32, addrs: &[u64]) -> Result<Vec<String>, SymbolError> {
+        let frames = self.normalizer.normalize(pid, addrs)?;
+        Ok(self.symbolize_normalized(&frames))
+    }
+
+    /// One line per frame: `my_function+0x1a (src/main.rs:42)` with DWARF line information,
+    /// `my_function+0x1a (/usr/bin/app)` without, `0x7f3a... (/usr/lib/libc.so.6+0x1234)` for
+    /// an address in a file without a symbol for it, the bare address when nothing is known.
+    pub fn symbolize_normalized(&mut self, frames: &[NormalizedFrame]) -> Vec<String> {
+        frames
+            .iter()
+            .map(|frame| {
+                let back = u64::from(frame.return_address);
+                match &frame.location {
+                    Location::File { module, offset } => match self.find(module, offset - back) {
+                        Some(found) => {
+                            let place = found
+                                .code
+                                .unwrap_or_else(|| module.path.display().to_string());
+                            format!("{}+{:#x} ({place})", found.name, found.offset + back)
+                        }
+                        None => format!("{:#x} ({}+{offset:#x})", frame.addr, module.path.display()),
+                    },
+                    Location::Named { name, offset } => {
+                        format!("{:#x} ({}+{offset:#x})", frame.addr, name.display())
+                    }
+                    Location::Unknown => format!("{:#x}", frame.addr),
+                }
+            })
+            .collect()
+    }
+
+    fn find(&mut self, module: &Module, offset: u64) -> Option<Found> {
+        let key = (module.key(), offset);
+        if let Some(found) = self.found.get(&key) {
+            return found.clone();
+        }
+        let path = self.source_path(module);
+        let source = Source::Elf(Elf::new(path));
+        let found = match self.symbolizer.symbolize_single(&source, Input::FileOffset(offset)) {
+            Ok(Symbolized::Sym(sym)) => Some(Found {
+                name: sym.name.into_owned(),
+                offset: sym.offset as u64,
+                code: sym.code_info.as_deref().map(code_location),
+            }),
+            Ok(Symbolized::Unknown(_)) => None,
+            Err(err) => {
+                tracing::debug!("symbolizing {} at {offset:#x}: {err}", module.path.display());
+                None
+            }
+        };
+        if self.found.len() >= MAX_FOUND {
+            self.found.clear();
+        }
+        self.found.insert(key, found.clone());
+        found
+    }
+
+    /// The path to give blazesym for a module: the process's own path when it names the held
+    /// file from here too (a process on the host: one name for every stack, and blazesym finds
+    /// a debug link beside it), else the held file itself.
+    fn source_path(&mut self, module: &Module) -> PathBuf {
+        let by_name =
+            std::fs::metadata(&module.path).is_ok_and(|m| FileIdentity::of(&m) == module.identity);
+        let path = if by_name {
+            module.path.clone()
+        } else {
+            fd_path(&module.file)
+        };
+        if by_name && self.sources.contains(&path) {
+            return path;
+        }
+        // blazesym keeps every file it opened until it is dropped.
+        if self.loaded >= MAX_SOURCES {
+            self.symbolizer = new_symbolizer();
+            self.sources.clear();
+            self.loaded = 0;
+        }
+        self.loaded += 1;
+        if by_name {
+            self.sources.insert(path.clone());
+        }
+        path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{BufRead, BufReader},
+        process::{Child, Command, Stdio},
+    };
+
+    use super::*;
+    use crate::enrich::tests::TempDir;
+
+    #[unsafe(no_mangle)]
+    #[inline(never)]
+    pub extern "C" fn synspan_symbol_probe() -> u64 {
+        std::hint::black_box(42)
+    }
+
+    fn probe_addr() -> u64 {
+        synspan_symbol_probe as *const () as u64
+    }
+
+    #[test]
+    fn kernel_symbol_plus_offset() {
+        let kernel = KernelSymbols::load().unwrap();
+        let (&tcp_connect, _) = kernel
+            .symbols
+            .iter()
+            .find(|(_, name)| *name == "tcp_connect")
+            .expect("tcp_connect in /proc/kallsyms");
+        assert_eq!(kernel.resolve(tcp_connect + 5).unwrap().to_string(), "tcp_connect+0x5");
+        assert_eq!(
+            kernel.symbolize(&[tcp_connect + 5, tcp_connect + 0x20]),
+            ["tcp_connect+0x5", "tcp_connect+0x20"]
+        );
+    }
+
+    fn synthetic_kernel() -> KernelSymbols {
+        let symbols = [
+            (0xffff_ffff_8100_0000, "_stext"),
+            (0xffff_ffff_8100_0100, "noreturn_caller"),
+            (0xffff_ffff_8100_0200, "next_function"),
+            (0xffff_ffff_c000_0000, "nft_do_chain\t[nf_tables]"),
+        ];
+        KernelSymbols::from_symbols(symbols.into_iter().map(|(a, n)| (a, n.to_owned())).collect()).unwrap()
+    }
+
+    #[test]
+    fn kernel_modules_return_addresses_and_strays() {
+        let kernel = synthetic_kernel();
+        let module = kernel.resolve(0xffff_ffff_c000_0044).unwrap();
+        assert_eq!(module.module, Some("nf_tables"));
+        assert_eq!(module.to_string(), "nft_do_chain+0x44 [nf_tables]");
+        assert_eq!(
+            kernel.symbolize(&[
+                // Where the thread was: exactly at the start of a function.
+                0xffff_ffff_8100_0200,
+                // A return address right after a call that ends the function before.
+                0xffff_ffff_8100_0200,
+                // Below every symbol, and far above the last one.
+                0x1000,
+                0xffff_ffff_c100_0000,
+            ]),
+            [
+                "next_function+0x0",
+                "noreturn_caller+0x100",
+                "0x1000",
+                "0xffffffffc1000000"
+            ]
+        );
+    }
+
+    #[test]
+    fn hidden_kernel_addresses_are_an_error() {
+        // With kernel.kptr_restrict every line reads 0000000000000000.
+        let hidden = [(0, "tcp_connect".to_owned())].into_iter().collect();
+        assert!(matches!(
+            KernelSymbols::from_symbols(hidden),
+            Err(SymbolError::KernelAddressesHidden)
+        ));
+    }
+
+    #[test]
+    fn maps_lines() {
+        let maps = b"559ab8ca8000-559ab8caa000 r--p 00000000 fe:00 247282                     /usr/bin/head\n\
+559ab8caa000-559ab8cb0000 r-xp 00002000 fe:00 247282                     /usr/bin/head\n\
+7f16ec200000-7f16ec3e8000 r-xp 00028000 fe:00 1234                       /opt/my app/lib.so (deleted)\n\
+7f16ec3e8000-7f16ec3ea000 r-xp 00000000 00:00 0                          [vdso]\n\
+7f16ec400000-7f16ec500000 rwxp 00000000 00:00 0 \n";
+        let mappings = parse_maps(maps);
+        assert_eq!(mappings.len(), 5);
+        assert_eq!(
+            mappings[1],
+            Mapping {
+                start: 0x559ab8caa000,
+                end: 0x559ab8cb0000,
+                offset: 0x2000,
+                name: Some(PathBuf::from("/usr/bin/head")),
+                deleted: false,
+            }
+        );
+        assert_eq!(mappings[2].name.as_deref(), Some(Path::new("/opt/my app/lib.so")));
+        assert!(mappings[2].deleted);
+        assert_eq!(mappings[3].name.as_deref(), Some(Path::new("[vdso]")));
+        assert_eq!(mappings[4].name, None);
+
+        assert_eq!(mapping_of(&mappings, 0x559ab8caa000).unwrap().offset, 0x2000);
+        assert_eq!(mapping_of(&mappings, 0x559ab8ca9fff).unwrap().offset, 0);
+        assert_eq!(mapping_of(&mappings, 0x559ab8cb0000), None);
+        assert_eq!(mapping_of(&mappings, 0x1000), None);
+    }
+
+    #[test]
+    fn symbolizes_the_running_test_binary() {
+        let exe = std::env::current_exe().unwrap();
+        let mut symbolizer = UserSymbolizer::new();
+        let lines = symbolizer
+            .symbolize_process(std::process::id(), &[probe_addr(), probe_addr() + 1, 0x10])
+            .unwrap();
+        // No debug information in a release test binary: the file stands in for the line.
+        assert_eq!(
+            lines[..2],
+            [
+                format!("synspan_symbol_probe+0x0 ({})", exe.display()),
+                format!("synspan_symbol_probe+0x1 ({})", exe.display()),
+            ]
+        );
+        assert_eq!(lines[2], "0x10");
+    }
+
+    #[test]
+    fn normalizes_now_and_symbolizes_later() {
+        let mut normalizer = StackNormalizer::new();
+        let frames = normalizer
+            .normalize(std::process::id(), &[probe_addr() + 3])
+            .unwrap();
+        let Location::File { module, offset } = &frames[0].location else {
+            panic!("{frames:?}");
+        };
+        assert_eq!(module.path, std::env::current_exe().unwrap());
+        assert!(*offset > 0);
+        let lines = UserSymbolizer::new().symbolize_normalized(&frames);
+        assert!(lines[0].starts_with("synspan_symbol_probe+0x3 ("), "{lines:?}");
+    }
+
+    #[test]
+    fn vdso_and_unknown_addresses() {
+        let maps = std::fs::read("/proc/self/maps").unwrap();
+        let vdso = parse_maps(&maps)
+            .into_iter()
+            .find(|m| m.name.as_deref() == Some(Path::new("[vdso]")))
+            .expect("a vDSO");
+        let frames = StackNormalizer::new()
+            .normalize(std::process::id(), &[vdso.start + 0x10, 8])
+            .unwrap();
+        let lines = UserSymbolizer::new().symbolize_normalized(&frames);
+        assert_eq!(lines, [format!("{:#x} ([vdso]+0x10)", vdso.start + 0x10), "0x8".to_owned()]);
+    }
+
+    #[test]
+    fn normalize_a_process_that_is_gone() {
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(matches!(
+            StackNormalizer::new().normalize(pid, &[0x1000]),
+            Err(SymbolError::Gone(p)) if p == pid
+        ));
+    }
+
+    /// A C program built with DWARF that prints the address of its function and waits.
+    const PROBE_C: &str = "#include <stdio.h>\n#include <unistd.h>\n\
+__attribute__((noinline)) void synspan_c_probe(void) { printf(\"%p\\n\", (void *)synspan_c_probe); fflush(stdout); pause(); }\n\
+int main(void) { synspan_c_probe(); return 0; }\n";
+
+    fn build_c_probe(dir: &Path) -> PathBuf {
+        let source = dir.join("probe.c");
+        std::fs::write(&source, PROBE_C).unwrap();
+        let binary = dir.join("probe");
+        let status = Command::new("cc")
+            .args(["-g", "-O0", "-o"])
+            .arg(&binary)
+            .arg(&source)
+            .status()
+            .expect("cc, the linker Rust uses, is installed");
+        assert!(status.success());
+        binary
+    }
+
+    /// Starts the probe; returns it and the address of its function.
+    fn start_c_probe(binary: &Path) -> (Child, u64) {
+        let mut child = Command::new(binary).stdout(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = u64::from_str_radix(line.trim().trim_start_matches("0x"), 16).unwrap();
+        (child, addr)
+    }
+
+    #[test]
+    fn another_process_with_dwarf_after_it_exits_and_its_binary_is_deleted() {
+        let dir = TempDir::new();
+        let binary = build_c_probe(dir.path());
+        let (mut child, addr) = start_c_probe(&binary);
+        let pid = child.id();
+        let expected = format!("synspan_c_probe+0x4 ({}:3)", dir.path().join("probe.c").display());
+
+        let mut symbolizer = UserSymbolizer::new();
+        assert_eq!(symbolizer.symbolize_process(pid, &[addr + 4]).unwrap(), [expected.clone()]);
+
+        let frames = StackNormalizer::new().normalize(pid, &[addr + 4]).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        std::fs::remove_file(&binary).unwrap();
+        assert!(matches!(
+            StackNormalizer::new().normalize(pid, &[addr + 4]),
+            Err(SymbolError::Gone(_))
+        ));
+        // A new symbolizer, so nothing comes from a cache: the held file is read again.
+        assert_eq!(UserSymbolizer::new().symbolize_normalized(&frames), [expected]);
+    }
+
+    #[test]
+    fn same_code_in_two_processes_is_symbolized_once() {
+        let dir = TempDir::new();
+        let binary = build_c_probe(dir.path());
+        let (mut first, first_addr) = start_c_probe(&binary);
+        let (mut second, second_addr) = start_c_probe(&binary);
+        let mut symbolizer = UserSymbolizer::new();
+        let a = symbolizer.symbolize_process(first.id(), &[first_addr + 4]).unwrap();
+        let b = symbolizer
+            .symbolize_process(second.id(), &[second_addr + 4])
+            .unwrap();
+        assert_eq!(a, b);
+        assert_eq!(symbolizer.found.len(), 1);
+        assert_eq!(symbolizer.loaded, 1);
+        for child in [&mut first, &mut second] {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    #[test]
+    fn normalized_frames_travel_between_threads() {
+        fn send_and_sync<T: Send + Sync>() {}
+        send_and_sync::<NormalizedFrame>();
+        fn send<T: Send>() {}
+        send::<StackNormalizer>();
+    }
+}

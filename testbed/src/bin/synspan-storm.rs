@@ -1,0 +1,307 @@
+//! A storm of TCP connect attempts on loopback, the load of synspan's benchmark.
+//!
+//! ```text
+//! synspan-storm success|refused [--count N] [--seconds S] [--threads T] [--accept-threads A]
+//! ```
+//! success   listen on 127.0.0.1 at an ephemeral port (this process, this namespace), accept
+//!           and close every connection in `--accept-threads` threads (default 1), and
+//!           connect to it
+//! refused   connect to a port of 127.0.0.1 that is bound but not listening: every attempt
+//!           is refused with a RST
+//! --count   stop after N attempts in all (default 1000000)
+//! --seconds stop after S seconds (default 5), whichever comes first
+//! --threads worker threads, each a loop of blocking socket, connect, close (default 2)
+//!
+//! Prints one JSON line at the end (see `synspan_testbed::bench::StormReport`):
+//! `{"mode","attempts","ok","failed","seconds","per_second","threads","errors"}`.
+//! Run it inside a network namespace of its own: it only ever talks to 127.0.0.1.
+//!
+//! Ports. A client that closes a connection first keeps its side in TIME_WAIT for 60 s,
+//! holding the source port: tens of thousands of connects a second would use up the
+//! ephemeral range (28 232 ports by default) within a second or two, and connect() would
+//! then fail with EADDRNOTAVAIL (or crawl through the port search). So every client socket
+//! sets SO_LINGER {on, 0}: close() sends a RST and frees the port at once, with no TIME_WAIT
+//! on either side (the server's socket, reset, goes straight to CLOSE). The SYN_SENT part
+//! that synspan traces is unchanged: SYN, SYN-ACK, ACK, then the socket is ESTABLISHED.
+//! Refused attempts never reach TIME_WAIT anyway. `tcp_tw_reuse` would not be enough: it
+//! only reuses a TIME_WAIT port one second after it was last used, and the storm cycles
+//! through the whole range faster than that. An attempt that fails all the same is counted
+//! under its errno in `errors`, never hidden.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    mem::{size_of, zeroed},
+    net::{Ipv4Addr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use synspan_testbed::{
+    bench::{self, StormReport},
+    sockaddr::{from_raw, to_raw},
+};
+
+struct Args {
+    mode: String,
+    count: u64,
+    seconds: f64,
+    threads: u32,
+    accept_threads: u32,
+}
+
+const USAGE: &str = "usage: synspan-storm success|refused [--count N] [--seconds S] [--threads T] \
+                     [--accept-threads A]";
+
+/// A blocking connect gives up after this long (SO_SNDTIMEO), so that a lost SYN cannot hold
+/// a worker past `--seconds` by more than this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = std::env::args().skip(1);
+    let mut parsed = Args {
+        mode: String::new(),
+        count: 1_000_000,
+        seconds: 5.0,
+        threads: 2,
+        accept_threads: 1,
+    };
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| {
+            args.next()
+                .with_context(|| format!("{name} needs a value; {USAGE}"))
+        };
+        match arg.as_str() {
+            "--count" => parsed.count = value("--count")?.parse().context("--count N")?,
+            "--seconds" => parsed.seconds = value("--seconds")?.parse().context("--seconds S")?,
+            "--threads" => parsed.threads = value("--threads")?.parse().context("--threads T")?,
+            "--accept-threads" => {
+                parsed.accept_threads = value("--accept-threads")?.parse().context("--accept-threads A")?
+            }
+            "--mode" => parsed.mode = value("--mode")?,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other if parsed.mode.is_empty() && !other.starts_with('-') => parsed.mode = other.to_string(),
+            other => bail!("unexpected argument {other}; {USAGE}"),
+        }
+    }
+    if parsed.mode != bench::SUCCESS && parsed.mode != bench::REFUSED {
+        bail!("mode must be `success` or `refused`; {USAGE}");
+    }
+    if !(parsed.seconds > 0.0 && parsed.seconds <= 3600.0) {
+        bail!("--seconds must be more than 0 and at most 3600");
+    }
+    if parsed.threads == 0 || parsed.threads > 256 || parsed.accept_threads == 0 || parsed.accept_threads > 64
+    {
+        bail!("--threads must be 1..=256 and --accept-threads 1..=64");
+    }
+    Ok(parsed)
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn tcp_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the fd is owned right away.
+    let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` is a valid T for the length given.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// A socket bound to 127.0.0.1 at an ephemeral port; listening if `backlog` is given.
+fn bound_loopback(backlog: Option<i32>) -> io::Result<(OwnedFd, SocketAddr)> {
+    let fd = tcp_socket()?;
+    setsockopt(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &1 as &libc::c_int)?;
+    let (raw, len) = to_raw(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0));
+    // SAFETY: raw/len describe a valid sockaddr_in.
+    check(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    })?;
+    if let Some(backlog) = backlog {
+        check(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
+    }
+    let mut raw: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    check(unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            (&mut raw as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    })?;
+    let addr = from_raw(&raw).ok_or_else(|| io::Error::other("unknown address family"))?;
+    Ok((fd, addr))
+}
+
+/// One attempt: `Ok(errno)` with 0 for a connection, `Err` when no attempt could be made.
+fn attempt(target: &(libc::sockaddr_storage, libc::socklen_t)) -> io::Result<i32> {
+    let fd = tcp_socket()?;
+    // close() sends a RST: no TIME_WAIT, the source port is free again at once (see above).
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    setsockopt(&fd, libc::SOL_SOCKET, libc::SO_LINGER, &linger)?;
+    let timeout = libc::timeval {
+        tv_sec: CONNECT_TIMEOUT.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    setsockopt(&fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &timeout)?;
+    // SAFETY: target is a valid sockaddr of the given length.
+    let ret = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&target.0 as *const libc::sockaddr_storage).cast(),
+            target.1,
+        )
+    };
+    let errno = if ret < 0 {
+        io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    } else {
+        0
+    };
+    drop(fd);
+    Ok(errno)
+}
+
+#[derive(Default)]
+struct Tally {
+    attempts: u64,
+    ok: u64,
+    failed: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+fn worker(
+    target: SocketAddr,
+    expect: i32,
+    claimed: &AtomicU64,
+    count: u64,
+    deadline: Instant,
+) -> io::Result<Tally> {
+    let target = to_raw(target);
+    let mut tally = Tally::default();
+    // Bounded twice: by the shared count and by the deadline.
+    while Instant::now() < deadline && claimed.fetch_add(1, Relaxed) < count {
+        let errno = attempt(&target)?;
+        tally.attempts += 1;
+        if errno == expect {
+            tally.ok += 1;
+        } else {
+            tally.failed += 1;
+            *tally.errors.entry(bench::errno_name(errno)).or_default() += 1;
+        }
+    }
+    Ok(tally)
+}
+
+/// Accepts and closes connections until `stop` is set and the listener is shut down.
+fn acceptor(listener: &OwnedFd, stop: &AtomicBool) -> u64 {
+    let mut accepted = 0;
+    loop {
+        // SAFETY: plain syscall; a returned fd is owned and closed right away.
+        let fd = unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd >= 0 {
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            accepted += 1;
+        } else if stop.load(Relaxed) {
+            return accepted;
+        } else if io::Error::last_os_error().raw_os_error() == Some(libc::EMFILE) {
+            // Out of descriptors: let the closes catch up rather than spin.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let success = args.mode == bench::SUCCESS;
+    // Success: a listener with a deep backlog, so that no SYN is dropped for a full queue
+    // (that would show up as 1 s SYN retransmits). Refused: a port held bound but not
+    // listening, so that nothing else can start listening on it during the storm.
+    let (holder, target) = bound_loopback(success.then_some(4096)).context("binding on 127.0.0.1")?;
+    let expect = if success { 0 } else { libc::ECONNREFUSED };
+    let stop = AtomicBool::new(false);
+    let claimed = AtomicU64::new(0);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(args.seconds);
+    let (tallies, seconds) = std::thread::scope(|scope| {
+        let acceptors: Vec<_> = if success {
+            (0..args.accept_threads)
+                .map(|_| scope.spawn(|| acceptor(&holder, &stop)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let workers: Vec<_> = (0..args.threads)
+            .map(|_| scope.spawn(|| worker(target, expect, &claimed, args.count, deadline)))
+            .collect();
+        let tallies: Vec<io::Result<Tally>> = workers
+            .into_iter()
+            .map(|w| w.join().expect("worker panicked"))
+            .collect();
+        let seconds = started.elapsed().as_secs_f64();
+        stop.store(true, Relaxed);
+        // Wakes the acceptors: accept() on a listener that is shut down fails.
+        unsafe { libc::shutdown(holder.as_raw_fd(), libc::SHUT_RDWR) };
+        for a in acceptors {
+            let _ = a.join();
+        }
+        (tallies, seconds)
+    });
+    let mut report = StormReport {
+        mode: args.mode.clone(),
+        seconds,
+        threads: args.threads,
+        ..Default::default()
+    };
+    for tally in tallies {
+        let tally = tally.context("a worker could not make an attempt")?;
+        report.attempts += tally.attempts;
+        report.ok += tally.ok;
+        report.failed += tally.failed;
+        for (name, n) in tally.errors {
+            *report.errors.entry(name).or_default() += n;
+        }
+    }
+    report.per_second = if seconds > 0.0 {
+        report.attempts as f64 / seconds
+    } else {
+        0.0
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
