@@ -10,11 +10,13 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::{TracePointContext, tracing::StackIdContext},
 };
-use synspan_shared::{AF_INET, AttemptRecord, IPPROTO_TCP, SetStateFields, counter, filter, tcp_state};
+use synspan_shared::{
+    AF_INET, AttemptRecord, Endpoint, IPPROTO_TCP, SetStateFields, attempt_flags, counter, filter, tcp_state,
+};
 
 use crate::maps::{
-    ALLOW_CGROUPS, ALLOW_DESTS, ALLOW_PIDS, ALLOW_PORTS, ATTEMPTS, CONNECTING, IN_FLIGHT, SCRATCH, STACKS,
-    count, layout, note_error, policy, sock_int,
+    ALLOW_CGROUPS, ALLOW_DESTS, ALLOW_PIDS, ALLOW_PORTS, ATTEMPTS, COLLISION_WATCH, CONNECTING, IN_FLIGHT,
+    SCRATCH, STACKS, count, layout, local_endpoint, note_error, policy, sock_int,
 };
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
@@ -35,6 +37,9 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     let oldstate: i32 = read(ctx, fields.oldstate)?;
     // Every TCP state change on the host lands here: leave as early as possible.
     if newstate != tcp_state::SYN_SENT as i32 && oldstate != tcp_state::SYN_SENT as i32 {
+        if newstate == tcp_state::CLOSE as i32 && lingering(oldstate) {
+            return on_lingering_close(ctx, &fields, oldstate as u8);
+        }
         return Ok(());
     }
     if read::<u16>(ctx, fields.protocol)? != IPPROTO_TCP {
@@ -46,6 +51,53 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     } else {
         finish(ctx, &fields, sock, newstate as u8)
     }
+}
+
+/// States in which a connection outlives its use and can still answer a SYN for its tuple.
+#[inline(always)]
+fn lingering(state: i32) -> bool {
+    const LINGERING: [u8; 5] = [
+        tcp_state::FIN_WAIT1,
+        tcp_state::FIN_WAIT2,
+        tcp_state::CLOSE_WAIT,
+        tcp_state::LAST_ACK,
+        tcp_state::CLOSING,
+    ];
+    LINGERING.iter().any(|&s| s as i32 == state)
+}
+
+/// A lingering connection closes. If its peer is the local endpoint of an attempt that just
+/// reset a connection it met in SYN_SENT, this is that connection: record it on the attempt.
+/// The evidence exists only now; a moment later the socket is gone.
+#[inline(always)]
+fn on_lingering_close(ctx: &TracePointContext, fields: &SetStateFields, state: u8) -> Result<(), i32> {
+    if read::<u16>(ctx, fields.protocol)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(0)?;
+    let closing = unsafe { &mut *scratch };
+    read_tuple(ctx, fields, closing)?;
+    let peer = Endpoint {
+        addr: closing.daddr,
+        port: closing.dport,
+        family: closing.family,
+    };
+    let Some(sock) = (unsafe { COLLISION_WATCH.get(&peer) }).copied() else {
+        return Ok(());
+    };
+    let _ = COLLISION_WATCH.remove(&peer);
+    let Some(attempt) = IN_FLIGHT.get_ptr_mut(&sock) else {
+        return Ok(());
+    };
+    let attempt = unsafe { &mut *attempt };
+    attempt.collision_ns = unsafe { bpf_ktime_get_ns() };
+    attempt.collision_local = closing.saddr;
+    attempt.collision_local_port = closing.sport;
+    attempt.collision_peer = closing.daddr;
+    attempt.collision_peer_port = closing.dport;
+    attempt.collision_state = state;
+    attempt.flags |= attempt_flags::COLLISION;
+    Ok(())
 }
 
 /// Runs inside the application's own `connect()`: the only moment its identity is at hand.
@@ -160,22 +212,24 @@ fn finish(ctx: &TracePointContext, fields: &SetStateFields, sock: u64, end_state
     note_error(attempt, sock, attempt.end_ns);
 
     let policy = policy();
-    if !keep(attempt, &policy) {
-        count(counter::FILTERED);
-        let _ = IN_FLIGHT.remove(&sock);
-        return Ok(());
-    }
-    if policy.stacks != 0 {
-        attempt.end_kernel_stack_id = ctx
-            .get_stackid(&STACKS, BPF_F_REUSE_STACKID as u64)
-            .map_or(-1, |id| id as i32);
-    }
-    match ATTEMPTS.reserve::<AttemptRecord>(0) {
-        Some(mut entry) => {
-            entry.write(*attempt);
-            entry.submit(0);
+    if keep(attempt, &policy) {
+        if policy.stacks != 0 {
+            attempt.end_kernel_stack_id = ctx
+                .get_stackid(&STACKS, BPF_F_REUSE_STACKID as u64)
+                .map_or(-1, |id| id as i32);
         }
-        None => count(counter::RINGBUF_FULL),
+        match ATTEMPTS.reserve::<AttemptRecord>(0) {
+            Some(mut entry) => {
+                entry.write(*attempt);
+                entry.submit(0);
+            }
+            None => count(counter::RINGBUF_FULL),
+        }
+    } else {
+        count(counter::FILTERED);
+    }
+    if attempt.flags & attempt_flags::RST_SENT != 0 {
+        let _ = COLLISION_WATCH.remove(&local_endpoint(attempt));
     }
     let _ = IN_FLIGHT.remove(&sock);
     Ok(())

@@ -4,7 +4,9 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace, lpm_trie::LpmTrie},
 };
-use synspan_shared::{AttemptRecord, KernelLayout, MAX_FILTER_ENTRIES, Policy, attempt_flags, counter};
+use synspan_shared::{
+    AttemptRecord, Endpoint, KernelLayout, MAX_FILTER_ENTRIES, Policy, attempt_flags, counter,
+};
 
 /// Attempts in flight, keyed by socket address. The agent sizes it at load time.
 #[map]
@@ -20,6 +22,11 @@ pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 /// Thread id to the socket its `connect()` put in SYN_SENT, until that `connect()` returns.
 #[map]
 pub static CONNECTING: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
+
+/// Local endpoints of attempts that sent a RST in SYN_SENT, to their socket: the connection
+/// their SYN met will close on that RST, and names this endpoint as its peer when it does.
+#[map]
+pub static COLLISION_WATCH: LruHashMap<Endpoint, u64> = LruHashMap::with_max_entries(4096, 0);
 
 /// Allow-lists, filled by the agent before attach; see `synspan_shared::filter`.
 #[map]
@@ -41,32 +48,7 @@ pub static SCRATCH: PerCpuArray<AttemptRecord> = PerCpuArray::with_max_entries(1
 
 /// Set by the agent before load: where this kernel keeps the fields we read.
 #[unsafe(no_mangle)]
-static LAYOUT: KernelLayout = KernelLayout {
-    set_state: synspan_shared::SetStateFields {
-        skaddr: 0,
-        oldstate: 0,
-        newstate: 0,
-        sport: 0,
-        dport: 0,
-        family: 0,
-        protocol: 0,
-        saddr: 0,
-        daddr: 0,
-        saddr_v6: 0,
-        daddr_v6: 0,
-    },
-    retransmit: synspan_shared::RetransmitFields {
-        skaddr: 0,
-        state: 0,
-        sport: 0,
-    },
-    receive_reset: synspan_shared::ResetFields { skaddr: 0 },
-    send_reset: synspan_shared::ResetFields { skaddr: 0 },
-    sock: synspan_shared::SockFields {
-        sk_err: 0,
-        sk_err_soft: 0,
-    },
-};
+static LAYOUT: KernelLayout = KernelLayout::UNKNOWN;
 
 /// Set by the agent before load: which finished attempts leave the kernel.
 #[unsafe(no_mangle)]
@@ -121,5 +103,27 @@ pub fn note_error(attempt: &mut AttemptRecord, sock: u64, now_ns: u64) {
         attempt.first_error = error;
         attempt.first_error_ns = now_ns;
         attempt.flags |= attempt_flags::ERROR_SEEN;
+    }
+}
+
+/// Reads a `u16` at `offset` inside `struct sock`; 0 when the offset is unknown.
+#[inline(always)]
+pub fn sock_u16(sock: u64, offset: u16) -> u16 {
+    if offset == 0 {
+        return 0;
+    }
+    unsafe {
+        aya_ebpf::helpers::bpf_probe_read_kernel((sock as *const u8).add(offset as usize) as *const u16)
+    }
+    .unwrap_or(0)
+}
+
+/// The local endpoint of an attempt, as the peer it connects to sees it.
+#[inline(always)]
+pub fn local_endpoint(attempt: &AttemptRecord) -> Endpoint {
+    Endpoint {
+        addr: attempt.saddr,
+        port: attempt.sport,
+        family: attempt.family,
     }
 }

@@ -32,6 +32,39 @@ pub struct Attempt {
     pub user_stack_id: Option<u32>,
     pub kernel_stack_id: Option<u32>,
     pub end_kernel_stack_id: Option<u32>,
+    /// The existing connection the SYN met instead of a listener, if it did.
+    pub collision: Option<Collision>,
+}
+
+/// A lingering connection that answered this attempt's SYN, caught as it closed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Collision {
+    pub time: SystemTime,
+    /// The colliding socket's own endpoint, e.g. a sidecar's 127.0.0.1:15001.
+    pub local: SocketAddr,
+    /// Its peer: the attempt's local endpoint, as that socket knew it.
+    pub peer: SocketAddr,
+    /// Its TCP state, e.g. `FIN_WAIT2`.
+    pub state: &'static str,
+}
+
+/// The kernel's name for a TCP state.
+pub fn tcp_state_name(state: u8) -> &'static str {
+    use synspan_shared::tcp_state::*;
+    match state {
+        ESTABLISHED => "ESTABLISHED",
+        SYN_SENT => "SYN_SENT",
+        SYN_RECV => "SYN_RECV",
+        FIN_WAIT1 => "FIN_WAIT1",
+        FIN_WAIT2 => "FIN_WAIT2",
+        TIME_WAIT => "TIME_WAIT",
+        CLOSE => "CLOSE",
+        CLOSE_WAIT => "CLOSE_WAIT",
+        LAST_ACK => "LAST_ACK",
+        LISTEN => "LISTEN",
+        CLOSING => "CLOSING",
+        _ => "UNKNOWN",
+    }
 }
 
 /// Something the kernel showed while the attempt waited in SYN_SENT.
@@ -51,6 +84,8 @@ pub enum EventKind {
     /// A socket error other than a reset or the final timeout, usually from an ICMP message;
     /// timed when synspan first saw it, which may be later than its arrival.
     IcmpError(i32),
+    /// The existing connection the SYN met closed (on this attempt's RST).
+    Collision,
 }
 
 impl EventKind {
@@ -60,6 +95,7 @@ impl EventKind {
             EventKind::RstReceived => "rst_received",
             EventKind::RstSent => "rst_sent",
             EventKind::IcmpError(_) => "icmp_error",
+            EventKind::Collision => "collision",
         }
     }
 }
@@ -130,6 +166,26 @@ impl Attempt {
                 kind: EventKind::IcmpError(record.first_error),
             });
         }
+        let collision = if record.flags & attempt_flags::COLLISION != 0 {
+            events.push(AttemptEvent {
+                time: at(record.collision_ns),
+                kind: EventKind::Collision,
+            });
+            Some(Collision {
+                time: at(record.collision_ns),
+                local: SocketAddr::new(
+                    ip(record.family, &record.collision_local)?,
+                    record.collision_local_port,
+                ),
+                peer: SocketAddr::new(
+                    ip(record.family, &record.collision_peer)?,
+                    record.collision_peer_port,
+                ),
+                state: tcp_state_name(record.collision_state),
+            })
+        } else {
+            None
+        };
         events.sort_by_key(|e| e.time);
         let outcome = classify(record);
         // A soft error the application read and acted on is the errno it saw.
@@ -155,6 +211,7 @@ impl Attempt {
             user_stack_id: stack_id(record.user_stack_id),
             kernel_stack_id: stack_id(record.kernel_stack_id),
             end_kernel_stack_id: stack_id(record.end_kernel_stack_id),
+            collision,
         })
     }
 

@@ -195,6 +195,17 @@ fn sock_fields() -> SockFields {
     SockFields {
         sk_err: offset("sk_err"),
         sk_err_soft: offset("sk_err_soft"),
+        // struct sock starts with the named struct sock_common, __sk_common.
+        skc_num: match (
+            member_offset(&btf, "sock", "__sk_common"),
+            member_offset(&btf, "sock_common", "skc_num"),
+        ) {
+            (Some(common), Some(num)) => u16::try_from(common + num).unwrap_or(0),
+            _ => {
+                tracing::warn!("no sock_common::skc_num in this kernel's BTF");
+                0
+            }
+        },
     }
 }
 

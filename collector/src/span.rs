@@ -39,6 +39,11 @@ pub mod key {
     pub const ERRNO: &str = "synspan.errno";
     pub const SOFT_ERRNO: &str = "synspan.soft_errno";
     pub const CGROUP_ID: &str = "synspan.cgroup_id";
+    pub const COLLISION_LOCAL_ADDRESS: &str = "synspan.collision.local.address";
+    pub const COLLISION_LOCAL_PORT: &str = "synspan.collision.local.port";
+    pub const COLLISION_PEER_ADDRESS: &str = "synspan.collision.peer.address";
+    pub const COLLISION_PEER_PORT: &str = "synspan.collision.peer.port";
+    pub const COLLISION_STATE: &str = "synspan.collision.state";
     /// On events.
     pub const RETRANSMIT_NUMBER: &str = "synspan.retransmit.number";
     pub const ELAPSED_MS: &str = "synspan.elapsed_ms";
@@ -152,7 +157,20 @@ fn attributes(a: &Attempt) -> Vec<KeyValue> {
     if a.soft_errno != 0 {
         attrs.push(KeyValue::new(key::SOFT_ERRNO, i64::from(a.soft_errno)));
     }
+    if let Some(c) = &a.collision {
+        attrs.extend(collision_attributes(c));
+    }
     attrs
+}
+
+fn collision_attributes(c: &crate::attempt::Collision) -> [KeyValue; 5] {
+    [
+        KeyValue::new(key::COLLISION_LOCAL_ADDRESS, c.local.ip().to_string()),
+        KeyValue::new(key::COLLISION_LOCAL_PORT, i64::from(c.local.port())),
+        KeyValue::new(key::COLLISION_PEER_ADDRESS, c.peer.ip().to_string()),
+        KeyValue::new(key::COLLISION_PEER_PORT, i64::from(c.peer.port())),
+        KeyValue::new(key::COLLISION_STATE, c.state),
+    ]
 }
 
 fn elapsed_ms(start: SystemTime, t: SystemTime) -> f64 {
@@ -169,6 +187,13 @@ fn events(a: &Attempt) -> Vec<opentelemetry::trace::Event> {
                     attrs.push(KeyValue::new(key::RETRANSMIT_NUMBER, i64::from(n)))
                 }
                 EventKind::IcmpError(errno) => attrs.push(KeyValue::new(key::ERRNO, i64::from(errno))),
+                EventKind::Collision => attrs.extend(
+                    a.collision
+                        .as_ref()
+                        .map(collision_attributes)
+                        .into_iter()
+                        .flatten(),
+                ),
                 EventKind::RstReceived | EventKind::RstSent => {}
             }
             opentelemetry::trace::Event::new(e.kind.name(), e.time, attrs, 0)
@@ -225,6 +250,7 @@ pub(crate) mod tests {
             user_stack_id: None,
             kernel_stack_id: None,
             end_kernel_stack_id: None,
+            collision: None,
         }
     }
 

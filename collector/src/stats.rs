@@ -157,9 +157,6 @@ mod tests {
         assert_eq!(a.dropped(), 14 + 5 + 1 + 2 + 4 + 3 + 1);
         assert_eq!(a.pending(), 104 - 70 - 30 - 2);
         let line = a.to_string();
-        assert!(
-            line.contains("seen=104") && line.contains("evicted=2"),
-            "{line}"
-        );
+        assert!(line.contains("seen=104") && line.contains("evicted=2"), "{line}");
     }
 }

@@ -42,6 +42,8 @@ pub mod attempt_flags {
     pub const ERROR_SEEN: u8 = 1 << 2;
     /// The retransmit timestamps ran out; `retransmits` still counts every one.
     pub const RETRANSMIT_TIMES_TRUNCATED: u8 = 1 << 3;
+    /// The SYN met an existing connection; the `collision_*` fields describe its socket.
+    pub const COLLISION: u8 = 1 << 4;
 }
 
 /// One connect attempt, from SYN_SENT to the moment the socket left it.
@@ -65,9 +67,15 @@ pub struct AttemptRecord {
     pub rst_received_ns: u64,
     pub rst_sent_ns: u64,
     pub first_error_ns: u64,
+    /// When the colliding socket was seen to close.
+    pub collision_ns: u64,
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
     pub comm: [u8; TASK_COMM_LEN],
+    /// The socket the SYN met instead of a listener: its own local and peer endpoints (the
+    /// peer is this attempt's local endpoint, as the colliding socket knew it).
+    pub collision_local: [u8; 16],
+    pub collision_peer: [u8; 16],
     /// Thread group id (the "pid" users know) and thread id of the caller of `connect()`.
     pub pid: u32,
     pub tid: u32,
@@ -88,10 +96,14 @@ pub struct AttemptRecord {
     pub family: u16,
     pub sport: u16,
     pub dport: u16,
+    pub collision_local_port: u16,
+    pub collision_peer_port: u16,
     /// The state the socket moved to when it left SYN_SENT.
     pub end_state: u8,
     pub flags: u8,
-    pub _pad: [u8; 4],
+    /// The colliding socket's TCP state when it closed (FIN_WAIT2, CLOSE_WAIT, ...).
+    pub collision_state: u8,
+    pub _pad: [u8; 7],
 }
 
 impl AttemptRecord {
@@ -104,9 +116,12 @@ impl AttemptRecord {
         rst_received_ns: 0,
         rst_sent_ns: 0,
         first_error_ns: 0,
+        collision_ns: 0,
         saddr: [0; 16],
         daddr: [0; 16],
         comm: [0; TASK_COMM_LEN],
+        collision_local: [0; 16],
+        collision_peer: [0; 16],
         pid: 0,
         tid: 0,
         retransmits: 0,
@@ -119,9 +134,12 @@ impl AttemptRecord {
         family: 0,
         sport: 0,
         dport: 0,
+        collision_local_port: 0,
+        collision_peer_port: 0,
         end_state: 0,
         flags: 0,
-        _pad: [0; 4],
+        collision_state: 0,
+        _pad: [0; 7],
     };
 }
 
@@ -165,6 +183,19 @@ pub struct ResetFields {
 pub struct SockFields {
     pub sk_err: u16,
     pub sk_err_soft: u16,
+    /// `sock_common::skc_num`, the local port in host order. It sits past offset 0, so 0
+    /// still means unknown.
+    pub skc_num: u16,
+}
+
+/// A TCP endpoint as a map key: the local endpoint of an attempt whose SYN met an existing
+/// connection, which that connection knows as its peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u16,
 }
 
 /// Everything the programs need to know about this kernel's layouts.
@@ -176,6 +207,37 @@ pub struct KernelLayout {
     pub receive_reset: ResetFields,
     pub send_reset: ResetFields,
     pub sock: SockFields,
+}
+
+impl KernelLayout {
+    /// All offsets unknown: what the object carries until the agent fills it in at load.
+    pub const UNKNOWN: Self = Self {
+        set_state: SetStateFields {
+            skaddr: 0,
+            oldstate: 0,
+            newstate: 0,
+            sport: 0,
+            dport: 0,
+            family: 0,
+            protocol: 0,
+            saddr: 0,
+            daddr: 0,
+            saddr_v6: 0,
+            daddr_v6: 0,
+        },
+        retransmit: RetransmitFields {
+            skaddr: 0,
+            state: 0,
+            sport: 0,
+        },
+        receive_reset: ResetFields { skaddr: 0 },
+        send_reset: ResetFields { skaddr: 0 },
+        sock: SockFields {
+            sk_err: 0,
+            sk_err_soft: 0,
+            skc_num: 0,
+        },
+    };
 }
 
 /// Which finished attempts the kernel sends to the agent. The rest are counted and dropped
@@ -262,4 +324,5 @@ mod pod {
     unsafe impl aya::Pod for super::AttemptRecord {}
     unsafe impl aya::Pod for super::KernelLayout {}
     unsafe impl aya::Pod for super::Policy {}
+    unsafe impl aya::Pod for super::Endpoint {}
 }

@@ -10,7 +10,7 @@ use crate::span::ConnectSpan;
 
 pub fn write_line(out: &mut Vec<u8>, span: &ConnectSpan) -> io::Result<()> {
     let a = &span.attempt;
-    writeln!(
+    write!(
         out,
         "{} {:<21} {:>9.1}ms pid={}/{} {:<15} {} -> {} retransmits={}",
         humantime::format_rfc3339_millis(a.start),
@@ -22,7 +22,15 @@ pub fn write_line(out: &mut Vec<u8>, span: &ConnectSpan) -> io::Result<()> {
         a.local,
         a.peer,
         a.syn_retransmits,
-    )
+    )?;
+    if let Some(c) = &a.collision {
+        write!(
+            out,
+            "; collided with {} socket {} <- {}",
+            c.state, c.local, c.peer
+        )?;
+    }
+    writeln!(out)
 }
 
 #[cfg(test)]
