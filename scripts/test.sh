@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/setup-test.sh
 cargo fmt --all --check
+# The deployment files (compose, collector config, dashboards, Kubernetes, systemd).
+scripts/validate-deploy.sh
 cargo clippy --release --all-targets -- -D warnings
 # The end-to-end tests run the release binaries of this workspace.
 cargo build --release --bins

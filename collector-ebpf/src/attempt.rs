@@ -11,12 +11,13 @@ use aya_ebpf::{
     programs::{TracePointContext, tracing::StackIdContext},
 };
 use synspan_shared::{
-    AF_INET, AttemptRecord, Endpoint, IPPROTO_TCP, SetStateFields, attempt_flags, counter, filter, tcp_state,
+    AF_INET, AttemptRecord, Endpoint, IPPROTO_TCP, ProcessNote, SetStateFields, attempt_flags, counter,
+    filter, tcp_state,
 };
 
 use crate::maps::{
     ALLOW_CGROUPS, ALLOW_DESTS, ALLOW_PIDS, ALLOW_PORTS, ATTEMPTS, COLLISION_WATCH, CONNECTING, IN_FLIGHT,
-    SCRATCH, STACKS, count, layout, local_endpoint, note_error, policy, sock_int,
+    NOTED, PROCESS_NOTES, SCRATCH, STACKS, count, layout, local_endpoint, note_error, policy, sock_int,
 };
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
@@ -141,7 +142,25 @@ fn start(ctx: &TracePointContext, fields: &SetStateFields, sock: u64) -> Result<
     }
     count(counter::STARTED);
     let _ = CONNECTING.insert(&attempt.tid, &sock, 0);
+    note_process(attempt);
     Ok(())
+}
+
+/// Tells the agent about a process (and user stack) it has not heard of, while the process
+/// is alive for sure. A lost note only costs enrichment, so its loss is not counted.
+#[inline(always)]
+fn note_process(attempt: &AttemptRecord) {
+    let key = (u64::from(attempt.pid) << 32) | u64::from(attempt.user_stack_id as u32);
+    if unsafe { NOTED.get(&key) }.is_some() {
+        return;
+    }
+    let note = ProcessNote {
+        pid: attempt.pid,
+        user_stack_id: attempt.user_stack_id,
+    };
+    if PROCESS_NOTES.output(&note, 0).is_ok() {
+        let _ = NOTED.insert(&key, &1, 0);
+    }
 }
 
 /// Every allow-list the policy names must contain the attempt.

@@ -16,6 +16,14 @@ pub static IN_FLIGHT: LruHashMap<u64, AttemptRecord> = LruHashMap::with_max_entr
 #[map]
 pub static ATTEMPTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 
+/// Process notes; see `synspan_shared::ProcessNote`.
+#[map]
+pub static PROCESS_NOTES: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// (tgid, user stack id) pairs already noted.
+#[map]
+pub static NOTED: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
+
 #[map]
 pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
+use synspan_shared::ProcessNote;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -14,6 +15,7 @@ use crate::{
     attempt::{Attempt, read_record},
     clock::WallClock,
     config::Cli,
+    enrich::{identity::Enricher, process::ReadOptions},
     kernel_layout,
     loader::{Filters, Limits, Tracer, cgroup_id},
     privilege,
@@ -26,12 +28,16 @@ use crate::{
     stats::{Accounting, AgentCounters},
 };
 
+/// How often processes that have exited are forgotten.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Records handled per wake-up at most, so that a storm cannot starve signal handling.
 const MAX_BATCH: usize = 4096;
 
 /// Reads finished attempts and dispatches them.
 struct Pipeline {
     clock: WallClock,
+    enricher: Enricher,
     spans: SpanBuilder,
     stdout: Option<StdoutSink>,
     otlp: Option<OtlpSink>,
@@ -57,7 +63,10 @@ impl Pipeline {
             drop(item);
             self.clock.refresh(record.end_ns);
             match Attempt::decode(&record, &self.clock) {
-                Ok(attempt) => self.batch.push(self.spans.build(attempt)),
+                Ok(attempt) => {
+                    let identity = self.enricher.identify(&attempt);
+                    self.batch.push(self.spans.build(attempt, &identity));
+                }
                 Err(err) => {
                     tracing::warn!("skipping an attempt: {err}");
                     AgentCounters::add(&self.counters.undecodable, 1);
@@ -66,6 +75,18 @@ impl Pipeline {
         }
         AgentCounters::add(&self.counters.received, read as u64);
         read
+    }
+
+    /// Reads process notes: the kernel saw a process start an attempt, and it is alive now.
+    fn read_notes(&mut self, notes: &mut RingBuf<MapData>) {
+        while let Some(item) = notes.next() {
+            if item.len() >= size_of::<ProcessNote>() {
+                // SAFETY: ProcessNote is plain old data and the length was checked.
+                let note = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ProcessNote>()) };
+                drop(item);
+                self.enricher.on_note(&note);
+            }
+        }
     }
 
     fn dispatch(&mut self) {
@@ -145,12 +166,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         _ => None,
     };
     let ring = tracer.take_attempts()?;
+    let notes = tracer.take_process_notes()?;
+    // SAFETY: as for the attempts below.
+    let mut notes = unsafe { AsyncFd::register_with_interest(notes, Interest::READABLE) }
+        .map_err(|err| anyhow::anyhow!("watching the process notes: {err}"))?;
+    let stacks = if cli.no_stacks {
+        None
+    } else {
+        Some(tracer.take_stacks()?)
+    };
+    let enricher = Enricher::new(
+        stacks,
+        ReadOptions {
+            command_line: cli.capture_command_line,
+        },
+    );
     // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, for as long as
     // the AsyncFd owns the ring buffer.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|err| anyhow::anyhow!("watching the ring buffer: {err}"))?;
     let mut pipeline = Pipeline {
         clock: WallClock::sample(),
+        enricher,
         spans: SpanBuilder::new(host_name()),
         stdout: StdoutSink::new(cli.output),
         otlp,
@@ -182,6 +219,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         })
     };
     let mut stats_tick = ticker(cli.stats_interval);
+    let mut sweep_tick = tokio::time::interval(SWEEP_EVERY);
+    sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut metrics_tick = self_metrics.as_ref().and_then(|_| ticker(cli.metrics_interval));
     let report = |tracer: &Tracer| -> Accounting {
         let kernel = tracer.counters().unwrap_or_default();
@@ -192,8 +231,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let signal_name = loop {
         tokio::select! {
+            guard = notes.readable_mut() => {
+                let mut guard = guard.context("polling the process notes")?;
+                pipeline.read_notes(guard.get_inner_mut());
+                guard.clear_ready();
+            }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("polling the ring buffer")?;
+                // A note and the attempt it announces can arrive in one wake-up.
+                pipeline.read_notes(notes.get_mut());
                 let read = pipeline.read(guard.get_inner_mut());
                 if read < MAX_BATCH {
                     guard.clear_ready();
@@ -208,6 +254,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             _ = async { metrics_tick.as_mut().unwrap().tick().await }, if metrics_tick.is_some() => {
                 report(&tracer);
             }
+            _ = sweep_tick.tick() => pipeline.enricher.sweep(),
         }
     };
 
@@ -222,6 +269,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     });
     tracer.detach();
     // The programs are gone: whatever is in the ring buffer now is all there will be.
+    pipeline.read_notes(notes.get_mut());
     while pipeline.read(ring.get_mut()) > 0 {
         pipeline.dispatch();
     }

@@ -115,6 +115,11 @@ pub struct Cli {
     #[arg(long = "dest", value_name = "CIDR", value_delimiter = ',')]
     pub dests: Vec<ipnet::IpNet>,
 
+    /// Put the traced process's full command line on its spans (`process.command_line`).
+    /// Off by default: command lines often carry passwords and tokens.
+    #[arg(long)]
+    pub capture_command_line: bool,
+
     /// Do not capture kernel and user stacks: the lowest overhead.
     #[arg(long)]
     pub no_stacks: bool,

@@ -272,6 +272,17 @@ impl Tracer {
         })
     }
 
+    pub fn take_process_notes(&mut self) -> Result<RingBuf<MapData>, LoadError> {
+        let map = self
+            .ebpf
+            .take_map("PROCESS_NOTES")
+            .ok_or(LoadError::NoMap("PROCESS_NOTES"))?;
+        RingBuf::try_from(map).map_err(|source| LoadError::Map {
+            name: "PROCESS_NOTES",
+            source,
+        })
+    }
+
     pub fn take_stacks(&mut self) -> Result<StackTraceMap<MapData>, LoadError> {
         let map = self.ebpf.take_map("STACKS").ok_or(LoadError::NoMap("STACKS"))?;
         StackTraceMap::try_from(map).map_err(|source| LoadError::Map {

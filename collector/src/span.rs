@@ -12,7 +12,10 @@ use opentelemetry_sdk::{
     trace::{IdGenerator, RandomIdGenerator, SpanData, SpanEvents, SpanLinks},
 };
 
-use crate::attempt::{Attempt, EventKind};
+use crate::{
+    attempt::{Attempt, EventKind},
+    enrich::identity::Identity,
+};
 
 /// Low-cardinality on purpose: addresses and ports are attributes, never part of the name.
 pub const SPAN_NAME: &str = "tcp connect";
@@ -30,6 +33,12 @@ pub mod key {
     pub const PROCESS_PID: &str = "process.pid";
     pub const THREAD_ID: &str = "thread.id";
     pub const PROCESS_EXECUTABLE_NAME: &str = "process.executable.name";
+    pub const PROCESS_EXECUTABLE_PATH: &str = "process.executable.path";
+    pub const PROCESS_COMMAND: &str = "process.command";
+    pub const PROCESS_COMMAND_LINE: &str = "process.command_line";
+    pub const PROCESS_PARENT_PID: &str = "process.parent_pid";
+    pub const CONTAINER_ID: &str = "container.id";
+    pub const K8S_POD_UID: &str = "k8s.pod.uid";
     pub const ERROR_TYPE: &str = "error.type";
     pub const SERVICE_NAME: &str = "service.name";
     pub const HOST_NAME: &str = "host.name";
@@ -39,6 +48,11 @@ pub mod key {
     pub const ERRNO: &str = "synspan.errno";
     pub const SOFT_ERRNO: &str = "synspan.soft_errno";
     pub const CGROUP_ID: &str = "synspan.cgroup_id";
+    pub const NETNS: &str = "synspan.netns.inode";
+    /// Stacks, one frame per line, innermost first.
+    pub const USER_STACK: &str = "synspan.user_stack";
+    pub const KERNEL_STACK: &str = "synspan.kernel_stack";
+    pub const END_KERNEL_STACK: &str = "synspan.end_kernel_stack";
     pub const COLLISION_LOCAL_ADDRESS: &str = "synspan.collision.local.address";
     pub const COLLISION_LOCAL_PORT: &str = "synspan.collision.local.port";
     pub const COLLISION_PEER_ADDRESS: &str = "synspan.collision.peer.address";
@@ -81,24 +95,44 @@ impl SpanBuilder {
         }
     }
 
-    fn resource(&mut self, service: &str) -> Resource {
-        if let Some(resource) = self.resources.get(service) {
+    /// The traced process's own service: `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`
+    /// from its environment, else its executable name; so that its connect spans sit next to
+    /// its own traces.
+    fn resource(&mut self, attempt: &Attempt, identity: &Identity) -> Resource {
+        let info = identity.process.as_ref().map(|p| &p.info);
+        let name = info
+            .and_then(|i| i.service.name.as_deref())
+            .or(info.map(|i| i.exe_name.as_str()))
+            .unwrap_or(&attempt.comm);
+        let extra = info
+            .map(|i| i.service.resource_attributes.as_slice())
+            .unwrap_or_default();
+        let cache_key: String = std::iter::once(name)
+            .chain(extra.iter().flat_map(|(k, v)| [k.as_str(), v.as_str()]))
+            .collect::<Vec<_>>()
+            .join("\0");
+        if let Some(resource) = self.resources.get(&cache_key) {
             return resource.clone();
         }
         if self.resources.len() >= MAX_RESOURCES {
             self.resources.clear();
         }
         let resource = Resource::builder_empty()
-            .with_attributes([
-                KeyValue::new(key::SERVICE_NAME, service.to_string()),
-                KeyValue::new(key::HOST_NAME, self.host_name.clone()),
-            ])
+            .with_attributes(
+                extra
+                    .iter()
+                    .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
+                    .chain([
+                        KeyValue::new(key::SERVICE_NAME, name.to_string()),
+                        KeyValue::new(key::HOST_NAME, self.host_name.clone()),
+                    ]),
+            )
             .build();
-        self.resources.insert(service.to_string(), resource.clone());
+        self.resources.insert(cache_key, resource.clone());
         resource
     }
 
-    pub fn build(&mut self, attempt: Attempt) -> ConnectSpan {
+    pub fn build(&mut self, attempt: Attempt, identity: &Identity) -> ConnectSpan {
         let span_context = SpanContext::new(
             self.ids.new_trace_id(),
             self.ids.new_span_id(),
@@ -114,14 +148,14 @@ impl SpanBuilder {
             name: Cow::Borrowed(SPAN_NAME),
             start_time: attempt.start,
             end_time: attempt.end,
-            attributes: attributes(&attempt),
+            attributes: attributes(&attempt, identity),
             dropped_attributes_count: 0,
             events: span_events(&attempt),
             links: SpanLinks::default(),
             status: status(&attempt),
             instrumentation_scope: self.scope.clone(),
         };
-        let resource = self.resource(&attempt.comm);
+        let resource = self.resource(&attempt, identity);
         ConnectSpan {
             attempt,
             data,
@@ -130,8 +164,10 @@ impl SpanBuilder {
     }
 }
 
-fn attributes(a: &Attempt) -> Vec<KeyValue> {
-    let mut attrs = Vec::with_capacity(20);
+fn attributes(a: &Attempt, identity: &Identity) -> Vec<KeyValue> {
+    let mut attrs = Vec::with_capacity(32);
+    let process = identity.process.as_deref();
+    let info = process.map(|p| &p.info);
     attrs.extend([
         KeyValue::new(key::NETWORK_TRANSPORT, "tcp"),
         KeyValue::new(key::NETWORK_TYPE, if a.peer.is_ipv4() { "ipv4" } else { "ipv6" }),
@@ -143,7 +179,11 @@ fn attributes(a: &Attempt) -> Vec<KeyValue> {
         KeyValue::new(key::SERVER_PORT, i64::from(a.peer.port())),
         KeyValue::new(key::PROCESS_PID, i64::from(a.pid)),
         KeyValue::new(key::THREAD_ID, i64::from(a.tid)),
-        KeyValue::new(key::PROCESS_EXECUTABLE_NAME, a.comm.clone()),
+        KeyValue::new(
+            key::PROCESS_EXECUTABLE_NAME,
+            info.map_or_else(|| a.comm.clone(), |i| i.exe_name.clone()),
+        ),
+        KeyValue::new(key::PROCESS_COMMAND, a.comm.clone()),
         KeyValue::new(key::OUTCOME, a.outcome.as_str()),
         KeyValue::new(key::SYN_RETRANSMITS, i64::from(a.syn_retransmits)),
         KeyValue::new(key::CGROUP_ID, a.cgroup_id as i64),
@@ -159,6 +199,38 @@ fn attributes(a: &Attempt) -> Vec<KeyValue> {
     }
     if let Some(c) = &a.collision {
         attrs.extend(collision_attributes(c));
+    }
+    if let Some(info) = info {
+        attrs.push(KeyValue::new(key::PROCESS_PARENT_PID, i64::from(info.parent_pid)));
+        if let Some(path) = &info.exe_path {
+            attrs.push(KeyValue::new(
+                key::PROCESS_EXECUTABLE_PATH,
+                path.display().to_string(),
+            ));
+        }
+        if let Some(line) = &info.command_line {
+            attrs.push(KeyValue::new(key::PROCESS_COMMAND_LINE, line.clone()));
+        }
+        if let Some(inode) = info.netns_inode {
+            attrs.push(KeyValue::new(key::NETNS, inode as i64));
+        }
+    }
+    if let Some(process) = process {
+        if let Some(id) = &process.container_id {
+            attrs.push(KeyValue::new(key::CONTAINER_ID, id.clone()));
+        }
+        if let Some(uid) = &process.k8s_pod_uid {
+            attrs.push(KeyValue::new(key::K8S_POD_UID, uid.clone()));
+        }
+    }
+    for (k, stack) in [
+        (key::USER_STACK, &identity.user_stack),
+        (key::KERNEL_STACK, &identity.kernel_stack),
+        (key::END_KERNEL_STACK, &identity.end_kernel_stack),
+    ] {
+        if let Some(stack) = stack {
+            attrs.push(KeyValue::new(k, opentelemetry::StringValue::from(stack.clone())));
+        }
     }
     attrs
 }
@@ -264,7 +336,7 @@ pub(crate) mod tests {
     #[test]
     fn failed_attempt_span() {
         let mut builder = SpanBuilder::new("host".into());
-        let span = builder.build(timed_out());
+        let span = builder.build(timed_out(), &Identity::default());
         let d = &span.data;
         assert_eq!(d.name, SPAN_NAME);
         assert_eq!(d.span_kind, SpanKind::Client);
@@ -286,7 +358,7 @@ pub(crate) mod tests {
         let mut a = timed_out();
         a.outcome = Outcome::Established;
         a.errno = 0;
-        let span = SpanBuilder::new("host".into()).build(a);
+        let span = SpanBuilder::new("host".into()).build(a, &Identity::default());
         assert_eq!(span.data.status, Status::Unset);
         assert_eq!(attr(&span.data, key::ERROR_TYPE), None);
     }

@@ -213,6 +213,14 @@ fn kernel_gives_up_v4() {
     assert_eq!(client.errno, libc::ETIMEDOUT, "{client:?}");
     let span = span_for(&agent, &client, "timed_out", 5);
     assert_eq!(attr(&span, "synspan.errno"), libc::ETIMEDOUT);
+    // The kernel gave up in its retransmit timer, and the end stack says so.
+    let end = attr(&span, "synspan.end_kernel_stack")
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        end.contains("tcp_write_timer") || end.contains("tcp_retransmit_timer"),
+        "end stack:\n{end}"
+    );
     check_received(&receiver, &span);
 }
 

@@ -143,6 +143,17 @@ impl AttemptRecord {
     };
 }
 
+/// Sent when a process starts an attempt from a user stack the kernel has not reported for
+/// it before: the agent then reads what it needs of the process (identity, memory maps) while
+/// the process is certainly alive, inside `connect()`. Steady state sends none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessNote {
+    pub pid: u32,
+    /// The user stack at `connect()`, or -1.
+    pub user_stack_id: i32,
+}
+
 /// Byte offsets of the tracepoint fields the programs read.
 ///
 /// Tracepoint formats are stable in spirit but do grow fields between kernels, so the agent
@@ -325,4 +336,5 @@ mod pod {
     unsafe impl aya::Pod for super::KernelLayout {}
     unsafe impl aya::Pod for super::Policy {}
     unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::ProcessNote {}
 }

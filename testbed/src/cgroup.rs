@@ -37,6 +37,14 @@ impl Cgroup {
         Ok(Self { path })
     }
 
+    /// A cgroup with exactly this name under the v2 root, e.g. the one a container runtime
+    /// would make.
+    pub fn named(name: &str) -> anyhow::Result<Self> {
+        let path = v2_root()?.join(name);
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -47,6 +47,8 @@ pub fn k8s_pod_uid(cgroup_paths: &[String]) -> Option<String> {
 }
 
 fn pod_uid_in_segment(segment: &str) -> Option<String> {
+    // `<slice>:<prefix>:<id>`, as above.
+    let segment = segment.split(':').next()?;
     if let Some(uid) = segment.strip_prefix("pod")
         && is_pod_uid(uid)
     {
@@ -78,7 +80,11 @@ mod tests {
     fn paths(template: &str) -> Vec<String> {
         template
             .lines()
-            .map(|line| line.replace("{id}", ID).replace("{uid_}", UID_).replace("{uid}", UID))
+            .map(|line| {
+                line.replace("{id}", ID)
+                    .replace("{uid_}", UID_)
+                    .replace("{uid}", UID)
+            })
             .collect()
     }
 
@@ -87,7 +93,12 @@ mod tests {
         // (runtime and driver, cgroup paths, container id found, pod uid found)
         let cases: &[(&str, &str, bool, Option<&str>)] = &[
             ("docker, cgroupfs, v1", "/docker/{id}", true, None),
-            ("docker, systemd, v2", "/system.slice/docker-{id}.scope", true, None),
+            (
+                "docker, systemd, v2",
+                "/system.slice/docker-{id}.scope",
+                true,
+                None,
+            ),
             (
                 "docker, systemd inside the container",
                 "/system.slice/docker-{id}.scope/init.scope",
@@ -148,19 +159,39 @@ mod tests {
                 false,
                 Some(UID),
             ),
-            ("podman, rootful, systemd", "/machine.slice/libpod-{id}.scope/container", true, None),
+            (
+                "podman, rootful, systemd",
+                "/machine.slice/libpod-{id}.scope/container",
+                true,
+                None,
+            ),
             (
                 "podman, rootless",
                 "/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{id}.scope",
                 true,
                 None,
             ),
-            ("podman conmon", "/machine.slice/libpod-conmon-{id}.scope", false, None),
+            (
+                "podman conmon",
+                "/machine.slice/libpod-conmon-{id}.scope",
+                false,
+                None,
+            ),
             ("podman, cgroupfs", "/libpod_parent/libpod-{id}", true, None),
-            ("host: login session", "/user.slice/user-1000.slice/session-3.scope", false, None),
+            (
+                "host: login session",
+                "/user.slice/user-1000.slice/session-3.scope",
+                false,
+                None,
+            ),
             ("host: service", "/system.slice/sshd.service", false, None),
             ("host: root and init", "/\n/init.scope", false, None),
-            ("kubelet's QoS slice itself", "/kubepods.slice/kubepods-burstable.slice", false, None),
+            (
+                "kubelet's QoS slice itself",
+                "/kubepods.slice/kubepods-burstable.slice",
+                false,
+                None,
+            ),
         ];
         for &(name, template, has_id, uid) in cases {
             let paths = paths(template);

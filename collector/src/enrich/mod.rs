@@ -6,6 +6,7 @@
 //! attempt.
 
 pub mod container;
+pub mod identity;
 pub mod process;
 pub mod symbols;
 
@@ -96,8 +97,9 @@ impl ProcessCache {
 #[cfg(test)]
 pub(crate) mod tests {
     use std::{
+        io::{BufRead, BufReader, Write},
         path::{Path, PathBuf},
-        process::{Child, Command},
+        process::{Child, Command, Stdio},
         sync::atomic::{AtomicU32, Ordering},
     };
 
@@ -126,8 +128,28 @@ pub(crate) mod tests {
         }
     }
 
+    /// A `cat` that has answered a line: past its exec, so `/proc` shows `cat`, its arguments
+    /// and its environment. Right after spawn() it may still be mid-exec: the parent can run
+    /// again before the kernel has set up the new program's arguments and environment.
+    pub(crate) fn running_cat(args: &[&str], env: &[(&str, &str)]) -> Child {
+        let mut child = Command::new("cat")
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.as_mut().unwrap().write_all(b"ready\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "ready\n");
+        child
+    }
+
     fn sleeper() -> Child {
-        Command::new("sleep").arg("30").spawn().unwrap()
+        running_cat(&[], &[])
     }
 
     fn reap(mut child: Child) {
@@ -153,7 +175,7 @@ pub(crate) mod tests {
         let child = sleeper();
         let pid = child.id();
         let info = cache.lookup_or_load(pid).unwrap();
-        assert_eq!(info.exe_name, "sleep");
+        assert_eq!(info.exe_name, "cat");
         reap(child);
 
         let after_exit = cache.lookup_or_load(pid).unwrap();

@@ -60,7 +60,8 @@ impl Stat {
     }
 }
 
-/// The service a process says it is, the way OpenTelemetry SDKs learn it.
+/// The service a process says it is, the way OpenTelemetry SDKs learn it. Nothing else of
+/// the environment is kept: it often holds secrets.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Service {
     /// `OTEL_SERVICE_NAME`, else `service.name` from `OTEL_RESOURCE_ATTRIBUTES`.
@@ -77,7 +78,8 @@ pub struct ProcessInfo {
     pub parent_pid: u32,
     /// The task name: at most 15 bytes, and the process can change it.
     pub comm: String,
-    /// `None` for a kernel thread, or when synspan may not look (no `CAP_SYS_PTRACE`).
+    /// As the process sees it, in its own mount namespace. `None` for a kernel thread, or when
+    /// synspan may not look (no `CAP_SYS_PTRACE`).
     pub exe_path: Option<PathBuf>,
     /// The executable was deleted or replaced (an upgrade) since the process started it.
     pub exe_deleted: bool,
@@ -115,7 +117,9 @@ pub fn parse_stat(bytes: &[u8]) -> Option<Stat> {
         return None;
     }
     let comm = String::from_utf8_lossy(&bytes[open + 1..close]).into_owned();
-    let mut fields = std::str::from_utf8(&bytes[close + 1..]).ok()?.split_ascii_whitespace();
+    let mut fields = std::str::from_utf8(&bytes[close + 1..])
+        .ok()?
+        .split_ascii_whitespace();
     // Numbered as in proc(5): the state is field 3.
     let state = fields.next()?.chars().next()?;
     let parent_pid = fields.next()?.parse().ok()?;
@@ -302,10 +306,9 @@ pub fn cgroup_paths(text: &str) -> Vec<String> {
 
 /// Arguments are NUL-terminated; a process that rewrote its title may use spaces instead.
 fn command_line(bytes: &[u8], truncated: bool) -> Option<String> {
-    let bytes = bytes.strip_suffix(b"\0").unwrap_or(bytes);
-    if bytes.is_empty() {
-        return None;
-    }
+    // A process that shortened its title leaves NULs where the rest was.
+    let end = bytes.iter().rposition(|&b| b != 0)? + 1;
+    let bytes = &bytes[..end];
     let joined: Vec<u8> = bytes.iter().map(|&b| if b == 0 { b' ' } else { b }).collect();
     let mut line = String::from_utf8_lossy(&joined).into_owned();
     if truncated {
@@ -377,8 +380,12 @@ fn percent_decode(s: &str) -> Option<String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            let hex = bytes.get(i + 1..i + 3)?;
+            // from_str_radix would also take a sign.
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(bytes[i]);
@@ -390,13 +397,10 @@ fn percent_decode(s: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        os::unix::{fs::MetadataExt, process::parent_id},
-        process::{Command, Stdio},
-    };
+    use std::os::unix::{fs::MetadataExt, process::parent_id};
 
     use super::*;
-    use crate::enrich::tests::TempDir;
+    use crate::enrich::tests::{TempDir, running_cat};
 
     /// A `stat` line with every field, as the kernel writes it.
     fn stat_line(pid: u32, comm: &str, state: char, ppid: u32, start_time: u64) -> String {
@@ -442,11 +446,7 @@ mod tests {
 
     #[test]
     fn reads_own_process() {
-        let info = ProcessInfo::read(
-            std::process::id(),
-            &ReadOptions { command_line: true },
-        )
-        .unwrap();
+        let info = ProcessInfo::read(std::process::id(), &ReadOptions { command_line: true }).unwrap();
         let exe = std::env::current_exe().unwrap();
         assert_eq!(info.exe_path.as_deref(), Some(exe.as_path()));
         assert!(!info.exe_deleted);
@@ -461,22 +461,22 @@ mod tests {
 
     #[test]
     fn reads_a_child_and_its_service_then_sees_it_gone() {
-        let mut child = Command::new("sleep")
-            .arg("30")
-            .env("OTEL_SERVICE_NAME", " checkout ")
-            .env(
-                "OTEL_RESOURCE_ATTRIBUTES",
-                "service.name=ignored, deployment.environment = prod%2Ceu ,team=a%3Db,bad,=x,k=%zz",
-            )
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = running_cat(
+            &["-"],
+            &[
+                ("OTEL_SERVICE_NAME", " checkout "),
+                (
+                    "OTEL_RESOURCE_ATTRIBUTES",
+                    "service.name=ignored, deployment.environment = prod%2Ceu ,team=a%3Db,bad,=x,k=%zz",
+                ),
+            ],
+        );
         let pid = child.id();
 
         let info = ProcessInfo::read(pid, &ReadOptions::default()).unwrap();
         assert_eq!(info.parent_pid, std::process::id());
-        assert_eq!(info.exe_name, "sleep");
-        assert_eq!(info.comm, "sleep");
+        assert_eq!(info.exe_name, "cat");
+        assert_eq!(info.comm, "cat");
         assert_eq!(info.command_line, None, "only when asked for");
         assert_eq!(info.service.name.as_deref(), Some("checkout"));
         assert_eq!(
@@ -487,7 +487,7 @@ mod tests {
             ]
         );
         let with_args = ProcessInfo::read(pid, &ReadOptions { command_line: true }).unwrap();
-        assert_eq!(with_args.command_line.as_deref(), Some("sleep 30"));
+        assert_eq!(with_args.command_line.as_deref(), Some("cat -"));
 
         child.kill().unwrap();
         // Killed but not yet collected: a zombie.
@@ -587,8 +587,28 @@ mod tests {
         let v1 = "12:pids:/kubepods/pod1/abc\n11:cpu,cpuacct:/kubepods/pod1/abc\n\
                   1:name=systemd:/kubepods/pod1/abc\n0::/\n";
         assert_eq!(cgroup_paths(v1), ["/kubepods/pod1/abc", "/"]);
-        assert_eq!(cgroup_paths("0::/system.slice/a:b.service\n"), ["/system.slice/a:b.service"]);
+        assert_eq!(
+            cgroup_paths("0::/system.slice/a:b.service\n"),
+            ["/system.slice/a:b.service"]
+        );
         assert_eq!(cgroup_paths("garbage\n\n0::\n"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn command_line_joins_arguments() {
+        let joined = |bytes: &[u8]| command_line(bytes, false);
+        assert_eq!(
+            joined(b"curl\0-v\0http://x\0").as_deref(),
+            Some("curl -v http://x")
+        );
+        // Rewritten by setproctitle().
+        assert_eq!(
+            joined(b"nginx: worker process\0\0\0\0").as_deref(),
+            Some("nginx: worker process")
+        );
+        assert_eq!(joined(b""), None);
+        assert_eq!(joined(b"\0\0"), None);
+        assert_eq!(command_line(b"a\0b", true).as_deref(), Some("a b…"));
     }
 
     #[test]
@@ -605,7 +625,10 @@ mod tests {
         );
 
         let first_wins = b"OTEL_SERVICE_NAME=one\0OTEL_SERVICE_NAME=two\0";
-        assert_eq!(service_from_environ(first_wins, false).name.as_deref(), Some("one"));
+        assert_eq!(
+            service_from_environ(first_wins, false).name.as_deref(),
+            Some("one")
+        );
 
         // Cut at the read bound: the last entry is incomplete and not trusted.
         let cut = b"A=1\0OTEL_SERVICE_NAME=paym";
@@ -613,7 +636,10 @@ mod tests {
         assert_eq!(service_from_environ(cut, false).name.as_deref(), Some("paym"));
 
         assert_eq!(service_from_environ(b"", false), Service::default());
-        assert_eq!(service_from_environ(b"OTEL_SERVICE_NAME=\xff\0", false).name, None);
+        assert_eq!(
+            service_from_environ(b"OTEL_SERVICE_NAME=\xff\0", false).name,
+            None
+        );
     }
 
     #[test]
@@ -628,9 +654,15 @@ mod tests {
         );
         assert_eq!(parsed("a=1,a=2"), [("a".to_owned(), "2".to_owned())]);
         assert_eq!(parsed("a=x=y"), [("a".to_owned(), "x=y".to_owned())]);
-        assert_eq!(parsed("a=,b=2"), [("a".to_owned(), String::new()), ("b".to_owned(), "2".to_owned())]);
+        assert_eq!(
+            parsed("a=,b=2"),
+            [("a".to_owned(), String::new()), ("b".to_owned(), "2".to_owned())]
+        );
         assert!(parsed("").is_empty());
-        assert!(parsed("novalue,=empty, = ,bad=%4,bad2=%g0,bad3=%ff").is_empty());
-        assert_eq!(parsed("  x  =  %C3%A9t%C3%A9  "), [("x".to_owned(), "été".to_owned())]);
+        assert!(parsed("novalue,=empty, = ,bad=%4,bad2=%g0,bad3=%ff,bad4=%+1").is_empty());
+        assert_eq!(
+            parsed("  x  =  %C3%A9t%C3%A9  "),
+            [("x".to_owned(), "été".to_owned())]
+        );
     }
 }

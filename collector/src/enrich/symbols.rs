@@ -294,7 +294,8 @@ impl StackNormalizer {
         if mappings.is_empty() {
             return Err(SymbolError::Gone(pid));
         }
-        let mut modules: HashMap<&Path, Option<Arc<Module>>> = HashMap::new();
+        // A deleted file and the one now at its path can both be mapped.
+        let mut modules: HashMap<(&Path, bool), Option<Arc<Module>>> = HashMap::new();
         let mut frames = Vec::with_capacity(addrs.len());
         for (i, &addr) in addrs.iter().enumerate() {
             let lookup = lookup_address(i, addr);
@@ -303,7 +304,7 @@ impl StackNormalizer {
                     let offset = addr - mapping.start + mapping.offset;
                     let module = if name.is_absolute() {
                         modules
-                            .entry(name)
+                            .entry((name, mapping.deleted))
                             .or_insert_with(|| self.open_module(pid, mapping, name))
                             .clone()
                     } else {
@@ -462,9 +463,7 @@ impl UserSymbolizer {
                 match &frame.location {
                     Location::File { module, offset } => match self.find(module, offset - back) {
                         Some(found) => {
-                            let place = found
-                                .code
-                                .unwrap_or_else(|| module.path.display().to_string());
+                            let place = found.code.unwrap_or_else(|| module.path.display().to_string());
                             format!("{}+{:#x} ({place})", found.name, found.offset + back)
                         }
                         None => format!("{:#x} ({}+{offset:#x})", frame.addr, module.path.display()),
@@ -485,7 +484,10 @@ impl UserSymbolizer {
         }
         let path = self.source_path(module);
         let source = Source::Elf(Elf::new(path));
-        let found = match self.symbolizer.symbolize_single(&source, Input::FileOffset(offset)) {
+        let found = match self
+            .symbolizer
+            .symbolize_single(&source, Input::FileOffset(offset))
+        {
             Ok(Symbolized::Sym(sym)) => Some(Found {
                 name: sym.name.into_owned(),
                 offset: sym.offset as u64,
@@ -508,8 +510,7 @@ impl UserSymbolizer {
     /// file from here too (a process on the host: one name for every stack, and blazesym finds
     /// a debug link beside it), else the held file itself.
     fn source_path(&mut self, module: &Module) -> PathBuf {
-        let by_name =
-            std::fs::metadata(&module.path).is_ok_and(|m| FileIdentity::of(&m) == module.identity);
+        let by_name = std::fs::metadata(&module.path).is_ok_and(|m| FileIdentity::of(&m) == module.identity);
         let path = if by_name {
             module.path.clone()
         } else {
@@ -560,7 +561,10 @@ mod tests {
             .iter()
             .find(|(_, name)| *name == "tcp_connect")
             .expect("tcp_connect in /proc/kallsyms");
-        assert_eq!(kernel.resolve(tcp_connect + 5).unwrap().to_string(), "tcp_connect+0x5");
+        assert_eq!(
+            kernel.resolve(tcp_connect + 5).unwrap().to_string(),
+            "tcp_connect+0x5"
+        );
         assert_eq!(
             kernel.symbolize(&[tcp_connect + 5, tcp_connect + 0x20]),
             ["tcp_connect+0x5", "tcp_connect+0x20"]
@@ -614,7 +618,8 @@ mod tests {
 
     #[test]
     fn maps_lines() {
-        let maps = b"559ab8ca8000-559ab8caa000 r--p 00000000 fe:00 247282                     /usr/bin/head\n\
+        let maps =
+            b"559ab8ca8000-559ab8caa000 r--p 00000000 fe:00 247282                     /usr/bin/head\n\
 559ab8caa000-559ab8cb0000 r-xp 00002000 fe:00 247282                     /usr/bin/head\n\
 7f16ec200000-7f16ec3e8000 r-xp 00028000 fe:00 1234                       /opt/my app/lib.so (deleted)\n\
 7f16ec3e8000-7f16ec3ea000 r-xp 00000000 00:00 0                          [vdso]\n\
@@ -686,7 +691,13 @@ mod tests {
             .normalize(std::process::id(), &[vdso.start + 0x10, 8])
             .unwrap();
         let lines = UserSymbolizer::new().symbolize_normalized(&frames);
-        assert_eq!(lines, [format!("{:#x} ([vdso]+0x10)", vdso.start + 0x10), "0x8".to_owned()]);
+        assert_eq!(
+            lines,
+            [
+                format!("{:#x} ([vdso]+0x10)", vdso.start + 0x10),
+                "0x8".to_owned()
+            ]
+        );
     }
 
     #[test]
@@ -739,7 +750,10 @@ int main(void) { synspan_c_probe(); return 0; }\n";
         let expected = format!("synspan_c_probe+0x4 ({}:3)", dir.path().join("probe.c").display());
 
         let mut symbolizer = UserSymbolizer::new();
-        assert_eq!(symbolizer.symbolize_process(pid, &[addr + 4]).unwrap(), [expected.clone()]);
+        assert_eq!(
+            symbolizer.symbolize_process(pid, &[addr + 4]).unwrap(),
+            [expected.as_str()]
+        );
 
         let frames = StackNormalizer::new().normalize(pid, &[addr + 4]).unwrap();
         child.kill().unwrap();
@@ -754,13 +768,47 @@ int main(void) { synspan_c_probe(); return 0; }\n";
     }
 
     #[test]
+    fn without_map_files_the_file_is_opened_in_the_process_root() {
+        let dir = TempDir::new();
+        let binary = build_c_probe(dir.path());
+        let (mut child, addr) = start_c_probe(&binary);
+        let pid = child.id();
+        // As after synspan dropped CAP_SYS_ADMIN.
+        let mut normalizer = StackNormalizer {
+            map_files_denied: true,
+            ..StackNormalizer::default()
+        };
+        let frames = normalizer.normalize(pid, &[addr + 4]).unwrap();
+        assert!(matches!(&frames[0].location, Location::File { .. }), "{frames:?}");
+        let lines = UserSymbolizer::new().symbolize_normalized(&frames);
+        assert!(lines[0].starts_with("synspan_c_probe+0x4 ("), "{lines:?}");
+
+        // Deleted: its path no longer names what the process runs, so it is not opened.
+        std::fs::remove_file(&binary).unwrap();
+        let frames = normalizer.normalize(pid, &[addr + 4]).unwrap();
+        let Location::Named { name, offset } = &frames[0].location else {
+            panic!("{frames:?}");
+        };
+        assert_eq!(name, &binary);
+        let lines = UserSymbolizer::new().symbolize_normalized(&frames);
+        assert_eq!(
+            lines,
+            [format!("{:#x} ({}+{offset:#x})", addr + 4, binary.display())]
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
     fn same_code_in_two_processes_is_symbolized_once() {
         let dir = TempDir::new();
         let binary = build_c_probe(dir.path());
         let (mut first, first_addr) = start_c_probe(&binary);
         let (mut second, second_addr) = start_c_probe(&binary);
         let mut symbolizer = UserSymbolizer::new();
-        let a = symbolizer.symbolize_process(first.id(), &[first_addr + 4]).unwrap();
+        let a = symbolizer
+            .symbolize_process(first.id(), &[first_addr + 4])
+            .unwrap();
         let b = symbolizer
             .symbolize_process(second.id(), &[second_addr + 4])
             .unwrap();

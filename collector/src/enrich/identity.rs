@@ -1,0 +1,194 @@
+//! The identity of one attempt: the process, its service and container, and its stacks as
+//! text. Everything is cached: a connect storm from one code path costs a few map reads per
+//! attempt, not a symbolization.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, StackTraceMap};
+use synspan_shared::ProcessNote;
+
+use super::{
+    ProcessCache,
+    container::{container_id, k8s_pod_uid},
+    process::{ProcessInfo, ReadOptions},
+    symbols::{KernelSymbols, NormalizedFrame, StackNormalizer, UserSymbolizer},
+};
+use crate::attempt::Attempt;
+
+/// Who made an attempt and from where. Every part may be missing: the process can be gone
+/// before synspan ever saw it, and stacks can be off.
+#[derive(Clone, Debug, Default)]
+pub struct Identity {
+    pub process: Option<Arc<Process>>,
+    /// One frame per line, innermost first.
+    pub user_stack: Option<Arc<str>>,
+    pub kernel_stack: Option<Arc<str>>,
+    pub end_kernel_stack: Option<Arc<str>>,
+}
+
+/// A process with what is derived from it once.
+#[derive(Debug)]
+pub struct Process {
+    pub info: Arc<ProcessInfo>,
+    pub container_id: Option<String>,
+    pub k8s_pod_uid: Option<String>,
+}
+
+/// A process is re-read from `/proc` at most this often; in between, its cached identity
+/// stands. A pid reused within this window would be misnamed, which needs 4 million forks.
+const RECHECK: Duration = Duration::from_secs(1);
+/// Rendered stacks and normalized user stacks kept. Past it, the cache starts over.
+const MAX_STACKS: usize = 16384;
+
+pub struct Enricher {
+    processes: ProcessCache,
+    known: HashMap<u32, (Arc<Process>, Instant)>,
+    stacks: Option<StackTraceMap<MapData>>,
+    kernel: Option<KernelSymbols>,
+    normalizer: StackNormalizer,
+    user: UserSymbolizer,
+    /// User stacks normalized while their process was alive, by (pid, addresses).
+    normalized: HashMap<(u32, Vec<u64>), Vec<NormalizedFrame>>,
+    rendered_user: HashMap<(u32, Vec<u64>), Arc<str>>,
+    rendered_kernel: HashMap<Vec<u64>, Arc<str>>,
+}
+
+fn bounded_insert<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, key: K, value: V) {
+    if map.len() >= MAX_STACKS {
+        map.clear();
+    }
+    map.insert(key, value);
+}
+
+impl Enricher {
+    /// `stacks` is `None` with `--no-stacks`. Kernel symbols must be read before capabilities
+    /// are dropped: without CAP_SYSLOG the kernel hides the addresses.
+    pub fn new(stacks: Option<StackTraceMap<MapData>>, options: ReadOptions) -> Self {
+        let kernel = stacks.as_ref().and_then(|_| match KernelSymbols::load() {
+            Ok(symbols) => Some(symbols),
+            Err(err) => {
+                tracing::warn!("kernel stacks will show addresses only: {err}");
+                None
+            }
+        });
+        Self {
+            processes: ProcessCache::new(super::DEFAULT_MAX_PROCESSES, options),
+            known: HashMap::new(),
+            stacks,
+            kernel,
+            normalizer: StackNormalizer::new(),
+            user: UserSymbolizer::new(),
+            normalized: HashMap::new(),
+            rendered_user: HashMap::new(),
+            rendered_kernel: HashMap::new(),
+        }
+    }
+
+    /// The kernel saw a process (or a new code path of one) start an attempt: read what
+    /// might be gone by the time the attempt ends.
+    pub fn on_note(&mut self, note: &ProcessNote) {
+        self.known.remove(&note.pid);
+        let _ = self.process(note.pid);
+        if let Some(addrs) = self.stack(u32::try_from(note.user_stack_id).ok()) {
+            self.normalize(note.pid, addrs);
+        }
+    }
+
+    pub fn identify(&mut self, attempt: &Attempt) -> Identity {
+        let process = self.process(attempt.pid);
+        let user_stack = self
+            .stack(attempt.user_stack_id)
+            .and_then(|addrs| self.render_user(attempt.pid, addrs));
+        let kernel_stack = self.stack(attempt.kernel_stack_id).map(|a| self.render_kernel(a));
+        let end_kernel_stack = self
+            .stack(attempt.end_kernel_stack_id)
+            .map(|a| self.render_kernel(a));
+        Identity {
+            process,
+            user_stack,
+            kernel_stack,
+            end_kernel_stack,
+        }
+    }
+
+    /// Forgets processes that have exited. Call now and then.
+    pub fn sweep(&mut self) {
+        self.processes.sweep();
+        self.known
+            .retain(|pid, _| Path::new("/proc").join(pid.to_string()).exists());
+        self.normalized
+            .retain(|(pid, _), _| Path::new("/proc").join(pid.to_string()).exists());
+    }
+
+    fn process(&mut self, pid: u32) -> Option<Arc<Process>> {
+        if let Some((process, checked)) = self.known.get(&pid)
+            && checked.elapsed() < RECHECK
+        {
+            return Some(process.clone());
+        }
+        let info = self.processes.lookup_or_load(pid)?;
+        let process = match self.known.get(&pid) {
+            Some((known, _)) if Arc::ptr_eq(&known.info, &info) => known.clone(),
+            _ => Arc::new(Process {
+                container_id: container_id(&info.cgroup_paths),
+                k8s_pod_uid: k8s_pod_uid(&info.cgroup_paths),
+                info,
+            }),
+        };
+        if self.known.len() >= super::DEFAULT_MAX_PROCESSES {
+            self.known.clear();
+        }
+        self.known.insert(pid, (process.clone(), Instant::now()));
+        Some(process)
+    }
+
+    fn stack(&self, id: Option<u32>) -> Option<Vec<u64>> {
+        let map = self.stacks.as_ref()?;
+        let trace = map.get(&id?, 0).ok()?;
+        Some(trace.frames().iter().map(|f| f.ip).collect())
+    }
+
+    fn normalize(&mut self, pid: u32, addrs: Vec<u64>) {
+        let key = (pid, addrs);
+        if self.normalized.contains_key(&key) {
+            return;
+        }
+        match self.normalizer.normalize(pid, &key.1) {
+            Ok(frames) => bounded_insert(&mut self.normalized, key, frames),
+            Err(err) => tracing::debug!("user stack of {pid}: {err}"),
+        }
+    }
+
+    fn render_user(&mut self, pid: u32, addrs: Vec<u64>) -> Option<Arc<str>> {
+        let key = (pid, addrs);
+        if let Some(text) = self.rendered_user.get(&key) {
+            return Some(text.clone());
+        }
+        // Normalized while the process lived (at its note), else now, if it still does.
+        if !self.normalized.contains_key(&key) {
+            self.normalize(pid, key.1.clone());
+        }
+        let frames = self.normalized.get(&key)?;
+        let text: Arc<str> = self.user.symbolize_normalized(frames).join("\n").into();
+        bounded_insert(&mut self.rendered_user, key, text.clone());
+        Some(text)
+    }
+
+    fn render_kernel(&mut self, addrs: Vec<u64>) -> Arc<str> {
+        if let Some(text) = self.rendered_kernel.get(&addrs) {
+            return text.clone();
+        }
+        let lines = match &self.kernel {
+            Some(symbols) => symbols.symbolize(&addrs),
+            None => addrs.iter().map(|a| format!("{a:#x}")).collect(),
+        };
+        let text: Arc<str> = lines.join("\n").into();
+        bounded_insert(&mut self.rendered_kernel, addrs, text.clone());
+        text
+    }
+}

@@ -1,0 +1,124 @@
+"""demo-checkout: a stand-in application for the synspan compose demo.
+
+It calls three HTTP dependencies in a loop, each on its own thread and schedule:
+
+- inventory (a healthy server): most calls, answered in a millisecond;
+- payments (its host drops SYNs): the kernel retransmits the SYN and gives up, `timed_out`;
+- recommendations (nothing listens on the port): refused at once, `connection_refused`.
+
+Each call is a client span of its own (OpenTelemetry SDK, OTLP/HTTP to the collector), so in
+Jaeger the application's failed `GET` sits beside synspan's `tcp connect` span for the same
+attempt, under the same service.
+"""
+
+import http.client
+import logging
+import os
+import random
+import signal
+import threading
+import time
+import urllib.parse
+
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+log = logging.getLogger("demo-checkout")
+
+
+def name_threads_after_service(service: str) -> None:
+    """synspan names a connect's service after the caller's command (the kernel's `comm`),
+    until the process-identity work lets it read OTEL_SERVICE_NAME from the process. Giving
+    the main thread the service name before any other thread starts (threads inherit it)
+    makes both kinds of spans land under one service today. The kernel keeps 15 bytes."""
+    try:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(service[:15])
+    except OSError as err:
+        log.warning("could not rename the process to %s: %s", service, err)
+
+
+def call(tracer: trace.Tracer, dependency: str, url: str, timeout: float) -> None:
+    parsed = urllib.parse.urlsplit(url)
+    host, port = parsed.hostname, parsed.port or 80
+    with tracer.start_as_current_span(
+        f"GET {dependency}",
+        kind=SpanKind.CLIENT,
+        attributes={
+            "http.request.method": "GET",
+            "url.full": url,
+            "server.address": host,
+            "server.port": port,
+            "peer.service": dependency,
+        },
+    ) as span:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        try:
+            conn.request("GET", parsed.path or "/")
+            response = conn.getresponse()
+            response.read()
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+        except OSError as err:
+            # OSError covers refused, timed out and unreachable alike; error.type keeps which.
+            span.record_exception(err)
+            span.set_attribute("error.type", type(err).__name__)
+            span.set_status(Status(StatusCode.ERROR, str(err)))
+            log.info("%s: %s", dependency, err)
+        finally:
+            conn.close()
+
+
+def loop(stop: threading.Event, tracer: trace.Tracer, dependency: str, url: str,
+         every: float, timeout: float) -> None:
+    while not stop.is_set():
+        started = time.monotonic()
+        call(tracer, dependency, url, timeout)
+        # Jitter, so the three schedules do not line up into bursts.
+        pause = every * random.uniform(0.8, 1.2) - (time.monotonic() - started)
+        stop.wait(max(pause, 0.0))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    service = os.environ.get("OTEL_SERVICE_NAME", "demo-checkout")
+    name_threads_after_service(service)
+
+    # OTLP over HTTP rather than gRPC: the exporter then connects from a Python thread that
+    # carries the service name too, where gRPC's own threads name themselves.
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    tracer = trace.get_tracer("demo-checkout")
+
+    # The connect timeout is longer than the kernel's SYN retries (docker-compose.yml sets
+    # net.ipv4.tcp_syn_retries=3 here: 15 to 20s), so the kernel gives up first and synspan
+    # reports `timed_out` with every retransmit, not an application-side `aborted`.
+    timeout = float(os.environ.get("DEMO_CONNECT_TIMEOUT", "30"))
+    schedules = [
+        ("inventory", os.environ["DEMO_HEALTHY_URL"], float(os.environ.get("DEMO_HEALTHY_EVERY", "0.5"))),
+        ("payments", os.environ["DEMO_DROPPING_URL"], float(os.environ.get("DEMO_DROPPING_EVERY", "20"))),
+        ("recommendations", os.environ["DEMO_REFUSING_URL"], float(os.environ.get("DEMO_REFUSING_EVERY", "5"))),
+    ]
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    workers = [
+        threading.Thread(target=loop, args=(stop, tracer, dep, url, every, timeout), daemon=True)
+        for dep, url, every in schedules
+    ]
+    for worker in workers:
+        worker.start()
+    log.info("calling %s", ", ".join(f"{dep} ({url})" for dep, url, _ in schedules))
+    stop.wait()
+    provider.shutdown()
+
+
+if __name__ == "__main__":
+    main()
