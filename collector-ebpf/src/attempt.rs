@@ -17,7 +17,8 @@ use synspan_shared::{
 
 use crate::maps::{
     ALLOW_CGROUPS, ALLOW_DESTS, ALLOW_PIDS, ALLOW_PORTS, ATTEMPTS, COLLISION_WATCH, CONNECTING, IN_FLIGHT,
-    NOTED, PROCESS_NOTES, SCRATCH, STACKS, count, layout, local_endpoint, note_error, policy, sock_int,
+    NOTED, PENDING, PROCESS_NOTES, SCRATCH, STACKS, count, layout, local_endpoint, note_error, policy,
+    sock_int,
 };
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
@@ -141,6 +142,7 @@ fn start(ctx: &TracePointContext, fields: &SetStateFields, sock: u64) -> Result<
         }
     }
     count(counter::STARTED);
+    let _ = PENDING.remove(&attempt.tid);
     let _ = CONNECTING.insert(&attempt.tid, &sock, 0);
     note_process(attempt);
     Ok(())
@@ -165,7 +167,7 @@ fn note_process(attempt: &AttemptRecord) {
 
 /// Every allow-list the policy names must contain the attempt.
 #[inline(always)]
-fn allowed(attempt: &AttemptRecord, filters: u8) -> bool {
+pub fn allowed(attempt: &AttemptRecord, filters: u8) -> bool {
     unsafe {
         if filters & filter::PID != 0 && ALLOW_PIDS.get(&attempt.pid).is_none() {
             return false;

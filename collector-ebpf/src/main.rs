@@ -7,7 +7,7 @@
 #![no_main]
 
 mod attempt;
-mod connect_exit;
+mod connect;
 mod error_report;
 mod maps;
 mod reset;

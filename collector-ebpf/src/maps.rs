@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace, lpm_trie::LpmTrie},
 };
 use synspan_shared::{
-    AttemptRecord, Endpoint, KernelLayout, MAX_FILTER_ENTRIES, Policy, attempt_flags, counter,
+    AttemptRecord, Endpoint, KernelLayout, MAX_FILTER_ENTRIES, PendingConnect, Policy, attempt_flags, counter,
 };
 
 /// Attempts in flight, keyed by socket address. The agent sizes it at load time.
@@ -26,6 +26,10 @@ pub static NOTED: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
 
 #[map]
 pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+
+/// Thread id to its `connect()` that has not reached SYN_SENT yet.
+#[map]
+pub static PENDING: LruHashMap<u32, PendingConnect> = LruHashMap::with_max_entries(16384, 0);
 
 /// Thread id to the socket its `connect()` put in SYN_SENT, until that `connect()` returns.
 #[map]

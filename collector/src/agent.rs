@@ -16,6 +16,7 @@ use crate::{
     clock::WallClock,
     config::Cli,
     enrich::{identity::Enricher, process::ReadOptions},
+    evidence::Explainer,
     kernel_layout,
     loader::{Filters, Limits, Tracer, cgroup_id},
     privilege,
@@ -38,6 +39,7 @@ const MAX_BATCH: usize = 4096;
 struct Pipeline {
     clock: WallClock,
     enricher: Enricher,
+    explainer: Explainer,
     spans: SpanBuilder,
     stdout: Option<StdoutSink>,
     otlp: Option<OtlpSink>,
@@ -65,7 +67,8 @@ impl Pipeline {
             match Attempt::decode(&record, &self.clock) {
                 Ok(attempt) => {
                     let identity = self.enricher.identify(&attempt);
-                    self.batch.push(self.spans.build(attempt, &identity));
+                    let evidence = self.explainer.explain(&attempt, &identity);
+                    self.batch.push(self.spans.build(attempt, &identity, evidence));
                 }
                 Err(err) => {
                     tracing::warn!("skipping an attempt: {err}");
@@ -188,6 +191,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut pipeline = Pipeline {
         clock: WallClock::sample(),
         enricher,
+        explainer: Explainer::new(!cli.no_nat, cli.nat_all),
         spans: SpanBuilder::new(host_name()),
         stdout: StdoutSink::new(cli.output),
         otlp,
@@ -201,7 +205,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     for (hook, why) in &skipped {
         tracing::warn!("not attached: {hook} ({why}); spans will lack what it shows");
     }
-    match privilege::drop_unneeded() {
+    match privilege::drop_unneeded(!cli.no_nat) {
         Ok(()) => tracing::debug!("capabilities dropped; kept {:?}", privilege::KEPT),
         Err(err) => tracing::warn!("could not drop capabilities: {err}"),
     }
@@ -278,6 +282,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         otlp.shutdown(cli.shutdown_timeout).await;
     }
     tracing::info!("final: {}", report(&tracer));
+    if pipeline.explainer.skipped() > 0 {
+        tracing::info!(
+            "evidence lookups skipped for the rate limit: {}",
+            pipeline.explainer.skipped()
+        );
+    }
     if let Some(metrics) = self_metrics {
         // The last reading goes out with the flush; the SDK blocks, so not on the runtime.
         let flush = tokio::task::spawn_blocking(move || metrics.shutdown());

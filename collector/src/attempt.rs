@@ -34,6 +34,9 @@ pub struct Attempt {
     pub end_kernel_stack_id: Option<u32>,
     /// The existing connection the SYN met instead of a listener, if it did.
     pub collision: Option<Collision>,
+    /// `connect()` failed before the socket reached SYN_SENT: no SYN was sent, and the
+    /// local endpoint is unknown.
+    pub never_started: bool,
 }
 
 /// A lingering connection that answered this attempt's SYN, caught as it closed.
@@ -212,6 +215,7 @@ impl Attempt {
             kernel_stack_id: stack_id(record.kernel_stack_id),
             end_kernel_stack_id: stack_id(record.end_kernel_stack_id),
             collision,
+            never_started: record.flags & attempt_flags::NEVER_STARTED != 0,
         })
     }
 

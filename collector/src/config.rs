@@ -115,6 +115,16 @@ pub struct Cli {
     #[arg(long = "dest", value_name = "CIDR", value_delimiter = ',')]
     pub dests: Vec<ipnet::IpNet>,
 
+    /// Do not look up NAT (conntrack) for failed and retried attempts. Lets synspan drop
+    /// CAP_SYS_ADMIN and CAP_NET_ADMIN after start-up.
+    #[arg(long, conflicts_with = "nat_all")]
+    pub no_nat: bool,
+
+    /// Look up NAT for every attempt, successes included (costs a netlink query each; at most
+    /// 200 lookups a second are made).
+    #[arg(long)]
+    pub nat_all: bool,
+
     /// Put the traced process's full command line on its spans (`process.command_line`).
     /// Off by default: command lines often carry passwords and tokens.
     #[arg(long)]

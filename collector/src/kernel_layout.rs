@@ -7,7 +7,9 @@ use std::{
 };
 
 use btf_rs::{Btf, Type};
-use synspan_shared::{KernelLayout, ResetFields, RetransmitFields, SetStateFields, SockFields};
+use synspan_shared::{
+    ConnectFields, FdPathFields, KernelLayout, ResetFields, RetransmitFields, SetStateFields, SockFields,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
@@ -16,6 +18,12 @@ pub enum LayoutError {
          mount it with `mount -t tracefs tracefs /sys/kernel/tracing`"
     )]
     NoTracefs,
+    #[error(
+        "cannot read tracefs at {}: permission denied (tracefs is mode 0700); run synspan as \
+         root, or give it CAP_DAC_READ_SEARCH as well",
+        .0.display()
+    )]
+    TracefsDenied(PathBuf),
     #[error(
         "this kernel has no tracepoint {category}:{name} ({path}: {source}); synspan needs it \
          (Linux 5.x or later with CONFIG_TRACEPOINTS)"
@@ -34,13 +42,17 @@ pub enum LayoutError {
     },
 }
 
-/// The tracefs root, if mounted.
+/// The tracefs root, if mounted and readable.
 pub fn tracefs_root() -> Result<PathBuf, LayoutError> {
-    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.join("events").is_dir())
-        .ok_or(LayoutError::NoTracefs)
+    let mut denied = None;
+    for root in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"].map(PathBuf::from) {
+        match fs::metadata(root.join("events")) {
+            Ok(meta) if meta.is_dir() => return Ok(root),
+            Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => denied = Some(root),
+            _ => {}
+        }
+    }
+    Err(denied.map_or(LayoutError::NoTracefs, LayoutError::TracefsDenied))
 }
 
 /// Field offsets of one tracepoint, parsed from its `format` file.
@@ -129,7 +141,31 @@ pub fn resolve() -> Result<Resolved, LayoutError> {
             skaddr: f.offset("skaddr")?,
         })
     });
-    let sock = sock_fields();
+    let enter = optional(
+        &tracefs,
+        ("syscalls", "sys_enter_connect"),
+        &mut unavailable,
+        |f| Ok((f.offset("fd")?, f.offset("uservaddr")?)),
+    );
+    let exit = optional(
+        &tracefs,
+        ("syscalls", "sys_exit_connect"),
+        &mut unavailable,
+        |f| f.offset("ret"),
+    );
+    let btf = Btf::from_file("/sys/kernel/btf/vmlinux")
+        .map_err(|err| {
+            tracing::warn!("no kernel BTF ({err}): errno of failed attempts is inferred, not read")
+        })
+        .ok();
+    let sock = btf.as_ref().map(sock_fields).unwrap_or_default();
+    let fd_path = btf.as_ref().map(fd_path_fields).unwrap_or_default();
+    if fd_path.sock_protocol == 0 {
+        unavailable.push((
+            "sys_enter_connect",
+            "cannot tell TCP sockets from others without kernel BTF".into(),
+        ));
+    }
     if sock.sk_err == 0 {
         unavailable.push((
             "inet_sk_error_report",
@@ -155,6 +191,12 @@ pub fn resolve() -> Result<Resolved, LayoutError> {
             receive_reset,
             send_reset,
             sock,
+            connect: ConnectFields {
+                fd: enter.0,
+                uservaddr: enter.1,
+                ret: exit,
+            },
+            fd_path,
         },
         unavailable,
     })
@@ -177,15 +219,9 @@ fn optional<T: Default>(
     }
 }
 
-fn sock_fields() -> SockFields {
-    let btf = match Btf::from_file("/sys/kernel/btf/vmlinux") {
-        Ok(btf) => btf,
-        Err(err) => {
-            tracing::warn!("no kernel BTF ({err}): errno of failed attempts is inferred, not read");
-            return SockFields::default();
-        }
-    };
-    let offset = |member: &str| match member_offset(&btf, "sock", member) {
+/// Offsets of `struct sock` members, 0 where unknown.
+fn sock_fields(btf: &Btf) -> SockFields {
+    let offset = |member: &str| match member_offset(btf, "sock", member) {
         Some(offset) => u16::try_from(offset).unwrap_or(0),
         None => {
             tracing::warn!("struct sock has no member {member} in this kernel's BTF");
@@ -197,8 +233,8 @@ fn sock_fields() -> SockFields {
         sk_err_soft: offset("sk_err_soft"),
         // struct sock starts with the named struct sock_common, __sk_common.
         skc_num: match (
-            member_offset(&btf, "sock", "__sk_common"),
-            member_offset(&btf, "sock_common", "skc_num"),
+            member_offset(btf, "sock", "__sk_common"),
+            member_offset(btf, "sock_common", "skc_num"),
         ) {
             (Some(common), Some(num)) => u16::try_from(common + num).unwrap_or(0),
             _ => {
@@ -206,6 +242,45 @@ fn sock_fields() -> SockFields {
                 0
             }
         },
+    }
+}
+
+/// The path from a task to a socket's protocol; all zero if any step is missing, or if the
+/// protocol is a bitfield (kernels before 5.6), which a plain read cannot take.
+fn fd_path_fields(btf: &Btf) -> FdPathFields {
+    let steps = [
+        ("task_struct", "files"),
+        ("files_struct", "fdt"),
+        ("fdtable", "fd"),
+        ("file", "private_data"),
+        ("socket", "sk"),
+        ("sock", "sk_protocol"),
+        ("sock", "sk_type"),
+    ];
+    let mut offsets = [0u16; 7];
+    for (slot, (name, member)) in offsets.iter_mut().zip(steps) {
+        match member_offset(btf, name, member).and_then(|o| u16::try_from(o).ok()) {
+            Some(offset) => *slot = offset,
+            None => return FdPathFields::default(),
+        }
+    }
+    let [
+        task_files,
+        files_fdt,
+        fdtable_fd,
+        file_private_data,
+        socket_sk,
+        sock_protocol,
+        sock_type,
+    ] = offsets;
+    FdPathFields {
+        task_files,
+        files_fdt,
+        fdtable_fd,
+        file_private_data,
+        socket_sk,
+        sock_protocol,
+        sock_type,
     }
 }
 
@@ -225,7 +300,8 @@ fn find_member(btf: &Btf, st: &btf_rs::Struct, member: &str, base_bits: u32) -> 
         let bits = base_bits + m.bit_offset();
         let name = btf.resolve_name(m).unwrap_or_default();
         if name == member {
-            return Some(bits / 8);
+            // A bitfield has no byte offset of its own to read at.
+            return m.bitfield_size().is_none_or(|size| size == 0).then_some(bits / 8);
         }
         if name.is_empty() {
             let nested = match btf.resolve_chained_type(m).ok()? {

@@ -100,11 +100,12 @@ fn dest_key(net: &ipnet::IpNet) -> Key<[u8; 16]> {
 }
 
 /// Tracepoint programs: (program and tracepoint name, category, required).
-const TRACEPOINTS: [(&str, &str, bool); 5] = [
+const TRACEPOINTS: [(&str, &str, bool); 6] = [
     ("inet_sock_set_state", "sock", true),
     ("tcp_retransmit_skb", "tcp", false),
     ("tcp_receive_reset", "tcp", false),
     ("tcp_send_reset", "tcp", false),
+    ("sys_enter_connect", "syscalls", false),
     ("sys_exit_connect", "syscalls", false),
 ];
 const ERROR_REPORT: &str = "inet_sk_error_report";
@@ -125,6 +126,7 @@ pub struct KernelCounters {
     pub untracked_finish: u64,
     pub track_failed: u64,
     pub skipped: u64,
+    pub never_started: u64,
 }
 
 fn raise_memlock() {
@@ -312,6 +314,7 @@ impl Tracer {
             untracked_finish: sum(counter::UNTRACKED_FINISH),
             track_failed: sum(counter::TRACK_FAILED),
             skipped: sum(counter::SKIPPED),
+            never_started: sum(counter::NEVER_STARTED),
         })
     }
 

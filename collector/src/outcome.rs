@@ -73,6 +73,9 @@ impl std::fmt::Display for Outcome {
 /// closed a pending connect, and `inet_hash_connect` found no free port (then no port was
 /// ever chosen, and the socket never sent a SYN).
 pub fn classify(record: &AttemptRecord) -> Outcome {
+    if record.flags & attempt_flags::NEVER_STARTED != 0 {
+        return Outcome::from_errno(record.error).unwrap_or(Outcome::Other);
+    }
     match record.end_state {
         tcp_state::ESTABLISHED => return Outcome::Established,
         tcp_state::CLOSE => {}
@@ -153,6 +156,15 @@ mod tests {
         let mut retried = record(tcp_state::CLOSE, 0, 0);
         retried.retransmits = 2;
         assert_eq!(classify(&retried), Outcome::Aborted);
+    }
+
+    #[test]
+    fn never_started() {
+        let mut r = record(0, libc::ENETUNREACH, 0);
+        r.flags = attempt_flags::NEVER_STARTED;
+        assert_eq!(classify(&r), Outcome::NetworkUnreachable);
+        r.error = libc::EACCES;
+        assert_eq!(classify(&r), Outcome::Other);
     }
 
     #[test]

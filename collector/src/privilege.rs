@@ -59,11 +59,20 @@ pub const KEPT: [caps::Capability; 3] = [
     caps::Capability::CAP_DAC_READ_SEARCH,
 ];
 
+/// Kept as well while NAT evidence is on (`--no-nat` drops them):
+/// - CAP_SYS_ADMIN: `setns()` into an attempt's network namespace;
+/// - CAP_NET_ADMIN: asking conntrack over netlink, even only to read.
+pub const KEPT_FOR_NAT: [caps::Capability; 2] =
+    [caps::Capability::CAP_SYS_ADMIN, caps::Capability::CAP_NET_ADMIN];
+
 /// Drops every capability but [`KEPT`] from every set, so that a compromised agent holds
 /// as little as possible. Best effort where the bounding set cannot be changed.
-pub fn drop_unneeded() -> Result<(), caps::errors::CapsError> {
+pub fn drop_unneeded(nat: bool) -> Result<(), caps::errors::CapsError> {
     use caps::{CapSet, Capability, CapsHashSet};
-    let keep: CapsHashSet = KEPT.into_iter().collect();
+    let mut keep: CapsHashSet = KEPT.into_iter().collect();
+    if nat {
+        keep.extend(KEPT_FOR_NAT);
+    }
     let permitted = caps::read(None, CapSet::Permitted)?;
     let still: CapsHashSet = permitted.intersection(&keep).copied().collect();
     // The bounding set needs CAP_SETPCAP, which goes with the rest below.

@@ -15,6 +15,7 @@ use opentelemetry_sdk::{
 use crate::{
     attempt::{Attempt, EventKind},
     enrich::identity::Identity,
+    evidence::Evidence,
 };
 
 /// Low-cardinality on purpose: addresses and ports are attributes, never part of the name.
@@ -49,6 +50,18 @@ pub mod key {
     pub const SOFT_ERRNO: &str = "synspan.soft_errno";
     pub const CGROUP_ID: &str = "synspan.cgroup_id";
     pub const NETNS: &str = "synspan.netns.inode";
+    pub const NEVER_STARTED: &str = "synspan.never_started";
+    /// Where conntrack sent the attempt: the translated destination and source.
+    pub const NAT_PEER_ADDRESS: &str = "synspan.nat.peer.address";
+    pub const NAT_PEER_PORT: &str = "synspan.nat.peer.port";
+    pub const NAT_LOCAL_ADDRESS: &str = "synspan.nat.local.address";
+    pub const NAT_LOCAL_PORT: &str = "synspan.nat.local.port";
+    pub const NAT_STATE: &str = "synspan.nat.state";
+    /// Ephemeral ports of the attempt's namespace, for `address_not_available`.
+    pub const PORTS_RANGE: &str = "synspan.ports.range";
+    pub const PORTS_RANGE_SIZE: &str = "synspan.ports.range_size";
+    pub const PORTS_IN_USE: &str = "synspan.ports.in_use";
+    pub const PORTS_IN_USE_TO_DESTINATION: &str = "synspan.ports.in_use_to_destination";
     /// Stacks, one frame per line, innermost first.
     pub const USER_STACK: &str = "synspan.user_stack";
     pub const KERNEL_STACK: &str = "synspan.kernel_stack";
@@ -67,6 +80,7 @@ pub mod key {
 #[derive(Clone, Debug)]
 pub struct ConnectSpan {
     pub attempt: Attempt,
+    pub evidence: Evidence,
     pub data: SpanData,
     /// The traced process's service, not synspan's.
     pub resource: Resource,
@@ -132,7 +146,7 @@ impl SpanBuilder {
         resource
     }
 
-    pub fn build(&mut self, attempt: Attempt, identity: &Identity) -> ConnectSpan {
+    pub fn build(&mut self, attempt: Attempt, identity: &Identity, evidence: Evidence) -> ConnectSpan {
         let span_context = SpanContext::new(
             self.ids.new_trace_id(),
             self.ids.new_span_id(),
@@ -148,7 +162,7 @@ impl SpanBuilder {
             name: Cow::Borrowed(SPAN_NAME),
             start_time: attempt.start,
             end_time: attempt.end,
-            attributes: attributes(&attempt, identity),
+            attributes: attributes(&attempt, identity, &evidence),
             dropped_attributes_count: 0,
             events: span_events(&attempt),
             links: SpanLinks::default(),
@@ -158,13 +172,14 @@ impl SpanBuilder {
         let resource = self.resource(&attempt, identity);
         ConnectSpan {
             attempt,
+            evidence,
             data,
             resource,
         }
     }
 }
 
-fn attributes(a: &Attempt, identity: &Identity) -> Vec<KeyValue> {
+fn attributes(a: &Attempt, identity: &Identity, evidence: &Evidence) -> Vec<KeyValue> {
     let mut attrs = Vec::with_capacity(32);
     let process = identity.process.as_deref();
     let info = process.map(|p| &p.info);
@@ -199,6 +214,31 @@ fn attributes(a: &Attempt, identity: &Identity) -> Vec<KeyValue> {
     }
     if let Some(c) = &a.collision {
         attrs.extend(collision_attributes(c));
+    }
+    if a.never_started {
+        attrs.push(KeyValue::new(key::NEVER_STARTED, true));
+    }
+    if let Some(t) = &evidence.nat {
+        attrs.extend([
+            KeyValue::new(key::NAT_PEER_ADDRESS, t.reply_src.ip().to_string()),
+            KeyValue::new(key::NAT_PEER_PORT, i64::from(t.reply_src.port())),
+            KeyValue::new(key::NAT_LOCAL_ADDRESS, t.reply_dst.ip().to_string()),
+            KeyValue::new(key::NAT_LOCAL_PORT, i64::from(t.reply_dst.port())),
+        ]);
+        if let Some(state) = &t.tcp_state {
+            attrs.push(KeyValue::new(key::NAT_STATE, state.clone()));
+        }
+    }
+    if let Some(p) = &evidence.ports {
+        attrs.extend([
+            KeyValue::new(key::PORTS_RANGE, format!("{}-{}", p.range.0, p.range.1)),
+            KeyValue::new(key::PORTS_RANGE_SIZE, i64::from(p.range_size)),
+            KeyValue::new(key::PORTS_IN_USE, i64::from(p.in_use_total)),
+            KeyValue::new(
+                key::PORTS_IN_USE_TO_DESTINATION,
+                i64::from(p.in_use_to_destination),
+            ),
+        ]);
     }
     if let Some(info) = info {
         attrs.push(KeyValue::new(key::PROCESS_PARENT_PID, i64::from(info.parent_pid)));
@@ -323,6 +363,7 @@ pub(crate) mod tests {
             kernel_stack_id: None,
             end_kernel_stack_id: None,
             collision: None,
+            never_started: false,
         }
     }
 
@@ -336,7 +377,7 @@ pub(crate) mod tests {
     #[test]
     fn failed_attempt_span() {
         let mut builder = SpanBuilder::new("host".into());
-        let span = builder.build(timed_out(), &Identity::default());
+        let span = builder.build(timed_out(), &Identity::default(), Evidence::default());
         let d = &span.data;
         assert_eq!(d.name, SPAN_NAME);
         assert_eq!(d.span_kind, SpanKind::Client);
@@ -358,7 +399,7 @@ pub(crate) mod tests {
         let mut a = timed_out();
         a.outcome = Outcome::Established;
         a.errno = 0;
-        let span = SpanBuilder::new("host".into()).build(a, &Identity::default());
+        let span = SpanBuilder::new("host".into()).build(a, &Identity::default(), Evidence::default());
         assert_eq!(span.data.status, Status::Unset);
         assert_eq!(attr(&span.data, key::ERROR_TYPE), None);
     }

@@ -107,7 +107,7 @@ impl fmt::Display for Accounting {
             "attempts seen={} in_flight={} exported={} pending={} dropped={} \
              (filtered={} ringbuf_full={} evicted={} replaced={} track_failed={} \
              undecodable={} export_queue_full={} export_failed={} unflushed={}) \
-             untracked_finish={}",
+             untracked_finish={} never_started={}",
             self.seen(),
             self.in_flight,
             self.exported,
@@ -123,6 +123,7 @@ impl fmt::Display for Accounting {
             self.export_failed,
             self.unflushed,
             k.untracked_finish,
+            k.never_started,
         )
     }
 }
@@ -143,6 +144,7 @@ mod tests {
                 untracked_finish: 3,
                 track_failed: 0,
                 skipped: 4,
+                never_started: 0,
             },
             in_flight: 2,
             received: 80,

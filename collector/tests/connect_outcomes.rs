@@ -299,3 +299,45 @@ fn host_unreachable_v4() {
     assert!(reported, "no icmp_error event: {span:#}");
     check_received(&receiver, &span);
 }
+
+/// No route: `connect()` fails before SYN_SENT. That is an attempt too; a UDP `connect()`
+/// failing the same way is not.
+#[test]
+fn no_route_never_starts() {
+    let ns = Netns::new("noroute").unwrap();
+    let agent = Agent::start(&[]).unwrap();
+    // Only loopback is up in the namespace: there is no route to this address.
+    let client = connect(&ns, "198.18.7.7:80", &[]).unwrap();
+    assert_eq!(client.errno, libc::ENETUNREACH, "{client:?}");
+    let udp = ns
+        .command("python3".as_ref())
+        .args(["-c", "import socket,os\nprint(os.getpid(),flush=True)\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ntry: s.connect(('198.18.7.7',80))\nexcept OSError: pass"])
+        .output()
+        .unwrap();
+    let udp_pid: u32 = String::from_utf8_lossy(&udp.stdout).trim().parse().unwrap();
+    let spans = synspan_testbed::wait_until(SPAN_WAIT, || {
+        let spans: Vec<Value> = agent
+            .spans()
+            .into_iter()
+            .filter(|s| s["attributes"]["network.peer.address"] == "198.18.7.7")
+            .collect();
+        (!spans.is_empty()).then_some(spans)
+    })
+    .unwrap_or_default();
+    assert_eq!(spans.len(), 1, "{spans:#?}\n{}", agent.stderr());
+    let span = &spans[0];
+    assert_ne!(
+        attr(span, "process.pid"),
+        udp_pid,
+        "a UDP connect is not a TCP attempt"
+    );
+    assert_eq!(attr(span, "process.pid"), client.pid);
+    assert_eq!(attr(span, "thread.id"), client.tid);
+    assert_eq!(attr(span, "synspan.outcome"), "network_unreachable", "{span:#}");
+    assert_eq!(attr(span, "error.type"), "network_unreachable");
+    assert_eq!(attr(span, "synspan.never_started"), true);
+    assert_eq!(attr(span, "synspan.errno"), libc::ENETUNREACH);
+    assert_eq!(attr(span, "network.peer.port"), 80);
+    assert_eq!(attr(span, "synspan.syn_retransmits"), 0);
+    assert_eq!(span["status"]["code"], "error");
+}

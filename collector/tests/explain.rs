@@ -130,6 +130,9 @@ fn istio_like_collision_behind_a_redirect() {
     assert_eq!(a["synspan.collision.local.port"], 15001, "{span:#}");
     assert_eq!(a["synspan.collision.peer.address"], "198.18.0.1", "{span:#}");
     assert_eq!(a["synspan.collision.peer.port"], 40123, "{span:#}");
+    // Where the REDIRECT sent it, from conntrack in the pod's namespace.
+    assert_eq!(a["synspan.nat.peer.address"], "127.0.0.1", "{span:#}");
+    assert_eq!(a["synspan.nat.peer.port"], 15001, "{span:#}");
     let events: Vec<&str> = span["events"]
         .as_array()
         .unwrap()
@@ -144,6 +147,68 @@ fn istio_like_collision_behind_a_redirect() {
     assert_eq!(got["attributes"], span["attributes"]);
     println!("span as the OTLP receiver saw it:\n{got:#}");
 }
+
+/// A namespace whose few ephemeral ports are all held by connections to one destination:
+/// the next connect finds no port, and the span says so.
+#[test]
+fn port_exhaustion_shows_port_usage() {
+    let ns = Netns::new("ports").unwrap();
+    // An even range: one connect() scans ports in pairs.
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40005").unwrap();
+    let mut holder = ns.command("python3".as_ref());
+    let holder = holder
+        .args(["-c", HOLDER])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut holder = Sidecar(holder);
+    let mut line = String::new();
+    BufReader::new(holder.0.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line.trim().to_string();
+    assert!(port.parse::<u16>().is_ok(), "holder said {line:?}");
+    let agent = Agent::start(&[]).unwrap();
+    let mut client = ns.command(&synspan_testbed::workspace_bin("synspan-connect"));
+    let mut client = Sidecar(
+        client
+            .args([&format!("127.0.0.1:{port}"), "--hold"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = client.0.id();
+    let mut report = String::new();
+    BufReader::new(client.0.stdout.as_mut().unwrap())
+        .read_line(&mut report)
+        .unwrap();
+    assert!(report.contains("\"errno\":99"), "{report}");
+    let spans = agent.wait_spans_of(pid, 1, Duration::from_secs(20));
+    assert_eq!(spans.len(), 1, "{}", agent.stderr());
+    let a = &spans[0]["attributes"];
+    assert_eq!(a["synspan.outcome"], "address_not_available", "{a:#}");
+    assert_eq!(a["synspan.ports.range"], "40000-40005", "{a:#}");
+    assert_eq!(a["synspan.ports.range_size"], 6, "{a:#}");
+    assert_eq!(a["synspan.ports.in_use_to_destination"], 6, "{a:#}");
+    assert!(a["synspan.ports.in_use"].as_u64().unwrap() >= 6, "{a:#}");
+}
+
+/// Listens, makes six connections to itself from the namespace's six ephemeral ports, prints
+/// the port and holds everything open.
+const HOLDER: &str = r#"
+import socket, time
+l = socket.socket()
+l.bind(("127.0.0.1", 5000))  # outside the ephemeral range: it would take one of them
+l.listen(16)
+port = l.getsockname()[1]
+held = []
+for _ in range(6):
+    c = socket.create_connection(("127.0.0.1", port))
+    held.append(c)
+    held.append(l.accept()[0])
+print(port, flush=True)
+time.sleep(600)
+"#;
 
 /// Ordinary failures carry no collision evidence.
 #[test]

@@ -58,7 +58,10 @@ fn collector_down_at_start_loses_nothing() {
     let ns = Netns::new("down").unwrap();
     let reports = refused_attempts(&ns, 50);
     let pids = pids(&reports);
-    assert_eq!(of_pids(&agent.spans(), &pids).len(), 50, "JSON output");
+    let printed = synspan_testbed::wait_until(Duration::from_secs(10), || {
+        Some(of_pids(&agent.spans(), &pids).len()).filter(|&n| n == 50)
+    });
+    assert_eq!(printed, Some(50), "JSON output");
     std::thread::sleep(Duration::from_secs(1));
     receiver.restart().unwrap();
     // Backoff tops out at 5 s between tries.

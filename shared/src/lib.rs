@@ -44,6 +44,9 @@ pub mod attempt_flags {
     pub const RETRANSMIT_TIMES_TRUNCATED: u8 = 1 << 3;
     /// The SYN met an existing connection; the `collision_*` fields describe its socket.
     pub const COLLISION: u8 = 1 << 4;
+    /// `connect()` failed before the socket reached SYN_SENT (no route, say): no SYN was
+    /// sent, `error` is the errno and `end_state` is 0.
+    pub const NEVER_STARTED: u8 = 1 << 5;
 }
 
 /// One connect attempt, from SYN_SENT to the moment the socket left it.
@@ -143,6 +146,17 @@ impl AttemptRecord {
     };
 }
 
+/// A `connect()` in progress that has not reached SYN_SENT yet, by thread id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingConnect {
+    pub start_ns: u64,
+    pub daddr: [u8; 16],
+    pub family: u16,
+    pub dport: u16,
+    pub _pad: [u8; 4],
+}
+
 /// Sent when a process starts an attempt from a user stack the kernel has not reported for
 /// it before: the agent then reads what it needs of the process (identity, memory maps) while
 /// the process is certainly alive, inside `connect()`. Steady state sends none.
@@ -209,6 +223,30 @@ pub struct Endpoint {
     pub family: u16,
 }
 
+/// `syscalls:sys_enter_connect` and `sys_exit_connect` fields.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectFields {
+    pub fd: u16,
+    pub uservaddr: u16,
+    pub ret: u16,
+}
+
+/// The path from the current task to the socket behind a file descriptor, from BTF:
+/// `task_struct.files->fdt->fd[n]->private_data (struct socket)->sk->sk_protocol`. It tells a
+/// TCP `connect()` from a UDP one before the socket has a state to show. Zero: unknown.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FdPathFields {
+    pub task_files: u16,
+    pub files_fdt: u16,
+    pub fdtable_fd: u16,
+    pub file_private_data: u16,
+    pub socket_sk: u16,
+    pub sock_protocol: u16,
+    pub sock_type: u16,
+}
+
 /// Everything the programs need to know about this kernel's layouts.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -218,6 +256,8 @@ pub struct KernelLayout {
     pub receive_reset: ResetFields,
     pub send_reset: ResetFields,
     pub sock: SockFields,
+    pub connect: ConnectFields,
+    pub fd_path: FdPathFields,
 }
 
 impl KernelLayout {
@@ -247,6 +287,20 @@ impl KernelLayout {
             sk_err: 0,
             sk_err_soft: 0,
             skc_num: 0,
+        },
+        connect: ConnectFields {
+            fd: 0,
+            uservaddr: 0,
+            ret: 0,
+        },
+        fd_path: FdPathFields {
+            task_files: 0,
+            files_fdt: 0,
+            fdtable_fd: 0,
+            file_private_data: 0,
+            socket_sk: 0,
+            sock_protocol: 0,
+            sock_type: 0,
         },
     };
 }
@@ -325,7 +379,9 @@ pub mod counter {
     pub const TRACK_FAILED: u32 = 6;
     /// Attempts that missed an allow-list at SYN_SENT and were never tracked.
     pub const SKIPPED: u32 = 7;
-    pub const LEN: u32 = 8;
+    /// `connect()` calls that failed before SYN_SENT (also counted in STARTED and FINISHED).
+    pub const NEVER_STARTED: u32 = 8;
+    pub const LEN: u32 = 9;
 }
 
 #[cfg(feature = "user")]
@@ -337,4 +393,5 @@ mod pod {
     unsafe impl aya::Pod for super::Policy {}
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::ProcessNote {}
+    unsafe impl aya::Pod for super::PendingConnect {}
 }

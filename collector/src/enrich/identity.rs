@@ -4,7 +4,9 @@
 
 use std::{
     collections::HashMap,
-    path::Path,
+    fs::File,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -37,6 +39,19 @@ pub struct Process {
     pub info: Arc<ProcessInfo>,
     pub container_id: Option<String>,
     pub k8s_pod_uid: Option<String>,
+    /// Its network namespace, held open: evidence is looked up there after the attempt
+    /// ends, when the process (and its `/proc/<pid>/ns/net`) may be gone.
+    pub netns: Option<Arc<File>>,
+}
+
+impl Process {
+    /// A path that opens the process's network namespace, while synspan holds it.
+    pub fn netns_path(&self) -> PathBuf {
+        match &self.netns {
+            Some(file) => PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())),
+            None => PathBuf::from(format!("/proc/{}/ns/net", self.info.pid)),
+        }
+    }
 }
 
 /// A process is re-read from `/proc` at most this often; in between, its cached identity
@@ -56,6 +71,9 @@ pub struct Enricher {
     normalized: HashMap<(u32, Vec<u64>), Vec<NormalizedFrame>>,
     rendered_user: HashMap<(u32, Vec<u64>), Arc<str>>,
     rendered_kernel: HashMap<Vec<u64>, Arc<str>>,
+    /// One open descriptor per network namespace, shared by its processes: a namespace is
+    /// kept alive only while a known process uses it.
+    netns: HashMap<u64, std::sync::Weak<File>>,
 }
 
 fn bounded_insert<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, key: K, value: V) {
@@ -86,6 +104,7 @@ impl Enricher {
             normalized: HashMap::new(),
             rendered_user: HashMap::new(),
             rendered_kernel: HashMap::new(),
+            netns: HashMap::new(),
         }
     }
 
@@ -137,6 +156,7 @@ impl Enricher {
             _ => Arc::new(Process {
                 container_id: container_id(&info.cgroup_paths),
                 k8s_pod_uid: k8s_pod_uid(&info.cgroup_paths),
+                netns: self.netns_of(&info),
                 info,
             }),
         };
@@ -145,6 +165,17 @@ impl Enricher {
         }
         self.known.insert(pid, (process.clone(), Instant::now()));
         Some(process)
+    }
+
+    fn netns_of(&mut self, info: &ProcessInfo) -> Option<Arc<File>> {
+        let inode = info.netns_inode?;
+        if let Some(file) = self.netns.get(&inode).and_then(std::sync::Weak::upgrade) {
+            return Some(file);
+        }
+        let file = Arc::new(File::open(format!("/proc/{}/ns/net", info.pid)).ok()?);
+        self.netns.retain(|_, weak| weak.strong_count() > 0);
+        self.netns.insert(inode, Arc::downgrade(&file));
+        Some(file)
     }
 
     fn stack(&self, id: Option<u32>) -> Option<Vec<u64>> {

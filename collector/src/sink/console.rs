@@ -40,7 +40,7 @@ mod tests {
 
     #[test]
     fn line_shows_what_matters() {
-        let span = SpanBuilder::new("h".into()).build(timed_out(), &Default::default());
+        let span = SpanBuilder::new("h".into()).build(timed_out(), &Default::default(), Default::default());
         let mut out = Vec::new();
         write_line(&mut out, &span).unwrap();
         let line = String::from_utf8(out).unwrap();

@@ -85,7 +85,7 @@ mod tests {
 
     #[test]
     fn mirrors_the_span() {
-        let span = SpanBuilder::new("h".into()).build(timed_out(), &Default::default());
+        let span = SpanBuilder::new("h".into()).build(timed_out(), &Default::default(), Default::default());
         let mut out = Vec::new();
         write_line(&mut out, &span).unwrap();
         assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
