@@ -145,8 +145,8 @@ pub struct Cli {
     pub ring_buffer_bytes: u32,
 
     /// Spans waiting for the OTLP exporter. When full, new spans are dropped and counted as
-    /// `export_queue_full`. Each queued span takes about 1 KiB.
-    #[arg(long, value_name = "SPANS", default_value = "65536")]
+    /// `export_queue_full`. A queued span with its stacks takes 2 to 4 KiB.
+    #[arg(long, value_name = "SPANS", default_value = "8192")]
     pub export_queue_size: NonZeroU32,
 
     /// Spans per OTLP export request.
