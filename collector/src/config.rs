@@ -28,7 +28,7 @@ Environment:
   OTEL_EXPORTER_OTLP_CERTIFICATE, OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE,
   OTEL_EXPORTER_OTLP_CLIENT_KEY (and their _TRACES_ forms)
                     TLS files when the --otlp-* flags are not given
-  OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_TIMEOUT, OTEL_EXPORTER_OTLP_COMPRESSION
+  OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_COMPRESSION
                     read by the OTLP exporter as the OpenTelemetry specification says;
                     header values (API keys) are never logged
   SYNSPAN_LOG       log filter for stderr (tracing's EnvFilter syntax), default `info`

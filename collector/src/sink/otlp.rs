@@ -39,6 +39,8 @@ pub struct OtlpSettings {
 const BATCH_DELAY: Duration = Duration::from_millis(200);
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// An export still running after this is being retried: say so once.
+const SLOW_EXPORT: Duration = Duration::from_secs(1);
 /// At most one "queue full" warning this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -57,7 +59,10 @@ impl OtlpSink {
         let endpoint = endpoint.trim_end_matches('/').to_string();
         let mut builder = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
-            .with_endpoint(endpoint);
+            .with_endpoint(endpoint)
+            .with_retry_policy(retry_policy(settings.retry_timeout))
+            // The exporter's timeout bounds all tries of one batch together.
+            .with_timeout(settings.retry_timeout);
         if settings.endpoint.scheme_str() == Some("https") {
             builder = builder.with_tls_config(tls_config(&settings.endpoint, &settings.tls));
         }
@@ -218,36 +223,66 @@ async fn export_with_retry(
     let n = spans.len() as u64;
     exporter.set_resource(resource);
     let started = Instant::now();
-    let mut backoff = BACKOFF_START;
-    let mut attempt = 0u32;
-    loop {
-        attempt += 1;
-        match exporter.export(spans.clone()).await {
-            Ok(()) => {
-                AgentCounters::add(&counters.exported, n);
-                if attempt > 1 {
-                    tracing::info!(spans = n, attempt, "OTLP export succeeded after retries");
-                }
-                return;
-            }
-            Err(err) if started.elapsed() + backoff > settings.retry_timeout => {
-                tracing::error!(
-                    spans = n,
-                    attempt,
-                    "OTLP export failed, giving up on this batch: {err}"
-                );
-                AgentCounters::add(&counters.export_failed, n);
-                return;
-            }
-            Err(err) => {
-                if attempt == 1 {
-                    tracing::warn!(spans = n, "OTLP export failed, retrying with backoff: {err}");
-                } else {
-                    tracing::debug!(spans = n, attempt, "OTLP export failed again: {err}");
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+    // The exporter retries by itself (see `retry_policy`), on a batch it shares across tries:
+    // the spans are not copied for a retry that rarely comes.
+    let export = exporter.export(spans);
+    tokio::pin!(export);
+    let result = tokio::select! {
+        result = &mut export => result,
+        () = tokio::time::sleep(SLOW_EXPORT) => {
+            tracing::warn!(
+                spans = n,
+                "OTLP export not done after {SLOW_EXPORT:?}: the collector is down or slow; \
+                 retrying with backoff for up to {:?}",
+                settings.retry_timeout
+            );
+            export.await
+        }
+    };
+    match result {
+        Ok(()) => {
+            AgentCounters::add(&counters.exported, n);
+            if started.elapsed() >= SLOW_EXPORT {
+                tracing::info!(spans = n, "OTLP export succeeded after {:?}", started.elapsed());
             }
         }
+        Err(err) => {
+            tracing::error!(
+                spans = n,
+                "OTLP export failed after {:?}, dropping the batch: {err}",
+                started.elapsed()
+            );
+            AgentCounters::add(&counters.export_failed, n);
+        }
+    }
+}
+
+/// Backoff from 100 ms, doubling to 5 s, with as many retries as fit in `timeout`.
+pub(crate) fn retry_policy(timeout: Duration) -> opentelemetry_otlp::RetryPolicy {
+    let mut retries = 0;
+    let mut delay = BACKOFF_START;
+    let mut total = Duration::ZERO;
+    while total + delay <= timeout {
+        total += delay;
+        retries += 1;
+        delay = (delay * 2).min(BACKOFF_MAX);
+    }
+    opentelemetry_otlp::RetryPolicy::default()
+        .with_max_retries(retries)
+        .with_initial_delay(BACKOFF_START)
+        .with_max_delay(BACKOFF_MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_fill_the_timeout() {
+        // 0.1 + 0.2 + 0.4 + 0.8 + 1.6 + 3.2 = 6.3 s, then 5 s steps: 60 s holds 6 + 10 retries.
+        let policy = format!("{:?}", retry_policy(Duration::from_secs(60)));
+        assert!(policy.contains("max_retries: 16"), "{policy}");
+        let none = format!("{:?}", retry_policy(Duration::ZERO));
+        assert!(none.contains("max_retries: 0"), "{none}");
     }
 }
