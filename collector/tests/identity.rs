@@ -135,6 +135,7 @@ fn each_process_keeps_its_own_service_in_one_export() {
     for span in &got {
         let resource = &span["resource"];
         if span["attributes"]["process.pid"] == checkout.pid() {
+            println!("span as the OTLP receiver saw it:\n{span:#}");
             assert_eq!(resource["service.name"], "checkout", "{span:#}");
             assert_eq!(resource["deployment.environment.name"], "test", "{span:#}");
         } else {
