@@ -17,8 +17,8 @@ use synspan_shared::{
 
 use crate::maps::{
     ALLOW_CGROUPS, ALLOW_DESTS, ALLOW_PIDS, ALLOW_PORTS, ATTEMPTS, COLLISION_WATCH, CONNECTING, IN_FLIGHT,
-    NOTED, PENDING, PROCESS_NOTES, SCRATCH, STACKS, count, layout, local_endpoint, note_error, policy,
-    sock_int,
+    NOTED, PENDING, PROCESS_NOTES, SCRATCH, STACKS, WATCH_SINCE, WATCH_WINDOW_NS, count, layout,
+    local_endpoint, policy, record_error, sock_int, wakeup_flags,
 };
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
@@ -73,6 +73,10 @@ fn lingering(state: i32) -> bool {
 /// The evidence exists only now; a moment later the socket is gone.
 #[inline(always)]
 fn on_lingering_close(ctx: &TracePointContext, fields: &SetStateFields, state: u8) -> Result<(), i32> {
+    let watching_since = WATCH_SINCE.get(0).copied().unwrap_or(0);
+    if watching_since == 0 || unsafe { bpf_ktime_get_ns() } - watching_since > WATCH_WINDOW_NS {
+        return Ok(());
+    }
     if read::<u16>(ctx, fields.protocol)? != IPPROTO_TCP {
         return Ok(());
     }
@@ -224,17 +228,19 @@ fn finish(ctx: &TracePointContext, fields: &SetStateFields, sock: u64, end_state
     count(counter::FINISHED);
     attempt.end_ns = unsafe { bpf_ktime_get_ns() };
     attempt.end_state = end_state;
-    // The source port (and, after a bind to a wildcard, the source address) is only known
-    // now: the kernel sets SYN_SENT before it picks the ephemeral port.
-    read_tuple(ctx, fields, attempt)?;
+    // The source port is only known now: the kernel sets SYN_SENT before it picks the
+    // ephemeral port. The addresses were set before SYN_SENT and read then.
+    attempt.sport = read(ctx, fields.sport)?;
     let sock_fields = layout().sock;
     attempt.error = sock_int(sock, sock_fields.sk_err);
     attempt.soft_error = sock_int(sock, sock_fields.sk_err_soft);
-    note_error(attempt, sock, attempt.end_ns);
+    record_error(attempt, attempt.error, attempt.soft_error, attempt.end_ns);
 
     let policy = policy();
     if keep(attempt, &policy) {
-        if policy.stacks != 0 {
+        // A success always ends on the same path (the SYN-ACK arriving); the stack is worth
+        // its cost only for attempts that ended some other way.
+        if policy.stacks != 0 && end_state != tcp_state::ESTABLISHED {
             attempt.end_kernel_stack_id = ctx
                 .get_stackid(&STACKS, BPF_F_REUSE_STACKID as u64)
                 .map_or(-1, |id| id as i32);
@@ -242,7 +248,7 @@ fn finish(ctx: &TracePointContext, fields: &SetStateFields, sock: u64, end_state
         match ATTEMPTS.reserve::<AttemptRecord>(0) {
             Some(mut entry) => {
                 entry.write(*attempt);
-                entry.submit(0);
+                entry.submit(wakeup_flags(&ATTEMPTS));
             }
             None => count(counter::RINGBUF_FULL),
         }

@@ -19,7 +19,9 @@ use synspan_shared::{AF_INET, AF_INET6, AttemptRecord, IPPROTO_TCP, PendingConne
 
 use crate::{
     attempt::allowed,
-    maps::{ATTEMPTS, CONNECTING, IN_FLIGHT, PENDING, SCRATCH, count, layout, note_error, policy},
+    maps::{
+        ATTEMPTS, CONNECTING, IN_FLIGHT, PENDING, SCRATCH, count, layout, note_error, policy, wakeup_flags,
+    },
 };
 
 const SOCK_STREAM: u16 = 1;
@@ -66,32 +68,34 @@ fn on_enter(ctx: &TracePointContext) -> Result<(), i32> {
     if fields.uservaddr == 0 {
         return Ok(());
     }
-    let fd: u64 = unsafe { ctx.read_at(fields.fd as usize)? };
-    let addr: u64 = unsafe { ctx.read_at(fields.uservaddr as usize)? };
+    let pending = PendingConnect {
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        uservaddr: unsafe { ctx.read_at(fields.uservaddr as usize)? },
+        fd: unsafe { ctx.read_at(fields.fd as usize)? },
+    };
+    let tid = bpf_get_current_pid_tgid() as u32;
+    PENDING.insert(&tid, &pending, 0)
+}
+
+/// The destination of a failed call, if it was a TCP `connect()` to an IPv4 or IPv6 address.
+#[inline(always)]
+fn tcp_destination(pending: &PendingConnect, attempt: &mut AttemptRecord) -> Result<bool, i32> {
+    let addr = pending.uservaddr;
     let family: u16 = unsafe { bpf_probe_read_user(addr as *const u16).map_err(|e| e as i32)? };
-    if family != AF_INET && family != AF_INET6 {
-        return Ok(());
-    }
-    if !is_tcp(fd)? {
-        return Ok(());
+    if (family != AF_INET && family != AF_INET6) || !is_tcp(pending.fd)? {
+        return Ok(false);
     }
     let port: u16 = unsafe { bpf_probe_read_user((addr + 2) as *const u16).map_err(|e| e as i32)? };
-    let mut pending = PendingConnect {
-        start_ns: unsafe { bpf_ktime_get_ns() },
-        daddr: [0; 16],
-        family,
-        dport: u16::from_be(port),
-        _pad: [0; 4],
-    };
+    attempt.family = family;
+    attempt.dport = u16::from_be(port);
     // sockaddr_in keeps the address at 4, sockaddr_in6 at 8 (after the flow label).
     if family == AF_INET {
         let v4: [u8; 4] = unsafe { bpf_probe_read_user((addr + 4) as *const [u8; 4]).map_err(|e| e as i32)? };
-        pending.daddr[..4].copy_from_slice(&v4);
+        attempt.daddr[..4].copy_from_slice(&v4);
     } else {
-        pending.daddr = unsafe { bpf_probe_read_user((addr + 8) as *const [u8; 16]).map_err(|e| e as i32)? };
+        attempt.daddr = unsafe { bpf_probe_read_user((addr + 8) as *const [u8; 16]).map_err(|e| e as i32)? };
     }
-    let tid = bpf_get_current_pid_tgid() as u32;
-    PENDING.insert(&tid, &pending, 0)
+    Ok(true)
 }
 
 /// Errors that mean the call was not an attempt, or not a failed one.
@@ -139,9 +143,9 @@ fn on_exit(ctx: &TracePointContext) -> Result<(), i32> {
     attempt.tid = tid;
     attempt.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     attempt.cgroup_id = unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() };
-    attempt.family = pending.family;
-    attempt.daddr = pending.daddr;
-    attempt.dport = pending.dport;
+    if !tcp_destination(&pending, attempt)? {
+        return Ok(());
+    }
     attempt.error = errno;
     attempt.flags = attempt_flags::NEVER_STARTED;
     let policy = policy();
@@ -155,7 +159,7 @@ fn on_exit(ctx: &TracePointContext) -> Result<(), i32> {
     match ATTEMPTS.reserve::<AttemptRecord>(0) {
         Some(mut entry) => {
             entry.write(*attempt);
-            entry.submit(0);
+            entry.submit(wakeup_flags(&ATTEMPTS));
         }
         None => count(counter::RINGBUF_FULL),
     }

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace, lpm_trie::LpmTrie},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace, lpm_trie::LpmTrie},
 };
 use synspan_shared::{
     AttemptRecord, Endpoint, KernelLayout, MAX_FILTER_ENTRIES, PendingConnect, Policy, attempt_flags, counter,
@@ -39,6 +39,15 @@ pub static CONNECTING: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384
 /// their SYN met will close on that RST, and names this endpoint as its peer when it does.
 #[map]
 pub static COLLISION_WATCH: LruHashMap<Endpoint, u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// When an attempt last started watching for a collision. Lingering closes are common and
+/// collisions rare: with no watch in the last seconds, a close need not be looked up.
+#[map]
+pub static WATCH_SINCE: Array<u64> = Array::with_max_entries(1, 0);
+
+/// How long after the last watch began lingering closes are checked. The close comes a
+/// round trip after the RST that started the watch.
+pub const WATCH_WINDOW_NS: u64 = 5_000_000_000;
 
 /// Allow-lists, filled by the agent before attach; see `synspan_shared::filter`.
 #[map]
@@ -107,11 +116,20 @@ pub fn note_error(attempt: &mut AttemptRecord, sock: u64, now_ns: u64) {
         return;
     }
     let fields = layout().sock;
-    let mut error = sock_int(sock, fields.sk_err);
-    if error == 0 {
-        error = sock_int(sock, fields.sk_err_soft);
-    }
-    if error != 0 {
+    let error = sock_int(sock, fields.sk_err);
+    let soft = if error == 0 {
+        sock_int(sock, fields.sk_err_soft)
+    } else {
+        0
+    };
+    record_error(attempt, error, soft, now_ns);
+}
+
+/// Keeps the first error seen, hard before soft.
+#[inline(always)]
+pub fn record_error(attempt: &mut AttemptRecord, error: i32, soft: i32, now_ns: u64) {
+    let error = if error != 0 { error } else { soft };
+    if error != 0 && attempt.flags & attempt_flags::ERROR_SEEN == 0 {
         attempt.first_error = error;
         attempt.first_error_ns = now_ns;
         attempt.flags |= attempt_flags::ERROR_SEEN;
@@ -137,5 +155,20 @@ pub fn local_endpoint(attempt: &AttemptRecord) -> Endpoint {
         addr: attempt.saddr,
         port: attempt.sport,
         family: attempt.family,
+    }
+}
+
+/// Pending bytes past which a record wakes the agent. Below it the record waits for the
+/// agent's next poll (every `READ_INTERVAL` in the agent): one wake-up per record would cost
+/// the traced application more than the record itself.
+const WAKEUP_BYTES: u64 = 32 * 1024;
+
+/// Submit flags for a record in `ring`: wake the agent only once enough is waiting.
+#[inline(always)]
+pub fn wakeup_flags(ring: &RingBuf) -> u64 {
+    if ring.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+        aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64
     }
 }

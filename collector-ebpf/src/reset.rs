@@ -4,7 +4,7 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
 use synspan_shared::attempt_flags;
 
-use crate::maps::{COLLISION_WATCH, IN_FLIGHT, layout, local_endpoint, sock_u16};
+use crate::maps::{COLLISION_WATCH, IN_FLIGHT, WATCH_SINCE, layout, local_endpoint, sock_u16};
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
@@ -48,6 +48,7 @@ fn mark(ctx: &TracePointContext, skaddr_offset: u16, flag: u8) {
         }
         if attempt.sport != 0 {
             let _ = COLLISION_WATCH.insert(&local_endpoint(attempt), &sock, 0);
+            let _ = WATCH_SINCE.set(0, &now, 0);
         }
     }
 }

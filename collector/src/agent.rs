@@ -29,6 +29,10 @@ use crate::{
     stats::{Accounting, AgentCounters},
 };
 
+/// The kernel wakes the agent only once 32 KiB of records wait (see `wakeup_flags` in the
+/// kernel programs); below that, they are picked up at this interval.
+const READ_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// How often processes that have exited are forgotten.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -223,6 +227,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         })
     };
     let mut stats_tick = ticker(cli.stats_interval);
+    let mut read_tick = tokio::time::interval(READ_INTERVAL);
+    read_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut sweep_tick = tokio::time::interval(SWEEP_EVERY);
     sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut metrics_tick = self_metrics.as_ref().and_then(|_| ticker(cli.metrics_interval));
@@ -259,6 +265,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 report(&tracer);
             }
             _ = sweep_tick.tick() => pipeline.enricher.sweep(),
+            _ = read_tick.tick() => {
+                pipeline.read_notes(notes.get_mut());
+                while pipeline.read(ring.get_mut()) > 0 {
+                    pipeline.dispatch();
+                }
+            }
         }
     };
 

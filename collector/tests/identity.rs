@@ -70,11 +70,8 @@ fn stacks_and_process_identity() {
         kernel.contains("tcp_v4_connect"),
         "kernel stack at SYN_SENT:\n{kernel}"
     );
-    let end = text(&span, "synspan.end_kernel_stack");
-    assert!(
-        end.contains("tcp_rcv_state_process") || end.contains("tcp_finish_connect"),
-        "end stack:\n{end}"
-    );
+    // A success ends on the one path there is: no end stack is taken for it.
+    assert!(span["attributes"]["synspan.end_kernel_stack"].is_null(), "{span:#}");
     assert!(text(&span, "process.executable.path").ends_with("/synspan-connect"));
     assert_eq!(text(&span, "process.executable.name"), "synspan-connect");
     assert_eq!(text(&span, "process.command"), "synspan-connect");

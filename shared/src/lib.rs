@@ -146,15 +146,15 @@ impl AttemptRecord {
     };
 }
 
-/// A `connect()` in progress that has not reached SYN_SENT yet, by thread id.
+/// A `connect()` in progress that has not reached SYN_SENT yet, by thread id. Only the
+/// arguments are kept: they are looked at when the call fails, which is rare.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PendingConnect {
     pub start_ns: u64,
-    pub daddr: [u8; 16],
-    pub family: u16,
-    pub dport: u16,
-    pub _pad: [u8; 4],
+    /// The user's `struct sockaddr *`, still valid when the call returns.
+    pub uservaddr: u64,
+    pub fd: u64,
 }
 
 /// Sent when a process starts an attempt from a user stack the kernel has not reported for
