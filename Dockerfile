@@ -28,9 +28,10 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/synspan /usr/local/bin/synspan
-# Root inside the container, but with only the capabilities the runtime grants (CAP_BPF and
-# CAP_PERFMON in docker-compose.yml and the DaemonSet): a non-root user would not get them
-# into its effective set, since container runtimes do not set ambient capabilities.
+# Root inside the container, but with only the capabilities the runtime grants (listed, each
+# with its reason, in docker-compose.yml and the DaemonSet; deploy/README.md has the table):
+# a non-root user would not get them into its effective set, since container runtimes do not
+# set ambient capabilities.
 USER 0
 # With no arguments it prints every attempt on stdout, like the binary does.
 ENTRYPOINT ["/usr/local/bin/synspan"]

@@ -8,7 +8,9 @@ It calls three HTTP dependencies in a loop, each on its own thread and schedule:
 
 Each call is a client span of its own (OpenTelemetry SDK, OTLP/HTTP to the collector), so in
 Jaeger the application's failed `GET` sits beside synspan's `tcp connect` span for the same
-attempt, under the same service.
+attempt, under the same service: the SDK and synspan both take it from OTEL_SERVICE_NAME in
+this process's environment (synspan reads it from /proc/<pid>/environ). Nothing here has to
+know about synspan.
 """
 
 import http.client
@@ -28,18 +30,6 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 log = logging.getLogger("demo-checkout")
-
-
-def name_threads_after_service(service: str) -> None:
-    """synspan names a connect's service after the caller's command (the kernel's `comm`),
-    until the process-identity work lets it read OTEL_SERVICE_NAME from the process. Giving
-    the main thread the service name before any other thread starts (threads inherit it)
-    makes both kinds of spans land under one service today. The kernel keeps 15 bytes."""
-    try:
-        with open("/proc/self/comm", "w") as comm:
-            comm.write(service[:15])
-    except OSError as err:
-        log.warning("could not rename the process to %s: %s", service, err)
 
 
 def call(tracer: trace.Tracer, dependency: str, url: str, timeout: float) -> None:
@@ -86,11 +76,13 @@ def loop(stop: threading.Event, tracer: trace.Tracer, dependency: str, url: str,
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # docker-compose.yml sets OTEL_SERVICE_NAME; synspan reads the same variable from this
+    # process's environment, so without it the connect spans would be named after the
+    # executable (python3.12) while these spans took the default below.
     service = os.environ.get("OTEL_SERVICE_NAME", "demo-checkout")
-    name_threads_after_service(service)
 
-    # OTLP over HTTP rather than gRPC: the exporter then connects from a Python thread that
-    # carries the service name too, where gRPC's own threads name themselves.
+    # OTLP over HTTP, to the collector's port 4318. Its connects are traced too, and land
+    # under the same service as every other connect of this process.
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)

@@ -118,6 +118,34 @@ DATASOURCES = ROOT / "otel-config/grafana/provisioning/datasources/datasources.y
 K8S = ROOT / "deploy/kubernetes"
 UNIT = ROOT / "deploy/systemd/synspan.service"
 
+# The capabilities synspan needs (README "Reliability", collector/src/privilege.rs): to load
+# and attach (BPF, PERFMON), to read /proc/kallsyms with addresses (SYSLOG), to read other
+# processes' /proc/<pid> (SYS_PTRACE, DAC_READ_SEARCH, kept), and for NAT evidence unless
+# --no-nat is given (NET_ADMIN for conntrack; SYS_ADMIN to enter another network namespace).
+# Each deployment must grant exactly its set: nothing missing, nothing extra.
+CAPS_BASE = {"BPF", "PERFMON", "SYSLOG", "SYS_PTRACE", "DAC_READ_SEARCH"}
+CAPS_NAT = {"SYS_ADMIN", "NET_ADMIN"}
+# The systemd unit (a host without containers) leaves SYS_ADMIN out on purpose: conntrack in
+# the host's own network namespace needs no setns(); deploy/README.md says why.
+CAPS_NAT_UNIT = {"NET_ADMIN"}
+
+
+def wanted_caps(args, nat_caps):
+    return CAPS_BASE | (set() if "--no-nat" in args else nat_caps)
+
+
+def caps_problems(where, got, want):
+    problems = []
+    if len(got) != len(set(got)):
+        problems.append(f"{where}: capabilities listed twice: {got}")
+    got = set(got)
+    if got != want:
+        missing, extra = sorted(want - got), sorted(got - want)
+        problems.append(f"{where}: capabilities {sorted(got)}, want exactly {sorted(want)}"
+                        + (f"; missing {missing}" if missing else "")
+                        + (f"; not wanted {extra}" if extra else ""))
+    return problems
+
 
 # --- Compose -----------------------------------------------------------------------------
 
@@ -200,6 +228,24 @@ def _():
                 problems.append(f"{name}: env_file {env_file} missing")
     fail_if(problems)
     return f"{len(services)} services"
+
+
+@check("compose synspan: exact capabilities, host pid and cgroup namespaces, read-only")
+def _():
+    svc = compose()["services"]["synspan"]
+    args = [str(a) for a in svc.get("command", [])]
+    problems = []
+    if svc.get("privileged"):
+        problems.append("privileged")
+    if svc.get("cap_drop") != ["ALL"]:
+        problems.append("capabilities are not dropped to none first (cap_drop: [ALL])")
+    want = wanted_caps(args, CAPS_NAT)
+    problems += caps_problems("cap_add", [str(c).removeprefix("CAP_") for c in svc.get("cap_add", [])], want)
+    for key, value in (("pid", "host"), ("cgroup", "host"), ("network_mode", "host"), ("read_only", True)):
+        if svc.get(key) != value:
+            problems.append(f"{key} is not {value}")
+    fail_if(problems)
+    return ", ".join(sorted(want)) + (" (--no-nat)" if "--no-nat" in args else "")
 
 
 @check("Dockerfile builds with scripts/setup.sh, the toolchain's single source of truth")
@@ -592,7 +638,7 @@ def _():
     return how
 
 
-@check("DaemonSet: not privileged, exact capabilities, hostPID, node name, memory and CPU as specified")
+@check("DaemonSet: not privileged, exact capabilities, hostPID, no OTEL_RESOURCE_ATTRIBUTES, memory and CPU as specified")
 def _():
     docs = {d["kind"]: d for d in yaml.safe_load_all((K8S / "daemonset.yaml").read_text())}
     spec = docs["DaemonSet"]["spec"]["template"]["spec"]
@@ -604,14 +650,14 @@ def _():
         problems.append("privileged")
     if sc.get("capabilities", {}).get("drop") != ["ALL"]:
         problems.append("capabilities are not dropped to none first")
-    if set(sc.get("capabilities", {}).get("add", [])) != {"BPF", "PERFMON"}:
-        problems.append(f"capabilities added: {sc.get('capabilities', {}).get('add')}, want BPF and PERFMON")
+    want = wanted_caps([str(a) for a in c.get("args", [])], CAPS_NAT)
+    problems += caps_problems("capabilities.add", sc.get("capabilities", {}).get("add", []), want)
     if not spec.get("hostPID"):
         problems.append("hostPID is not set")
-    if env.get("K8S_NODE_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "spec.nodeName":
-        problems.append("K8S_NODE_NAME does not come from spec.nodeName")
-    if "k8s.node.name=$(K8S_NODE_NAME)" not in env.get("OTEL_RESOURCE_ATTRIBUTES", {}).get("value", ""):
-        problems.append("OTEL_RESOURCE_ATTRIBUTES does not carry k8s.node.name")
+    # synspan builds each span's resource from the traced process, never from its own
+    # environment: a resource attribute set here would reach no span.
+    if "OTEL_RESOURCE_ATTRIBUTES" in env:
+        problems.append("OTEL_RESOURCE_ATTRIBUTES is set, but it reaches no span")
     want = {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "500m", "memory": "128Mi"}}
     if c.get("resources") != want:
         problems.append(f"resources {c.get('resources')}, want {want}")
@@ -656,9 +702,16 @@ def _():
                       ("NoNewPrivileges", "yes"), ("ProtectSystem", "strict")):
         if not re.search(rf"(?m)^{key}={want}\s*$", text):
             problems.append(f"{key} is not {want}")
-    caps = re.search(r"(?m)^CapabilityBoundingSet=(.*)$", text)
-    if not caps or set(caps.group(1).split()) != {"CAP_BPF", "CAP_PERFMON"}:
-        problems.append("CapabilityBoundingSet is not exactly CAP_BPF CAP_PERFMON")
+    want = wanted_caps(re.search(r"(?m)^ExecStart=(.*)$", text).group(1).split(), CAPS_NAT_UNIT)
+    for key in ("CapabilityBoundingSet", "AmbientCapabilities"):
+        lines = re.findall(rf"(?m)^{key}=(.*)$", text)
+        if len(lines) != 1:
+            problems.append(f"{key} must be set exactly once, found {len(lines)}")
+            continue
+        got = lines[0].split()
+        if any(not c.startswith("CAP_") for c in got):
+            problems.append(f"{key}: {lines[0]} is not a plain list of CAP_ names")
+        problems += caps_problems(key, [c.removeprefix("CAP_") for c in got], want)
     stop = re.search(r"(?m)^TimeoutStopSec=(\d+)s?$", text)
     if not stop or not 5 < int(stop.group(1)) <= 30:
         problems.append("TimeoutStopSec must be a little above --shutdown-timeout (5s)")

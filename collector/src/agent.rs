@@ -234,7 +234,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut metrics_tick = self_metrics.as_ref().and_then(|_| ticker(cli.metrics_interval));
     let report = |tracer: &Tracer| -> Accounting {
         let kernel = tracer.counters().unwrap_or_default();
-        let accounting = Accounting::read(kernel, tracer.in_flight().unwrap_or(0), &counters);
+        let accounting = Accounting::read(
+            kernel,
+            tracer.skipped_runs(),
+            tracer.in_flight().unwrap_or(0),
+            &counters,
+        );
         *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = accounting;
         accounting
     };

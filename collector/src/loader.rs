@@ -2,6 +2,7 @@
 
 use std::{
     net::IpAddr,
+    os::fd::AsFd,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
@@ -89,6 +90,28 @@ pub fn cgroup_id(path: &Path) -> Result<u64, LoadError> {
         ));
     }
     Ok(meta.ino())
+}
+
+/// `bpf_prog_info::recursion_misses` of one program, from the kernel (5.12 and later; 0 before).
+fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
+    use std::os::fd::AsRawFd;
+
+    use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
+    // SAFETY: zeroed plain C structs; the kernel fills at most `info_len` bytes of `info`.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.info.bpf_fd = fd.as_raw_fd() as u32;
+    attr.info.info_len = size_of::<bpf_prog_info>() as u32;
+    attr.info.info = (&mut info as *mut bpf_prog_info) as u64;
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            &mut attr as *mut bpf_attr,
+            size_of::<bpf_attr>(),
+        )
+    };
+    if ret == 0 { info.recursion_misses } else { 0 }
 }
 
 /// IPv4 networks live in the trie as IPv4-mapped IPv6 (`::ffff:0:0/96`).
@@ -316,6 +339,17 @@ impl Tracer {
             skipped: sum(counter::SKIPPED),
             never_started: sum(counter::NEVER_STARTED),
         })
+    }
+
+    /// Runs of synspan's programs that the kernel skipped because another BPF program was
+    /// already running on that CPU (an interrupt in the middle of one). Each may have lost
+    /// an attempt's start or end: the one loss synspan cannot count attempt by attempt.
+    pub fn skipped_runs(&self) -> u64 {
+        self.ebpf
+            .programs()
+            .filter_map(|(_, program)| program.fd().ok())
+            .map(|fd| recursion_misses(fd.as_fd()))
+            .sum()
     }
 
     /// Attempts still waiting in SYN_SENT.

@@ -34,6 +34,8 @@ impl AgentCounters {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Accounting {
     pub kernel: KernelCounters,
+    /// Program runs the kernel skipped (see `Tracer::skipped_runs`).
+    pub skipped_runs: u64,
     pub in_flight: u64,
     pub received: u64,
     pub undecodable: u64,
@@ -44,9 +46,10 @@ pub struct Accounting {
 }
 
 impl Accounting {
-    pub fn read(kernel: KernelCounters, in_flight: u64, agent: &AgentCounters) -> Self {
+    pub fn read(kernel: KernelCounters, skipped_runs: u64, in_flight: u64, agent: &AgentCounters) -> Self {
         Self {
             kernel,
+            skipped_runs,
             in_flight,
             received: agent.received.load(Relaxed),
             undecodable: agent.undecodable.load(Relaxed),
@@ -107,7 +110,7 @@ impl fmt::Display for Accounting {
             "attempts seen={} in_flight={} exported={} pending={} dropped={} \
              (filtered={} ringbuf_full={} evicted={} replaced={} track_failed={} \
              undecodable={} export_queue_full={} export_failed={} unflushed={}) \
-             untracked_finish={} never_started={}",
+             untracked_finish={} never_started={} kernel_skipped_runs={}",
             self.seen(),
             self.in_flight,
             self.exported,
@@ -124,6 +127,7 @@ impl fmt::Display for Accounting {
             self.unflushed,
             k.untracked_finish,
             k.never_started,
+            self.skipped_runs,
         )
     }
 }
@@ -146,6 +150,7 @@ mod tests {
                 skipped: 4,
                 never_started: 0,
             },
+            skipped_runs: 0,
             in_flight: 2,
             received: 80,
             undecodable: 0,

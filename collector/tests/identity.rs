@@ -71,7 +71,10 @@ fn stacks_and_process_identity() {
         "kernel stack at SYN_SENT:\n{kernel}"
     );
     // A success ends on the one path there is: no end stack is taken for it.
-    assert!(span["attributes"]["synspan.end_kernel_stack"].is_null(), "{span:#}");
+    assert!(
+        span["attributes"]["synspan.end_kernel_stack"].is_null(),
+        "{span:#}"
+    );
     assert!(text(&span, "process.executable.path").ends_with("/synspan-connect"));
     assert_eq!(text(&span, "process.executable.name"), "synspan-connect");
     assert_eq!(text(&span, "process.command"), "synspan-connect");

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The benchmark: connects per second of a loopback connect storm without and with synspan
+# (A/B pairs, four modes), synspan's CPU time and peak RSS, and its accounting. Prints the
+# table and writes BENCHMARKS.md. Needs root: it loads eBPF programs and creates (and
+# removes) a network namespace, the only place it sends traffic to.
+#   sudo scripts/bench.sh                          # 3 pairs x 4 modes x 5 s, about 5 minutes
+#   sudo scripts/bench.sh --pairs 5 --seconds 10   # see `target/release/synspan-bench --help`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then
+    echo "bench: needs root (eBPF, network namespaces): sudo $0 $*" >&2
+    exit 1
+fi
+scripts/setup.sh
+scripts/setup-test.sh
+cargo build --release --bins >&2
+# The command line BENCHMARKS.md names, quoted so that it can be run again as it is.
+SYNSPAN_BENCH_COMMAND="scripts/bench.sh"
+if [ $# -gt 0 ]; then
+    SYNSPAN_BENCH_COMMAND+="$(printf ' %q' "$@")"
+fi
+export SYNSPAN_BENCH_COMMAND
+exec target/release/synspan-bench "$@"
