@@ -555,10 +555,7 @@ mod tests {
 
     /// Real namespaces, iptables and connections: needs root, like the end-to-end tests.
     mod netns {
-        use std::{
-            io::{BufRead, BufReader},
-            process::{Child, Stdio},
-        };
+        use std::process::{Child, Stdio};
 
         use synspan_testbed::netns::Netns;
 
@@ -665,12 +662,7 @@ time.sleep(3600)
                     .stderr(Stdio::inherit())
                     .spawn()
                     .expect("python3");
-                let mut line = String::new();
-                BufReader::new(process.stdout.take().unwrap())
-                    .read_line(&mut line)
-                    .unwrap();
-                let report: serde_json::Value =
-                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("python3 reported {line:?}: {e}"));
+                let report = synspan_testbed::first_json_line(&mut process);
                 let tuple = |key: &str| Tuple {
                     src: sock(&report[key][0]),
                     dst: sock(&report[key][1]),

@@ -291,11 +291,7 @@ mod tests {
 
     /// Real namespaces and connections: needs root, like the end-to-end tests.
     mod netns {
-        use std::{
-            io::{BufRead, BufReader},
-            path::Path,
-            process::Stdio,
-        };
+        use std::{path::Path, process::Stdio};
 
         use synspan_testbed::netns::Netns;
 
@@ -332,12 +328,7 @@ time.sleep(3600)
                 .stdout(Stdio::piped())
                 .spawn()
                 .expect("python3");
-            let mut line = String::new();
-            BufReader::new(process.stdout.take().unwrap())
-                .read_line(&mut line)
-                .unwrap();
-            let report: serde_json::Value =
-                serde_json::from_str(&line).unwrap_or_else(|e| panic!("python3 reported {line:?}: {e}"));
+            let report = synspan_testbed::first_json_line(&mut process);
             // The seventh connect found no port: the failure this evidence explains.
             assert_eq!(report["errno"], libc::EADDRNOTAVAIL, "{report}");
             let pid = report["pid"].as_u64().unwrap() as u32;

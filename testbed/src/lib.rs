@@ -61,3 +61,15 @@ pub fn read_json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }
+
+/// The first line a child prints on its (piped) stdout, as JSON: how the tests' helper
+/// scripts report what they set up while they keep running.
+pub fn first_json_line(child: &mut std::process::Child) -> serde_json::Value {
+    use std::io::BufRead;
+    let mut line = String::new();
+    let stdout = child.stdout.as_mut().expect("the child's stdout is piped");
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("reading the child's report");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("the child reported {line:?}: {e}"))
+}

@@ -1,9 +1,36 @@
-//! `SocketAddr` to and from the kernel's `sockaddr_storage`.
+//! `SocketAddr` to and from the kernel's `sockaddr_storage`, and the few socket calls the
+//! test clients share.
 
 use std::{
+    io,
     mem::{size_of, zeroed},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd, OwnedFd},
 };
+
+/// A libc return value as a `Result`, with errno on failure.
+pub fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `getsockname()`.
+pub fn local_addr(fd: &OwnedFd) -> io::Result<SocketAddr> {
+    let mut raw: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: raw and len describe a buffer large enough for any address.
+    check(unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            (&mut raw as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    })?;
+    from_raw(&raw).ok_or_else(|| io::Error::other("unknown address family"))
+}
 
 pub fn to_raw(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.

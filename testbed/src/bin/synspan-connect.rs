@@ -16,14 +16,14 @@
 
 use std::{
     io::{self, Write},
-    mem::{size_of, zeroed},
+    mem::size_of,
     net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::Instant,
 };
 
 use anyhow::{Context, bail};
-use synspan_testbed::sockaddr::{from_raw, to_raw};
+use synspan_testbed::sockaddr::{check, local_addr, to_raw};
 
 struct Args {
     target: SocketAddr,
@@ -67,14 +67,6 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(parsed)
 }
 
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
 fn socket(ip: IpAddr) -> io::Result<OwnedFd> {
     let family = if ip.is_ipv4() {
         libc::AF_INET
@@ -104,19 +96,6 @@ fn bind(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
         ))?;
     }
     Ok(())
-}
-
-fn local_addr(fd: &OwnedFd) -> io::Result<SocketAddr> {
-    let mut raw: libc::sockaddr_storage = unsafe { zeroed() };
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    check(unsafe {
-        libc::getsockname(
-            fd.as_raw_fd(),
-            (&mut raw as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    })?;
-    from_raw(&raw).ok_or_else(|| io::Error::other("unknown address family"))
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {

@@ -31,7 +31,7 @@
 use std::{
     collections::BTreeMap,
     io,
-    mem::{size_of, zeroed},
+    mem::size_of,
     net::{Ipv4Addr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
@@ -41,7 +41,7 @@ use std::{
 use anyhow::{Context, bail};
 use synspan_testbed::{
     bench::{self, StormReport},
-    sockaddr::{from_raw, to_raw},
+    sockaddr::{check, local_addr, to_raw},
 };
 
 struct Args {
@@ -102,14 +102,6 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(parsed)
 }
 
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
 fn tcp_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; the fd is owned right away.
     let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
@@ -146,16 +138,7 @@ fn bound_loopback(backlog: Option<i32>) -> io::Result<(OwnedFd, SocketAddr)> {
     if let Some(backlog) = backlog {
         check(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
     }
-    let mut raw: libc::sockaddr_storage = unsafe { zeroed() };
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    check(unsafe {
-        libc::getsockname(
-            fd.as_raw_fd(),
-            (&mut raw as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    })?;
-    let addr = from_raw(&raw).ok_or_else(|| io::Error::other("unknown address family"))?;
+    let addr = local_addr(&fd)?;
     Ok((fd, addr))
 }
 
