@@ -76,6 +76,33 @@ pub struct Enricher {
     netns: HashMap<u64, std::sync::Weak<File>>,
 }
 
+/// Frames kept per stack, innermost first, and characters kept per frame. Demangled
+/// generic Rust or C++ names run to kilobytes; a span carries a stack to be read, not a
+/// debugger's worth of it, and every byte is paid for in the queue and on the wire.
+const MAX_FRAMES: usize = 32;
+const MAX_FRAME_CHARS: usize = 240;
+
+/// One frame per line, each cut to `MAX_FRAME_CHARS` (with `…`), at most `MAX_FRAMES` of them.
+fn stack_text(frames: &[String]) -> Arc<str> {
+    let mut text = String::new();
+    for (i, frame) in frames.iter().take(MAX_FRAMES).enumerate() {
+        if i > 0 {
+            text.push('\n');
+        }
+        match frame.char_indices().nth(MAX_FRAME_CHARS) {
+            Some((cut, _)) => {
+                text.push_str(&frame[..cut]);
+                text.push('…');
+            }
+            None => text.push_str(frame),
+        }
+    }
+    if frames.len() > MAX_FRAMES {
+        text.push_str(&format!("\n… {} more frames", frames.len() - MAX_FRAMES));
+    }
+    text.into()
+}
+
 fn bounded_insert<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, key: K, value: V) {
     if map.len() >= MAX_STACKS {
         map.clear();
@@ -205,7 +232,7 @@ impl Enricher {
             self.normalize(pid, key.1.clone());
         }
         let frames = self.normalized.get(&key)?;
-        let text: Arc<str> = self.user.symbolize_normalized(frames).join("\n").into();
+        let text = stack_text(&self.user.symbolize_normalized(frames));
         bounded_insert(&mut self.rendered_user, key, text.clone());
         Some(text)
     }
@@ -218,8 +245,27 @@ impl Enricher {
             Some(symbols) => symbols.symbolize(&addrs),
             None => addrs.iter().map(|a| format!("{a:#x}")).collect(),
         };
-        let text: Arc<str> = lines.join("\n").into();
+        let text = stack_text(&lines);
         bounded_insert(&mut self.rendered_kernel, addrs, text.clone());
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stacks_are_bounded_and_readable() {
+        let frames: Vec<String> = (0..40)
+            .map(|i| format!("f{i}+0x1 ({})", "x".repeat(300)))
+            .collect();
+        let text = stack_text(&frames);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), MAX_FRAMES + 1);
+        assert!(lines[0].starts_with("f0+0x1 (") && lines[0].ends_with('…'));
+        assert_eq!(lines[0].chars().count(), MAX_FRAME_CHARS + 1);
+        assert_eq!(lines[MAX_FRAMES], "… 8 more frames");
+        assert_eq!(&*stack_text(&["a+0x1".into(), "b+0x2".into()]), "a+0x1\nb+0x2");
     }
 }
