@@ -136,6 +136,8 @@ const ERROR_REPORT: &str = "inet_sk_error_report";
 /// The loaded programs. Dropping it detaches and unloads everything.
 pub struct Tracer {
     ebpf: Ebpf,
+    /// `skipped_runs` as it was when the programs were unloaded: the count goes with them.
+    skipped_at_detach: Option<u64>,
 }
 
 /// Sums of the kernel's per-CPU counters.
@@ -175,7 +177,10 @@ impl Tracer {
             .map_max_entries("ATTEMPTS", limits.ring_buffer_bytes)
             .load(PROGRAMS)
             .map_err(LoadError::Load)?;
-        Ok(Self { ebpf })
+        Ok(Self {
+            ebpf,
+            skipped_at_detach: None,
+        })
     }
 
     /// Fills the allow-lists. Call before [`Tracer::attach`].
@@ -274,6 +279,7 @@ impl Tracer {
 
     /// Detaches every program so that no new attempt is recorded. Maps stay readable.
     pub fn detach(&mut self) {
+        self.skipped_at_detach = Some(self.skipped_runs());
         for (name, program) in self.ebpf.programs_mut() {
             let result = match program {
                 aya::programs::Program::TracePoint(p) => p.unload(),
@@ -345,6 +351,9 @@ impl Tracer {
     /// already running on that CPU (an interrupt in the middle of one). Each may have lost
     /// an attempt's start or end: the one loss synspan cannot count attempt by attempt.
     pub fn skipped_runs(&self) -> u64 {
+        if let Some(skipped) = self.skipped_at_detach {
+            return skipped;
+        }
         self.ebpf
             .programs()
             .filter_map(|(_, program)| program.fd().ok())

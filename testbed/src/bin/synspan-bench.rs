@@ -1087,8 +1087,8 @@ fn exactness(mode: &Mode, run: &Run) -> Option<Exactness> {
             .map(|p| format!("{} {}", p.name, p.recursion_misses))
             .collect();
         notes.push(format!(
-            "the kernel skipped synspan's programs {} time(s) (recursion misses: {}); such events are in \
-             no counter",
+            "the kernel skipped synspan's programs {} time(s) (recursion misses: {}); synspan counts them \
+             as kernel_skipped_runs, without knowing which attempts they cost",
             t.recursion_misses(),
             progs.join(", ")
         ));
@@ -1346,8 +1346,9 @@ fn targets(summaries: &[Summary], runs: &[Run]) -> String {
         let _ = writeln!(
             out,
             "- note: the kernel skipped synspan's programs {misses} time(s) in all (bpf recursion misses: a \
-             program already running on that CPU when a tracepoint fired again from an interrupt). No \
-             counter of synspan shows these."
+             program already running on that CPU when a tracepoint fired again from an interrupt). synspan \
+             reports them as `kernel_skipped_runs` (from revision after edce245); each may cost one attempt \
+             its start or end."
         );
     }
     out
