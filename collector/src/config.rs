@@ -234,6 +234,13 @@ impl Cli {
 
     fn resolve_env(&mut self) -> Result<(), String> {
         self.resolve_endpoint()?;
+        if self.output == Output::None && self.otlp_endpoint.is_none() {
+            return Err(
+                "--output none without an OTLP endpoint would send every attempt nowhere: \
+                        give --otlp-endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT), or another --output"
+                    .into(),
+            );
+        }
         let ca = from_flag_or_env(
             self.otlp_ca_file.as_deref(),
             "--otlp-ca-file",

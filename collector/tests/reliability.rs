@@ -257,7 +257,8 @@ fn run_synspan(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
 fn bad_input_exits_2_with_a_message() {
     // (arguments, environment, what the message must say)
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 8] = [
+    let cases: [Case; 9] = [
+        (&["--output", "none"], &[], "send every attempt nowhere"),
         (&["--no-such-flag"], &[], "unexpected argument"),
         (&["--output", "xml"], &[], "invalid value 'xml'"),
         (&["--otlp-endpoint", "localhost:4317"], &[], "http://"),
