@@ -347,3 +347,38 @@ fn self_metrics_reach_the_collector() {
     let stopped = agent.stop(Duration::from_secs(10)).unwrap();
     assert!(stopped.status.success(), "{}", stopped.stderr);
 }
+
+/// With the collector down, a SIGTERM waits for the export; a second one exits at once.
+#[test]
+fn second_signal_exits_at_once() {
+    let receiver = Receiver::reserve().unwrap();
+    let agent = Agent::start(&[
+        "--otlp-endpoint",
+        &receiver.endpoint(),
+        "--shutdown-timeout",
+        "60s",
+    ])
+    .unwrap();
+    let ns = Netns::new("sig2").unwrap();
+    refused_attempts(&ns, 3);
+    let pid = agent.pid() as i32;
+    // Let the refused attempts reach the export queue, where they wait for the collector.
+    synspan_testbed::wait_until(Duration::from_secs(10), || {
+        (agent.spans().len() >= 3).then_some(())
+    });
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let stopping = synspan_testbed::wait_until(Duration::from_secs(10), || {
+        agent.stderr().contains("SIGTERM: stopping").then_some(())
+    });
+    assert!(stopping.is_some(), "{}", agent.stderr());
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let stopped = agent.stop(Duration::from_secs(10)).unwrap();
+    assert_eq!(stopped.status.code(), Some(130), "{}", stopped.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(stopped.stderr.contains("second signal"), "{}", stopped.stderr);
+}
