@@ -154,7 +154,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 endpoint: endpoint.clone(),
                 tls: cli.tls.clone(),
                 queue_size: cli.export_queue_size.get() as usize,
-                batch_size: cli.export_batch_size.get() as usize,
+                batch_size: cli.export_batch_size as usize,
                 retry_timeout: cli.export_retry_timeout,
             },
             counters.clone(),

@@ -149,9 +149,10 @@ pub struct Cli {
     #[arg(long, value_name = "SPANS", default_value = "8192")]
     pub export_queue_size: NonZeroU32,
 
-    /// Spans per OTLP export request.
-    #[arg(long, value_name = "SPANS", default_value = "512")]
-    pub export_batch_size: NonZeroU32,
+    /// Spans per OTLP export request, at most 2048: with stacks a span is 1 to 2 KiB, and a
+    /// request must stay under the 4 MiB a gRPC server accepts by default.
+    #[arg(long, value_name = "SPANS", default_value = "512", value_parser = clap::value_parser!(u32).range(1..=2048))]
+    pub export_batch_size: u32,
 
     /// How long to retry one failed export, with backoff, before its spans are dropped and
     /// counted as `export_failed`.
@@ -416,6 +417,7 @@ mod tests {
             &["--ring-buffer-bytes", "1000"],
             &["--stats-interval", "soon"],
             &["--max-in-flight", "0"],
+            &["--export-batch-size", "4096"],
             &["--no-such-flag"],
         ] {
             let err = cli(args).unwrap_err();
