@@ -192,15 +192,42 @@ async fn export_batch(
     batch.sort_by_cached_key(|s| resource_key(&s.resource));
     while !batch.is_empty() {
         let key = resource_key(&batch[0].resource);
+        // One service's spans, as many as fit in one request.
+        let mut bytes = 0;
         let n = batch
             .iter()
-            .take_while(|s| resource_key(&s.resource) == key)
-            .count();
+            .take_while(|s| {
+                bytes += encoded_size(&s.data);
+                resource_key(&s.resource) == key
+                    && (bytes <= MAX_REQUEST_BYTES || bytes == encoded_size(&s.data))
+            })
+            .count()
+            .max(1);
         let group: Vec<ConnectSpan> = batch.drain(..n).collect();
         let resource = group[0].resource.clone();
         let spans: Vec<_> = group.into_iter().map(|s| s.data).collect();
         export_with_retry(exporter, &resource, spans, settings, counters).await;
     }
+}
+
+/// gRPC servers refuse messages over 4 MiB by default; stay well under it.
+const MAX_REQUEST_BYTES: usize = 3 * 1024 * 1024;
+
+/// A span's size on the wire, near enough: its strings plus a fixed overhead per field.
+fn encoded_size(span: &opentelemetry_sdk::trace::SpanData) -> usize {
+    let kv = |kv: &opentelemetry::KeyValue| {
+        let value = match &kv.value {
+            opentelemetry::Value::String(s) => s.as_str().len(),
+            _ => 8,
+        };
+        kv.key.as_str().len() + value + 8
+    };
+    128 + span.attributes.iter().map(kv).sum::<usize>()
+        + span
+            .events
+            .iter()
+            .map(|e| 32 + e.name.len() + e.attributes.iter().map(kv).sum::<usize>())
+            .sum::<usize>()
 }
 
 /// Spans of one service share one resource (see `SpanBuilder`), so the name identifies it.
@@ -276,6 +303,23 @@ pub(crate) fn retry_policy(timeout: Duration) -> opentelemetry_otlp::RetryPolicy
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_stay_under_the_grpc_limit() {
+        use opentelemetry::KeyValue;
+        let mut span = crate::span::SpanBuilder::new("h".into())
+            .build(
+                crate::span::tests::timed_out(),
+                &Default::default(),
+                Default::default(),
+            )
+            .data;
+        let small = encoded_size(&span);
+        assert!((200..2000).contains(&small), "{small}");
+        span.attributes
+            .push(KeyValue::new("synspan.user_stack", "x".repeat(10_000)));
+        assert!(encoded_size(&span) > 10_000);
+    }
 
     #[test]
     fn retries_fill_the_timeout() {
