@@ -95,16 +95,20 @@ pub fn count(slot: u32) {
     }
 }
 
-/// Reads an `int` at `offset` inside `struct sock`; 0 when the offset is unknown.
+/// Reads a field at `offset` inside `struct sock`; zero when the offset is unknown or the
+/// read fails.
+#[inline(always)]
+pub fn sock_field<T: Default>(sock: u64, offset: u16) -> T {
+    if offset == 0 {
+        return T::default();
+    }
+    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel((sock as *const u8).add(offset as usize) as *const T) }
+        .unwrap_or_default()
+}
+
 #[inline(always)]
 pub fn sock_int(sock: u64, offset: u16) -> i32 {
-    if offset == 0 {
-        return 0;
-    }
-    unsafe {
-        aya_ebpf::helpers::bpf_probe_read_kernel((sock as *const u8).add(offset as usize) as *const i32)
-    }
-    .unwrap_or(0)
+    sock_field(sock, offset)
 }
 
 /// Records the socket's pending error, if any and if none was recorded yet. Soft errors
@@ -134,18 +138,6 @@ pub fn record_error(attempt: &mut AttemptRecord, error: i32, soft: i32, now_ns: 
         attempt.first_error_ns = now_ns;
         attempt.flags |= attempt_flags::ERROR_SEEN;
     }
-}
-
-/// Reads a `u16` at `offset` inside `struct sock`; 0 when the offset is unknown.
-#[inline(always)]
-pub fn sock_u16(sock: u64, offset: u16) -> u16 {
-    if offset == 0 {
-        return 0;
-    }
-    unsafe {
-        aya_ebpf::helpers::bpf_probe_read_kernel((sock as *const u8).add(offset as usize) as *const u16)
-    }
-    .unwrap_or(0)
 }
 
 /// The local endpoint of an attempt, as the peer it connects to sees it.

@@ -4,7 +4,7 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
 use synspan_shared::attempt_flags;
 
-use crate::maps::{COLLISION_WATCH, IN_FLIGHT, WATCH_SINCE, layout, local_endpoint, sock_u16};
+use crate::maps::{COLLISION_WATCH, IN_FLIGHT, WATCH_SINCE, layout, local_endpoint, sock_field};
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
@@ -44,7 +44,7 @@ fn mark(ctx: &TracePointContext, skaddr_offset: u16, flag: u8) {
     if flag == attempt_flags::RST_SENT {
         // The port is chosen by now (a SYN went out), even if no retransmit has told us yet.
         if attempt.sport == 0 {
-            attempt.sport = sock_u16(sock, layout().sock.skc_num);
+            attempt.sport = sock_field(sock, layout().sock.skc_num);
         }
         if attempt.sport != 0 {
             let _ = COLLISION_WATCH.insert(&local_endpoint(attempt), &sock, 0);

@@ -292,34 +292,25 @@ impl Tracer {
         }
     }
 
+    /// Takes map `name` out of the object as its typed form.
+    fn take<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<M, LoadError> {
+        let map = self.ebpf.take_map(name).ok_or(LoadError::NoMap(name))?;
+        M::try_from(map).map_err(|source| LoadError::Map { name, source })
+    }
+
     pub fn take_attempts(&mut self) -> Result<RingBuf<MapData>, LoadError> {
-        let map = self
-            .ebpf
-            .take_map("ATTEMPTS")
-            .ok_or(LoadError::NoMap("ATTEMPTS"))?;
-        RingBuf::try_from(map).map_err(|source| LoadError::Map {
-            name: "ATTEMPTS",
-            source,
-        })
+        self.take("ATTEMPTS")
     }
 
     pub fn take_process_notes(&mut self) -> Result<RingBuf<MapData>, LoadError> {
-        let map = self
-            .ebpf
-            .take_map("PROCESS_NOTES")
-            .ok_or(LoadError::NoMap("PROCESS_NOTES"))?;
-        RingBuf::try_from(map).map_err(|source| LoadError::Map {
-            name: "PROCESS_NOTES",
-            source,
-        })
+        self.take("PROCESS_NOTES")
     }
 
     pub fn take_stacks(&mut self) -> Result<StackTraceMap<MapData>, LoadError> {
-        let map = self.ebpf.take_map("STACKS").ok_or(LoadError::NoMap("STACKS"))?;
-        StackTraceMap::try_from(map).map_err(|source| LoadError::Map {
-            name: "STACKS",
-            source,
-        })
+        self.take("STACKS")
     }
 
     pub fn counters(&self) -> Result<KernelCounters, LoadError> {
