@@ -219,6 +219,8 @@ fn sigterm_exits_cleanly_and_unloads_everything() {
     let agent = Agent::start(&["--shutdown-timeout", "2s"]).unwrap();
     let ids = agent.prog_ids();
     assert!(ids.len() >= 2, "expected the agent's programs, got {ids:?}");
+    let maps = agent.map_ids();
+    assert!(maps.len() >= 2, "expected the agent's maps, got {maps:?}");
     let started = Instant::now();
     let stopped = agent.stop(Duration::from_secs(10)).unwrap();
     assert_eq!(stopped.status.code(), Some(0), "{}", stopped.stderr);
@@ -228,16 +230,26 @@ fn sigterm_exits_cleanly_and_unloads_everything() {
         started.elapsed()
     );
     assert!(stopped.stderr.contains("final: attempts"), "{}", stopped.stderr);
-    let out = Command::new("bpftool")
-        .args(["-j", "prog", "show"])
-        .output()
-        .expect("bpftool");
-    let progs: Vec<Value> = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
-    let left: Vec<&Value> = progs
-        .iter()
-        .filter(|p| ids.iter().any(|id| p["id"] == *id))
-        .collect();
-    assert!(left.is_empty(), "programs left in the kernel: {left:#?}");
+    // The kernel frees programs, then the maps they used, after an RCU grace period.
+    let held = |what: &str, ids: &[u32]| -> Vec<Value> {
+        let out = Command::new("bpftool")
+            .args(["-j", what, "show"])
+            .output()
+            .expect("bpftool");
+        let all: Vec<Value> = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+        all.into_iter()
+            .filter(|p| ids.iter().any(|id| p["id"] == *id))
+            .collect()
+    };
+    let gone = synspan_testbed::wait_until(Duration::from_secs(5), || {
+        (held("prog", &ids).is_empty() && held("map", &maps).is_empty()).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "left in the kernel: programs {:#?} maps {:#?}",
+        held("prog", &ids),
+        held("map", &maps)
+    );
 }
 
 fn run_synspan(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {

@@ -97,6 +97,15 @@ impl Agent {
 
     /// Ids of the BPF programs this agent holds, from its file descriptors.
     pub fn prog_ids(&self) -> Vec<u32> {
+        self.fd_ids("prog_id:")
+    }
+
+    /// Ids of the BPF maps this agent holds.
+    pub fn map_ids(&self) -> Vec<u32> {
+        self.fd_ids("map_id:")
+    }
+
+    fn fd_ids(&self, field: &str) -> Vec<u32> {
         let dir = format!("/proc/{}/fdinfo", self.pid());
         std::fs::read_dir(dir)
             .into_iter()
@@ -105,7 +114,7 @@ impl Agent {
             .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
             .filter_map(|info| {
                 info.lines()
-                    .find_map(|l| l.strip_prefix("prog_id:"))
+                    .find_map(|l| l.strip_prefix(field))
                     .and_then(|id| id.trim().parse().ok())
             })
             .collect()
