@@ -248,40 +248,20 @@ fn sock_fields(btf: &Btf) -> SockFields {
 /// The path from a task to a socket's protocol; all zero if any step is missing, or if the
 /// protocol is a bitfield (kernels before 5.6), which a plain read cannot take.
 fn fd_path_fields(btf: &Btf) -> FdPathFields {
-    let steps = [
-        ("task_struct", "files"),
-        ("files_struct", "fdt"),
-        ("fdtable", "fd"),
-        ("file", "private_data"),
-        ("socket", "sk"),
-        ("sock", "sk_protocol"),
-        ("sock", "sk_type"),
-    ];
-    let mut offsets = [0u16; 7];
-    for (slot, (name, member)) in offsets.iter_mut().zip(steps) {
-        match member_offset(btf, name, member).and_then(|o| u16::try_from(o).ok()) {
-            Some(offset) => *slot = offset,
-            None => return FdPathFields::default(),
-        }
-    }
-    let [
-        task_files,
-        files_fdt,
-        fdtable_fd,
-        file_private_data,
-        socket_sk,
-        sock_protocol,
-        sock_type,
-    ] = offsets;
-    FdPathFields {
-        task_files,
-        files_fdt,
-        fdtable_fd,
-        file_private_data,
-        socket_sk,
-        sock_protocol,
-        sock_type,
-    }
+    let offset =
+        |name: &str, member: &str| member_offset(btf, name, member).and_then(|o| u16::try_from(o).ok());
+    let fields = || {
+        Some(FdPathFields {
+            task_files: offset("task_struct", "files")?,
+            files_fdt: offset("files_struct", "fdt")?,
+            fdtable_fd: offset("fdtable", "fd")?,
+            file_private_data: offset("file", "private_data")?,
+            socket_sk: offset("socket", "sk")?,
+            sock_protocol: offset("sock", "sk_protocol")?,
+            sock_type: offset("sock", "sk_type")?,
+        })
+    };
+    fields().unwrap_or_default()
 }
 
 /// Byte offset of `member` in `struct name`, looking through anonymous structs and unions.
