@@ -1,7 +1,7 @@
 //! An `Attempt` as an OpenTelemetry span. The OTLP and JSON sinks both start from here, so
 //! the JSON line mirrors the exported span exactly.
 
-use std::{borrow::Cow, collections::HashMap, time::SystemTime};
+use std::{borrow::Cow, collections::HashMap, sync::Arc, time::SystemTime};
 
 use opentelemetry::{
     InstrumentationScope, KeyValue,
@@ -84,6 +84,8 @@ pub struct ConnectSpan {
     pub data: SpanData,
     /// The traced process's service, not synspan's.
     pub resource: Resource,
+    /// Identifies `resource`: spans with the same one go out in one request.
+    pub service: Arc<str>,
 }
 
 /// Builds spans; owns the id generator and the per-service resources.
@@ -91,7 +93,7 @@ pub struct SpanBuilder {
     ids: RandomIdGenerator,
     scope: InstrumentationScope,
     host_name: String,
-    resources: HashMap<String, Resource>,
+    resources: HashMap<String, (Arc<str>, Resource)>,
 }
 
 /// Distinct services remembered; past this the cache starts over rather than grow.
@@ -112,7 +114,7 @@ impl SpanBuilder {
     /// The traced process's own service: `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`
     /// from its environment, else its executable name; so that its connect spans sit next to
     /// its own traces.
-    fn resource(&mut self, attempt: &Attempt, identity: &Identity) -> Resource {
+    fn resource(&mut self, attempt: &Attempt, identity: &Identity) -> (Arc<str>, Resource) {
         let info = identity.process.as_ref().map(|p| &p.info);
         let name = info
             .and_then(|i| i.service.name.as_deref())
@@ -125,8 +127,8 @@ impl SpanBuilder {
             .chain(extra.iter().flat_map(|(k, v)| [k.as_str(), v.as_str()]))
             .collect::<Vec<_>>()
             .join("\0");
-        if let Some(resource) = self.resources.get(&cache_key) {
-            return resource.clone();
+        if let Some(known) = self.resources.get(&cache_key) {
+            return known.clone();
         }
         if self.resources.len() >= MAX_RESOURCES {
             self.resources.clear();
@@ -142,8 +144,10 @@ impl SpanBuilder {
                     ]),
             )
             .build();
-        self.resources.insert(cache_key, resource.clone());
-        resource
+        let service: Arc<str> = cache_key.as_str().into();
+        self.resources
+            .insert(cache_key, (service.clone(), resource.clone()));
+        (service, resource)
     }
 
     pub fn build(&mut self, attempt: Attempt, identity: &Identity, evidence: Evidence) -> ConnectSpan {
@@ -169,12 +173,13 @@ impl SpanBuilder {
             status: status(&attempt),
             instrumentation_scope: self.scope.clone(),
         };
-        let resource = self.resource(&attempt, identity);
+        let (service, resource) = self.resource(&attempt, identity);
         ConnectSpan {
             attempt,
             evidence,
             data,
             resource,
+            service,
         }
     }
 }

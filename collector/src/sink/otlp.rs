@@ -189,20 +189,19 @@ async fn export_batch(
     settings: &OtlpSettings,
     counters: &AgentCounters,
 ) {
-    batch.sort_by_cached_key(|s| resource_key(&s.resource));
+    batch.sort_by(|a, b| a.service.cmp(&b.service));
     while !batch.is_empty() {
-        let key = resource_key(&batch[0].resource);
-        // One service's spans, as many as fit in one request.
+        let service = batch[0].service.clone();
+        // One service's spans, as many as fit in one request (the first always does).
         let mut bytes = 0;
         let n = batch
             .iter()
             .take_while(|s| {
-                bytes += encoded_size(&s.data);
-                resource_key(&s.resource) == key
-                    && (bytes <= MAX_REQUEST_BYTES || bytes == encoded_size(&s.data))
+                let size = encoded_size(&s.data);
+                bytes += size;
+                s.service == service && (bytes <= MAX_REQUEST_BYTES || bytes == size)
             })
-            .count()
-            .max(1);
+            .count();
         let group: Vec<ConnectSpan> = batch.drain(..n).collect();
         let resource = group[0].resource.clone();
         let spans: Vec<_> = group.into_iter().map(|s| s.data).collect();
@@ -228,16 +227,6 @@ fn encoded_size(span: &opentelemetry_sdk::trace::SpanData) -> usize {
             .iter()
             .map(|e| 32 + e.name.len() + e.attributes.iter().map(kv).sum::<usize>())
             .sum::<usize>()
-}
-
-/// Spans of one service share one resource (see `SpanBuilder`), so the name identifies it.
-fn resource_key(resource: &Resource) -> String {
-    resource
-        .get(&opentelemetry::Key::from_static_str(
-            crate::span::key::SERVICE_NAME,
-        ))
-        .map(|v| v.to_string())
-        .unwrap_or_default()
 }
 
 async fn export_with_retry(
