@@ -16,14 +16,27 @@ use synspan_shared::{
 };
 
 use crate::maps::{
-    ALLOW_CGROUPS, ALLOW_DESTS, ALLOW_PIDS, ALLOW_PORTS, ATTEMPTS, COLLISION_WATCH, CONNECTING, IN_FLIGHT,
-    NOTED, PENDING, PROCESS_NOTES, SCRATCH, STACKS, WATCH_SINCE, WATCH_WINDOW_NS, count, layout,
-    local_endpoint, policy, record_error, sock_int, wakeup_flags,
+    ALLOW_CGROUPS, ALLOW_DESTS, ALLOW_PIDS, ALLOW_PORTS, ATTEMPTS, COLLISION_WATCH, CONNECT_CALLS, IN_FLIGHT,
+    NOTED, PROCESS_NOTES, SCRATCH, STACKS, WATCH_SINCE, WATCH_WINDOW_NS, count, layout, local_endpoint,
+    policy, record_error, sock_int, wakeup_flags,
 };
 
+// Two programs on one tracepoint, not one: the kernel will not run a program on a CPU where
+// it is already running. An attempt's SYN-ACK or RST is often processed in a softirq that
+// interrupts another attempt's start (and its stack walks) on the same CPU; were both one
+// program, that end would be skipped and its attempt would never finish.
+
+/// A socket enters SYN_SENT.
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    let _ = on_set_state(&ctx);
+pub fn attempt_start(ctx: TracePointContext) -> u32 {
+    let _ = on_start(&ctx);
+    0
+}
+
+/// A socket leaves SYN_SENT, or a lingering connection closes.
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn attempt_end(ctx: TracePointContext) -> u32 {
+    let _ = on_end(&ctx);
     0
 }
 
@@ -33,13 +46,23 @@ fn read<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i32> {
 }
 
 #[inline(always)]
-fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
+fn on_start(ctx: &TracePointContext) -> Result<(), i32> {
     let fields = layout().set_state;
-    let newstate: i32 = read(ctx, fields.newstate)?;
-    let oldstate: i32 = read(ctx, fields.oldstate)?;
     // Every TCP state change on the host lands here: leave as early as possible.
-    if newstate != tcp_state::SYN_SENT as i32 && oldstate != tcp_state::SYN_SENT as i32 {
-        if newstate == tcp_state::CLOSE as i32 && lingering(oldstate) {
+    if read::<i32>(ctx, fields.newstate)? != tcp_state::SYN_SENT as i32
+        || read::<u16>(ctx, fields.protocol)? != IPPROTO_TCP
+    {
+        return Ok(());
+    }
+    start(ctx, &fields, read(ctx, fields.skaddr)?)
+}
+
+#[inline(always)]
+fn on_end(ctx: &TracePointContext) -> Result<(), i32> {
+    let fields = layout().set_state;
+    let oldstate: i32 = read(ctx, fields.oldstate)?;
+    if oldstate != tcp_state::SYN_SENT as i32 {
+        if lingering(oldstate) && read::<i32>(ctx, fields.newstate)? == tcp_state::CLOSE as i32 {
             return on_lingering_close(ctx, &fields, oldstate as u8);
         }
         return Ok(());
@@ -47,12 +70,8 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     if read::<u16>(ctx, fields.protocol)? != IPPROTO_TCP {
         return Ok(());
     }
-    let sock: u64 = read(ctx, fields.skaddr)?;
-    if newstate == tcp_state::SYN_SENT as i32 {
-        start(ctx, &fields, sock)
-    } else {
-        finish(ctx, &fields, sock, newstate as u8)
-    }
+    let newstate: i32 = read(ctx, fields.newstate)?;
+    finish(ctx, &fields, read(ctx, fields.skaddr)?, newstate as u8)
 }
 
 /// States in which a connection outlives its use and can still answer a SYN for its tuple.
@@ -115,19 +134,36 @@ fn start(ctx: &TracePointContext, fields: &SetStateFields, sock: u64) -> Result<
     attempt.sock = sock;
     attempt.start_ns = unsafe { bpf_ktime_get_ns() };
     let pid_tgid = bpf_get_current_pid_tgid();
+    let policy = policy();
+    // The agent's own connections (to its collector) are not traced: each would be one
+    // more span to export, and the agent reports their failures itself.
+    if (pid_tgid >> 32) as u32 == policy.agent_tgid {
+        return Ok(());
+    }
     attempt.pid = (pid_tgid >> 32) as u32;
     attempt.tid = pid_tgid as u32;
     attempt.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     attempt.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     read_tuple(ctx, fields, attempt)?;
-    let policy = policy();
+    // Claimed before the policy can drop the attempt: the call has reached SYN_SENT, so it
+    // must not look like one that never did when it returns.
+    let call = CONNECT_CALLS.get_ptr_mut(&attempt.tid);
+    if let Some(call) = call {
+        unsafe { (*call).sock = sock };
+    }
     if policy.filters != 0 && !allowed(attempt, policy.filters) {
         count(counter::SKIPPED);
         return Ok(());
     }
     if policy.stacks != 0 {
         let flags = BPF_F_REUSE_STACKID as u64;
-        attempt.kernel_stack_id = ctx.get_stackid(&STACKS, flags).map_or(-1, |id| id as i32);
+        // Inside connect(2) the kernel stack is always the syscall's path down to
+        // tcp_v4_connect or tcp_v6_connect, and walking it costs more than the rest of the
+        // attempt's tracing; it is taken where it tells something: sockets the kernel
+        // connects itself, io_uring.
+        if call.is_none() {
+            attempt.kernel_stack_id = ctx.get_stackid(&STACKS, flags).map_or(-1, |id| id as i32);
+        }
         attempt.user_stack_id = ctx
             .get_stackid(&STACKS, flags | BPF_F_USER_STACK as u64)
             .map_or(-1, |id| id as i32);
@@ -146,8 +182,6 @@ fn start(ctx: &TracePointContext, fields: &SetStateFields, sock: u64) -> Result<
         }
     }
     count(counter::STARTED);
-    let _ = PENDING.remove(&attempt.tid);
-    let _ = CONNECTING.insert(&attempt.tid, &sock, 0);
     note_process(attempt);
     Ok(())
 }

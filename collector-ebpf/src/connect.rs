@@ -15,13 +15,11 @@ use aya_ebpf::{
     macros::tracepoint,
     programs::TracePointContext,
 };
-use synspan_shared::{AF_INET, AF_INET6, AttemptRecord, IPPROTO_TCP, PendingConnect, attempt_flags, counter};
+use synspan_shared::{AF_INET, AF_INET6, AttemptRecord, ConnectCall, IPPROTO_TCP, attempt_flags, counter};
 
 use crate::{
     attempt::allowed,
-    maps::{
-        ATTEMPTS, CONNECTING, IN_FLIGHT, PENDING, SCRATCH, count, layout, note_error, policy, wakeup_flags,
-    },
+    maps::{ATTEMPTS, CONNECT_CALLS, IN_FLIGHT, SCRATCH, count, layout, note_error, policy, wakeup_flags},
 };
 
 const SOCK_STREAM: u16 = 1;
@@ -68,21 +66,26 @@ fn on_enter(ctx: &TracePointContext) -> Result<(), i32> {
     if fields.uservaddr == 0 {
         return Ok(());
     }
-    let pending = PendingConnect {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // The agent's own connections are not traced (see `attempt::start`).
+    if (pid_tgid >> 32) as u32 == policy().agent_tgid {
+        return Ok(());
+    }
+    let call = ConnectCall {
         start_ns: unsafe { bpf_ktime_get_ns() },
         uservaddr: unsafe { ctx.read_at(fields.uservaddr as usize)? },
         fd: unsafe { ctx.read_at(fields.fd as usize)? },
+        sock: 0,
     };
-    let tid = bpf_get_current_pid_tgid() as u32;
-    PENDING.insert(&tid, &pending, 0)
+    CONNECT_CALLS.insert(&(pid_tgid as u32), &call, 0)
 }
 
 /// The destination of a failed call, if it was a TCP `connect()` to an IPv4 or IPv6 address.
 #[inline(always)]
-fn tcp_destination(pending: &PendingConnect, attempt: &mut AttemptRecord) -> Result<bool, i32> {
-    let addr = pending.uservaddr;
+fn tcp_destination(call: &ConnectCall, attempt: &mut AttemptRecord) -> Result<bool, i32> {
+    let addr = call.uservaddr;
     let family: u16 = unsafe { bpf_probe_read_user(addr as *const u16).map_err(|e| e as i32)? };
-    if (family != AF_INET && family != AF_INET6) || !is_tcp(pending.fd)? {
+    if (family != AF_INET && family != AF_INET6) || !is_tcp(call.fd)? {
         return Ok(false);
     }
     let port: u16 = unsafe { bpf_probe_read_user((addr + 2) as *const u16).map_err(|e| e as i32)? };
@@ -118,17 +121,17 @@ fn is_attempt_failure(errno: i32) -> bool {
 fn on_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
-    if let Some(sock) = unsafe { CONNECTING.get(&tid) }.copied() {
-        let _ = CONNECTING.remove(&tid);
-        if let Some(attempt) = IN_FLIGHT.get_ptr_mut(&sock) {
-            note_error(unsafe { &mut *attempt }, sock, unsafe { bpf_ktime_get_ns() });
-        }
-    }
-    // A pending entry left means the socket never reached SYN_SENT (that removes it).
-    let Some(pending) = (unsafe { PENDING.get(&tid) }).copied() else {
+    let Some(call) = (unsafe { CONNECT_CALLS.get(&tid) }).copied() else {
         return Ok(());
     };
-    let _ = PENDING.remove(&tid);
+    let _ = CONNECT_CALLS.remove(&tid);
+    if call.sock != 0 {
+        if let Some(attempt) = IN_FLIGHT.get_ptr_mut(&call.sock) {
+            note_error(unsafe { &mut *attempt }, call.sock, unsafe { bpf_ktime_get_ns() });
+        }
+        return Ok(());
+    }
+    // The socket never reached SYN_SENT.
     let ret: i64 = unsafe { ctx.read_at(layout().connect.ret as usize)? };
     let errno = (-ret) as i32;
     if ret >= 0 || !is_attempt_failure(errno) {
@@ -137,13 +140,13 @@ fn on_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let attempt = SCRATCH.get_ptr_mut(0).ok_or(0)?;
     let attempt = unsafe { &mut *attempt };
     *attempt = AttemptRecord::ZERO;
-    attempt.start_ns = pending.start_ns;
+    attempt.start_ns = call.start_ns;
     attempt.end_ns = unsafe { bpf_ktime_get_ns() };
     attempt.pid = (pid_tgid >> 32) as u32;
     attempt.tid = tid;
     attempt.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     attempt.cgroup_id = unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() };
-    if !tcp_destination(&pending, attempt)? {
+    if !tcp_destination(&call, attempt)? {
         return Ok(());
     }
     attempt.error = errno;

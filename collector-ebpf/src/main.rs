@@ -1,6 +1,6 @@
-//! synspan's kernel programs: one per hook, all sharing the in-flight map.
+//! synspan's kernel programs: one module per hook, all sharing the in-flight map.
 //!
-//! An attempt is born when a TCP socket enters SYN_SENT (`attempt::on_set_state`), gathers
+//! An attempt is born when a TCP socket enters SYN_SENT (`attempt::attempt_start`), gathers
 //! retransmits, resets and errors while it waits, and is handed to the agent in one
 //! ring-buffer record when the socket leaves SYN_SENT.
 #![no_std]

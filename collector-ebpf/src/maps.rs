@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace, lpm_trie::LpmTrie},
 };
 use synspan_shared::{
-    AttemptRecord, Endpoint, KernelLayout, MAX_FILTER_ENTRIES, PendingConnect, Policy, attempt_flags, counter,
+    AttemptRecord, ConnectCall, Endpoint, KernelLayout, MAX_FILTER_ENTRIES, Policy, attempt_flags, counter,
 };
 
 /// Attempts in flight, keyed by socket address. The agent sizes it at load time.
@@ -27,13 +27,9 @@ pub static NOTED: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
 #[map]
 pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 
-/// Thread id to its `connect()` that has not reached SYN_SENT yet.
+/// Thread id to its `connect()` call, from entry to return.
 #[map]
-pub static PENDING: LruHashMap<u32, PendingConnect> = LruHashMap::with_max_entries(16384, 0);
-
-/// Thread id to the socket its `connect()` put in SYN_SENT, until that `connect()` returns.
-#[map]
-pub static CONNECTING: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
+pub static CONNECT_CALLS: LruHashMap<u32, ConnectCall> = LruHashMap::with_max_entries(16384, 0);
 
 /// Local endpoints of attempts that sent a RST in SYN_SENT, to their socket: the connection
 /// their SYN met will close on that RST, and names this endpoint as its peer when it does.

@@ -55,6 +55,7 @@ impl Pipeline {
     /// Reads up to `MAX_BATCH` records; returns how many were read.
     fn read(&mut self, ring: &mut RingBuf<MapData>) -> usize {
         let mut read = 0;
+        self.enricher.new_batch();
         while read < MAX_BATCH {
             let Some(item) = ring.next() else { break };
             read += 1;
@@ -68,6 +69,13 @@ impl Pipeline {
             };
             drop(item);
             self.clock.refresh(record.end_ns);
+            if self.stdout.is_none()
+                && let Some(otlp) = &mut self.otlp
+                && otlp.room() <= self.batch.len()
+            {
+                otlp.shed(1);
+                continue;
+            }
             match Attempt::decode(&record, &self.clock) {
                 Ok(attempt) => {
                     let identity = self.enricher.identify(&attempt);

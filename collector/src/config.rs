@@ -323,6 +323,8 @@ impl Cli {
             .into_iter()
             .filter(|(on, _)| *on)
             .fold(0, |bits, (_, bit)| bits | bit),
+            agent_tgid: std::process::id(),
+            reserved: 0,
         }
     }
 }
@@ -339,7 +341,13 @@ mod tests {
     fn defaults_keep_everything() {
         let c = cli(&[]).unwrap();
         assert_eq!(c.output, Output::Console);
-        assert_eq!(c.policy(), Policy::ALL);
+        assert_eq!(
+            c.policy(),
+            Policy {
+                agent_tgid: std::process::id(),
+                ..Policy::ALL
+            }
+        );
     }
 
     #[test]

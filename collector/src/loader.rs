@@ -122,14 +122,16 @@ fn dest_key(net: &ipnet::IpNet) -> Key<[u8; 16]> {
     }
 }
 
-/// Tracepoint programs: (program and tracepoint name, category, required).
-const TRACEPOINTS: [(&str, &str, bool); 6] = [
-    ("inet_sock_set_state", "sock", true),
-    ("tcp_retransmit_skb", "tcp", false),
-    ("tcp_receive_reset", "tcp", false),
-    ("tcp_send_reset", "tcp", false),
-    ("sys_enter_connect", "syscalls", false),
-    ("sys_exit_connect", "syscalls", false),
+/// Tracepoint programs: (program, category, tracepoint, required). A tracepoint that a
+/// kernel lacks is skipped by its name, with every program on it.
+const TRACEPOINTS: [(&str, &str, &str, bool); 7] = [
+    ("attempt_start", "sock", "inet_sock_set_state", true),
+    ("attempt_end", "sock", "inet_sock_set_state", true),
+    ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb", false),
+    ("tcp_receive_reset", "tcp", "tcp_receive_reset", false),
+    ("tcp_send_reset", "tcp", "tcp_send_reset", false),
+    ("sys_enter_connect", "syscalls", "sys_enter_connect", false),
+    ("sys_exit_connect", "syscalls", "sys_exit_connect", false),
 ];
 const ERROR_REPORT: &str = "inet_sk_error_report";
 
@@ -219,8 +221,8 @@ impl Tracer {
     pub fn attach(&mut self, resolved: &Resolved) -> Result<Vec<(&'static str, String)>, LoadError> {
         let mut skipped = resolved.unavailable.clone();
         let is_skipped = |name: &str, skipped: &[(&str, String)]| skipped.iter().any(|(n, _)| *n == name);
-        for (name, category, required) in TRACEPOINTS {
-            if is_skipped(name, &skipped) {
+        for (name, category, tracepoint, required) in TRACEPOINTS {
+            if is_skipped(tracepoint, &skipped) {
                 continue;
             }
             let program: &mut TracePoint = self
@@ -234,7 +236,7 @@ impl Tracer {
                 })?;
             let result = program
                 .load()
-                .and_then(|()| program.attach(category, name).map(drop));
+                .and_then(|()| program.attach(category, tracepoint).map(drop));
             match result {
                 Ok(()) => {}
                 Err(source) if required => {

@@ -65,11 +65,8 @@ fn stacks_and_process_identity() {
     let user = text(&span, "synspan.user_stack");
     assert!(user.contains(CONNECT_FN), "user stack:\n{user}");
     assert!(user.lines().count() >= 3, "one frame per line:\n{user}");
-    let kernel = text(&span, "synspan.kernel_stack");
-    assert!(
-        kernel.contains("tcp_v4_connect"),
-        "kernel stack at SYN_SENT:\n{kernel}"
-    );
+    // connect(2) always reaches SYN_SENT by the same kernel path: not walked.
+    assert!(span["attributes"]["synspan.kernel_stack"].is_null(), "{span:#}");
     // A success ends on the one path there is: no end stack is taken for it.
     assert!(
         span["attributes"]["synspan.end_kernel_stack"].is_null(),

@@ -146,15 +146,18 @@ impl AttemptRecord {
     };
 }
 
-/// A `connect()` in progress that has not reached SYN_SENT yet, by thread id. Only the
-/// arguments are kept: they are looked at when the call fails, which is rare.
+/// A `connect()` call in progress, by thread id. Only the arguments are kept: they are
+/// looked at when the call fails before SYN_SENT, which is rare.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PendingConnect {
+pub struct ConnectCall {
     pub start_ns: u64,
     /// The user's `struct sockaddr *`, still valid when the call returns.
     pub uservaddr: u64,
     pub fd: u64,
+    /// The socket the call put in SYN_SENT; 0 until it does (the call failed before SYN_SENT
+    /// if it returns with 0 here).
+    pub sock: u64,
 }
 
 /// Sent when a process starts an attempt from a user stack the kernel has not reported for
@@ -322,6 +325,11 @@ pub struct Policy {
     pub stacks: u8,
     /// Bits of [`filter`]: which allow-lists an attempt must match to be traced at all.
     pub filters: u8,
+    /// The agent's process (tgid in the initial pid namespace): its own attempts are not
+    /// traced. 0 excludes nothing.
+    pub agent_tgid: u32,
+    /// Keeps the struct free of implicit padding.
+    pub reserved: u32,
 }
 
 /// Bits of [`Policy::filters`]. Each set bit names an allow-list map the attempt must hit;
@@ -350,6 +358,8 @@ impl Policy {
         keep_retried: 0,
         stacks: 1,
         filters: 0,
+        agent_tgid: 0,
+        reserved: 0,
     };
 }
 
@@ -393,5 +403,5 @@ mod pod {
     unsafe impl aya::Pod for super::Policy {}
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::ProcessNote {}
-    unsafe impl aya::Pod for super::PendingConnect {}
+    unsafe impl aya::Pod for super::ConnectCall {}
 }

@@ -64,13 +64,17 @@ pub struct Enricher {
     processes: ProcessCache,
     known: HashMap<u32, (Arc<Process>, Instant)>,
     stacks: Option<StackTraceMap<MapData>>,
+    /// Stacks read from the map during the current batch, by id: a storm from one code path
+    /// shares a few ids, and each read is a syscall. Emptied by [`Enricher::new_batch`]: the
+    /// kernel reuses an id when a new stack hashes to it.
+    read_stacks: HashMap<u32, Option<Arc<[u64]>>>,
     kernel: Option<KernelSymbols>,
     normalizer: StackNormalizer,
     user: UserSymbolizer,
     /// User stacks normalized while their process was alive, by (pid, addresses).
-    normalized: HashMap<(u32, Vec<u64>), Vec<NormalizedFrame>>,
-    rendered_user: HashMap<(u32, Vec<u64>), Arc<str>>,
-    rendered_kernel: HashMap<Vec<u64>, Arc<str>>,
+    normalized: HashMap<(u32, Arc<[u64]>), Vec<NormalizedFrame>>,
+    rendered_user: HashMap<(u32, Arc<[u64]>), Arc<str>>,
+    rendered_kernel: HashMap<Arc<[u64]>, Arc<str>>,
     /// One open descriptor per network namespace, shared by its processes: a namespace is
     /// kept alive only while a known process uses it.
     netns: HashMap<u64, std::sync::Weak<File>>,
@@ -125,6 +129,7 @@ impl Enricher {
             processes: ProcessCache::new(super::DEFAULT_MAX_PROCESSES, options),
             known: HashMap::new(),
             stacks,
+            read_stacks: HashMap::new(),
             kernel,
             normalizer: StackNormalizer::new(),
             user: UserSymbolizer::new(),
@@ -160,6 +165,11 @@ impl Enricher {
             kernel_stack,
             end_kernel_stack,
         }
+    }
+
+    /// Starts a batch of records read together: stacks are read from the map afresh.
+    pub fn new_batch(&mut self) {
+        self.read_stacks.clear();
     }
 
     /// Forgets processes that have exited. Call now and then.
@@ -205,13 +215,19 @@ impl Enricher {
         Some(file)
     }
 
-    fn stack(&self, id: Option<u32>) -> Option<Vec<u64>> {
+    fn stack(&mut self, id: Option<u32>) -> Option<Arc<[u64]>> {
         let map = self.stacks.as_ref()?;
-        let trace = map.get(&id?, 0).ok()?;
-        Some(trace.frames().iter().map(|f| f.ip).collect())
+        let id = id?;
+        self.read_stacks
+            .entry(id)
+            .or_insert_with(|| {
+                let trace = map.get(&id, 0).ok()?;
+                Some(trace.frames().iter().map(|f| f.ip).collect())
+            })
+            .clone()
     }
 
-    fn normalize(&mut self, pid: u32, addrs: Vec<u64>) {
+    fn normalize(&mut self, pid: u32, addrs: Arc<[u64]>) {
         let key = (pid, addrs);
         if self.normalized.contains_key(&key) {
             return;
@@ -222,7 +238,7 @@ impl Enricher {
         }
     }
 
-    fn render_user(&mut self, pid: u32, addrs: Vec<u64>) -> Option<Arc<str>> {
+    fn render_user(&mut self, pid: u32, addrs: Arc<[u64]>) -> Option<Arc<str>> {
         let key = (pid, addrs);
         if let Some(text) = self.rendered_user.get(&key) {
             return Some(text.clone());
@@ -237,7 +253,7 @@ impl Enricher {
         Some(text)
     }
 
-    fn render_kernel(&mut self, addrs: Vec<u64>) -> Arc<str> {
+    fn render_kernel(&mut self, addrs: Arc<[u64]>) -> Arc<str> {
         if let Some(text) = self.rendered_kernel.get(&addrs) {
             return text.clone();
         }

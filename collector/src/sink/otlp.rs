@@ -92,16 +92,27 @@ impl OtlpSink {
         }
         AgentCounters::add(&self.counters.submitted, queued);
         if full > 0 {
-            AgentCounters::add(&self.counters.export_queue_full, full);
-            if self.last_full_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
-                self.last_full_warning = Some(Instant::now());
-                tracing::warn!(
-                    dropped = full,
-                    "OTLP export queue is full ({} spans): dropping spans; the collector is down \
-                     or slower than the attempt rate (see --export-queue-size)",
-                    self.queue.max_capacity()
-                );
-            }
+            self.shed(full);
+        }
+    }
+
+    /// Spans the queue can take now.
+    pub fn room(&self) -> usize {
+        self.queue.capacity()
+    }
+
+    /// Counts spans dropped because the queue is full. The reader sheds attempts this way
+    /// before it builds their spans, so that an overloaded export costs no work per attempt.
+    pub fn shed(&mut self, n: u64) {
+        AgentCounters::add(&self.counters.export_queue_full, n);
+        if self.last_full_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+            self.last_full_warning = Some(Instant::now());
+            tracing::warn!(
+                dropped = n,
+                "OTLP export queue is full ({} spans): dropping spans; the collector is down \
+                 or slower than the attempt rate (see --export-queue-size)",
+                self.queue.max_capacity()
+            );
         }
     }
 
