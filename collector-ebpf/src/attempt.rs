@@ -1,4 +1,12 @@
-//! `sock:inet_sock_set_state`: where an attempt starts and ends.
+//! `inet_sock_set_state`: where an attempt starts and ends.
+//!
+//! Two programs, one for each end of an attempt, attached as BTF tracepoints where the
+//! kernel has BTF, else as classic tracepoints. The difference matters under load: the kernel
+//! runs classic tracepoint and kprobe programs only when no other such program is running on
+//! the CPU, and an attempt's SYN-ACK or RST is often processed in a softirq that interrupts
+//! another attempt's start (and its stack walk) there. A skipped start loses the attempt; a
+//! skipped end leaves it in flight for good. BTF tracepoint programs are only kept from
+//! running inside themselves, and the start and the end are two programs.
 
 use aya_ebpf::{
     bindings::{BPF_F_REUSE_STACKID, BPF_F_USER_STACK},
@@ -6,13 +14,12 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_prandom_u32,
         bpf_ktime_get_ns,
     },
-    macros::tracepoint,
+    macros::{btf_tracepoint, tracepoint},
     maps::lpm_trie::Key,
-    programs::{TracePointContext, tracing::StackIdContext},
+    programs::{BtfTracePointContext, TracePointContext, tracing::StackIdContext},
 };
 use synspan_shared::{
-    AF_INET, AttemptRecord, Endpoint, IPPROTO_TCP, ProcessNote, SetStateFields, attempt_flags, counter,
-    filter, tcp_state,
+    AF_INET, AttemptRecord, Endpoint, IPPROTO_TCP, ProcessNote, attempt_flags, counter, filter, tcp_state,
 };
 
 use crate::maps::{
@@ -21,57 +28,174 @@ use crate::maps::{
     policy, record_error, sock_int, wakeup_flags,
 };
 
-// Two programs on one tracepoint, not one: the kernel will not run a program on a CPU where
-// it is already running. An attempt's SYN-ACK or RST is often processed in a softirq that
-// interrupts another attempt's start (and its stack walks) on the same CPU; were both one
-// program, that end would be skipped and its attempt would never finish.
-
 /// A socket enters SYN_SENT.
-#[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn attempt_start(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn attempt_start(ctx: BtfTracePointContext) -> u32 {
     let _ = on_start(&ctx);
     0
 }
 
 /// A socket leaves SYN_SENT, or a lingering connection closes.
-#[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn attempt_end(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn attempt_end(ctx: BtfTracePointContext) -> u32 {
     let _ = on_end(&ctx);
     0
 }
 
+/// `attempt_start` for kernels without BTF.
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn attempt_start_tp(ctx: TracePointContext) -> u32 {
+    let _ = on_start(&ctx);
+    0
+}
+
+/// `attempt_end` for kernels without BTF.
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn attempt_end_tp(ctx: TracePointContext) -> u32 {
+    let _ = on_end(&ctx);
+    0
+}
+
+/// One `inet_sock_set_state(sk, oldstate, newstate)`, as either kind of program sees it.
+trait StateChange: StackIdContext {
+    fn sock(&self) -> Result<u64, i32>;
+    fn oldstate(&self) -> Result<i32, i32>;
+    fn newstate(&self) -> Result<i32, i32>;
+    fn protocol(&self) -> Result<u16, i32>;
+    /// The local port, host order. 0 at SYN_SENT: the kernel picks it just after.
+    fn sport(&self) -> Result<u16, i32>;
+    /// Family, ports and addresses.
+    fn tuple(&self, into: &mut AttemptRecord) -> Result<(), i32>;
+}
+
+/// The BTF tracepoint gets the call's arguments; the rest comes from the socket.
+impl StateChange for BtfTracePointContext {
+    #[inline(always)]
+    fn sock(&self) -> Result<u64, i32> {
+        Ok(self.arg::<u64>(0))
+    }
+
+    #[inline(always)]
+    fn oldstate(&self) -> Result<i32, i32> {
+        Ok(self.arg::<i32>(1))
+    }
+
+    #[inline(always)]
+    fn newstate(&self) -> Result<i32, i32> {
+        Ok(self.arg::<i32>(2))
+    }
+
+    #[inline(always)]
+    fn protocol(&self) -> Result<u16, i32> {
+        read_sock(self.sock()?, layout().tuple.protocol)
+    }
+
+    #[inline(always)]
+    fn sport(&self) -> Result<u16, i32> {
+        Ok(u16::from_be(read_sock(self.sock()?, layout().tuple.sport)?))
+    }
+
+    #[inline(always)]
+    fn tuple(&self, into: &mut AttemptRecord) -> Result<(), i32> {
+        let sock = self.sock()?;
+        let f = layout().tuple;
+        into.family = read_sock(sock, f.family)?;
+        into.sport = u16::from_be(read_sock(sock, f.sport)?);
+        into.dport = u16::from_be(read_sock(sock, f.dport)?);
+        if into.family == AF_INET {
+            let s: [u8; 4] = read_sock(sock, f.rcv_saddr)?;
+            let d: [u8; 4] = read_sock(sock, f.daddr)?;
+            into.saddr[..4].copy_from_slice(&s);
+            into.daddr[..4].copy_from_slice(&d);
+        } else {
+            into.saddr = read_sock(sock, f.v6_rcv_saddr)?;
+            into.daddr = read_sock(sock, f.v6_daddr)?;
+        }
+        Ok(())
+    }
+}
+
 #[inline(always)]
-fn read<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i32> {
+fn read_sock<T>(sock: u64, offset: u16) -> Result<T, i32> {
+    unsafe {
+        aya_ebpf::helpers::bpf_probe_read_kernel((sock as *const u8).add(offset as usize) as *const T)
+            .map_err(|e| e as i32)
+    }
+}
+
+/// The classic tracepoint reads its event, at the offsets tracefs gave.
+impl StateChange for TracePointContext {
+    #[inline(always)]
+    fn sock(&self) -> Result<u64, i32> {
+        read_event(self, layout().set_state.skaddr)
+    }
+
+    #[inline(always)]
+    fn oldstate(&self) -> Result<i32, i32> {
+        read_event(self, layout().set_state.oldstate)
+    }
+
+    #[inline(always)]
+    fn newstate(&self) -> Result<i32, i32> {
+        read_event(self, layout().set_state.newstate)
+    }
+
+    #[inline(always)]
+    fn protocol(&self) -> Result<u16, i32> {
+        read_event(self, layout().set_state.protocol)
+    }
+
+    #[inline(always)]
+    fn sport(&self) -> Result<u16, i32> {
+        read_event(self, layout().set_state.sport)
+    }
+
+    #[inline(always)]
+    fn tuple(&self, into: &mut AttemptRecord) -> Result<(), i32> {
+        let f = layout().set_state;
+        into.family = read_event(self, f.family)?;
+        into.sport = read_event(self, f.sport)?;
+        into.dport = read_event(self, f.dport)?;
+        if into.family == AF_INET {
+            let s: [u8; 4] = read_event(self, f.saddr)?;
+            let d: [u8; 4] = read_event(self, f.daddr)?;
+            into.saddr[..4].copy_from_slice(&s);
+            into.daddr[..4].copy_from_slice(&d);
+        } else {
+            into.saddr = read_event(self, f.saddr_v6)?;
+            into.daddr = read_event(self, f.daddr_v6)?;
+        }
+        Ok(())
+    }
+}
+
+#[inline(always)]
+fn read_event<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i32> {
     unsafe { ctx.read_at::<T>(offset as usize) }
 }
 
 #[inline(always)]
-fn on_start(ctx: &TracePointContext) -> Result<(), i32> {
-    let fields = layout().set_state;
+fn on_start<C: StateChange>(ctx: &C) -> Result<(), i32> {
     // Every TCP state change on the host lands here: leave as early as possible.
-    if read::<i32>(ctx, fields.newstate)? != tcp_state::SYN_SENT as i32
-        || read::<u16>(ctx, fields.protocol)? != IPPROTO_TCP
-    {
+    if ctx.newstate()? != tcp_state::SYN_SENT as i32 || ctx.protocol()? != IPPROTO_TCP {
         return Ok(());
     }
-    start(ctx, &fields, read(ctx, fields.skaddr)?)
+    start(ctx, ctx.sock()?)
 }
 
 #[inline(always)]
-fn on_end(ctx: &TracePointContext) -> Result<(), i32> {
-    let fields = layout().set_state;
-    let oldstate: i32 = read(ctx, fields.oldstate)?;
+fn on_end<C: StateChange>(ctx: &C) -> Result<(), i32> {
+    let oldstate = ctx.oldstate()?;
     if oldstate != tcp_state::SYN_SENT as i32 {
-        if lingering(oldstate) && read::<i32>(ctx, fields.newstate)? == tcp_state::CLOSE as i32 {
-            return on_lingering_close(ctx, &fields, oldstate as u8);
+        if lingering(oldstate) && ctx.newstate()? == tcp_state::CLOSE as i32 {
+            return on_lingering_close(ctx, oldstate as u8);
         }
         return Ok(());
     }
-    if read::<u16>(ctx, fields.protocol)? != IPPROTO_TCP {
+    if ctx.protocol()? != IPPROTO_TCP {
         return Ok(());
     }
-    let newstate: i32 = read(ctx, fields.newstate)?;
-    finish(ctx, &fields, read(ctx, fields.skaddr)?, newstate as u8)
+    finish(ctx, ctx.sock()?, ctx.newstate()? as u8)
 }
 
 /// States in which a connection outlives its use and can still answer a SYN for its tuple.
@@ -91,17 +215,17 @@ fn lingering(state: i32) -> bool {
 /// reset a connection it met in SYN_SENT, this is that connection: record it on the attempt.
 /// The evidence exists only now; a moment later the socket is gone.
 #[inline(always)]
-fn on_lingering_close(ctx: &TracePointContext, fields: &SetStateFields, state: u8) -> Result<(), i32> {
+fn on_lingering_close<C: StateChange>(ctx: &C, state: u8) -> Result<(), i32> {
     let watching_since = WATCH_SINCE.get(0).copied().unwrap_or(0);
     if watching_since == 0 || unsafe { bpf_ktime_get_ns() } - watching_since > WATCH_WINDOW_NS {
         return Ok(());
     }
-    if read::<u16>(ctx, fields.protocol)? != IPPROTO_TCP {
+    if ctx.protocol()? != IPPROTO_TCP {
         return Ok(());
     }
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(0)?;
     let closing = unsafe { &mut *scratch };
-    read_tuple(ctx, fields, closing)?;
+    ctx.tuple(closing)?;
     let peer = Endpoint {
         addr: closing.daddr,
         port: closing.dport,
@@ -127,7 +251,7 @@ fn on_lingering_close(ctx: &TracePointContext, fields: &SetStateFields, state: u
 
 /// Runs inside the application's own `connect()`: the only moment its identity is at hand.
 #[inline(always)]
-fn start(ctx: &TracePointContext, fields: &SetStateFields, sock: u64) -> Result<(), i32> {
+fn start<C: StateChange>(ctx: &C, sock: u64) -> Result<(), i32> {
     let attempt = SCRATCH.get_ptr_mut(0).ok_or(0)?;
     let attempt = unsafe { &mut *attempt };
     *attempt = AttemptRecord::ZERO;
@@ -144,7 +268,7 @@ fn start(ctx: &TracePointContext, fields: &SetStateFields, sock: u64) -> Result<
     attempt.tid = pid_tgid as u32;
     attempt.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     attempt.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    read_tuple(ctx, fields, attempt)?;
+    ctx.tuple(attempt)?;
     // Claimed before the policy can drop the attempt: the call has reached SYN_SENT, so it
     // must not look like one that never did when it returns.
     let call = CONNECT_CALLS.get_ptr_mut(&attempt.tid);
@@ -232,28 +356,7 @@ pub fn allowed(attempt: &AttemptRecord, filters: u8) -> bool {
 }
 
 #[inline(always)]
-fn read_tuple(
-    ctx: &TracePointContext,
-    fields: &SetStateFields,
-    attempt: &mut AttemptRecord,
-) -> Result<(), i32> {
-    attempt.family = read(ctx, fields.family)?;
-    attempt.sport = read(ctx, fields.sport)?;
-    attempt.dport = read(ctx, fields.dport)?;
-    if attempt.family == AF_INET {
-        let s: [u8; 4] = read(ctx, fields.saddr)?;
-        let d: [u8; 4] = read(ctx, fields.daddr)?;
-        attempt.saddr[..4].copy_from_slice(&s);
-        attempt.daddr[..4].copy_from_slice(&d);
-    } else {
-        attempt.saddr = read(ctx, fields.saddr_v6)?;
-        attempt.daddr = read(ctx, fields.daddr_v6)?;
-    }
-    Ok(())
-}
-
-#[inline(always)]
-fn finish(ctx: &TracePointContext, fields: &SetStateFields, sock: u64, end_state: u8) -> Result<(), i32> {
+fn finish<C: StateChange>(ctx: &C, sock: u64, end_state: u8) -> Result<(), i32> {
     let Some(attempt) = IN_FLIGHT.get_ptr_mut(&sock) else {
         count(counter::UNTRACKED_FINISH);
         return Ok(());
@@ -264,7 +367,7 @@ fn finish(ctx: &TracePointContext, fields: &SetStateFields, sock: u64, end_state
     attempt.end_state = end_state;
     // The source port is only known now: the kernel sets SYN_SENT before it picks the
     // ephemeral port. The addresses were set before SYN_SENT and read then.
-    attempt.sport = read(ctx, fields.sport)?;
+    attempt.sport = ctx.sport()?;
     let sock_fields = layout().sock;
     attempt.error = sock_int(sock, sock_fields.sk_err);
     attempt.soft_error = sock_int(sock, sock_fields.sk_err_soft);

@@ -213,7 +213,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let skipped = tracer.attach(&resolved)?;
+    let skipped = tracer.attach(&resolved, !cli.classic_tracepoints)?;
     for (hook, why) in &skipped {
         tracing::warn!("not attached: {hook} ({why}); spans will lack what it shows");
     }

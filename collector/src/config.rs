@@ -134,6 +134,11 @@ pub struct Cli {
     #[arg(long)]
     pub no_stacks: bool,
 
+    /// Trace attempts with classic tracepoints even where BTF tracepoints work: what a
+    /// kernel without BTF gets. For testing that path.
+    #[arg(long, hide = true)]
+    pub classic_tracepoints: bool,
+
     /// Attempts tracked in flight at once (the in-flight map's size). An attempt pushed out
     /// by newer ones is counted as evicted.
     #[arg(long, value_name = "N", default_value = "16384")]

@@ -9,6 +9,7 @@ use std::{
 use btf_rs::{Btf, Type};
 use synspan_shared::{
     ConnectFields, FdPathFields, KernelLayout, ResetFields, RetransmitFields, SetStateFields, SockFields,
+    SockTupleFields,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +160,7 @@ pub fn resolve() -> Result<Resolved, LayoutError> {
         })
         .ok();
     let sock = btf.as_ref().map(sock_fields).unwrap_or_default();
+    let tuple = btf.as_ref().and_then(tuple_fields).unwrap_or_default();
     let fd_path = btf.as_ref().map(fd_path_fields).unwrap_or_default();
     if fd_path.sock_protocol == 0 {
         unavailable.push((
@@ -191,6 +193,7 @@ pub fn resolve() -> Result<Resolved, LayoutError> {
             receive_reset,
             send_reset,
             sock,
+            tuple,
             connect: ConnectFields {
                 fd: enter.0,
                 uservaddr: enter.1,
@@ -243,6 +246,25 @@ fn sock_fields(btf: &Btf) -> SockFields {
             }
         },
     }
+}
+
+/// Where `struct sock` keeps the tuple; `None` if any member is missing or is a bitfield
+/// (`sk_protocol` before 5.6).
+fn tuple_fields(btf: &Btf) -> Option<SockTupleFields> {
+    // struct sock starts with the named struct sock_common, __sk_common.
+    let common = member_offset(btf, "sock", "__sk_common")?;
+    let offset = |member: &str| u16::try_from(common + member_offset(btf, "sock_common", member)?).ok();
+    Some(SockTupleFields {
+        known: 1,
+        family: offset("skc_family")?,
+        protocol: u16::try_from(member_offset(btf, "sock", "sk_protocol")?).ok()?,
+        sport: u16::try_from(member_offset(btf, "inet_sock", "inet_sport")?).ok()?,
+        dport: offset("skc_dport")?,
+        rcv_saddr: offset("skc_rcv_saddr")?,
+        daddr: offset("skc_daddr")?,
+        v6_rcv_saddr: offset("skc_v6_rcv_saddr")?,
+        v6_daddr: offset("skc_v6_daddr")?,
+    })
 }
 
 /// The path from a task to a socket's protocol; all zero if any step is missing, or if the

@@ -46,12 +46,6 @@ pub enum LoadError {
     Cgroup { path: PathBuf, reason: String },
     #[error("too many {what} filters: at most {MAX_FILTER_ENTRIES}")]
     TooManyFilters { what: &'static str },
-    #[error("reading kernel BTF for {program}: {source}")]
-    Btf {
-        program: &'static str,
-        #[source]
-        source: aya::BtfError,
-    },
 }
 
 /// Sizes chosen on the command line.
@@ -122,17 +116,20 @@ fn dest_key(net: &ipnet::IpNet) -> Key<[u8; 16]> {
     }
 }
 
-/// Tracepoint programs: (program, category, tracepoint, required). A tracepoint that a
-/// kernel lacks is skipped by its name, with every program on it.
-const TRACEPOINTS: [(&str, &str, &str, bool); 7] = [
-    ("attempt_start", "sock", "inet_sock_set_state", true),
-    ("attempt_end", "sock", "inet_sock_set_state", true),
-    ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb", false),
-    ("tcp_receive_reset", "tcp", "tcp_receive_reset", false),
-    ("tcp_send_reset", "tcp", "tcp_send_reset", false),
-    ("sys_enter_connect", "syscalls", "sys_enter_connect", false),
-    ("sys_exit_connect", "syscalls", "sys_exit_connect", false),
+/// Classic tracepoint programs: (program and tracepoint name, category). Each is optional:
+/// a kernel without one loses what it shows, not the attempts.
+const TRACEPOINTS: [(&str, &str); 5] = [
+    ("tcp_retransmit_skb", "tcp"),
+    ("tcp_receive_reset", "tcp"),
+    ("tcp_send_reset", "tcp"),
+    ("sys_enter_connect", "syscalls"),
+    ("sys_exit_connect", "syscalls"),
 ];
+/// Where attempts start and end, as BTF tracepoints, and as classic ones for kernels without
+/// BTF (see `collector-ebpf/src/attempt.rs` for why the former are preferred).
+const ATTEMPT_HOOK: &str = "inet_sock_set_state";
+const ATTEMPT_BTF: [&str; 2] = ["attempt_start", "attempt_end"];
+const ATTEMPT_CLASSIC: [&str; 2] = ["attempt_start_tp", "attempt_end_tp"];
 const ERROR_REPORT: &str = "inet_sk_error_report";
 
 /// The loaded programs. Dropping it detaches and unloads everything.
@@ -218,79 +215,119 @@ impl Tracer {
     }
 
     /// Attaches every hook this kernel has. Returns the hooks that were skipped, with why.
-    pub fn attach(&mut self, resolved: &Resolved) -> Result<Vec<(&'static str, String)>, LoadError> {
+    /// `prefer_btf`: attach the attempt programs as BTF tracepoints where the kernel can.
+    pub fn attach(
+        &mut self,
+        resolved: &Resolved,
+        prefer_btf: bool,
+    ) -> Result<Vec<(&'static str, String)>, LoadError> {
         let mut skipped = resolved.unavailable.clone();
-        let is_skipped = |name: &str, skipped: &[(&str, String)]| skipped.iter().any(|(n, _)| *n == name);
-        for (name, category, tracepoint, required) in TRACEPOINTS {
-            if is_skipped(tracepoint, &skipped) {
-                continue;
+        // Parsed once for every BTF program: the kernel's BTF is megabytes.
+        let btf = Btf::from_sys_fs();
+        let btf_attach = match &btf {
+            _ if !prefer_btf => Err("--classic-tracepoints".into()),
+            Ok(btf) if resolved.layout.tuple.known != 0 => ATTEMPT_BTF
+                .into_iter()
+                .try_for_each(|name| self.attach_btf(name, ATTEMPT_HOOK, btf))
+                .map_err(|err| err.to_string()),
+            Ok(_) => Err("struct sock's tuple members are not in the kernel's BTF".into()),
+            Err(err) => Err(format!("no kernel BTF: {err}")),
+        };
+        if let Err(why) = btf_attach {
+            tracing::warn!(
+                "attempts are traced with classic tracepoints ({why}): under load the kernel may \
+                 skip some of them, counted as kernel_skipped_runs"
+            );
+            for name in ATTEMPT_BTF {
+                self.unload(name);
             }
-            let program: &mut TracePoint = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(LoadError::NoProgram(name))?
-                .try_into()
-                .map_err(|source| LoadError::Program {
-                    program: name,
-                    source,
-                })?;
-            let result = program
-                .load()
-                .and_then(|()| program.attach(category, tracepoint).map(drop));
-            match result {
-                Ok(()) => {}
-                Err(source) if required => {
-                    return Err(LoadError::Program {
-                        program: name,
-                        source,
-                    });
-                }
-                Err(err) => skipped.push((name, err.to_string())),
+            for name in ATTEMPT_CLASSIC {
+                self.attach_tracepoint(name, "sock", ATTEMPT_HOOK)?;
             }
         }
-        if !is_skipped(ERROR_REPORT, &skipped)
-            && let Err(err) = self.attach_error_report()
-        {
-            skipped.push((ERROR_REPORT, err.to_string()));
+        for (name, category) in TRACEPOINTS {
+            if skipped.iter().any(|(n, _)| *n == name) {
+                continue;
+            }
+            if let Err(err) = self.attach_tracepoint(name, category, name) {
+                skipped.push((name, err.to_string()));
+            }
+        }
+        if !skipped.iter().any(|(n, _)| *n == ERROR_REPORT) {
+            let attached = btf
+                .as_ref()
+                .map_err(|err| format!("no kernel BTF: {err}"))
+                .and_then(|btf| {
+                    self.attach_btf(ERROR_REPORT, ERROR_REPORT, btf)
+                        .map_err(|err| err.to_string())
+                });
+            if let Err(why) = attached {
+                skipped.push((ERROR_REPORT, why));
+            }
         }
         Ok(skipped)
     }
 
-    fn attach_error_report(&mut self) -> Result<(), LoadError> {
-        let btf = Btf::from_sys_fs().map_err(|source| LoadError::Btf {
-            program: ERROR_REPORT,
-            source,
-        })?;
-        let program: &mut BtfTracePoint = self
+    fn attach_tracepoint(
+        &mut self,
+        name: &'static str,
+        category: &str,
+        tracepoint: &str,
+    ) -> Result<(), LoadError> {
+        let program: &mut TracePoint = self
             .ebpf
-            .program_mut(ERROR_REPORT)
-            .ok_or(LoadError::NoProgram(ERROR_REPORT))?
+            .program_mut(name)
+            .ok_or(LoadError::NoProgram(name))?
             .try_into()
             .map_err(|source| LoadError::Program {
-                program: ERROR_REPORT,
+                program: name,
                 source,
             })?;
         program
-            .load(ERROR_REPORT, &btf)
-            .and_then(|()| program.attach().map(drop))
+            .load()
+            .and_then(|()| program.attach(category, tracepoint).map(drop))
             .map_err(|source| LoadError::Program {
-                program: ERROR_REPORT,
+                program: name,
                 source,
             })
+    }
+
+    fn attach_btf(&mut self, name: &'static str, function: &str, btf: &Btf) -> Result<(), LoadError> {
+        let program: &mut BtfTracePoint = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(LoadError::NoProgram(name))?
+            .try_into()
+            .map_err(|source| LoadError::Program {
+                program: name,
+                source,
+            })?;
+        program
+            .load(function, btf)
+            .and_then(|()| program.attach().map(drop))
+            .map_err(|source| LoadError::Program {
+                program: name,
+                source,
+            })
+    }
+
+    fn unload(&mut self, name: &str) {
+        let result = match self.ebpf.program_mut(name) {
+            Some(aya::programs::Program::TracePoint(p)) => p.unload(),
+            Some(aya::programs::Program::BtfTracePoint(p)) => p.unload(),
+            _ => Ok(()),
+        };
+        if let Err(err) = result {
+            tracing::debug!("unloading {name}: {err}");
+        }
     }
 
     /// Detaches every program so that no new attempt is recorded. Maps stay readable.
     pub fn detach(&mut self) {
         self.skipped_at_detach = Some(self.skipped_runs());
-        for (name, program) in self.ebpf.programs_mut() {
-            let result = match program {
-                aya::programs::Program::TracePoint(p) => p.unload(),
-                aya::programs::Program::BtfTracePoint(p) => p.unload(),
-                _ => Ok(()),
-            };
-            if let Err(err) = result {
-                tracing::debug!("unloading {name}: {err}");
-            }
+        let names: Vec<String> = self.ebpf.programs().map(|(name, _)| name.to_string()).collect();
+        for name in names {
+            self.unload(&name);
         }
     }
 

@@ -1,11 +1,16 @@
 //! An `Attempt` as an OpenTelemetry span. The OTLP and JSON sinks both start from here, so
 //! the JSON line mirrors the exported span exactly.
 
-use std::{borrow::Cow, collections::HashMap, sync::Arc, time::SystemTime};
+use std::{
+    borrow::Cow,
+    collections::HashMap,
+    sync::{Arc, LazyLock},
+    time::SystemTime,
+};
 
 use opentelemetry::{
     InstrumentationScope, KeyValue,
-    trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceState},
+    trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState},
 };
 use opentelemetry_sdk::{
     Resource,
@@ -76,22 +81,59 @@ pub mod key {
     pub const ELAPSED_MS: &str = "synspan.elapsed_ms";
 }
 
-/// A finished attempt, ready for every sink.
+/// A finished attempt, ready for every sink: what its span is made of, not the span itself.
+/// Attempts wait in the export queue by the thousand; each becomes a [`SpanData`], several
+/// times its size, only in the batch that sends it.
 #[derive(Clone, Debug)]
 pub struct ConnectSpan {
     pub attempt: Attempt,
+    pub identity: Identity,
     pub evidence: Evidence,
-    pub data: SpanData,
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
     /// The traced process's service, not synspan's.
     pub resource: Resource,
     /// Identifies `resource`: spans with the same one go out in one request.
     pub service: Arc<str>,
 }
 
+static SCOPE: LazyLock<InstrumentationScope> = LazyLock::new(|| {
+    InstrumentationScope::builder(env!("CARGO_PKG_NAME"))
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .build()
+});
+
+impl ConnectSpan {
+    /// The span as OpenTelemetry has it.
+    pub fn span_data(&self) -> SpanData {
+        let a = &self.attempt;
+        SpanData {
+            span_context: SpanContext::new(
+                self.trace_id,
+                self.span_id,
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::default(),
+            ),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Client,
+            name: Cow::Borrowed(SPAN_NAME),
+            start_time: a.start,
+            end_time: a.end,
+            attributes: attributes(a, &self.identity, &self.evidence),
+            dropped_attributes_count: 0,
+            events: span_events(a),
+            links: SpanLinks::default(),
+            status: status(a),
+            instrumentation_scope: SCOPE.clone(),
+        }
+    }
+}
+
 /// Builds spans; owns the id generator and the per-service resources.
 pub struct SpanBuilder {
     ids: RandomIdGenerator,
-    scope: InstrumentationScope,
     host_name: String,
     resources: HashMap<String, (Arc<str>, Resource)>,
 }
@@ -103,9 +145,6 @@ impl SpanBuilder {
     pub fn new(host_name: String) -> Self {
         Self {
             ids: RandomIdGenerator::default(),
-            scope: InstrumentationScope::builder(env!("CARGO_PKG_NAME"))
-                .with_version(env!("CARGO_PKG_VERSION"))
-                .build(),
             host_name,
             resources: HashMap::new(),
         }
@@ -151,33 +190,13 @@ impl SpanBuilder {
     }
 
     pub fn build(&mut self, attempt: Attempt, identity: &Identity, evidence: Evidence) -> ConnectSpan {
-        let span_context = SpanContext::new(
-            self.ids.new_trace_id(),
-            self.ids.new_span_id(),
-            TraceFlags::SAMPLED,
-            false,
-            TraceState::default(),
-        );
-        let data = SpanData {
-            span_context,
-            parent_span_id: SpanId::INVALID,
-            parent_span_is_remote: false,
-            span_kind: SpanKind::Client,
-            name: Cow::Borrowed(SPAN_NAME),
-            start_time: attempt.start,
-            end_time: attempt.end,
-            attributes: attributes(&attempt, identity, &evidence),
-            dropped_attributes_count: 0,
-            events: span_events(&attempt),
-            links: SpanLinks::default(),
-            status: status(&attempt),
-            instrumentation_scope: self.scope.clone(),
-        };
         let (service, resource) = self.resource(&attempt, identity);
         ConnectSpan {
+            trace_id: self.ids.new_trace_id(),
+            span_id: self.ids.new_span_id(),
             attempt,
+            identity: identity.clone(),
             evidence,
-            data,
             resource,
             service,
         }
@@ -383,7 +402,7 @@ pub(crate) mod tests {
     fn failed_attempt_span() {
         let mut builder = SpanBuilder::new("host".into());
         let span = builder.build(timed_out(), &Identity::default(), Evidence::default());
-        let d = &span.data;
+        let d = &span.span_data();
         assert_eq!(d.name, SPAN_NAME);
         assert_eq!(d.span_kind, SpanKind::Client);
         assert!(matches!(&d.status, Status::Error { description } if description.contains("timed out")));
@@ -405,7 +424,8 @@ pub(crate) mod tests {
         a.outcome = Outcome::Established;
         a.errno = 0;
         let span = SpanBuilder::new("host".into()).build(a, &Identity::default(), Evidence::default());
-        assert_eq!(span.data.status, Status::Unset);
-        assert_eq!(attr(&span.data, key::ERROR_TYPE), None);
+        let d = span.span_data();
+        assert_eq!(d.status, Status::Unset);
+        assert_eq!(attr(&d, key::ERROR_TYPE), None);
     }
 }

@@ -15,9 +15,12 @@ use synspan_testbed::{
 const SPAN_WAIT: Duration = Duration::from_secs(20);
 
 /// synspan with both outputs: JSON on stdout and OTLP to its own receiver.
-fn start() -> (Receiver, Agent) {
+fn start(args: &[&str]) -> (Receiver, Agent) {
     let receiver = Receiver::start().expect("start the OTLP receiver");
-    let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).expect("start synspan");
+    let endpoint = receiver.endpoint();
+    let mut all = vec!["--otlp-endpoint", &endpoint];
+    all.extend_from_slice(args);
+    let agent = Agent::start(&all).expect("start synspan");
     (receiver, agent)
 }
 
@@ -158,7 +161,7 @@ fn check_received(receiver: &Receiver, span: &Value) {
 }
 
 fn outcome_test(ns: &Netns, target: &str, args: &[&str], outcome: &str, retransmits: usize) {
-    let (receiver, agent) = start();
+    let (receiver, agent) = start(&[]);
     let client = connect(ns, target, args).expect("client");
     let span = span_for(&agent, &client, outcome, retransmits);
     check_received(&receiver, &span);
@@ -167,6 +170,27 @@ fn outcome_test(ns: &Netns, target: &str, args: &[&str], outcome: &str, retransm
         stopped.status.success(),
         "exit {:?}\n{}",
         stopped.status,
+        stopped.stderr
+    );
+}
+
+/// Kernels without BTF get the classic tracepoint programs: the same spans.
+#[test]
+fn classic_tracepoints() {
+    let ns = Netns::new("cls").unwrap();
+    let (receiver, agent) = start(&["--classic-tracepoints"]);
+    let refused = connect(&ns, "127.0.0.1:9", &[]).expect("client");
+    let span = span_for(&agent, &refused, "connection_refused", 0);
+    check_received(&receiver, &span);
+    let ok = connect(&ns, "[::1]:0", &["--listen-first"]).expect("client");
+    span_for(&agent, &ok, "established", 0);
+    let stopped = agent.stop(Duration::from_secs(10)).unwrap();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    assert!(
+        stopped
+            .stderr
+            .contains("attempts are traced with classic tracepoints (--classic-tracepoints)"),
+        "{}",
         stopped.stderr
     );
 }
@@ -208,7 +232,7 @@ fn kernel_gives_up_v4() {
         ],
     )
     .unwrap();
-    let (receiver, agent) = start();
+    let (receiver, agent) = start(&[]);
     let client = connect(&ns, "127.0.0.1:9", &[]).unwrap();
     assert_eq!(client.errno, libc::ETIMEDOUT, "{client:?}");
     let span = span_for(&agent, &client, "timed_out", 5);
@@ -233,7 +257,7 @@ fn app_closes(v6: bool) {
         ],
     )
     .unwrap();
-    let (receiver, agent) = start();
+    let (receiver, agent) = start(&[]);
     let target = if v6 { "[::1]:9" } else { "127.0.0.1:9" };
     let client = connect(&ns, target, &["--close-after", "2500"]).unwrap();
     assert!(client.closed_by_app, "{client:?}");
@@ -280,7 +304,7 @@ fn host_unreachable_v4() {
             ],
         )
         .unwrap();
-    let (receiver, agent) = start();
+    let (receiver, agent) = start(&[]);
     let client = connect(&client_ns, "198.18.0.2:80", &[]).unwrap();
     assert_eq!(client.errno, libc::EHOSTUNREACH, "{client:?}");
     let spans = agent.wait_spans_of(client.pid, 1, SPAN_WAIT);

@@ -216,6 +216,27 @@ pub struct SockFields {
     pub skc_num: u16,
 }
 
+/// Where `struct sock` keeps a connection's tuple, from BTF: what `inet_sock_set_state`
+/// reads into its event, read straight from the socket by the BTF tracepoint programs.
+/// Offsets can be 0 here (`skc_daddr` opens `struct sock`), so `known` says whether they
+/// were found.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockTupleFields {
+    pub known: u16,
+    pub family: u16,
+    pub protocol: u16,
+    /// The local port in network order (`inet_sock::inet_sport`). Not `skc_num`: that is
+    /// zeroed when the port is released, before the socket's last state change.
+    pub sport: u16,
+    /// The peer's port in network order (`skc_dport`).
+    pub dport: u16,
+    pub rcv_saddr: u16,
+    pub daddr: u16,
+    pub v6_rcv_saddr: u16,
+    pub v6_daddr: u16,
+}
+
 /// A TCP endpoint as a map key: the local endpoint of an attempt whose SYN met an existing
 /// connection, which that connection knows as its peer.
 #[repr(C)]
@@ -259,6 +280,7 @@ pub struct KernelLayout {
     pub receive_reset: ResetFields,
     pub send_reset: ResetFields,
     pub sock: SockFields,
+    pub tuple: SockTupleFields,
     pub connect: ConnectFields,
     pub fd_path: FdPathFields,
 }
@@ -290,6 +312,17 @@ impl KernelLayout {
             sk_err: 0,
             sk_err_soft: 0,
             skc_num: 0,
+        },
+        tuple: SockTupleFields {
+            known: 0,
+            family: 0,
+            protocol: 0,
+            sport: 0,
+            dport: 0,
+            rcv_saddr: 0,
+            daddr: 0,
+            v6_rcv_saddr: 0,
+            v6_daddr: 0,
         },
         connect: ConnectFields {
             fd: 0,

@@ -1,11 +1,12 @@
 //! Test bed for synspan: network namespaces, a connect client, the agent under test, and a
-//! real OTLP receiver. Shared by the end-to-end tests and the benchmark.
+//! real OTLP receiver (rotel) for the end-to-end tests, a counting one for the benchmark.
 
 pub mod agent;
 pub mod bench;
 pub mod cgroup;
 pub mod client;
 pub mod netns;
+pub mod otlp_sink;
 pub mod receiver;
 pub mod sockaddr;
 

@@ -42,7 +42,7 @@ fn kv_pairs(kvs: &[KeyValue]) -> impl Iterator<Item = (&str, &Value)> {
 }
 
 pub fn to_json(span: &ConnectSpan) -> Json {
-    let d = &span.data;
+    let d = &span.span_data();
     let (code, message) = match &d.status {
         Status::Unset => ("unset", String::new()),
         Status::Ok => ("ok", String::new()),

@@ -201,26 +201,27 @@ async fn export_batch(
     counters: &AgentCounters,
 ) {
     batch.sort_by(|a, b| a.service.cmp(&b.service));
-    while !batch.is_empty() {
-        let service = batch[0].service.clone();
+    let mut spans = batch.drain(..).peekable();
+    while let Some(first) = spans.next() {
         // One service's spans, as many as fit in one request (the first always does).
-        let mut bytes = 0;
-        let n = batch
-            .iter()
-            .take_while(|s| {
-                let size = encoded_size(&s.data);
-                bytes += size;
-                s.service == service && (bytes <= MAX_REQUEST_BYTES || bytes == size)
-            })
-            .count();
-        let group: Vec<ConnectSpan> = batch.drain(..n).collect();
-        let resource = group[0].resource.clone();
-        let spans: Vec<_> = group.into_iter().map(|s| s.data).collect();
-        export_with_retry(exporter, &resource, spans, settings, counters).await;
+        let resource = first.resource.clone();
+        let data = first.span_data();
+        let mut bytes = encoded_size(&data);
+        let mut request = vec![data];
+        while let Some(next) = spans.next_if(|s| s.service == first.service) {
+            let data = next.span_data();
+            bytes += encoded_size(&data);
+            request.push(data);
+            if bytes > MAX_REQUEST_BYTES {
+                break;
+            }
+        }
+        export_with_retry(exporter, &resource, request, settings, counters).await;
     }
 }
 
-/// gRPC servers refuse messages over 4 MiB by default; stay well under it.
+/// gRPC servers refuse messages over 4 MiB by default. A request is closed once it passes
+/// this, so it ends at most one span (tens of KiB at worst) above it.
 const MAX_REQUEST_BYTES: usize = 3 * 1024 * 1024;
 
 /// A span's size on the wire, near enough: its strings plus a fixed overhead per field.
@@ -313,7 +314,7 @@ mod tests {
                 &Default::default(),
                 Default::default(),
             )
-            .data;
+            .span_data();
         let small = encoded_size(&span);
         assert!((200..2000).contains(&small), "{small}");
         span.attributes

@@ -20,7 +20,7 @@
 //!
 //! Everything happens inside one network namespace that the benchmark creates and removes:
 //! this process enters it (setns, so that the children keep the host's mounts, tracefs
-//! included), then starts the OTLP receiver (rotel) and, run after run, the load generator
+//! included), then starts the OTLP receiver (`synspan-otlp-sink`) and, run after run, the load generator
 //! `synspan-storm` and synspan. Only 127.0.0.1 of that namespace ever sees a packet.
 //!
 //! Each pair is an A run (no tracer) followed by a B run (synspan started, ready, then the
@@ -53,7 +53,7 @@ use serde_json::Value;
 use synspan_testbed::{
     bench::{self, StormReport},
     netns::Netns,
-    receiver::Receiver,
+    otlp_sink::{OtlpSink, SinkCounts},
     repo_root, wait_until, workspace_bin,
 };
 
@@ -340,14 +340,6 @@ fn foreign_tracers() -> usize {
         .count()
 }
 
-/// The receiver (rotel-agent), a child of this process.
-fn receiver_pid() -> Option<i32> {
-    let me = std::process::id() as u64;
-    all_pids().into_iter().find(|&pid| {
-        stat_fields(pid).and_then(|f| f.get(PPID).copied()) == Some(me) && comm(pid).starts_with("rotel")
-    })
-}
-
 /// What every other process of the host did, to tell a quiet run from a disturbed one.
 struct HostSnapshot {
     /// pid → (start time, utime + stime + cutime + cstime): a child that exits and is
@@ -547,11 +539,7 @@ fn prog_delta(before: &[ProgStat], after: &[ProgStat]) -> Vec<ProgStat> {
 }
 
 // ---------------------------------------------------------------------------------------
-// The receiver's output: one JSON line per span, read without parsing the JSON.
-
-struct SpanFile {
-    path: PathBuf,
-}
+// What the receiver got.
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Received {
@@ -560,76 +548,33 @@ struct Received {
     synspan: u64,
 }
 
-impl SpanFile {
-    /// The file `Receiver` points rotel at: `$TMP/synspan-rx-<our pid>-<port>/spans.jsonl`.
-    fn find() -> anyhow::Result<Self> {
-        let prefix = format!("synspan-rx-{}-", std::process::id());
-        let dir = fs::read_dir(std::env::temp_dir())?
-            .flatten()
-            .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-            .context("the receiver's directory is missing")?;
-        Ok(Self {
-            path: dir.path().join("spans.jsonl"),
-        })
-    }
-
-    fn len(&self) -> u64 {
-        fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
-    }
-
-    /// Empties the file; rotel appends (O_APPEND), so it just starts again at 0.
-    fn clear(&self) -> anyhow::Result<()> {
-        if self.path.exists() {
-            fs::OpenOptions::new().write(true).open(&self.path)?.set_len(0)?;
+/// Waits until the sink has received nothing new for `QUIET`; returns how long it kept
+/// receiving.
+fn wait_quiet(sink: &OtlpSink) -> Duration {
+    let spans = || sink.counts().map(|c| c.spans).unwrap_or(0);
+    let started = Instant::now();
+    let mut last = spans();
+    let mut since = Instant::now();
+    while started.elapsed() < DRAIN_LIMIT && !interrupted() {
+        thread::sleep(Duration::from_millis(100));
+        let now = spans();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= QUIET {
+            break;
         }
-        Ok(())
     }
+    since.duration_since(started)
+}
 
-    /// Waits until the file has not grown for `QUIET`; returns how long it kept growing.
-    fn wait_quiet(&self) -> Duration {
-        let started = Instant::now();
-        let mut last = self.len();
-        let mut since = Instant::now();
-        while started.elapsed() < DRAIN_LIMIT && !interrupted() {
-            thread::sleep(Duration::from_millis(100));
-            let now = self.len();
-            if now != last {
-                last = now;
-                since = Instant::now();
-            } else if since.elapsed() >= QUIET {
-                break;
-            }
-        }
-        since.duration_since(started)
-    }
-
-    /// Spans received, and how many of them came from the storm's and from synspan's pid.
-    fn count(&self, storm: u32, synspan: u32) -> anyhow::Result<Received> {
-        let mut received = Received::default();
-        let Ok(file) = fs::File::open(&self.path) else {
-            return Ok(received);
-        };
-        // json.dumps writes `"key": value` with `, ` between items.
-        let needle = |pid: u32| {
-            [
-                format!("\"process.pid\": {pid},"),
-                format!("\"process.pid\": {pid}}}"),
-            ]
-        };
-        let (storm, synspan) = (needle(storm), needle(synspan));
-        for line in BufReader::with_capacity(1 << 20, file).lines() {
-            let line = line?;
-            if line.is_empty() {
-                continue;
-            }
-            received.total += 1;
-            if storm.iter().any(|n| line.contains(n.as_str())) {
-                received.storm += 1;
-            } else if synspan.iter().any(|n| line.contains(n.as_str())) {
-                received.synspan += 1;
-            }
-        }
-        Ok(received)
+/// Spans received between two readings, and how many came from the storm's and from
+/// synspan's pid.
+fn received(before: &SinkCounts, after: &SinkCounts, storm: u32, synspan: u32) -> Received {
+    Received {
+        total: after.spans - before.spans,
+        storm: after.of_pid(storm) - before.of_pid(storm),
+        synspan: after.of_pid(synspan) - before.of_pid(synspan),
     }
 }
 
@@ -922,8 +867,7 @@ impl Run {
 
 struct Bench<'a> {
     args: &'a Args,
-    endpoint: String,
-    spans: SpanFile,
+    sink: &'a OtlpSink,
 }
 
 impl Bench<'_> {
@@ -941,11 +885,10 @@ impl Bench<'_> {
     }
 
     fn traced(&self, mode: &Mode, pair: u32) -> anyhow::Result<Run> {
-        self.spans.clear()?;
-        let receiver = receiver_pid();
-        let receiver_cpu = || receiver.and_then(cpu_seconds).unwrap_or(0.0);
+        let before = self.sink.counts()?;
+        let receiver_cpu = || cpu_seconds(self.sink.pid() as i32).unwrap_or(0.0);
         let rx_before = receiver_cpu();
-        let tracer = Tracer::start(&self.endpoint, mode.flags, &self.args.synspan_args)?;
+        let tracer = Tracer::start(self.sink.endpoint(), mode.flags, &self.args.synspan_args)?;
         let pid = tracer.pid();
         let progs_before = prog_stats(pid);
         let cpu_start = cpu_seconds(pid).unwrap_or(0.0);
@@ -953,14 +896,14 @@ impl Bench<'_> {
         let storm = storm(self.args, mode.storm)?;
         let host = Disturbance::between(&host, &HostSnapshot::take());
         let cpu_storm_s = cpu_seconds(pid).unwrap_or(0.0) - cpu_start;
-        let drain_s = self.spans.wait_quiet().as_secs_f64();
+        let drain_s = wait_quiet(self.sink).as_secs_f64();
         let cpu_s = cpu_seconds(pid).unwrap_or(f64::NAN);
         let hwm_mib = status_mib(pid, "VmHWM:").unwrap_or(f64::NAN);
         let progs = prog_delta(&progs_before, &prog_stats(pid));
         let (exit, stderr) = tracer.stop()?;
-        // Whatever synspan flushed at exit reaches the file a moment later.
-        self.spans.wait_quiet();
-        let received = self.spans.count(storm.pid, pid as u32)?;
+        // Whatever synspan flushed at exit arrives a moment later.
+        wait_quiet(self.sink);
+        let received = received(&before, &self.sink.counts()?, storm.pid, pid as u32);
         let Some((accounting, final_line)) = final_accounting(&stderr) else {
             bail!("synspan printed no final accounting; stderr:\n{stderr}");
         };
@@ -992,7 +935,6 @@ impl Bench<'_> {
             exit: exit.describe(),
             exit_ok,
         };
-        self.spans.clear()?;
         Ok(Run {
             mode: mode.id,
             pair,
@@ -1609,12 +1551,12 @@ fn document(args: &Args, command: &str, date: &str, runs: &[Run], discarded: &[(
         "## Every synspan run\n\n\
          `made`: connect() calls of the storm. `seen`, `exported`, `dropped`: synspan's final accounting line. \
          `books`: seen = exported + dropped with nothing pending or in flight. `receiver got`: spans the \
-         receiver wrote out, which must equal `exported`. `storm spans`: those of them with the storm's pid; \
+         receiver decoded, which must equal `exported`. `storm spans`: those of them with the storm's pid; \
          every storm attempt not among them must be among the counted drops (with `--failures-only` none is \
          exported: every storm attempt is a fast success that the kernel filters, counted as `filtered`). \
-         `exact`: all of these hold. synspan traces the whole host, so `seen` also counts synspan's own \
-         connection to the receiver and any connect made elsewhere on the host meanwhile: that is the \
-         difference between `made` and `exported + dropped`. `others' CPU s`: CPU time of every process \
+         `exact`: all of these hold. synspan traces the whole host (but not itself), so `seen` also counts \
+         any connect made elsewhere on the host meanwhile: that would be the difference between `made` and \
+         `exported + dropped`. `others' CPU s`: CPU time of every process \
          outside the benchmark during the A and the B storm.\n\n{}\n\
          ## Discarded pairs\n\n\
          Pairs run again because another synspan was running or other processes used more than {:.0} % of \
@@ -1627,16 +1569,20 @@ fn document(args: &Args, command: &str, date: &str, runs: &[Run], discarded: &[(
         doc,
         "## Method\n\n\
          - One network namespace, created for the benchmark and removed after it. The benchmark enters it \
-         with setns, so the OTLP receiver (rotel with the test bed's Python span processor, as in the \
-         end-to-end tests), synspan and the storms all run in it and only its 127.0.0.1 sees traffic; \
-         synspan still traces every connect on the host.\n\
+         with setns, so the OTLP receiver, synspan and the storms all run in it and only its 127.0.0.1 \
+         sees traffic; synspan still traces every connect on the host.\n\
+         - The receiver is `synspan-otlp-sink` (testbed/src/bin/synspan-otlp-sink.rs): OTLP gRPC (tonic), \
+         decodes every request and counts its spans by `process.pid`, writes nothing else. The end-to-end \
+         tests use rotel with a Python span processor that writes each span out as JSON; here that \
+         receiver alone used 14–20 µs of CPU per span (revision edce245), more than synspan, on the same \
+         two CPUs as the storm it is meant to measure.\n\
          - `synspan-storm` (testbed/src/bin/synspan-storm.rs): {} thread(s), each a loop of blocking \
          socket → connect → close. `success` connects to a listener of its own (one accept thread, backlog \
          4096); `refused` to a port that is bound but not listening. Client sockets use SO_LINGER {{1, 0}}: \
          close() sends a RST, so no TIME_WAIT holds ephemeral ports and no attempt fails for lack of one.\n\
          - Each pair is an A run then a B run. B: synspan starts (`--otlp-endpoint <receiver> --output none \
          --shutdown-timeout {SHUTDOWN_TIMEOUT_S}s` plus the mode's flags), the benchmark waits for `synspan \
-         ready`, runs the same storm, waits until the receiver's output has not grown for {:.1} s, reads \
+         ready`, runs the same storm, waits until the receiver has got nothing new for {:.1} s, reads \
          utime + stime from /proc/PID/stat and VmHWM from /proc/PID/status, sends SIGTERM and requires exit \
          status 0.\n\
          - The receiver and synspan share the machine's CPUs with the storm: on a small machine what the \
@@ -1711,17 +1657,16 @@ fn main() -> anyhow::Result<()> {
     ns.sysctl("net.core.somaxconn", "4096")?;
     ns.sysctl("net.ipv4.tcp_max_syn_backlog", "4096")?;
     let inside = Inside::enter(&ns)?;
-    let receiver = Receiver::start()?;
+    let sink = OtlpSink::start()?;
     let bench = Bench {
         args: &args,
-        endpoint: receiver.endpoint(),
-        spans: SpanFile::find()?,
+        sink: &sink,
     };
     eprintln!(
-        "synspan-bench: namespace {}, receiver {} (pid {:?}); {} pair(s) × {} mode(s) × 2 runs of {} s",
+        "synspan-bench: namespace {}, receiver {} (pid {}); {} pair(s) × {} mode(s) × 2 runs of {} s",
         ns.name(),
-        receiver.endpoint(),
-        receiver_pid(),
+        sink.endpoint(),
+        sink.pid(),
         args.pairs,
         args.modes.len(),
         args.seconds
@@ -1778,8 +1723,7 @@ fn main() -> anyhow::Result<()> {
         // A run cut short by Ctrl-C (its drain not waited for) must not make the report.
         check_interrupted()
     })();
-    drop(bench);
-    drop(receiver);
+    drop(sink);
     drop(inside);
     drop(ns);
     result?;
