@@ -11,20 +11,35 @@ use std::{
     time::{Duration, Instant},
 };
 
-use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
-use opentelemetry_sdk::{Resource, trace::SpanExporter};
+use bytes::Bytes;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use tokio::{sync::mpsc, task::JoinHandle};
+use tonic::{
+    Code, Status,
+    codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    metadata::{MetadataKey, MetadataMap, MetadataValue},
+    transport::Channel,
+};
 
-use crate::{config::redacted, sink::tls::TlsMaterial, span::ConnectSpan, stats::AgentCounters};
+use crate::{
+    config::redacted,
+    sink::{otlp_wire::TraceRequest, tls::TlsMaterial},
+    span::ConnectSpan,
+    stats::AgentCounters,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OtlpError {
-    #[error("cannot build the OTLP exporter for {endpoint}: {source}")]
-    Build {
+    #[error("OTLP endpoint {endpoint}: {source}")]
+    Endpoint {
         endpoint: String,
         #[source]
-        source: opentelemetry_otlp::ExporterBuildError,
+        source: tonic::transport::Error,
     },
+    #[error("{var}: {problem}; expected `key1=value1,key2=value2` (values percent-encoded)")]
+    Headers { var: &'static str, problem: String },
+    #[error("{var}={value}: unknown compression; use gzip or none")]
+    Compression { var: &'static str, value: String },
 }
 
 pub struct OtlpSettings {
@@ -52,26 +67,12 @@ pub struct OtlpSink {
 }
 
 impl OtlpSink {
-    /// Builds the exporter and starts the export task. Connects lazily: a collector that is
-    /// down at start-up is retried like any other outage.
+    /// Sets up the connection and starts the export task. Connects lazily: a collector that
+    /// is down at start-up is retried like any other outage.
     pub fn start(settings: OtlpSettings, counters: Arc<AgentCounters>) -> Result<Self, OtlpError> {
-        let endpoint = settings.endpoint.to_string();
-        let endpoint = endpoint.trim_end_matches('/').to_string();
-        let mut builder = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint)
-            .with_retry_policy(retry_policy(settings.retry_timeout))
-            // The exporter's timeout bounds all tries of one batch together.
-            .with_timeout(settings.retry_timeout);
-        if settings.endpoint.scheme_str() == Some("https") {
-            builder = builder.with_tls_config(tls_config(&settings.endpoint, &settings.tls));
-        }
-        let exporter = builder.build().map_err(|source| OtlpError::Build {
-            endpoint: redacted(&settings.endpoint),
-            source,
-        })?;
+        let client = TraceClient::new(&settings)?;
         let (queue, rx) = mpsc::channel(settings.queue_size);
-        let task = tokio::spawn(export_loop(exporter, rx, settings, counters.clone()));
+        let task = tokio::spawn(export_loop(client, rx, settings, counters.clone()));
         Ok(Self {
             queue,
             task,
@@ -165,17 +166,208 @@ fn unsettled(counters: &AgentCounters) -> u64 {
     submitted.saturating_sub(counters.exported.load(Relaxed) + counters.export_failed.load(Relaxed))
 }
 
+/// `OTEL_EXPORTER_OTLP_TRACES_<name>`, else `OTEL_EXPORTER_OTLP_<name>`, as the
+/// specification orders them; with the variable's name for messages.
+fn otlp_env(traces: &'static str, generic: &'static str) -> Option<(&'static str, String)> {
+    [traces, generic]
+        .into_iter()
+        .find_map(|var| std::env::var(var).ok().map(|v| (var, v)))
+}
+
+/// Headers for every export request (API keys, tenants), from the environment. Their values
+/// are never logged.
+fn headers_from_env() -> Result<MetadataMap, OtlpError> {
+    let mut map = MetadataMap::new();
+    // Generic first, so that the traces-specific ones win.
+    for var in ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"] {
+        if let Ok(text) = std::env::var(var) {
+            parse_headers(var, &text, &mut map)?;
+        }
+    }
+    Ok(map)
+}
+
+fn parse_headers(var: &'static str, text: &str, map: &mut MetadataMap) -> Result<(), OtlpError> {
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let problem = |what: String| OtlpError::Headers { var, problem: what };
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| problem("an entry has no `=`".into()))?;
+        let key = key.trim().to_ascii_lowercase();
+        let key = MetadataKey::from_bytes(key.as_bytes())
+            .map_err(|_| problem(format!("`{key}` is not a valid header name")))?;
+        let value = percent_decode(value.trim())
+            .and_then(|v| MetadataValue::try_from(v.as_str()).ok())
+            .ok_or_else(|| problem(format!("the value of `{key}` is not a valid header value")))?;
+        map.insert(key, value);
+    }
+    Ok(())
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn compression_from_env() -> Result<Option<CompressionEncoding>, OtlpError> {
+    match otlp_env(
+        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+        "OTEL_EXPORTER_OTLP_COMPRESSION",
+    ) {
+        None => Ok(None),
+        Some((_, v)) if v.is_empty() || v.eq_ignore_ascii_case("none") => Ok(None),
+        Some((_, v)) if v.eq_ignore_ascii_case("gzip") => Ok(Some(CompressionEncoding::Gzip)),
+        Some((var, value)) => Err(OtlpError::Compression { var, value }),
+    }
+}
+
+/// Sends requests that are already encoded.
+#[derive(Clone, Default)]
+struct EncodedCodec;
+
+struct EncodedEncoder;
+struct ResponseDecoder;
+
+impl Codec for EncodedCodec {
+    type Encode = Bytes;
+    type Decode = ExportTraceServiceResponse;
+    type Encoder = EncodedEncoder;
+    type Decoder = ResponseDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        EncodedEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ResponseDecoder
+    }
+}
+
+impl Encoder for EncodedEncoder {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl Decoder for ResponseDecoder {
+    type Item = ExportTraceServiceResponse;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
+        prost::Message::decode(src)
+            .map(Some)
+            .map_err(|err| Status::internal(format!("undecodable export response: {err}")))
+    }
+}
+
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// The trace service of one collector. Clones share the connection.
+#[derive(Clone)]
+struct TraceClient {
+    grpc: tonic::client::Grpc<Channel>,
+    headers: MetadataMap,
+}
+
+impl TraceClient {
+    fn new(settings: &OtlpSettings) -> Result<Self, OtlpError> {
+        let endpoint_error = |source| OtlpError::Endpoint {
+            endpoint: redacted(&settings.endpoint),
+            source,
+        };
+        let mut endpoint = Channel::builder(settings.endpoint.clone());
+        if settings.endpoint.scheme_str() == Some("https") {
+            endpoint = endpoint
+                .tls_config(tls_config(&settings.endpoint, &settings.tls))
+                .map_err(endpoint_error)?;
+        }
+        let mut grpc = tonic::client::Grpc::new(endpoint.connect_lazy());
+        if let Some(encoding) = compression_from_env()? {
+            grpc = grpc.send_compressed(encoding);
+        }
+        Ok(Self {
+            grpc,
+            headers: headers_from_env()?,
+        })
+    }
+
+    /// One try. Returns how many spans the collector said it rejected.
+    async fn export(&mut self, request: Bytes) -> Result<u64, Status> {
+        self.grpc
+            .ready()
+            .await
+            .map_err(|err| Status::unavailable(format!("collector not reachable: {err}")))?;
+        let mut request = tonic::Request::new(request);
+        *request.metadata_mut() = self.headers.clone();
+        let response = self
+            .grpc
+            .unary(
+                request,
+                http::uri::PathAndQuery::from_static(EXPORT_PATH),
+                EncodedCodec,
+            )
+            .await?;
+        let rejected = response.into_inner().partial_success.map_or(0, |p| {
+            if p.rejected_spans > 0 {
+                tracing::warn!(
+                    rejected = p.rejected_spans,
+                    "the collector rejected part of an export: {}",
+                    p.error_message
+                );
+            }
+            p.rejected_spans.max(0) as u64
+        });
+        Ok(rejected)
+    }
+}
+
+/// Failures worth another try, as the OTLP specification lists them.
+fn retryable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Aborted
+            | Code::OutOfRange
+            | Code::Unavailable
+            | Code::DataLoss
+    )
+}
+
+/// Requests sent at once. The collector answers late on a busy host; one request at a time
+/// would cap the export rate at a batch per round trip.
+const MAX_IN_FLIGHT_REQUESTS: usize = 4;
+
 async fn export_loop(
-    mut exporter: opentelemetry_otlp::SpanExporter,
+    client: TraceClient,
     mut rx: mpsc::Receiver<ConnectSpan>,
     settings: OtlpSettings,
     counters: Arc<AgentCounters>,
 ) {
     let mut batch = Vec::with_capacity(settings.batch_size);
+    let mut request = TraceRequest::default();
+    let mut in_flight = tokio::task::JoinSet::new();
     loop {
         batch.clear();
         if rx.recv_many(&mut batch, settings.batch_size).await == 0 {
-            return;
+            break;
         }
         // Let a batch fill up under load instead of sending one request per wake-up.
         if batch.len() < settings.batch_size {
@@ -188,117 +380,107 @@ async fn export_loop(
                 }
             }
         }
-        export_batch(&mut exporter, &mut batch, &settings, &counters).await;
-    }
-}
-
-/// Exports one batch, one request per service (the resource is per request in the
-/// exporter), retrying each with backoff.
-async fn export_batch(
-    exporter: &mut opentelemetry_otlp::SpanExporter,
-    batch: &mut Vec<ConnectSpan>,
-    settings: &OtlpSettings,
-    counters: &AgentCounters,
-) {
-    batch.sort_by(|a, b| a.service.cmp(&b.service));
-    let mut spans = batch.drain(..).peekable();
-    while let Some(first) = spans.next() {
-        // One service's spans, as many as fit in one request (the first always does).
-        let resource = first.resource.clone();
-        let data = first.span_data();
-        let mut bytes = encoded_size(&data);
-        let mut request = vec![data];
-        while let Some(next) = spans.next_if(|s| s.service == first.service) {
-            let data = next.span_data();
-            bytes += encoded_size(&data);
-            request.push(data);
-            if bytes > MAX_REQUEST_BYTES {
-                break;
+        for (bytes, n) in encode_batch(&mut request, &mut batch) {
+            while in_flight.len() >= MAX_IN_FLIGHT_REQUESTS {
+                in_flight.join_next().await;
             }
+            in_flight.spawn(export_with_retry(
+                client.clone(),
+                bytes,
+                n,
+                settings.retry_timeout,
+                counters.clone(),
+            ));
         }
-        export_with_retry(exporter, &resource, request, settings, counters).await;
     }
+    while in_flight.join_next().await.is_some() {}
 }
 
 /// gRPC servers refuse messages over 4 MiB by default. A request is closed once it passes
 /// this, so it ends at most one span (tens of KiB at worst) above it.
 const MAX_REQUEST_BYTES: usize = 3 * 1024 * 1024;
 
-/// A span's size on the wire, near enough: its strings plus a fixed overhead per field.
-fn encoded_size(span: &opentelemetry_sdk::trace::SpanData) -> usize {
-    let kv = |kv: &opentelemetry::KeyValue| {
-        let value = match &kv.value {
-            opentelemetry::Value::String(s) => s.as_str().len(),
-            _ => 8,
-        };
-        kv.key.as_str().len() + value + 8
-    };
-    128 + span.attributes.iter().map(kv).sum::<usize>()
-        + span
-            .events
-            .iter()
-            .map(|e| 32 + e.name.len() + e.attributes.iter().map(kv).sum::<usize>())
-            .sum::<usize>()
+/// One request per resource (the traced process's service), with its span count.
+fn encode_batch(request: &mut TraceRequest, batch: &mut Vec<ConnectSpan>) -> Vec<(Bytes, u64)> {
+    batch.sort_by(|a, b| a.service.cmp(&b.service));
+    let mut requests = Vec::new();
+    let mut spans = batch.drain(..).peekable();
+    while let Some(first) = spans.next() {
+        let data = first.span_data();
+        request.push(&data);
+        while request.encoded_len() <= MAX_REQUEST_BYTES
+            && let Some(next) = spans.next_if(|s| s.service == first.service)
+        {
+            request.push(&next.span_data());
+        }
+        let n = request.len() as u64;
+        let mut bytes = Vec::with_capacity(request.encoded_len() + 256);
+        request.finish(&first.resource, &data.instrumentation_scope, &mut bytes);
+        requests.push((Bytes::from(bytes), n));
+    }
+    requests
 }
 
+/// Sends one request, retrying with backoff (100 ms doubling to 5 s) until
+/// `--export-retry-timeout`; counts its spans as exported or failed.
 async fn export_with_retry(
-    exporter: &mut opentelemetry_otlp::SpanExporter,
-    resource: &Resource,
-    spans: Vec<opentelemetry_sdk::trace::SpanData>,
-    settings: &OtlpSettings,
-    counters: &AgentCounters,
+    mut client: TraceClient,
+    request: Bytes,
+    n: u64,
+    retry_timeout: Duration,
+    counters: Arc<AgentCounters>,
 ) {
-    let n = spans.len() as u64;
-    exporter.set_resource(resource);
     let started = Instant::now();
-    // The exporter retries by itself (see `retry_policy`), on a batch it shares across tries:
-    // the spans are not copied for a retry that rarely comes.
-    let export = exporter.export(spans);
-    tokio::pin!(export);
+    let deadline = tokio::time::Instant::now() + retry_timeout;
+    let tries = async {
+        let mut delay = BACKOFF_START;
+        loop {
+            let status = match tokio::time::timeout_at(deadline, client.export(request.clone())).await {
+                Ok(Ok(rejected)) => return Ok(rejected),
+                Ok(Err(status)) => status,
+                Err(_) => return Err(Status::deadline_exceeded("--export-retry-timeout passed")),
+            };
+            let now = tokio::time::Instant::now();
+            if !retryable(status.code()) || now + delay > deadline {
+                return Err(status);
+            }
+            tracing::debug!("OTLP export failed ({status}); retrying in {delay:?}");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(BACKOFF_MAX);
+        }
+    };
+    tokio::pin!(tries);
     let result = tokio::select! {
-        result = &mut export => result,
+        result = &mut tries => result,
         () = tokio::time::sleep(SLOW_EXPORT) => {
             tracing::warn!(
                 spans = n,
                 "OTLP export not done after {SLOW_EXPORT:?}: the collector is down or slow; \
-                 retrying with backoff for up to {:?}",
-                settings.retry_timeout
+                 retrying with backoff for up to {retry_timeout:?}"
             );
-            export.await
+            tries.await
         }
     };
     match result {
-        Ok(()) => {
-            AgentCounters::add(&counters.exported, n);
+        Ok(rejected) => {
+            let rejected = rejected.min(n);
+            AgentCounters::add(&counters.exported, n - rejected);
+            AgentCounters::add(&counters.export_failed, rejected);
             if started.elapsed() >= SLOW_EXPORT {
                 tracing::info!(spans = n, "OTLP export succeeded after {:?}", started.elapsed());
             }
         }
-        Err(err) => {
+        Err(status) => {
             tracing::error!(
                 spans = n,
-                "OTLP export failed after {:?}, dropping the batch: {err}",
-                started.elapsed()
+                "OTLP export failed after {:?}, dropping the batch: {}: {}",
+                started.elapsed(),
+                status.code(),
+                status.message()
             );
             AgentCounters::add(&counters.export_failed, n);
         }
     }
-}
-
-/// Backoff from 100 ms, doubling to 5 s, with as many retries as fit in `timeout`.
-pub(crate) fn retry_policy(timeout: Duration) -> opentelemetry_otlp::RetryPolicy {
-    let mut retries = 0;
-    let mut delay = BACKOFF_START;
-    let mut total = Duration::ZERO;
-    while total + delay <= timeout {
-        total += delay;
-        retries += 1;
-        delay = (delay * 2).min(BACKOFF_MAX);
-    }
-    opentelemetry_otlp::RetryPolicy::default()
-        .with_max_retries(retries)
-        .with_initial_delay(BACKOFF_START)
-        .with_max_delay(BACKOFF_MAX)
 }
 
 #[cfg(test)]
@@ -306,28 +488,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requests_stay_under_the_grpc_limit() {
-        use opentelemetry::KeyValue;
-        let mut span = crate::span::SpanBuilder::new("h".into())
-            .build(
-                crate::span::tests::timed_out(),
-                &Default::default(),
-                Default::default(),
-            )
-            .span_data();
-        let small = encoded_size(&span);
-        assert!((200..2000).contains(&small), "{small}");
-        span.attributes
-            .push(KeyValue::new("synspan.user_stack", "x".repeat(10_000)));
-        assert!(encoded_size(&span) > 10_000);
+    fn percent_decoding() {
+        assert_eq!(percent_decode("Bearer%20abc%3D").as_deref(), Some("Bearer abc="));
+        assert_eq!(percent_decode("plain").as_deref(), Some("plain"));
+        assert_eq!(percent_decode("bad%2"), None);
+        assert_eq!(percent_decode("bad%zz"), None);
     }
 
     #[test]
-    fn retries_fill_the_timeout() {
-        // 0.1 + 0.2 + 0.4 + 0.8 + 1.6 + 3.2 = 6.3 s, then 5 s steps: 60 s holds 6 + 10 retries.
-        let policy = format!("{:?}", retry_policy(Duration::from_secs(60)));
-        assert!(policy.contains("max_retries: 16"), "{policy}");
-        let none = format!("{:?}", retry_policy(Duration::ZERO));
-        assert!(none.contains("max_retries: 0"), "{none}");
+    fn headers() {
+        let mut map = MetadataMap::new();
+        parse_headers("V", "Api-Key=abc%3D%3D, tenant = t1", &mut map).unwrap();
+        parse_headers("V", "tenant=t2", &mut map).unwrap();
+        assert_eq!(map.get("api-key").unwrap(), "abc==");
+        assert_eq!(map.get("tenant").unwrap(), "t2");
+        let err = parse_headers("V", "secret-without-equals", &mut map).unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
+        assert!(parse_headers("V", "bad key=1", &mut map).is_err());
+    }
+
+    #[test]
+    fn what_is_retried() {
+        assert!(retryable(Code::Unavailable));
+        assert!(retryable(Code::ResourceExhausted));
+        assert!(!retryable(Code::InvalidArgument));
+        assert!(!retryable(Code::Unauthenticated));
     }
 }
