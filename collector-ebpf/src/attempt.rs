@@ -375,9 +375,13 @@ fn finish<C: StateChange>(ctx: &C, sock: u64, end_state: u8) -> Result<(), i32> 
 
     let policy = policy();
     if keep(attempt, &policy) {
-        // A success always ends on the same path (the SYN-ACK arriving); the stack is worth
-        // its cost only for attempts that ended some other way.
-        if policy.stacks != 0 && end_state != tcp_state::ESTABLISHED {
+        // A success always ends on the same path (the SYN-ACK arriving), and so does a
+        // refusal (the RST arriving); the stack is worth its cost only for attempts that
+        // ended some other way: a timer, the application, an ICMP error.
+        if policy.stacks != 0
+            && end_state != tcp_state::ESTABLISHED
+            && attempt.flags & attempt_flags::RST_RECEIVED == 0
+        {
             attempt.end_kernel_stack_id = ctx
                 .get_stackid(&STACKS, BPF_F_REUSE_STACKID as u64)
                 .map_or(-1, |id| id as i32);

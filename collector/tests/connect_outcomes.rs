@@ -160,7 +160,7 @@ fn check_received(receiver: &Receiver, span: &Value) {
     assert_eq!(got["scope"]["name"], "synspan", "{ctx}");
 }
 
-fn outcome_test(ns: &Netns, target: &str, args: &[&str], outcome: &str, retransmits: usize) {
+fn outcome_test(ns: &Netns, target: &str, args: &[&str], outcome: &str, retransmits: usize) -> Value {
     let (receiver, agent) = start(&[]);
     let client = connect(ns, target, args).expect("client");
     let span = span_for(&agent, &client, outcome, retransmits);
@@ -172,6 +172,7 @@ fn outcome_test(ns: &Netns, target: &str, args: &[&str], outcome: &str, retransm
         stopped.status,
         stopped.stderr
     );
+    span
 }
 
 /// Kernels without BTF get the classic tracepoint programs: the same spans.
@@ -210,7 +211,9 @@ fn established_v6() {
 #[test]
 fn refused_v4() {
     let ns = Netns::new("ref4").unwrap();
-    outcome_test(&ns, "127.0.0.1:9", &[], "connection_refused", 0);
+    let span = outcome_test(&ns, "127.0.0.1:9", &[], "connection_refused", 0);
+    // A refusal ends on the one path there is, the RST arriving: no end stack.
+    assert!(attr(&span, "synspan.end_kernel_stack").is_null(), "{span:#}");
 }
 
 #[test]

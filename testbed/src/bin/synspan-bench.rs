@@ -1269,12 +1269,21 @@ fn targets(summaries: &[Summary], runs: &[Run]) -> String {
         .map(|s| format!("mode {}", s.mode.id))
         .collect();
     if inexact.is_empty() {
+        let made_equal = runs
+            .iter()
+            .filter_map(|r| r.tracer.as_ref().map(|t| r.storm.attempts == t.settled()))
+            .all(|equal| equal);
         let _ = writeln!(
             out,
             "- accounting exact — **met** in all {traced} synspan runs: synspan's books balance, the receiver \
              got exactly the spans synspan counted as exported, and every storm attempt was seen and is \
-             exported or among the counted drops (with `--failures-only`: filtered in the kernel). `made` \
-             differs from `exported+dropped` by the host's other connects (see below)."
+             exported or among the counted drops (with `--failures-only`: filtered in the kernel). {}",
+            if made_equal {
+                "`made` = `exported+dropped` in every run: nothing else on the host connected meanwhile."
+            } else {
+                "Where `made` differs from `exported+dropped`, other processes of the host connected \
+                 meanwhile (see below)."
+            }
         );
     } else {
         let _ = writeln!(
@@ -1287,10 +1296,10 @@ fn targets(summaries: &[Summary], runs: &[Run]) -> String {
     if misses > 0 {
         let _ = writeln!(
             out,
-            "- note: the kernel skipped synspan's programs {misses} time(s) in all (bpf recursion misses: a \
-             program already running on that CPU when a tracepoint fired again from an interrupt). synspan \
-             reports them as `kernel_skipped_runs` (from revision after edce245); each may cost one attempt \
-             its start or end."
+            "- note: the kernel skipped synspan's programs {misses} time(s) in all (bpf recursion misses: the \
+             program was already running on that CPU when its hook fired again from an interrupt). synspan \
+             reports them as `kernel_skipped_runs`. Most are state changes of no interest to it; one that was \
+             an attempt's start or end would make its run's `exact` column say no."
         );
     }
     out
