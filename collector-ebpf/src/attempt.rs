@@ -23,9 +23,9 @@ use synspan_shared::{
 };
 
 use crate::maps::{
-    ALLOW_CGROUPS, ALLOW_DESTS, ALLOW_PIDS, ALLOW_PORTS, ATTEMPTS, COLLISION_WATCH, CONNECT_CALLS, IN_FLIGHT,
-    NOTED, PROCESS_NOTES, SCRATCH, STACKS, WATCH_SINCE, WATCH_WINDOW_NS, count, layout, local_endpoint,
-    policy, record_error, sock_int, wakeup_flags,
+    ALLOW_CGROUPS, ALLOW_DESTS, ALLOW_PIDS, ALLOW_PORTS, COLLISION_WATCH, CONNECT_CALLS, IN_FLIGHT, NOTED,
+    PROCESS_NOTES, SCRATCH, STACKS, WATCH_SINCE, WATCH_WINDOW_NS, count, layout, local_endpoint, policy,
+    record_error, send, sock_int,
 };
 
 /// A socket enters SYN_SENT.
@@ -386,13 +386,7 @@ fn finish<C: StateChange>(ctx: &C, sock: u64, end_state: u8) -> Result<(), i32> 
                 .get_stackid(&STACKS, BPF_F_REUSE_STACKID as u64)
                 .map_or(-1, |id| id as i32);
         }
-        match ATTEMPTS.reserve::<AttemptRecord>(0) {
-            Some(mut entry) => {
-                entry.write(*attempt);
-                entry.submit(wakeup_flags(&ATTEMPTS));
-            }
-            None => count(counter::RINGBUF_FULL),
-        }
+        send(attempt);
     } else {
         count(counter::FILTERED);
     }

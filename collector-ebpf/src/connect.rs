@@ -19,7 +19,7 @@ use synspan_shared::{AF_INET, AF_INET6, AttemptRecord, ConnectCall, IPPROTO_TCP,
 
 use crate::{
     attempt::allowed,
-    maps::{ATTEMPTS, CONNECT_CALLS, IN_FLIGHT, SCRATCH, count, layout, note_error, policy, wakeup_flags},
+    maps::{CONNECT_CALLS, IN_FLIGHT, SCRATCH, count, layout, note_error, policy, send},
 };
 
 const SOCK_STREAM: u16 = 1;
@@ -159,12 +159,6 @@ fn on_exit(ctx: &TracePointContext) -> Result<(), i32> {
     count(counter::STARTED);
     count(counter::FINISHED);
     count(counter::NEVER_STARTED);
-    match ATTEMPTS.reserve::<AttemptRecord>(0) {
-        Some(mut entry) => {
-            entry.write(*attempt);
-            entry.submit(wakeup_flags(&ATTEMPTS));
-        }
-        None => count(counter::RINGBUF_FULL),
-    }
+    send(attempt);
     Ok(())
 }

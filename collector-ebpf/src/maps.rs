@@ -146,6 +146,15 @@ pub fn local_endpoint(attempt: &AttemptRecord) -> Endpoint {
     }
 }
 
+/// Hands a finished attempt to the agent, or counts it lost. One helper call: the kernel
+/// copies the record, rather than the program filling in a reservation.
+#[inline(always)]
+pub fn send(attempt: &AttemptRecord) {
+    if ATTEMPTS.output(attempt, wakeup_flags(&ATTEMPTS)).is_err() {
+        count(counter::RINGBUF_FULL);
+    }
+}
+
 /// Pending bytes past which a record wakes the agent. Below it the record waits for the
 /// agent's next poll (every `READ_INTERVAL` in the agent): one wake-up per record would cost
 /// the traced application more than the record itself.
