@@ -116,6 +116,10 @@ fn dest_key(net: &ipnet::IpNet) -> Key<[u8; 16]> {
     }
 }
 
+fn program_error(program: &'static str) -> impl Fn(aya::programs::ProgramError) -> LoadError {
+    move |source| LoadError::Program { program, source }
+}
+
 /// Classic tracepoint programs: (program and tracepoint name, category). Each is optional:
 /// a kernel without one loses what it shows, not the attempts.
 const TRACEPOINTS: [(&str, &str); 5] = [
@@ -274,41 +278,31 @@ impl Tracer {
         category: &str,
         tracepoint: &str,
     ) -> Result<(), LoadError> {
-        let program: &mut TracePoint = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(LoadError::NoProgram(name))?
-            .try_into()
-            .map_err(|source| LoadError::Program {
-                program: name,
-                source,
-            })?;
+        let program: &mut TracePoint = self.program(name)?;
         program
             .load()
             .and_then(|()| program.attach(category, tracepoint).map(drop))
-            .map_err(|source| LoadError::Program {
-                program: name,
-                source,
-            })
+            .map_err(program_error(name))
     }
 
     fn attach_btf(&mut self, name: &'static str, function: &str, btf: &Btf) -> Result<(), LoadError> {
-        let program: &mut BtfTracePoint = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(LoadError::NoProgram(name))?
-            .try_into()
-            .map_err(|source| LoadError::Program {
-                program: name,
-                source,
-            })?;
+        let program: &mut BtfTracePoint = self.program(name)?;
         program
             .load(function, btf)
             .and_then(|()| program.attach().map(drop))
-            .map_err(|source| LoadError::Program {
-                program: name,
-                source,
-            })
+            .map_err(program_error(name))
+    }
+
+    /// Program `name` of the object, as its kind.
+    fn program<'a, P>(&'a mut self, name: &'static str) -> Result<P, LoadError>
+    where
+        P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(LoadError::NoProgram(name))?
+            .try_into()
+            .map_err(program_error(name))
     }
 
     fn unload(&mut self, name: &str) {

@@ -374,7 +374,9 @@ pub fn parse_resource_attributes(value: &str) -> Vec<(String, String)> {
     attributes
 }
 
-fn percent_decode(s: &str) -> Option<String> {
+/// Undoes the percent-encoding of OTEL_RESOURCE_ATTRIBUTES and OTEL_EXPORTER_OTLP_HEADERS
+/// values; `None` for a malformed escape or bytes that are not UTF-8.
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

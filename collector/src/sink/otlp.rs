@@ -23,6 +23,7 @@ use tonic::{
 
 use crate::{
     config::redacted,
+    enrich::process::percent_decode,
     sink::{otlp_wire::TraceRequest, tls::TlsMaterial},
     span::ConnectSpan,
     stats::AgentCounters,
@@ -202,23 +203,6 @@ fn parse_headers(var: &'static str, text: &str, map: &mut MetadataMap) -> Result
         map.insert(key, value);
     }
     Ok(())
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 fn compression_from_env() -> Result<Option<CompressionEncoding>, OtlpError> {
@@ -486,14 +470,6 @@ async fn export_with_retry(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("Bearer%20abc%3D").as_deref(), Some("Bearer abc="));
-        assert_eq!(percent_decode("plain").as_deref(), Some("plain"));
-        assert_eq!(percent_decode("bad%2"), None);
-        assert_eq!(percent_decode("bad%zz"), None);
-    }
 
     #[test]
     fn headers() {
