@@ -240,6 +240,9 @@ impl Cli {
 
     fn resolve_env(&mut self) -> Result<(), String> {
         self.resolve_endpoint()?;
+        if self.otlp_endpoint.is_some() {
+            crate::sink::otlp::check_environment().map_err(|e| e.to_string())?;
+        }
         if self.output == Output::None && self.otlp_endpoint.is_none() {
             return Err(
                 "--output none without an OTLP endpoint would send every attempt nowhere: \

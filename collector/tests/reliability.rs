@@ -269,7 +269,7 @@ fn run_synspan(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
 fn bad_input_exits_2_with_a_message() {
     // (arguments, environment, what the message must say)
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 9] = [
+    let cases: [Case; 11] = [
         (&["--output", "none"], &[], "send every attempt nowhere"),
         (&["--no-such-flag"], &[], "unexpected argument"),
         (&["--output", "xml"], &[], "invalid value 'xml'"),
@@ -291,6 +291,16 @@ fn bad_input_exits_2_with_a_message() {
             ],
             &[],
             "cannot read --otlp-ca-file",
+        ),
+        (
+            &["--otlp-endpoint", "http://127.0.0.1:4317"],
+            &[("OTEL_EXPORTER_OTLP_HEADERS", "api-key")],
+            "OTEL_EXPORTER_OTLP_HEADERS: an entry has no `=`",
+        ),
+        (
+            &["--otlp-endpoint", "http://127.0.0.1:4317"],
+            &[("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "zstd")],
+            "unknown compression; use gzip or none",
         ),
     ];
     for (args, env, needle) in cases {

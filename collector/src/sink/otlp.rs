@@ -175,6 +175,14 @@ fn otlp_env(traces: &'static str, generic: &'static str) -> Option<(&'static str
         .find_map(|var| std::env::var(var).ok().map(|v| (var, v)))
 }
 
+/// Checks the OTLP settings that come from the environment (headers, compression), so that
+/// a mistake there stops synspan before it loads anything.
+pub fn check_environment() -> Result<(), OtlpError> {
+    headers_from_env()?;
+    compression_from_env()?;
+    Ok(())
+}
+
 /// Headers for every export request (API keys, tenants), from the environment. Their values
 /// are never logged.
 fn headers_from_env() -> Result<MetadataMap, OtlpError> {
