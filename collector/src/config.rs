@@ -150,7 +150,8 @@ pub struct Cli {
     pub ring_buffer_bytes: u32,
 
     /// Spans waiting for the OTLP exporter. When full, new spans are dropped and counted as
-    /// `export_queue_full`. A queued span with its stacks takes 2 to 4 KiB.
+    /// `export_queue_full`. A queued span takes about half a KiB: its process and stacks are
+    /// shared, and it is encoded only in the batch that sends it.
     #[arg(long, value_name = "SPANS", default_value = "8192")]
     pub export_queue_size: NonZeroU32,
 
