@@ -65,7 +65,19 @@ trait StateChange: StackIdContext {
     /// The local port, host order. 0 at SYN_SENT: the kernel picks it just after.
     fn sport(&self) -> Result<u16, i32>;
     /// Family, ports and addresses.
-    fn tuple(&self, into: &mut AttemptRecord) -> Result<(), i32>;
+    fn tuple(&self) -> Result<Tuple, i32>;
+}
+
+/// A connection's endpoints as the state change shows them. Built on the stack: the
+/// lingering-close path runs in a softirq that may interrupt an attempt's start on the same
+/// CPU, and must not touch the per-CPU scratch record that start is filling in.
+#[derive(Clone, Copy, Default)]
+struct Tuple {
+    family: u16,
+    sport: u16,
+    dport: u16,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
 }
 
 /// The BTF tracepoint gets the call's arguments; the rest comes from the socket.
@@ -96,22 +108,25 @@ impl StateChange for BtfTracePointContext {
     }
 
     #[inline(always)]
-    fn tuple(&self, into: &mut AttemptRecord) -> Result<(), i32> {
+    fn tuple(&self) -> Result<Tuple, i32> {
         let sock = self.sock()?;
         let f = layout().tuple;
-        into.family = read_sock(sock, f.family)?;
-        into.sport = u16::from_be(read_sock(sock, f.sport)?);
-        into.dport = u16::from_be(read_sock(sock, f.dport)?);
-        if into.family == AF_INET {
+        let mut t = Tuple {
+            family: read_sock(sock, f.family)?,
+            sport: u16::from_be(read_sock(sock, f.sport)?),
+            dport: u16::from_be(read_sock(sock, f.dport)?),
+            ..Tuple::default()
+        };
+        if t.family == AF_INET {
             let s: [u8; 4] = read_sock(sock, f.rcv_saddr)?;
             let d: [u8; 4] = read_sock(sock, f.daddr)?;
-            into.saddr[..4].copy_from_slice(&s);
-            into.daddr[..4].copy_from_slice(&d);
+            t.saddr[..4].copy_from_slice(&s);
+            t.daddr[..4].copy_from_slice(&d);
         } else {
-            into.saddr = read_sock(sock, f.v6_rcv_saddr)?;
-            into.daddr = read_sock(sock, f.v6_daddr)?;
+            t.saddr = read_sock(sock, f.v6_rcv_saddr)?;
+            t.daddr = read_sock(sock, f.v6_daddr)?;
         }
-        Ok(())
+        Ok(t)
     }
 }
 
@@ -151,21 +166,24 @@ impl StateChange for TracePointContext {
     }
 
     #[inline(always)]
-    fn tuple(&self, into: &mut AttemptRecord) -> Result<(), i32> {
+    fn tuple(&self) -> Result<Tuple, i32> {
         let f = layout().set_state;
-        into.family = read_event(self, f.family)?;
-        into.sport = read_event(self, f.sport)?;
-        into.dport = read_event(self, f.dport)?;
-        if into.family == AF_INET {
+        let mut t = Tuple {
+            family: read_event(self, f.family)?,
+            sport: read_event(self, f.sport)?,
+            dport: read_event(self, f.dport)?,
+            ..Tuple::default()
+        };
+        if t.family == AF_INET {
             let s: [u8; 4] = read_event(self, f.saddr)?;
             let d: [u8; 4] = read_event(self, f.daddr)?;
-            into.saddr[..4].copy_from_slice(&s);
-            into.daddr[..4].copy_from_slice(&d);
+            t.saddr[..4].copy_from_slice(&s);
+            t.daddr[..4].copy_from_slice(&d);
         } else {
-            into.saddr = read_event(self, f.saddr_v6)?;
-            into.daddr = read_event(self, f.daddr_v6)?;
+            t.saddr = read_event(self, f.saddr_v6)?;
+            t.daddr = read_event(self, f.daddr_v6)?;
         }
-        Ok(())
+        Ok(t)
     }
 }
 
@@ -223,9 +241,7 @@ fn on_lingering_close<C: StateChange>(ctx: &C, state: u8) -> Result<(), i32> {
     if ctx.protocol()? != IPPROTO_TCP {
         return Ok(());
     }
-    let scratch = SCRATCH.get_ptr_mut(0).ok_or(0)?;
-    let closing = unsafe { &mut *scratch };
-    ctx.tuple(closing)?;
+    let closing = ctx.tuple()?;
     let peer = Endpoint {
         addr: closing.daddr,
         port: closing.dport,
@@ -249,7 +265,8 @@ fn on_lingering_close<C: StateChange>(ctx: &C, state: u8) -> Result<(), i32> {
     Ok(())
 }
 
-/// Runs inside the application's own `connect()`: the only moment its identity is at hand.
+/// Runs in the context of whoever moved the socket to SYN_SENT, usually the application
+/// inside `connect()`: the only moment its identity is at hand.
 #[inline(always)]
 fn start<C: StateChange>(ctx: &C, sock: u64) -> Result<(), i32> {
     let attempt = SCRATCH.get_ptr_mut(0).ok_or(0)?;
@@ -261,14 +278,19 @@ fn start<C: StateChange>(ctx: &C, sock: u64) -> Result<(), i32> {
     let policy = policy();
     // The agent's own connections (to its collector) are not traced: each would be one
     // more span to export, and the agent reports their failures itself.
-    if (pid_tgid >> 32) as u32 == policy.agent_tgid {
+    if policy.agent_tgid != 0 && (pid_tgid >> 32) as u32 == policy.agent_tgid {
         return Ok(());
     }
     attempt.pid = (pid_tgid >> 32) as u32;
     attempt.tid = pid_tgid as u32;
     attempt.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     attempt.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    ctx.tuple(attempt)?;
+    let tuple = ctx.tuple()?;
+    attempt.family = tuple.family;
+    attempt.sport = tuple.sport;
+    attempt.dport = tuple.dport;
+    attempt.saddr = tuple.saddr;
+    attempt.daddr = tuple.daddr;
     // Claimed before the policy can drop the attempt: the call has reached SYN_SENT, so it
     // must not look like one that never did when it returns.
     let call = CONNECT_CALLS.get_ptr_mut(&attempt.tid);
@@ -367,7 +389,9 @@ fn finish<C: StateChange>(ctx: &C, sock: u64, end_state: u8) -> Result<(), i32> 
     attempt.end_state = end_state;
     // The source port is only known now: the kernel sets SYN_SENT before it picks the
     // ephemeral port. The addresses were set before SYN_SENT and read then.
-    attempt.sport = ctx.sport()?;
+    if let Ok(port) = ctx.sport() {
+        attempt.sport = port;
+    }
     let sock_fields = layout().sock;
     attempt.error = sock_int(sock, sock_fields.sk_err);
     attempt.soft_error = sock_int(sock, sock_fields.sk_err_soft);

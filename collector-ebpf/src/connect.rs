@@ -68,7 +68,8 @@ fn on_enter(ctx: &TracePointContext) -> Result<(), i32> {
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     // The agent's own connections are not traced (see `attempt::start`).
-    if (pid_tgid >> 32) as u32 == policy().agent_tgid {
+    let agent = policy().agent_tgid;
+    if agent != 0 && (pid_tgid >> 32) as u32 == agent {
         return Ok(());
     }
     let call = ConnectCall {

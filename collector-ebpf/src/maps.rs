@@ -86,8 +86,12 @@ pub fn policy() -> Policy {
 #[inline(always)]
 pub fn count(slot: u32) {
     if let Some(value) = COUNTERS.get_ptr_mut(slot) {
-        // Per-CPU slot: no other CPU writes it, and a program is not preempted mid-update.
-        unsafe { *value += 1 };
+        // Per-CPU slot, so no other CPU writes it; but a program here may be interrupted by
+        // another of ours (a softirq's state change inside a connect() hook) that counts too.
+        // core has no atomic read-modify-write for the bpf target: BPF_ATOMIC_ADD by hand.
+        unsafe {
+            core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) value, v = in(reg) 1u64);
+        }
     }
 }
 

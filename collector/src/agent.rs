@@ -139,6 +139,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     privilege::check()?;
     let resolved = kernel_layout::resolve()?;
     let policy = cli.policy();
+    if policy.agent_tgid == 0 {
+        tracing::warn!(
+            "not in the host's pid namespace: synspan's own connections are traced too, and \
+             processes will be hard to name (run with the host's pid namespace, hostPID)"
+        );
+    }
     let limits = Limits {
         max_in_flight: cli.max_in_flight.get(),
         ring_buffer_bytes: cli.ring_buffer_bytes,

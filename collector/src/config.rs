@@ -309,6 +309,7 @@ impl Cli {
     }
 
     /// The in-kernel policy these flags describe.
+    /// The in-kernel policy these flags ask for.
     pub fn policy(&self) -> Policy {
         let rate = self
             .sample_successes
@@ -332,10 +333,20 @@ impl Cli {
             .into_iter()
             .filter(|(on, _)| *on)
             .fold(0, |bits, (_, bit)| bits | bit),
-            agent_tgid: std::process::id(),
+            agent_tgid: host_tgid().unwrap_or(0),
             reserved: 0,
         }
     }
+}
+
+/// This process's tgid as the kernel's programs see it, which is only known when synspan
+/// runs in the initial pid namespace (as it must to read other processes' /proc anyway).
+pub fn host_tgid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    // PROC_PID_INIT_INO: the inode of the initial pid namespace, fixed by the kernel.
+    const INITIAL_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
+    let ns = std::fs::metadata("/proc/self/ns/pid").ok()?;
+    (ns.ino() == INITIAL_PID_NAMESPACE).then(std::process::id)
 }
 
 #[cfg(test)]
@@ -353,7 +364,7 @@ mod tests {
         assert_eq!(
             c.policy(),
             Policy {
-                agent_tgid: std::process::id(),
+                agent_tgid: host_tgid().unwrap_or(0),
                 ..Policy::ALL
             }
         );

@@ -371,9 +371,10 @@ impl Tracer {
         })
     }
 
-    /// Runs of synspan's programs that the kernel skipped because another BPF program was
-    /// already running on that CPU (an interrupt in the middle of one). Each may have lost
-    /// an attempt's start or end: the one loss synspan cannot count attempt by attempt.
+    /// Runs of synspan's programs that the kernel skipped because the same program (for
+    /// classic tracepoints: any tracing program) was already running on that CPU, an
+    /// interrupt in the middle of it. Each may have lost an attempt's start or end: the one
+    /// loss synspan cannot count attempt by attempt.
     pub fn skipped_runs(&self) -> u64 {
         if let Some(skipped) = self.skipped_at_detach {
             return skipped;

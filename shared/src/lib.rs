@@ -146,8 +146,8 @@ impl AttemptRecord {
     };
 }
 
-/// A `connect()` call in progress, by thread id. Only the arguments are kept: they are
-/// looked at when the call fails before SYN_SENT, which is rare.
+/// A `connect()` call in progress, by thread id: its arguments, looked at when the call fails
+/// before SYN_SENT (which is rare), and the socket it put in SYN_SENT, if it did.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnectCall {
@@ -359,7 +359,7 @@ pub struct Policy {
     /// Bits of [`filter`]: which allow-lists an attempt must match to be traced at all.
     pub filters: u8,
     /// The agent's process (tgid in the initial pid namespace): its own attempts are not
-    /// traced. 0 excludes nothing.
+    /// traced. 0 (unknown: the agent runs in another pid namespace) excludes nothing.
     pub agent_tgid: u32,
     /// Keeps the struct free of implicit padding.
     pub reserved: u32,

@@ -2,9 +2,10 @@
 //!
 //! The reader never waits for the collector: it hands spans to a bounded queue and moves on.
 //! When the queue is full the span is dropped and counted. One export task drains the queue
-//! in batches and retries a failed batch with exponential backoff until
-//! `--export-retry-timeout`, then drops it and counts it. While it retries, new spans wait in
-//! the queue, so a collector outage shorter than the queue's worth of attempts loses nothing.
+//! in batches, keeps up to `MAX_IN_FLIGHT_REQUESTS` requests going, and retries a failed one
+//! with exponential backoff until `--export-retry-timeout`, then drops it and counts it. Once
+//! that many requests are retrying, new spans wait in the queue, so a collector outage
+//! shorter than the queue's worth of attempts loses nothing.
 
 use std::{
     sync::Arc,
@@ -53,6 +54,9 @@ pub struct OtlpSettings {
 
 /// How long the export task waits for a batch to fill before it sends what it has.
 const BATCH_DELAY: Duration = Duration::from_millis(200);
+/// One try of one request, as OTEL_EXPORTER_OTLP_TIMEOUT defaults; the retries go on until
+/// `--export-retry-timeout`.
+const TRY_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// An export still running after this is being retried: say so once.
@@ -131,6 +135,8 @@ impl OtlpSink {
         drop(queue);
         if tokio::time::timeout(timeout, &mut task).await.is_err() {
             task.abort();
+            // Until the task is gone its requests may still complete and be counted.
+            let _ = task.await;
             // What the export task had not settled is exactly what is not yet counted.
             tracing::warn!(
                 "shutdown timeout: OTLP export did not finish in {timeout:?} ({left} spans were queued)"
@@ -283,7 +289,12 @@ impl TraceClient {
             endpoint: redacted(&settings.endpoint),
             source,
         };
-        let mut endpoint = Channel::builder(settings.endpoint.clone());
+        // A collector that vanished without closing the connection (a node gone, a dropped
+        // route) must not hold a request until the retry timeout: keepalives notice.
+        let mut endpoint = Channel::builder(settings.endpoint.clone())
+            .connect_timeout(TRY_TIMEOUT)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
         if settings.endpoint.scheme_str() == Some("https") {
             endpoint = endpoint
                 .tls_config(tls_config(&settings.endpoint, &settings.tls))
@@ -427,10 +438,11 @@ async fn export_with_retry(
     let tries = async {
         let mut delay = BACKOFF_START;
         loop {
-            let status = match tokio::time::timeout_at(deadline, client.export(request.clone())).await {
+            let try_deadline = deadline.min(tokio::time::Instant::now() + TRY_TIMEOUT);
+            let status = match tokio::time::timeout_at(try_deadline, client.export(request.clone())).await {
                 Ok(Ok(rejected)) => return Ok(rejected),
                 Ok(Err(status)) => status,
-                Err(_) => return Err(Status::deadline_exceeded("--export-retry-timeout passed")),
+                Err(_) => Status::deadline_exceeded(format!("no answer within {TRY_TIMEOUT:?}")),
             };
             let now = tokio::time::Instant::now();
             if !retryable(status.code()) || now + delay > deadline {
