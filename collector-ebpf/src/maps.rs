@@ -154,7 +154,8 @@ pub fn local_endpoint(attempt: &AttemptRecord) -> Endpoint {
 /// copies the record, rather than the program filling in a reservation.
 #[inline(always)]
 pub fn send(attempt: &AttemptRecord) {
-    if ATTEMPTS.output(attempt, wakeup_flags(&ATTEMPTS)).is_err() {
+    let flags = wakeup_flags(&ATTEMPTS, size_of::<AttemptRecord>() as u64);
+    if ATTEMPTS.output(attempt, flags).is_err() {
         count(counter::RINGBUF_FULL);
     }
 }
@@ -164,10 +165,14 @@ pub fn send(attempt: &AttemptRecord) {
 /// the traced application more than the record itself.
 const WAKEUP_BYTES: u64 = 32 * 1024;
 
-/// Submit flags for a record in `ring`: wake the agent only once enough is waiting.
+/// Submit flags for a record of `size` bytes in `ring`: wake the agent when this record takes
+/// what is waiting past `WAKEUP_BYTES`. Only then: until the agent has been scheduled and
+/// drained, every later record would otherwise wake it again, and under load that cost
+/// more than everything else the programs do for an attempt.
 #[inline(always)]
-pub fn wakeup_flags(ring: &RingBuf) -> u64 {
-    if ring.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+fn wakeup_flags(ring: &RingBuf, size: u64) -> u64 {
+    let waiting = ring.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64);
+    if waiting < WAKEUP_BYTES && waiting + size >= WAKEUP_BYTES {
         aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64
     } else {
         aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64
