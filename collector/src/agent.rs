@@ -196,6 +196,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         Some(tracer.take_stacks()?)
     };
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let skipped = tracer.attach(&resolved, !cli.classic_tracepoints)?;
+    for (hook, why) in &skipped {
+        tracing::warn!("not attached: {hook} ({why}); spans will lack what it shows");
+    }
+    // Attaching parsed the kernel's BTF, the kernel's symbols come next: one after the
+    // other, with the first handed back in between, they never weigh on the heap together.
+    // SAFETY: plain glibc call, no pointers.
+    unsafe { libc::malloc_trim(0) };
     let enricher = Enricher::new(
         stacks,
         ReadOptions {
@@ -217,14 +227,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         batch: Vec::with_capacity(MAX_BATCH),
     };
 
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let skipped = tracer.attach(&resolved, !cli.classic_tracepoints)?;
-    for (hook, why) in &skipped {
-        tracing::warn!("not attached: {hook} ({why}); spans will lack what it shows");
-    }
-    // Start-up parsed the kernel's BTF and symbol table: tens of MiB, freed since. Hand the
-    // freed heap back so the agent's steady footprint is what it uses, not what it parsed.
+    // Reading the symbol table left tens of MiB freed on the heap. Hand them back so the
+    // agent's steady footprint is what it uses, not what it parsed.
     // SAFETY: plain glibc call, no pointers.
     unsafe { libc::malloc_trim(0) };
     match privilege::drop_unneeded(!cli.no_nat) {

@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use btf_rs::{Btf, Type};
+use crate::btf::Btf;
 use synspan_shared::{
     ConnectFields, FdPathFields, KernelLayout, ResetFields, RetransmitFields, SetStateFields, SockFields,
     SockTupleFields,
@@ -154,7 +154,7 @@ pub fn resolve() -> Result<Resolved, LayoutError> {
         &mut unavailable,
         |f| f.offset("ret"),
     );
-    let btf = Btf::from_file("/sys/kernel/btf/vmlinux")
+    let btf = Btf::from_file(Path::new("/sys/kernel/btf/vmlinux"))
         .map_err(|err| {
             tracing::warn!("no kernel BTF ({err}): errno of failed attempts is inferred, not read")
         })
@@ -224,7 +224,7 @@ fn optional<T: Default>(
 
 /// Offsets of `struct sock` members, 0 where unknown.
 fn sock_fields(btf: &Btf) -> SockFields {
-    let offset = |member: &str| match member_offset(btf, "sock", member) {
+    let offset = |member: &str| match btf.member_offset("sock", member) {
         Some(offset) => u16::try_from(offset).unwrap_or(0),
         None => {
             tracing::warn!("struct sock has no member {member} in this kernel's BTF");
@@ -236,8 +236,8 @@ fn sock_fields(btf: &Btf) -> SockFields {
         sk_err_soft: offset("sk_err_soft"),
         // struct sock starts with the named struct sock_common, __sk_common.
         skc_num: match (
-            member_offset(btf, "sock", "__sk_common"),
-            member_offset(btf, "sock_common", "skc_num"),
+            btf.member_offset("sock", "__sk_common"),
+            btf.member_offset("sock_common", "skc_num"),
         ) {
             (Some(common), Some(num)) => u16::try_from(common + num).unwrap_or(0),
             _ => {
@@ -252,13 +252,13 @@ fn sock_fields(btf: &Btf) -> SockFields {
 /// (`sk_protocol` before 5.6).
 fn tuple_fields(btf: &Btf) -> Option<SockTupleFields> {
     // struct sock starts with the named struct sock_common, __sk_common.
-    let common = member_offset(btf, "sock", "__sk_common")?;
-    let offset = |member: &str| u16::try_from(common + member_offset(btf, "sock_common", member)?).ok();
+    let common = btf.member_offset("sock", "__sk_common")?;
+    let offset = |member: &str| u16::try_from(common + btf.member_offset("sock_common", member)?).ok();
     Some(SockTupleFields {
         known: 1,
         family: offset("skc_family")?,
-        protocol: u16::try_from(member_offset(btf, "sock", "sk_protocol")?).ok()?,
-        sport: u16::try_from(member_offset(btf, "inet_sock", "inet_sport")?).ok()?,
+        protocol: u16::try_from(btf.member_offset("sock", "sk_protocol")?).ok()?,
+        sport: u16::try_from(btf.member_offset("inet_sock", "inet_sport")?).ok()?,
         dport: offset("skc_dport")?,
         rcv_saddr: offset("skc_rcv_saddr")?,
         daddr: offset("skc_daddr")?,
@@ -270,8 +270,10 @@ fn tuple_fields(btf: &Btf) -> Option<SockTupleFields> {
 /// The path from a task to a socket's protocol; all zero if any step is missing, or if the
 /// protocol is a bitfield (kernels before 5.6), which a plain read cannot take.
 fn fd_path_fields(btf: &Btf) -> FdPathFields {
-    let offset =
-        |name: &str, member: &str| member_offset(btf, name, member).and_then(|o| u16::try_from(o).ok());
+    let offset = |name: &str, member: &str| {
+        btf.member_offset(name, member)
+            .and_then(|o| u16::try_from(o).ok())
+    };
     let fields = || {
         Some(FdPathFields {
             task_files: offset("task_struct", "files")?,
@@ -284,38 +286,6 @@ fn fd_path_fields(btf: &Btf) -> FdPathFields {
         })
     };
     fields().unwrap_or_default()
-}
-
-/// Byte offset of `member` in `struct name`, looking through anonymous structs and unions.
-pub fn member_offset(btf: &Btf, name: &str, member: &str) -> Option<u32> {
-    btf.resolve_types_by_name(name)
-        .ok()?
-        .into_iter()
-        .find_map(|ty| match ty {
-            Type::Struct(st) => find_member(btf, &st, member, 0),
-            _ => None,
-        })
-}
-
-fn find_member(btf: &Btf, st: &btf_rs::Struct, member: &str, base_bits: u32) -> Option<u32> {
-    for m in &st.members {
-        let bits = base_bits + m.bit_offset();
-        let name = btf.resolve_name(m).unwrap_or_default();
-        if name == member {
-            // A bitfield has no byte offset of its own to read at.
-            return m.bitfield_size().is_none_or(|size| size == 0).then_some(bits / 8);
-        }
-        if name.is_empty() {
-            let nested = match btf.resolve_chained_type(m).ok()? {
-                Type::Struct(s) | Type::Union(s) => s,
-                _ => continue,
-            };
-            if let Some(found) = find_member(btf, &nested, member, bits) {
-                return Some(found);
-            }
-        }
-    }
-    None
 }
 
 #[cfg(test)]

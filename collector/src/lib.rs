@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod attempt;
+pub mod btf;
 pub mod clock;
 pub mod config;
 pub mod enrich;
