@@ -1565,8 +1565,9 @@ fn document(args: &Args, command: &str, date: &str, runs: &[Run], discarded: &[(
          exported: every storm attempt is a fast success that the kernel filters, counted as `filtered`). \
          `exact`: all of these hold. synspan traces the whole host (but not itself), so `seen` also counts \
          any connect made elsewhere on the host meanwhile: that would be the difference between `made` and \
-         `exported + dropped`. `others' CPU s`: CPU time of every process \
-         outside the benchmark during the A and the B storm.\n\n{}\n\
+         `exported + dropped`. Its own connection to the receiver shows in the notes as \
+         `untracked_finish=1`: a socket that left SYN_SENT without a traced start. `others' CPU s`: CPU \
+         time of every process outside the benchmark during the A and the B storm.\n\n{}\n\
          ## Discarded pairs\n\n\
          Pairs run again because another synspan was running or other processes used more than {:.0} % of \
          a CPU during the A or the B storm:\n\n{}\n",
