@@ -160,19 +160,30 @@ pub fn send(attempt: &AttemptRecord) {
     }
 }
 
-/// Pending bytes past which a record wakes the agent. Below it the record waits for the
-/// agent's next poll (every `READ_INTERVAL` in the agent): one wake-up per record would cost
-/// the traced application more than the record itself.
+/// The agent is woken each time this many more bytes wait (or a quarter of a smaller ring).
+/// In between, records wait for its next poll (every `READ_INTERVAL` in the agent): one
+/// wake-up per record would cost the traced application more than the record itself.
 const WAKEUP_BYTES: u64 = 32 * 1024;
+/// What the ring buffer adds to each record: an 8-byte header, and padding to 8 bytes.
+const RECORD_HEADER: u64 = 8;
 
-/// Submit flags for a record of `size` bytes in `ring`: wake the agent when this record takes
-/// what is waiting past `WAKEUP_BYTES`. Only then: until the agent has been scheduled and
-/// drained, every later record would otherwise wake it again, and under load that cost
-/// more than everything else the programs do for an attempt.
+/// Submit flags for a record of `size` bytes in `ring`: wake the agent when this record
+/// takes the bytes waiting across a multiple of the wake-up step. Only then: until the agent
+/// has been scheduled and drained, every later record would otherwise wake it again, and
+/// under load that cost more than everything else the programs do for an attempt. Any
+/// multiple, not only the first, so that a crossing missed in a race between two CPUs costs
+/// one step of records, not a wait for the agent's next poll.
 #[inline(always)]
 fn wakeup_flags(ring: &RingBuf, size: u64) -> u64 {
+    let ring_size = ring.query(aya_ebpf::bindings::BPF_RB_RING_SIZE as u64);
+    let every = if ring_size / 4 < WAKEUP_BYTES {
+        ring_size / 4
+    } else {
+        WAKEUP_BYTES
+    };
+    let step = (size + RECORD_HEADER + 7) & !7;
     let waiting = ring.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64);
-    if waiting < WAKEUP_BYTES && waiting + size >= WAKEUP_BYTES {
+    if every == 0 || waiting / every != (waiting + step) / every {
         aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64
     } else {
         aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64

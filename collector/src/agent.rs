@@ -39,6 +39,10 @@ const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 /// Records handled per wake-up at most, so that a storm cannot starve signal handling.
 const MAX_BATCH: usize = 4096;
 
+/// Batches read per poll tick at most: the runtime has one thread, and the export task and
+/// signals must get their turn under a storm too.
+const MAX_BATCHES_PER_TICK: usize = 8;
+
 /// Reads finished attempts and dispatches them.
 struct Pipeline {
     clock: WallClock,
@@ -294,7 +298,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             _ = sweep_tick.tick() => pipeline.enricher.sweep(),
             _ = read_tick.tick() => {
                 pipeline.read_notes(notes.get_mut());
-                while pipeline.read(ring.get_mut()) > 0 {
+                for _ in 0..MAX_BATCHES_PER_TICK {
+                    if pipeline.read(ring.get_mut()) == 0 {
+                        break;
+                    }
                     pipeline.dispatch();
                 }
             }

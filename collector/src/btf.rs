@@ -38,15 +38,20 @@ mod kind {
     pub const ENUM64: u32 = 19;
 }
 
-/// Bytes that follow a type's 12-byte header, by kind and member count.
-fn extra_len(kind: u32, vlen: usize) -> usize {
-    match kind {
+/// The last kind this reader knows (`BTF_KIND_ENUM64`).
+const MAX_KIND: u32 = 19;
+
+/// Bytes that follow a type's 12-byte header, by kind and member count; `None` for a kind
+/// this reader does not know, whose size it cannot skip.
+fn extra_len(kind: u32, vlen: usize) -> Option<usize> {
+    Some(match kind {
         kind::INT | kind::VAR | kind::DECL_TAG => 4,
         kind::ARRAY => 12,
         kind::STRUCT | kind::UNION | kind::DATASEC | kind::ENUM64 => 12 * vlen,
         kind::ENUM | kind::FUNC_PROTO => 8 * vlen,
-        _ => 0,
-    }
+        1..=MAX_KIND => 0,
+        _ => return None,
+    })
 }
 
 pub struct Btf {
@@ -104,7 +109,9 @@ impl Btf {
         while at < type_end {
             let info = u32_at(at + 4).ok_or(BtfError::Format("truncated type"))?;
             types.push(u32::try_from(at).map_err(|_| BtfError::Format("file too large"))?);
-            at += 12 + extra_len((info >> 24) & 0x1f, (info & 0xffff) as usize);
+            at += 12
+                + extra_len((info >> 24) & 0x1f, (info & 0xffff) as usize)
+                    .ok_or(BtfError::Format("a type of a kind newer than this reader"))?;
         }
         if at != type_end {
             return Err(BtfError::Format("a type runs past the type section"));
@@ -143,12 +150,16 @@ impl Btf {
         (1..=self.types.len() as u32).find_map(|id| {
             let t = self.header(id)?;
             (t.kind == kind::STRUCT && self.string(t.name) == name.as_bytes())
-                .then(|| self.find_member(&t, member.as_bytes(), 0))
+                .then(|| self.find_member(&t, member.as_bytes(), 0, 0))
                 .flatten()
         })
     }
 
-    fn find_member(&self, st: &TypeHeader, member: &[u8], base_bits: u32) -> Option<u32> {
+    fn find_member(&self, st: &TypeHeader, member: &[u8], base_bits: u32, depth: u32) -> Option<u32> {
+        // Anonymous members nest a few levels deep; more is a loop in a broken file.
+        if depth > 8 {
+            return None;
+        }
         for i in 0..st.vlen {
             let at = st.body + 12 * i;
             let (name, ty, offset) = (self.u32_at(at), self.u32_at(at + 4), self.u32_at(at + 8));
@@ -158,7 +169,7 @@ impl Btf {
             } else {
                 (offset, 0)
             };
-            let bits = base_bits + bits;
+            let bits = base_bits.checked_add(bits)?;
             let member_name = self.string(name);
             if member_name == member {
                 return (bitfield == 0 && bits.is_multiple_of(8)).then_some(bits / 8);
@@ -166,7 +177,7 @@ impl Btf {
             if member_name.is_empty() {
                 let nested = self.resolve(ty)?;
                 if matches!(nested.kind, kind::STRUCT | kind::UNION)
-                    && let Some(found) = self.find_member(&nested, member, bits)
+                    && let Some(found) = self.find_member(&nested, member, bits, depth + 1)
                 {
                     return Some(found);
                 }
