@@ -633,26 +633,7 @@ time.sleep(3600)
                 let a = Netns::new("nat").expect("netns (needs root)");
                 let b = Netns::new("natpeer").expect("netns");
                 a.link(&b, a_addr, b_addr).expect("veth");
-                a.iptables(
-                    v6,
-                    &[
-                        "-t",
-                        "nat",
-                        "-A",
-                        "OUTPUT",
-                        "-p",
-                        "tcp",
-                        "-d",
-                        vip,
-                        "--dport",
-                        "7777",
-                        "-j",
-                        "REDIRECT",
-                        "--to-ports",
-                        "15001",
-                    ],
-                )
-                .expect("iptables REDIRECT rule");
+                a.redirect(v6, vip, 7777, 15001).expect("iptables REDIRECT rule");
                 b.iptables(v6, &["-A", "INPUT", "-p", "tcp", "--dport", "9", "-j", "DROP"])
                     .expect("iptables DROP rule");
                 let mut process = a

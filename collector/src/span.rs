@@ -207,14 +207,16 @@ fn attributes(a: &Attempt, identity: &Identity, evidence: &Evidence) -> Vec<KeyV
     let mut attrs = Vec::with_capacity(32);
     let process = identity.process.as_deref();
     let info = process.map(|p| &p.info);
+    // One string for both keys that carry the peer, shared rather than formatted twice.
+    let peer = opentelemetry::StringValue::from(Arc::<str>::from(a.peer.ip().to_string()));
     attrs.extend([
         KeyValue::new(key::NETWORK_TRANSPORT, "tcp"),
         KeyValue::new(key::NETWORK_TYPE, if a.peer.is_ipv4() { "ipv4" } else { "ipv6" }),
         KeyValue::new(key::NETWORK_LOCAL_ADDRESS, a.local.ip().to_string()),
         KeyValue::new(key::NETWORK_LOCAL_PORT, i64::from(a.local.port())),
-        KeyValue::new(key::NETWORK_PEER_ADDRESS, a.peer.ip().to_string()),
+        KeyValue::new(key::NETWORK_PEER_ADDRESS, peer.clone()),
         KeyValue::new(key::NETWORK_PEER_PORT, i64::from(a.peer.port())),
-        KeyValue::new(key::SERVER_ADDRESS, a.peer.ip().to_string()),
+        KeyValue::new(key::SERVER_ADDRESS, peer),
         KeyValue::new(key::SERVER_PORT, i64::from(a.peer.port())),
         KeyValue::new(key::PROCESS_PID, i64::from(a.pid)),
         KeyValue::new(key::THREAD_ID, i64::from(a.tid)),

@@ -65,27 +65,7 @@ fn istio_like_collision_behind_a_redirect() {
     // RFC 2544 benchmarking addresses, only inside these two namespaces. The service
     // address 198.18.0.100 is on the pod's link, and REDIRECT sends it to the sidecar.
     pod.link(&peer, "198.18.0.1/24", "198.18.0.2/24").unwrap();
-    pod.iptables(
-        false,
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            "198.18.0.100",
-            "--dport",
-            "7777",
-            "-j",
-            "REDIRECT",
-        ]
-        .into_iter()
-        .chain(["--to-ports", "15001"])
-        .collect::<Vec<_>>(),
-    )
-    .unwrap();
+    pod.redirect(false, "198.18.0.100", 7777, 15001).unwrap();
     let mut sidecar = pod.command("python3".as_ref());
     let mut sidecar = Sidecar(
         sidecar

@@ -89,7 +89,12 @@ fn slow_threshold_keeps_a_slow_success_and_drops_a_fast_one() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(400));
+    // Once its first SYN is out (and dropped), let the retransmit through.
+    let in_syn_sent = synspan_testbed::wait_until(Duration::from_secs(5), || {
+        let out = ns.exec(&["ss", "-Htn", "state", "syn-sent"]).ok()?;
+        (!out.stdout.is_empty()).then_some(())
+    });
+    assert!(in_syn_sent.is_some());
     ns.iptables(false, &[&["-D"][..], &rule].concat()).unwrap();
     let out = slow.wait_with_output().unwrap();
     let slow: Report = serde_json::from_slice(&out.stdout).unwrap();
@@ -122,7 +127,6 @@ fn accounting_is_exact_when_the_ring_buffer_overflows() {
     assert!(out.status.success());
     let made = String::from_utf8_lossy(&out.stdout).lines().count() as u64;
     assert_eq!(made, 6000);
-    std::thread::sleep(Duration::from_millis(500));
     let stopped = agent.stop(Duration::from_secs(10)).unwrap();
     let a = stopped.accounting();
     let exported = stopped.spans.len() as u64;

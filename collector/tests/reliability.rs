@@ -40,6 +40,18 @@ fn of_pids(spans: &[Value], pids: &HashSet<u64>) -> Vec<Value> {
 }
 
 /// At exit every attempt synspan saw is exported, still in flight, or dropped under a reason.
+/// Waits until the exporter says an export is stuck: the collector's outage is being lived
+/// through, not only begun.
+fn wait_retrying(agent: &Agent) {
+    let retrying = synspan_testbed::wait_until(Duration::from_secs(10), || {
+        agent
+            .stderr()
+            .contains("OTLP export not done after")
+            .then_some(())
+    });
+    assert!(retrying.is_some(), "{}", agent.stderr());
+}
+
 fn assert_accounted(stopped: &synspan_testbed::agent::Stopped) {
     let a = stopped.accounting();
     assert!(
@@ -62,7 +74,7 @@ fn collector_down_at_start_loses_nothing() {
         Some(of_pids(&agent.spans(), &pids).len()).filter(|&n| n == 50)
     });
     assert_eq!(printed, Some(50), "JSON output");
-    std::thread::sleep(Duration::from_secs(1));
+    wait_retrying(&agent);
     receiver.restart().unwrap();
     // Backoff tops out at 5 s between tries.
     let got = receiver.wait_spans(50, Duration::from_secs(30), |s| {
@@ -84,7 +96,7 @@ fn collector_outage_in_the_middle() {
     let mut reports = refused_attempts(&ns, 20);
     receiver.stop();
     reports.extend(refused_attempts(&ns, 20));
-    std::thread::sleep(Duration::from_secs(1));
+    wait_retrying(&agent);
     receiver.restart().unwrap();
     reports.extend(refused_attempts(&ns, 20));
     let pids = pids(&reports);

@@ -71,6 +71,31 @@ impl Netns {
         self.exec(&args).map(drop)
     }
 
+    /// Redirects TCP to `dest:port` made inside the namespace to its own `to_port` (the nat
+    /// table's REDIRECT, as a sidecar proxy's interception does).
+    pub fn redirect(&self, v6: bool, dest: &str, port: u16, to_port: u16) -> anyhow::Result<()> {
+        let (port, to_port) = (port.to_string(), to_port.to_string());
+        self.iptables(
+            v6,
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-d",
+                dest,
+                "--dport",
+                &port,
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                &to_port,
+            ],
+        )
+    }
+
     /// Connects two namespaces with a veth pair and gives each end an address (CIDR form).
     pub fn link(&self, peer: &Netns, addr: &str, peer_addr: &str) -> anyhow::Result<()> {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
