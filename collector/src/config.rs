@@ -139,6 +139,11 @@ pub struct Cli {
     #[arg(long, hide = true)]
     pub classic_tracepoints: bool,
 
+    /// Hold every evidence lookup (NAT, port usage) back this long: a stuck netlink peer or
+    /// /proc read, made on purpose. For testing that nothing waits for one.
+    #[arg(long, hide = true, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub evidence_delay: Duration,
+
     /// Attempts tracked in flight at once (the in-flight map's size). An attempt pushed out
     /// by newer ones is counted as evicted.
     #[arg(long, value_name = "N", default_value = "16384")]

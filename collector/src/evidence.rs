@@ -2,10 +2,15 @@
 //! it (conntrack, in the attempt's own network namespace) and, when no local port was free,
 //! how the ephemeral ports were used. Collisions are caught in the kernel instead (see
 //! `attempt::Collision`): they are gone before any lookup could find them.
+//!
+//! Lookups enter another network namespace and talk netlink or read `/proc/net/tcp`; any of
+//! that can be slow or hang. They run on a thread of their own, and the enrichment worker
+//! waits for an answer at most `LOOKUP_DEADLINE`: past it the attempt goes on without, and
+//! while that lookup is still stuck the next attempts go without at once.
 
 use std::{
-    net::SocketAddr,
     path::PathBuf,
+    sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError},
     time::{Duration, Instant},
 };
 
@@ -30,29 +35,135 @@ pub struct Evidence {
 /// second's attempts go without.
 const LOOKUPS_PER_SECOND: u32 = 200;
 
+/// How long an attempt waits for its lookup. The conntrack request itself gives up after
+/// 200 ms; this leaves room for entering the namespace.
+const LOOKUP_DEADLINE: Duration = Duration::from_millis(300);
+
+/// Why attempts went without the evidence they would have had.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Missed {
+    /// Over `LOOKUPS_PER_SECOND`.
+    pub rate_limited: u64,
+    /// The lookup was not answered within `LOOKUP_DEADLINE`.
+    pub timed_out: u64,
+    /// An earlier lookup was still stuck, so none was made.
+    pub stalled: u64,
+}
+
+/// What to look up for one attempt.
+struct Lookup {
+    netns: PathBuf,
+    tuple: Tuple,
+    pid: u32,
+    ports: bool,
+    nat: bool,
+}
+
+impl Lookup {
+    fn run(self) -> Evidence {
+        let mut evidence = Evidence::default();
+        if self.ports {
+            evidence.ports = port_usage(&self.netns, self.tuple.dst)
+                .map_err(|err| tracing::debug!("port usage of {}: {err}", self.pid))
+                .ok();
+        }
+        if self.nat {
+            match nat::lookup(&self.netns, &self.tuple) {
+                Ok(Some(t)) if t.dnat || t.snat => evidence.nat = Some(t),
+                Ok(_) => {}
+                Err(err) => tracing::debug!("conntrack for {} -> {}: {err}", self.tuple.src, self.tuple.dst),
+            }
+        }
+        evidence
+    }
+}
+
+/// The lookup thread and the one request it may be working on.
+struct Lookups {
+    requests: SyncSender<Lookup>,
+    answers: Receiver<Evidence>,
+    /// A request timed out and its answer has not come yet.
+    stuck: bool,
+}
+
+impl Lookups {
+    fn spawn(delay: Duration) -> std::io::Result<Self> {
+        let (requests, incoming) = mpsc::sync_channel::<Lookup>(1);
+        let (answer, answers) = mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("synspan-evidence".into())
+            .spawn(move || {
+                for lookup in incoming {
+                    if !delay.is_zero() {
+                        std::thread::sleep(delay);
+                    }
+                    if answer.send(lookup.run()).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Self {
+            requests,
+            answers,
+            stuck: false,
+        })
+    }
+
+    fn ask(&mut self, lookup: Lookup, missed: &mut Missed) -> Evidence {
+        if self.stuck {
+            match self.answers.try_recv() {
+                // The late answer belongs to an attempt that has gone on without it.
+                Ok(_) => self.stuck = false,
+                Err(TryRecvError::Empty) => {
+                    missed.stalled += 1;
+                    return Evidence::default();
+                }
+                Err(TryRecvError::Disconnected) => return Evidence::default(),
+            }
+        }
+        if self.requests.send(lookup).is_err() {
+            return Evidence::default();
+        }
+        match self.answers.recv_timeout(LOOKUP_DEADLINE) {
+            Ok(evidence) => evidence,
+            Err(RecvTimeoutError::Timeout) => {
+                self.stuck = true;
+                missed.timed_out += 1;
+                Evidence::default()
+            }
+            Err(RecvTimeoutError::Disconnected) => Evidence::default(),
+        }
+    }
+}
+
 pub struct Explainer {
     /// Look up NAT for every attempt, not only failed or retried ones.
     all: bool,
-    enabled: bool,
+    lookups: Option<Lookups>,
     window: Instant,
     used: u32,
-    skipped: u64,
+    missed: Missed,
 }
 
 impl Explainer {
-    pub fn new(enabled: bool, all: bool) -> Self {
-        Self {
+    /// `delay` holds every lookup back that long: a stuck netlink peer, made on purpose.
+    pub fn new(enabled: bool, all: bool, delay: Duration) -> std::io::Result<Self> {
+        Ok(Self {
             all,
-            enabled,
+            lookups: if enabled {
+                Some(Lookups::spawn(delay)?)
+            } else {
+                None
+            },
             window: Instant::now(),
             used: 0,
-            skipped: 0,
-        }
+            missed: Missed::default(),
+        })
     }
 
-    /// Lookups skipped for the rate limit since start.
-    pub fn skipped(&self) -> u64 {
-        self.skipped
+    /// Attempts that went without evidence, by reason, since start.
+    pub fn missed(&self) -> Missed {
+        self.missed
     }
 
     fn budget(&mut self) -> bool {
@@ -64,60 +175,40 @@ impl Explainer {
             self.used += 1;
             true
         } else {
-            self.skipped += 1;
+            self.missed.rate_limited += 1;
             false
         }
     }
 
     pub fn explain(&mut self, attempt: &Attempt, identity: &Identity) -> Evidence {
-        let mut evidence = Evidence::default();
-        if !self.enabled {
-            return evidence;
+        if self.lookups.is_none() {
+            return Evidence::default();
         }
         let interesting =
             attempt.outcome.is_failure() || attempt.syn_retransmits > 0 || attempt.collision.is_some();
-        let netns = identity
-            .process
-            .as_ref()
-            .map(|p| p.netns_path())
-            .unwrap_or_else(|| PathBuf::from(format!("/proc/{}/ns/net", attempt.pid)));
-        if attempt.outcome == Outcome::AddressNotAvailable && self.budget() {
-            evidence.ports = port_usage(&netns, attempt.peer)
-                .map_err(|err| tracing::debug!("port usage of {}: {err}", attempt.pid))
-                .ok();
-        }
+        let ports = attempt.outcome == Outcome::AddressNotAvailable;
         // Without a local port there is no tuple for conntrack to know.
-        if (interesting || self.all) && attempt.local.port() != 0 && self.budget() {
-            let tuple = Tuple {
+        let nat = (interesting || self.all) && attempt.local.port() != 0;
+        if !(ports || nat) || !self.budget() {
+            return Evidence::default();
+        }
+        let lookup = Lookup {
+            netns: identity
+                .process
+                .as_ref()
+                .map(|p| p.netns_path())
+                .unwrap_or_else(|| PathBuf::from(format!("/proc/{}/ns/net", attempt.pid))),
+            tuple: Tuple {
                 src: attempt.local,
                 dst: attempt.peer,
-            };
-            match nat::lookup(&netns, &tuple) {
-                Ok(Some(t)) if t.dnat || t.snat => evidence.nat = Some(t),
-                Ok(_) => {}
-                Err(err) => tracing::debug!("conntrack for {} -> {}: {err}", attempt.local, attempt.peer),
-            }
-        }
-        evidence
+            },
+            pid: attempt.pid,
+            ports,
+            nat,
+        };
+        let Some(lookups) = &mut self.lookups else {
+            return Evidence::default();
+        };
+        lookups.ask(lookup, &mut self.missed)
     }
-}
-
-/// A one-line summary for the console: `redirected to 127.0.0.1:15001`, port usage.
-pub fn summary(evidence: &Evidence, peer: SocketAddr) -> Vec<String> {
-    let mut parts = Vec::new();
-    if let Some(t) = &evidence.nat {
-        if t.dnat {
-            parts.push(format!("redirected to {}", t.reply_src));
-        }
-        if t.snat {
-            parts.push(format!("source translated to {}", t.reply_dst));
-        }
-    }
-    if let Some(p) = &evidence.ports {
-        parts.push(format!(
-            "{} of {} ephemeral ports ({}-{}) toward {peer} in use, {} in use in all",
-            p.in_use_to_destination, p.range_size, p.range.0, p.range.1, p.in_use_total
-        ));
-    }
-    parts
 }

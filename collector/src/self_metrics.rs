@@ -28,7 +28,7 @@ pub struct SelfMetrics {
 }
 
 /// (reason, count) for every way an attempt can be dropped.
-fn drops(a: &Accounting) -> [(&'static str, u64); 9] {
+fn drops(a: &Accounting) -> [(&'static str, u64); 10] {
     [
         ("filtered", a.filtered()),
         ("ringbuf_full", a.kernel.ringbuf_full),
@@ -36,6 +36,7 @@ fn drops(a: &Accounting) -> [(&'static str, u64); 9] {
         ("replaced", a.kernel.replaced),
         ("track_failed", a.kernel.track_failed),
         ("undecodable", a.undecodable),
+        ("enrich_queue_full", a.enrich_queue_full),
         ("export_queue_full", a.export_queue_full),
         ("export_failed", a.export_failed),
         ("unflushed", a.unflushed),

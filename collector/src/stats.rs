@@ -14,6 +14,8 @@ pub struct AgentCounters {
     pub received: AtomicU64,
     /// Records that could not be decoded (an unknown address family).
     pub undecodable: AtomicU64,
+    /// Attempts dropped because the enrichment worker was too far behind the reader.
+    pub enrich_queue_full: AtomicU64,
     /// Spans handed to the OTLP export queue.
     pub submitted: AtomicU64,
     /// Spans delivered: accepted by the OTLP collector when exporting, else written to stdout.
@@ -39,6 +41,7 @@ pub struct Accounting {
     pub in_flight: u64,
     pub received: u64,
     pub undecodable: u64,
+    pub enrich_queue_full: u64,
     pub exported: u64,
     pub export_queue_full: u64,
     pub export_failed: u64,
@@ -53,6 +56,7 @@ impl Accounting {
             in_flight,
             received: agent.received.load(Relaxed),
             undecodable: agent.undecodable.load(Relaxed),
+            enrich_queue_full: agent.enrich_queue_full.load(Relaxed),
             exported: agent.exported.load(Relaxed),
             export_queue_full: agent.export_queue_full.load(Relaxed),
             export_failed: agent.export_failed.load(Relaxed),
@@ -84,6 +88,7 @@ impl Accounting {
             + k.track_failed
             + self.evicted()
             + self.undecodable
+            + self.enrich_queue_full
             + self.export_queue_full
             + self.export_failed
             + self.unflushed
@@ -109,7 +114,7 @@ impl fmt::Display for Accounting {
             f,
             "attempts seen={} in_flight={} exported={} pending={} dropped={} \
              (filtered={} ringbuf_full={} evicted={} replaced={} track_failed={} \
-             undecodable={} export_queue_full={} export_failed={} unflushed={}) \
+             undecodable={} enrich_queue_full={} export_queue_full={} export_failed={} unflushed={}) \
              untracked_finish={} never_started={} kernel_skipped_runs={}",
             self.seen(),
             self.in_flight,
@@ -122,6 +127,7 @@ impl fmt::Display for Accounting {
             k.replaced,
             k.track_failed,
             self.undecodable,
+            self.enrich_queue_full,
             self.export_queue_full,
             self.export_failed,
             self.unflushed,
@@ -154,6 +160,7 @@ mod tests {
             in_flight: 2,
             received: 80,
             undecodable: 0,
+            enrich_queue_full: 2,
             exported: 70,
             export_queue_full: 4,
             export_failed: 3,
@@ -161,8 +168,8 @@ mod tests {
         };
         assert_eq!(a.evicted(), 2);
         assert_eq!(a.seen(), 104);
-        assert_eq!(a.dropped(), 14 + 5 + 1 + 2 + 4 + 3 + 1);
-        assert_eq!(a.pending(), 104 - 70 - 30 - 2);
+        assert_eq!(a.dropped(), 14 + 5 + 1 + 2 + 2 + 4 + 3 + 1);
+        assert_eq!(a.pending(), 104 - 70 - 32 - 2);
         let line = a.to_string();
         assert!(line.contains("seen=104") && line.contains("evicted=2"), "{line}");
     }

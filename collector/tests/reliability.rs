@@ -416,3 +416,38 @@ fn second_signal_exits_at_once() {
     );
     assert!(stopped.stderr.contains("second signal"), "{}", stopped.stderr);
 }
+
+/// An evidence lookup that never answers (a conntrack socket that hangs, made on purpose
+/// here: every lookup is held back two minutes) holds up neither the attempts behind it nor
+/// a SIGTERM: the stuck one times out, the next ones go without evidence at once.
+#[test]
+fn a_stuck_evidence_lookup_holds_up_neither_export_nor_sigterm() {
+    let receiver = Receiver::start().unwrap();
+    let agent = Agent::start(&[
+        "--otlp-endpoint",
+        &receiver.endpoint(),
+        "--evidence-delay",
+        "120s",
+    ])
+    .unwrap();
+    let ns = Netns::new("stuck").unwrap();
+    // Each refusal asks for its NAT evidence; the first one's lookup never comes back.
+    let reports = refused_attempts(&ns, 10);
+    let pids = pids(&reports);
+    let got = receiver.wait_spans(10, Duration::from_secs(30), |s| {
+        s["attributes"]["process.pid"]
+            .as_u64()
+            .is_some_and(|p| pids.contains(&p))
+    });
+    assert_eq!(got.len(), 10, "received {} of 10\n{}", got.len(), agent.stderr());
+    // Well inside the two minutes the lookup is held: the stop does not wait for it.
+    let stopped = agent.stop(Duration::from_secs(20)).unwrap();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    assert_accounted(&stopped);
+    assert!(stopped.accounting()["exported"] >= 10, "{}", stopped.stderr);
+    assert!(
+        stopped.stderr.contains("timed_out=1") && stopped.stderr.contains("stalled="),
+        "{}",
+        stopped.stderr
+    );
+}

@@ -1,0 +1,146 @@
+//! The enrichment worker: turns decoded attempts into spans (the process, its stacks, the
+//! evidence, the span itself) and hands them to the sinks. It runs on a thread of its own:
+//! `/proc` reads, symbolization and evidence lookups can be slow, and the reader, the export
+//! and the signals must never wait for them.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use aya::maps::{MapData, StackTraceMap};
+use synspan_shared::ProcessNote;
+use tokio::sync::{mpsc, oneshot};
+
+use super::reader::MAX_BATCH;
+use crate::{
+    attempt::Attempt,
+    enrich::{identity::Enricher, process::ReadOptions},
+    evidence::{Explainer, Missed},
+    privilege,
+    sink::Sinks,
+    span::{ConnectSpan, SpanBuilder},
+};
+
+/// What the reader hands the worker, in the order it read it: a note can announce the
+/// attempt that follows it.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "nearly every item is an attempt: boxing it would add an allocation to each"
+)]
+pub(super) enum Work {
+    Note(ProcessNote),
+    Attempt(Attempt),
+    /// Forget processes that have exited.
+    Sweep,
+}
+
+/// Attempts waiting for the worker. Past this the reader drops them, counted as
+/// `enrich_queue_full`. A decoded attempt is a few hundred bytes, so this holds about 2 MiB:
+/// a second of a storm that the worker cannot keep up with.
+pub(super) const QUEUE: usize = 8192;
+
+/// What the worker leaves behind when the reader is done.
+pub(super) struct Finished {
+    pub(super) sinks: Sinks,
+    pub(super) evidence_missed: Missed,
+}
+
+/// Everything the worker is made of that can be made on the agent's thread.
+pub(super) struct Setup {
+    pub(super) stacks: Option<StackTraceMap<MapData>>,
+    pub(super) read: ReadOptions,
+    pub(super) nat: bool,
+    pub(super) nat_all: bool,
+    pub(super) evidence_delay: Duration,
+    pub(super) spans: SpanBuilder,
+    pub(super) sinks: Sinks,
+}
+
+struct Worker {
+    enricher: Enricher,
+    explainer: Explainer,
+    spans: SpanBuilder,
+    sinks: Sinks,
+}
+
+/// Starts the worker on its own thread and waits until it is ready. It runs until every
+/// sender of `work` is gone and the queue is empty, then hands its sinks back.
+///
+/// The symbolizer cannot move between threads, so the enricher is made on the worker's
+/// thread, which reads the kernel's symbols with the agent's start-up privileges and then
+/// drops them for itself; capabilities belong to each thread.
+pub(super) fn spawn(setup: Setup, work: mpsc::Receiver<Work>) -> anyhow::Result<oneshot::Receiver<Finished>> {
+    let (done, finished) = oneshot::channel();
+    let (ready, started) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("synspan-enrich".into())
+        .spawn(move || {
+            let worker = match Worker::new(setup) {
+                Ok(worker) => worker,
+                Err(err) => {
+                    let _ = ready.send(Err(err));
+                    return;
+                }
+            };
+            let _ = ready.send(Ok(()));
+            let _ = done.send(worker.run(work));
+        })
+        .context("starting the enrichment thread")?;
+    started
+        .recv()
+        .context("the enrichment thread ended while starting")??;
+    Ok(finished)
+}
+
+impl Worker {
+    fn new(setup: Setup) -> anyhow::Result<Self> {
+        let enricher = Enricher::new(setup.stacks, setup.read);
+        // Reading the symbol table left tens of MiB freed on the heap. Hand them back so the
+        // agent's steady footprint is what it uses, not what it parsed.
+        // SAFETY: plain glibc call, no pointers.
+        unsafe { libc::malloc_trim(0) };
+        if let Err(err) = privilege::drop_unneeded(setup.nat) {
+            tracing::warn!("could not drop capabilities on the enrichment thread: {err}");
+        }
+        // Made after the drop: the lookup thread inherits this thread's capabilities.
+        let explainer = Explainer::new(setup.nat, setup.nat_all, setup.evidence_delay)
+            .context("starting the evidence lookup thread")?;
+        Ok(Self {
+            enricher,
+            explainer,
+            spans: setup.spans,
+            sinks: setup.sinks,
+        })
+    }
+
+    fn run(mut self, mut work: mpsc::Receiver<Work>) -> Finished {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = work.blocking_recv() {
+            // Stacks are read from the kernel's map once per batch.
+            self.enricher.new_batch();
+            self.handle(first, &mut batch);
+            while batch.len() < MAX_BATCH {
+                let Ok(next) = work.try_recv() else { break };
+                self.handle(next, &mut batch);
+            }
+            self.sinks.deliver(&mut batch);
+        }
+        Finished {
+            evidence_missed: self.explainer.missed(),
+            sinks: self.sinks,
+        }
+    }
+
+    fn handle(&mut self, work: Work, batch: &mut Vec<ConnectSpan>) {
+        match work {
+            Work::Note(note) => self.enricher.on_note(&note),
+            Work::Sweep => self.enricher.sweep(),
+            // An overloaded export costs no work per attempt: shed before the span is built.
+            Work::Attempt(_) if self.sinks.full(batch.len()) => self.sinks.shed(),
+            Work::Attempt(attempt) => {
+                let identity = self.enricher.identify(&attempt);
+                let evidence = self.explainer.explain(&attempt, &identity);
+                batch.push(self.spans.build(attempt, &identity, evidence));
+            }
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! The agent, in the order an attempt passes through it: the kernel programs finish it, the
+//! [`reader`] decodes it off the ring buffer, the [`enrichment`] worker makes it a span, the
+//! sinks deliver it, and the accounting counts it. [`run`] is start, serve, shutdown.
+
+mod enrichment;
+mod reader;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{Signal, SignalKind, signal},
+    sync::{mpsc, oneshot},
+    time::{Interval, MissedTickBehavior},
+};
+
+use self::{
+    enrichment::{Finished, Setup},
+    reader::Reader,
+};
+use crate::{
+    config::Cli,
+    enrich::process::ReadOptions,
+    kernel_layout,
+    loader::{Filters, Limits, Tracer, cgroup_id},
+    privilege,
+    self_metrics::{SelfMetrics, Snapshot},
+    sink::{
+        Sinks, StdoutSink,
+        otlp::{OtlpSettings, OtlpSink},
+    },
+    span::SpanBuilder,
+    stats::{Accounting, AgentCounters},
+};
+
+/// The kernel wakes the agent only once 32 KiB of records wait (see `wakeup_flags` in the
+/// kernel programs); below that, they are picked up at this interval.
+const READ_INTERVAL: Duration = Duration::from_millis(50);
+
+/// How often processes that have exited are forgotten.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// Batches read per poll tick at most: the runtime has one thread, and the export task and
+/// signals must get their turn under a storm too.
+const MAX_BATCHES_PER_TICK: usize = 8;
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut agent = Agent::start(&cli)?;
+    let stopped_by = agent.serve(&cli).await?;
+    agent.shutdown(stopped_by, &cli).await
+}
+
+/// A running agent: the kernel object, the reader, and the worker behind it.
+struct Agent {
+    tracer: Tracer,
+    reader: Reader,
+    finished: oneshot::Receiver<Finished>,
+    counters: Arc<AgentCounters>,
+    snapshot: Snapshot,
+    self_metrics: Option<SelfMetrics>,
+    sigint: Signal,
+    sigterm: Signal,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// One consistent reading of every counter, also handed to the self-metrics.
+fn report(tracer: &Tracer, counters: &AgentCounters, snapshot: &Snapshot) -> Accounting {
+    let kernel = tracer.counters().unwrap_or_default();
+    let accounting = Accounting::read(
+        kernel,
+        tracer.skipped_runs(),
+        tracer.in_flight().unwrap_or(0),
+        counters,
+    );
+    *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = accounting;
+    accounting
+}
+
+fn ticker(every: Duration) -> Option<Interval> {
+    (!every.is_zero()).then(|| {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        tick
+    })
+}
+
+impl Agent {
+    /// Loads and attaches the programs, starts the sinks and the enrichment worker, and
+    /// drops the privileges that are no longer needed.
+    fn start(cli: &Cli) -> anyhow::Result<Self> {
+        privilege::check()?;
+        let resolved = kernel_layout::resolve()?;
+        let policy = cli.policy();
+        if policy.agent_tgid == 0 {
+            tracing::warn!(
+                "not in the host's pid namespace: synspan's own connections are traced too, and \
+                 processes will be hard to name (run with the host's pid namespace, hostPID)"
+            );
+        }
+        let limits = Limits {
+            max_in_flight: cli.max_in_flight.get(),
+            ring_buffer_bytes: cli.ring_buffer_bytes,
+        };
+        let filters = Filters {
+            pids: cli.pids.clone(),
+            cgroup_ids: cli
+                .cgroups
+                .iter()
+                .map(|p| cgroup_id(p))
+                .collect::<Result<_, _>>()?,
+            ports: cli.dest_ports.clone(),
+            dests: cli.dests.clone(),
+        };
+        let mut tracer = Tracer::load(&resolved, &policy, &limits)?;
+        tracer.set_filters(&filters)?;
+        let counters = Arc::new(AgentCounters::default());
+        let otlp = match &cli.otlp_endpoint {
+            Some(endpoint) => Some(OtlpSink::start(
+                OtlpSettings {
+                    endpoint: endpoint.clone(),
+                    tls: cli.tls.clone(),
+                    queue_size: cli.export_queue_size.get() as usize,
+                    batch_size: cli.export_batch_size as usize,
+                    retry_timeout: cli.export_retry_timeout,
+                },
+                counters.clone(),
+            )?),
+            None => None,
+        };
+        let snapshot: Snapshot = Default::default();
+        let self_metrics = match &cli.otlp_endpoint {
+            Some(endpoint) if !cli.metrics_interval.is_zero() => Some(SelfMetrics::start(
+                endpoint,
+                &cli.tls,
+                &host_name(),
+                cli.metrics_interval,
+                snapshot.clone(),
+            )?),
+            _ => None,
+        };
+        let attempts = tracer.take_attempts()?;
+        let notes = tracer.take_process_notes()?;
+        let stacks = if cli.no_stacks {
+            None
+        } else {
+            Some(tracer.take_stacks()?)
+        };
+        let sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let skipped = tracer.attach(&resolved, !cli.classic_tracepoints)?;
+        for (hook, why) in &skipped {
+            tracing::warn!("not attached: {hook} ({why}); spans will lack what it shows");
+        }
+        // Attaching parsed the kernel's BTF, the kernel's symbols come next (on the worker's
+        // thread): one after the other, with the first handed back in between, they never
+        // weigh on the heap together.
+        // SAFETY: plain glibc call, no pointers.
+        unsafe { libc::malloc_trim(0) };
+        let (work, queue) = mpsc::channel(enrichment::QUEUE);
+        let finished = enrichment::spawn(
+            Setup {
+                stacks,
+                read: ReadOptions {
+                    command_line: cli.capture_command_line,
+                },
+                nat: !cli.no_nat,
+                nat_all: cli.nat_all,
+                evidence_delay: cli.evidence_delay,
+                spans: SpanBuilder::new(host_name()),
+                sinks: Sinks::new(StdoutSink::new(cli.output), otlp, counters.clone()),
+            },
+            queue,
+        )?;
+        let reader = Reader::new(attempts, notes, work, counters.clone())?;
+        match privilege::drop_unneeded(!cli.no_nat) {
+            Ok(()) => tracing::debug!("capabilities dropped; kept {:?}", privilege::KEPT),
+            Err(err) => tracing::warn!("could not drop capabilities: {err}"),
+        }
+        tracing::info!(
+            output = ?cli.output,
+            otlp = cli.otlp_endpoint.as_ref().map(crate::config::redacted),
+            "synspan ready: tracing TCP connect attempts"
+        );
+        Ok(Self {
+            tracer,
+            reader,
+            finished,
+            counters,
+            snapshot,
+            self_metrics,
+            sigint,
+            sigterm,
+        })
+    }
+
+    fn report(&self) -> Accounting {
+        report(&self.tracer, &self.counters, &self.snapshot)
+    }
+
+    /// Reads finished attempts until a signal; returns the signal's name.
+    async fn serve(&mut self, cli: &Cli) -> anyhow::Result<&'static str> {
+        let mut stats_tick = ticker(cli.stats_interval);
+        let mut metrics_tick = self
+            .self_metrics
+            .as_ref()
+            .and_then(|_| ticker(cli.metrics_interval));
+        let mut read_tick = ticker(READ_INTERVAL).context("read interval")?;
+        let mut sweep_tick = ticker(SWEEP_EVERY).context("sweep interval")?;
+        loop {
+            tokio::select! {
+                guard = self.reader.notes.readable_mut() => {
+                    guard.context("polling the process notes")?.clear_ready();
+                    self.reader.read_notes();
+                }
+                guard = self.reader.attempts.readable_mut() => {
+                    // Cleared before reading: a record that lands meanwhile wakes us again.
+                    guard.context("polling the ring buffer")?.clear_ready();
+                    self.reader.read_batches(MAX_BATCHES_PER_TICK);
+                }
+                _ = self.sigint.recv() => return Ok("SIGINT"),
+                _ = self.sigterm.recv() => return Ok("SIGTERM"),
+                _ = async { stats_tick.as_mut().unwrap().tick().await }, if stats_tick.is_some() => {
+                    tracing::info!("stats: {}", self.report());
+                }
+                _ = async { metrics_tick.as_mut().unwrap().tick().await }, if metrics_tick.is_some() => {
+                    self.report();
+                }
+                _ = sweep_tick.tick() => {
+                    self.reader.sweep();
+                }
+                _ = read_tick.tick() => self.reader.read_batches(MAX_BATCHES_PER_TICK),
+            }
+        }
+    }
+
+    /// Detaches, hands the worker what is left in the ring buffers, exports what is pending
+    /// for at most `--shutdown-timeout`, and prints the final accounting.
+    async fn shutdown(self, stopped_by: &str, cli: &Cli) -> anyhow::Result<()> {
+        tracing::info!("{stopped_by}: stopping; a second signal exits at once");
+        let Self {
+            mut tracer,
+            mut reader,
+            finished,
+            counters,
+            snapshot,
+            self_metrics,
+            mut sigint,
+            mut sigterm,
+        } = self;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = sigint.recv() => {}
+                _ = sigterm.recv() => {}
+            }
+            tracing::warn!("second signal: exiting without flushing");
+            std::process::exit(130);
+        });
+        tracer.detach();
+        // The programs are gone: whatever is in the ring buffer now is all there will be.
+        let deadline = tokio::time::Instant::now() + cli.shutdown_timeout;
+        let mut late = tokio::time::timeout_at(deadline, reader.drain()).await.is_err();
+        if late {
+            tracing::warn!("shutdown timeout: the ring buffer was not drained");
+        }
+        // Closing the queue lets the worker finish once it has emptied it.
+        drop(reader);
+        match tokio::time::timeout_at(deadline, finished).await {
+            Ok(Ok(finished)) => {
+                let missed = finished.evidence_missed;
+                if missed != Default::default() {
+                    tracing::info!(
+                        "evidence lookups missed: rate_limited={} timed_out={} stalled={}",
+                        missed.rate_limited,
+                        missed.timed_out,
+                        missed.stalled
+                    );
+                }
+                finished
+                    .sinks
+                    .shutdown(deadline.saturating_duration_since(tokio::time::Instant::now()))
+                    .await;
+            }
+            Ok(Err(_)) => {
+                tracing::error!("the enrichment thread ended early");
+                late = true;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "shutdown timeout: enrichment did not finish in {:?}",
+                    cli.shutdown_timeout
+                );
+                late = true;
+            }
+        }
+        if late {
+            // What is neither exported nor dropped by now never will be.
+            let unsettled = report(&tracer, &counters, &snapshot).pending();
+            AgentCounters::add(&counters.unflushed, unsettled);
+        }
+        tracing::info!("final: {}", report(&tracer, &counters, &snapshot));
+        if let Some(metrics) = self_metrics {
+            // The last reading goes out with the flush; the SDK blocks, so not on the runtime.
+            let flush = tokio::task::spawn_blocking(move || metrics.shutdown());
+            if tokio::time::timeout(cli.shutdown_timeout, flush).await.is_err() {
+                tracing::warn!("self-metrics were not flushed within the shutdown timeout");
+            }
+        }
+        Ok(())
+    }
+}

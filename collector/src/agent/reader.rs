@@ -1,0 +1,158 @@
+//! The ring-buffer reader: decodes finished attempts and process notes and hands them to the
+//! enrichment worker without ever waiting for it. It runs on the runtime that also drives the
+//! export and the signals, so nothing here may block.
+
+use std::{sync::Arc, time::Instant};
+
+use aya::maps::{MapData, RingBuf};
+use synspan_shared::ProcessNote;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::mpsc::{self, error::TrySendError},
+};
+
+use super::enrichment::Work;
+use crate::{
+    attempt::{Attempt, read_record},
+    clock::WallClock,
+    stats::AgentCounters,
+};
+
+/// Records handled per wake-up at most, so that a storm cannot starve signal handling.
+pub(super) const MAX_BATCH: usize = 4096;
+
+/// At most one "enrichment is behind" warning this often.
+const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub(super) struct Reader {
+    pub(super) attempts: AsyncFd<RingBuf<MapData>>,
+    pub(super) notes: AsyncFd<RingBuf<MapData>>,
+    clock: WallClock,
+    work: mpsc::Sender<Work>,
+    counters: Arc<AgentCounters>,
+    last_full_warning: Option<Instant>,
+}
+
+impl Reader {
+    pub(super) fn new(
+        attempts: RingBuf<MapData>,
+        notes: RingBuf<MapData>,
+        work: mpsc::Sender<Work>,
+        counters: Arc<AgentCounters>,
+    ) -> anyhow::Result<Self> {
+        // SAFETY: each ring buffer owns its map fd and keeps it open, unchanged, for as long
+        // as the AsyncFd owns the ring buffer.
+        let attempts = unsafe { AsyncFd::register_with_interest(attempts, Interest::READABLE) }
+            .map_err(|err| anyhow::anyhow!("watching the ring buffer: {err}"))?;
+        // SAFETY: as above.
+        let notes = unsafe { AsyncFd::register_with_interest(notes, Interest::READABLE) }
+            .map_err(|err| anyhow::anyhow!("watching the process notes: {err}"))?;
+        Ok(Self {
+            attempts,
+            notes,
+            clock: WallClock::sample(),
+            work,
+            counters,
+            last_full_warning: None,
+        })
+    }
+
+    /// Reads process notes: the kernel saw a process start an attempt, and it is alive now.
+    /// A note that does not fit is only a missed early look at the process: its attempts
+    /// still go out, identified when they are enriched.
+    pub(super) fn read_notes(&mut self) {
+        while let Some(item) = self.notes.get_mut().next() {
+            if item.len() < size_of::<ProcessNote>() {
+                continue;
+            }
+            // SAFETY: ProcessNote is plain old data and the length was checked.
+            let note = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ProcessNote>()) };
+            drop(item);
+            if self.work.try_send(Work::Note(note)).is_err() {
+                tracing::debug!(pid = note.pid, "process note dropped: enrichment is behind");
+            }
+        }
+    }
+
+    /// Reads up to `MAX_BATCH` finished attempts; returns how many were read.
+    pub(super) fn read_attempts(&mut self) -> usize {
+        let mut read = 0;
+        let mut full = 0;
+        while read < MAX_BATCH {
+            let Some(attempt) = self.next_attempt(&mut read) else {
+                break;
+            };
+            match self.work.try_send(Work::Attempt(attempt)) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_) | TrySendError::Closed(_)) => full += 1,
+            }
+        }
+        AgentCounters::add(&self.counters.received, read as u64);
+        if full > 0 {
+            self.enrichment_behind(full);
+        }
+        read
+    }
+
+    /// Notes, then up to `batches` batches of attempts: as many as wait, within a bound.
+    pub(super) fn read_batches(&mut self, batches: usize) {
+        self.read_notes();
+        for _ in 0..batches {
+            if self.read_attempts() < MAX_BATCH {
+                break;
+            }
+        }
+    }
+
+    /// Asks the worker to forget processes that have exited; a sweep that does not fit now
+    /// is made at the next one.
+    pub(super) fn sweep(&self) {
+        let _ = self.work.try_send(Work::Sweep);
+    }
+
+    /// After the programs are detached: everything left in the rings, waiting for the
+    /// enrichment worker where it is behind instead of dropping.
+    pub(super) async fn drain(&mut self) {
+        self.read_notes();
+        let mut read = 0;
+        while let Some(attempt) = self.next_attempt(&mut read) {
+            if self.work.send(Work::Attempt(attempt)).await.is_err() {
+                AgentCounters::add(&self.counters.enrich_queue_full, 1);
+            }
+        }
+        AgentCounters::add(&self.counters.received, read as u64);
+    }
+
+    /// The next decodable attempt, counting every record read and every one that is not.
+    fn next_attempt(&mut self, read: &mut usize) -> Option<Attempt> {
+        loop {
+            let item = self.attempts.get_mut().next()?;
+            *read += 1;
+            let decoded = read_record(&item).map(|record| {
+                drop(item);
+                self.clock.refresh(record.end_ns);
+                Attempt::decode(&record, &self.clock)
+            });
+            match decoded {
+                Ok(Ok(attempt)) => return Some(attempt),
+                Ok(Err(err)) | Err(err) => {
+                    tracing::warn!("skipping a ring-buffer record: {err}");
+                    AgentCounters::add(&self.counters.undecodable, 1);
+                }
+            }
+        }
+    }
+
+    fn enrichment_behind(&mut self, n: u64) {
+        AgentCounters::add(&self.counters.enrich_queue_full, n);
+        if self.last_full_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+            self.last_full_warning = Some(Instant::now());
+            tracing::warn!(
+                dropped = n,
+                "enrichment is {} attempts behind the kernel: dropping attempts (counted as \
+                 enrich_queue_full); /proc or symbol reads are slow on this host",
+                self.work.max_capacity()
+            );
+        }
+    }
+}
