@@ -8,6 +8,7 @@
 pub mod container;
 pub mod identity;
 pub mod process;
+pub mod process_context;
 pub mod symbols;
 
 use std::{collections::HashMap, sync::Arc};
