@@ -10,6 +10,11 @@
 //! --hold          print the report, then sleep until killed (tests that kill the client)
 //! --count N       N attempts one after another, one report line each
 //! --parallel N    N threads, each making its attempts at the same moment
+//! --process-context K=V,…           publish this resource as an OpenTelemetry process
+//!                                   context (OTEP 4719) before the first attempt
+//! --process-context-update K=V,…    replace it after the first attempt
+//! --process-context-malformed HOW   publish it broken: signature, huge-payload, truncated,
+//!                                   never-settled
 //!
 //! The connect is non-blocking so that the local port can be read right after the kernel
 //! chose it: once an attempt fails, the kernel releases the port and getsockname says 0.
@@ -23,7 +28,10 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use synspan_testbed::sockaddr::{check, local_addr, to_raw};
+use synspan_testbed::{
+    process_context::{Malformed, Published, parse_pairs},
+    sockaddr::{check, local_addr, to_raw},
+};
 
 struct Args {
     target: SocketAddr,
@@ -33,6 +41,9 @@ struct Args {
     hold: bool,
     count: u32,
     parallel: u32,
+    process_context: Option<Vec<(String, String)>>,
+    process_context_update: Option<Vec<(String, String)>>,
+    process_context_malformed: Option<Malformed>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -46,6 +57,9 @@ fn parse_args() -> anyhow::Result<Args> {
         hold: false,
         count: 1,
         parallel: 1,
+        process_context: None,
+        process_context_update: None,
+        process_context_malformed: None,
     };
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -57,6 +71,18 @@ fn parse_args() -> anyhow::Result<Args> {
             "--hold" => parsed.hold = true,
             "--count" => parsed.count = args.next().context("--count N")?.parse()?,
             "--parallel" => parsed.parallel = args.next().context("--parallel N")?.parse()?,
+            "--process-context" => {
+                let pairs = args.next().context("--process-context K=V,…")?;
+                parsed.process_context = Some(parse_pairs(&pairs).map_err(anyhow::Error::msg)?);
+            }
+            "--process-context-update" => {
+                let pairs = args.next().context("--process-context-update K=V,…")?;
+                parsed.process_context_update = Some(parse_pairs(&pairs).map_err(anyhow::Error::msg)?);
+            }
+            "--process-context-malformed" => {
+                let how = args.next().context("--process-context-malformed HOW")?;
+                parsed.process_context_malformed = Some(how.parse().map_err(anyhow::Error::msg)?);
+            }
             other if target.is_none() => target = Some(other.parse::<SocketAddr>().context("ADDR:PORT")?),
             other => bail!("unexpected argument {other}"),
         }
@@ -131,6 +157,13 @@ fn main() -> anyhow::Result<()> {
     } else {
         None
     };
+    let published = match (&args.process_context, args.process_context_malformed) {
+        (Some(resource), None) => Some(Published::publish(resource)?),
+        (Some(resource), Some(how)) => Some(Published::publish_malformed(resource, how)?),
+        (None, Some(_)) => bail!("--process-context-malformed needs --process-context"),
+        (None, None) => None,
+    };
+    let published = std::sync::Mutex::new(published);
     let barrier = std::sync::Barrier::new(args.parallel as usize);
     let reports: Vec<String> = std::thread::scope(|scope| {
         let threads: Vec<_> = (0..args.parallel)
@@ -138,7 +171,15 @@ fn main() -> anyhow::Result<()> {
                 scope.spawn(|| -> anyhow::Result<Vec<String>> {
                     barrier.wait();
                     (0..args.count)
-                        .map(|_| synspan_testbed_connect_attempt(&args).map(|r| r.to_string()))
+                        .map(|i| {
+                            if i == 1
+                                && let Some(resource) = &args.process_context_update
+                                && let Some(published) = published.lock().unwrap().as_mut()
+                            {
+                                published.update(resource);
+                            }
+                            synspan_testbed_connect_attempt(&args).map(|r| r.to_string())
+                        })
                         .collect()
                 })
             })
