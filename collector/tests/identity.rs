@@ -180,3 +180,84 @@ fn killed_in_syn_sent_keeps_its_identity() {
         "user stack of the killed client:\n{user}"
     );
 }
+
+/// A process that publishes its resource as an OpenTelemetry process context: its spans
+/// carry that resource, not the one its environment names.
+#[test]
+fn the_published_process_context_is_the_resource() {
+    let receiver = Receiver::start().unwrap();
+    let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).unwrap();
+    let ns = Netns::new("pctx").unwrap();
+    let client = Client::spawn(
+        &ns,
+        &[
+            "127.0.0.1:0",
+            "--listen-first",
+            "--hold",
+            "--process-context",
+            "service.name=published,service.instance.id=i-42,service.namespace=shop,\
+             deployment.environment.name=prod",
+        ],
+        &[
+            ("OTEL_SERVICE_NAME", "from-environment"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment.name=dev"),
+        ],
+    );
+    let got = receiver.wait_spans(1, WAIT, |s| s["attributes"]["process.pid"] == client.pid());
+    assert_eq!(got.len(), 1, "{}", agent.stderr());
+    let resource = &got[0]["resource"];
+    assert_eq!(resource["service.name"], "published", "{resource:#}");
+    assert_eq!(resource["service.instance.id"], "i-42", "{resource:#}");
+    assert_eq!(resource["service.namespace"], "shop", "{resource:#}");
+    assert_eq!(resource["deployment.environment.name"], "prod", "{resource:#}");
+    assert!(resource["host.name"].is_string(), "{resource:#}");
+}
+
+/// A process context that is broken in any of the ways a buggy or hostile process can
+/// leave it: the agent goes on, and the resource comes from the environment.
+#[test]
+fn a_malformed_process_context_falls_back_to_the_environment() {
+    let receiver = Receiver::start().unwrap();
+    let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).unwrap();
+    let ns = Netns::new("pbad").unwrap();
+    let kinds = ["signature", "huge-payload", "truncated", "never-settled"];
+    let clients: Vec<(&str, Client)> = kinds
+        .iter()
+        .map(|&how| {
+            let service = format!("fallback-{how}");
+            let client = Client::spawn(
+                &ns,
+                &[
+                    "127.0.0.1:0",
+                    "--listen-first",
+                    "--hold",
+                    "--process-context",
+                    "service.name=must-not-show",
+                    "--process-context-malformed",
+                    how,
+                ],
+                &[("OTEL_SERVICE_NAME", service.as_str())],
+            );
+            (how, client)
+        })
+        .collect();
+    let got = receiver.wait_spans(kinds.len(), WAIT, |s| {
+        clients
+            .iter()
+            .any(|(_, c)| s["attributes"]["process.pid"] == c.pid())
+    });
+    assert_eq!(got.len(), kinds.len(), "{}", agent.stderr());
+    for (how, client) in &clients {
+        let span = got
+            .iter()
+            .find(|s| s["attributes"]["process.pid"] == client.pid())
+            .unwrap();
+        assert_eq!(
+            span["resource"]["service.name"],
+            format!("fallback-{how}"),
+            "{span:#}"
+        );
+    }
+    let stopped = agent.stop(Duration::from_secs(10)).unwrap();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+}

@@ -18,6 +18,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use super::process_context::{self, ContextError, ProcessContext};
+use crate::span::key::SERVICE_NAME;
+
 pub const PROC_ROOT: &str = "/proc";
 /// A command line longer than this is cut: past it, it is rarely more than a list of files.
 pub const MAX_COMMAND_LINE: usize = 4096;
@@ -71,6 +74,29 @@ pub struct Service {
     pub resource_attributes: Vec<(String, String)>,
 }
 
+impl Service {
+    /// The service a process published in its process context: its resource wins over the
+    /// environment's, which still names the service if the context does not.
+    fn published(context: &ProcessContext, environ: Service) -> Self {
+        let name = context
+            .resource
+            .iter()
+            .find(|(k, _)| k == SERVICE_NAME)
+            .map(|(_, v)| v.clone())
+            .or(environ.name);
+        let resource_attributes = context
+            .resource
+            .iter()
+            .filter(|(k, _)| k != SERVICE_NAME)
+            .cloned()
+            .collect();
+        Self {
+            name,
+            resource_attributes,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessInfo {
     pub pid: u32,
@@ -88,6 +114,8 @@ pub struct ProcessInfo {
     /// Arguments joined by spaces, cut at [`MAX_COMMAND_LINE`] bytes; only when asked for.
     pub command_line: Option<String>,
     pub service: Service,
+    /// `published_at_ns` of the process context the service came from, if it came from one.
+    pub published_context: Option<u64>,
     /// The network namespace, as the inode number `ip netns identify` and `lsns` show.
     pub netns_inode: Option<u64>,
     /// The path of each line of `/proc/<pid>/cgroup`, cgroup v1 and v2, without repeats.
@@ -238,10 +266,23 @@ impl ProcessInfo {
         } else {
             None
         };
-        let service = reader
+        let environ = reader
             .optional("environ", |path| read_bounded(&path, MAX_ENVIRON))?
             .map(|(bytes, truncated)| service_from_environ(&bytes, truncated))
             .unwrap_or_default();
+        let (service, published_context) = match process_context::read_process(proc_root, pid) {
+            Ok(context) => (
+                Service::published(&context, environ),
+                Some(context.published_at_ns),
+            ),
+            Err(ContextError::NotPublished) => (environ, None),
+            Err(err) => {
+                tracing::debug!(
+                    "process {pid}: its process context is unusable ({err}); using its environment"
+                );
+                (environ, None)
+            }
+        };
         let netns_inode = reader
             .optional("ns/net", std::fs::read_link)?
             .and_then(|link| netns_inode(link.as_os_str()));
@@ -265,6 +306,7 @@ impl ProcessInfo {
             exe_name,
             command_line,
             service,
+            published_context,
             netns_inode,
             cgroup_paths,
         })
@@ -337,7 +379,7 @@ pub fn service_from_environ(environ: &[u8], truncated: bool) -> Service {
         .unwrap_or_default();
     let from_attributes = resource_attributes
         .iter()
-        .position(|(key, _)| key == "service.name")
+        .position(|(key, _)| key == SERVICE_NAME)
         .map(|i| resource_attributes.remove(i).1);
     // The specification: OTEL_SERVICE_NAME takes precedence over service.name in the attributes.
     let name = var(b"OTEL_SERVICE_NAME")
