@@ -327,7 +327,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(otlp) = pipeline.otlp.take() {
         otlp.shutdown(cli.shutdown_timeout).await;
     }
-    tracing::info!("final: {}", report(&tracer));
+    let accounting = report(&tracer);
+    tracing::info!("final: {accounting}");
+    // The same counters for tools, on a line of their own outside the log format.
+    eprintln!("{}", accounting.json_line());
     if pipeline.explainer.skipped() > 0 {
         tracing::info!(
             "evidence lookups skipped for the rate limit: {}",

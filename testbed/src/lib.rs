@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod client;
 pub mod netns;
 pub mod otlp_sink;
+pub mod reaped;
 pub mod receiver;
 pub mod sockaddr;
 
