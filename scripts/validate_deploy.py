@@ -273,27 +273,18 @@ def collector_pipelines():
         ptype = pid.split("/")[0]
         if ptype not in ("traces", "metrics", "logs"):
             problems.append(f"pipeline {pid}: unknown signal {ptype}")
-        for r in p.get("receivers") or []:
-            if r in defined["receivers"]:
-                used["receivers"].add(r)
-            elif r in defined["connectors"]:
-                used["connectors"].add(r)
-                conn_as_receiver.setdefault(r, set()).add(ptype)
-            else:
-                problems.append(f"pipeline {pid}: receiver {r} is not defined")
-        for x in p.get("processors") or []:
-            if x in defined["processors"]:
-                used["processors"].add(x)
-            else:
-                problems.append(f"pipeline {pid}: processor {x} is not defined")
-        for e in p.get("exporters") or []:
-            if e in defined["exporters"]:
-                used["exporters"].add(e)
-            elif e in defined["connectors"]:
-                used["connectors"].add(e)
-                conn_as_exporter.setdefault(e, set()).add(ptype)
-            else:
-                problems.append(f"pipeline {pid}: exporter {e} is not defined")
+        # A connector stands where a receiver or an exporter would: `as_connector` records
+        # on which side, and for which signal; processors have no connector side.
+        for kind, as_connector in (("receivers", conn_as_receiver), ("processors", None),
+                                   ("exporters", conn_as_exporter)):
+            for name in p.get(kind) or []:
+                if name in defined[kind]:
+                    used[kind].add(name)
+                elif as_connector is not None and name in defined["connectors"]:
+                    used["connectors"].add(name)
+                    as_connector.setdefault(name, set()).add(ptype)
+                else:
+                    problems.append(f"pipeline {pid}: {kind[:-1]} {name} is not defined")
         if not p.get("receivers") or not p.get("exporters"):
             problems.append(f"pipeline {pid}: needs receivers and exporters")
         procs = p.get("processors") or []
