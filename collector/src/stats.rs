@@ -102,8 +102,9 @@ impl Accounting {
     }
 }
 
-/// The accounting as the final line names it, the one shape of it that tools read:
-/// `{"synspan_accounting":{"seen":…,…}}` on stderr at exit.
+/// The accounting under the names of the human line, the shape tools read:
+/// `{"synspan_accounting":{"seen":…,…}}` on stderr at exit. A counter added to one must
+/// be added to the other (the test below compares them).
 #[derive(Clone, Copy, Debug, serde::Serialize)]
 pub(crate) struct AccountingLine {
     seen: u64,
@@ -167,30 +168,30 @@ impl Accounting {
 
 impl fmt::Display for Accounting {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let l = AccountingLine::from(self);
+        let k = &self.kernel;
         write!(
             f,
             "attempts seen={} in_flight={} exported={} pending={} dropped={} \
              (filtered={} ringbuf_full={} evicted={} replaced={} track_failed={} \
              undecodable={} export_queue_full={} export_failed={} unflushed={}) \
              untracked_finish={} never_started={} kernel_skipped_runs={}",
-            l.seen,
-            l.in_flight,
-            l.exported,
-            l.pending,
-            l.dropped,
-            l.filtered,
-            l.ringbuf_full,
-            l.evicted,
-            l.replaced,
-            l.track_failed,
-            l.undecodable,
-            l.export_queue_full,
-            l.export_failed,
-            l.unflushed,
-            l.untracked_finish,
-            l.never_started,
-            l.kernel_skipped_runs,
+            self.seen(),
+            self.in_flight,
+            self.exported,
+            self.pending(),
+            self.dropped(),
+            self.filtered(),
+            k.ringbuf_full,
+            self.evicted(),
+            k.replaced,
+            k.track_failed,
+            self.undecodable,
+            self.export_queue_full,
+            self.export_failed,
+            self.unflushed,
+            k.untracked_finish,
+            k.never_started,
+            self.skipped_runs,
         )
     }
 }
