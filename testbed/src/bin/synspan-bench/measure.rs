@@ -166,7 +166,7 @@ impl Disturbance {
     }
 }
 
-/// Waits (bounded) until no foreign tracer runs and the other processes are near idle.
+/// Waits (bounded) until no other synspan runs and the other processes are near idle.
 pub(crate) fn wait_calm() -> bool {
     let started = Instant::now();
     let mut said = false;
