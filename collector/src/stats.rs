@@ -107,6 +107,72 @@ impl Accounting {
     }
 }
 
+/// The accounting under the names of the human line, the shape tools read:
+/// `{"synspan_accounting":{"seen":…,…}}` on stderr at exit. A counter added to one must
+/// be added to the other (the test below compares them).
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub(crate) struct AccountingLine {
+    seen: u64,
+    in_flight: u64,
+    exported: u64,
+    pending: u64,
+    dropped: u64,
+    filtered: u64,
+    ringbuf_full: u64,
+    evicted: u64,
+    replaced: u64,
+    track_failed: u64,
+    undecodable: u64,
+    enrich_queue_full: u64,
+    export_queue_full: u64,
+    export_failed: u64,
+    unflushed: u64,
+    untracked_finish: u64,
+    never_started: u64,
+    kernel_skipped_runs: u64,
+}
+
+impl From<&Accounting> for AccountingLine {
+    fn from(a: &Accounting) -> Self {
+        let k = &a.kernel;
+        Self {
+            seen: a.seen(),
+            in_flight: a.in_flight,
+            exported: a.exported,
+            pending: a.pending(),
+            dropped: a.dropped(),
+            filtered: a.filtered(),
+            ringbuf_full: k.ringbuf_full,
+            evicted: a.evicted(),
+            replaced: k.replaced,
+            track_failed: k.track_failed,
+            undecodable: a.undecodable,
+            enrich_queue_full: a.enrich_queue_full,
+            export_queue_full: a.export_queue_full,
+            export_failed: a.export_failed,
+            unflushed: a.unflushed,
+            untracked_finish: k.untracked_finish,
+            never_started: k.never_started,
+            kernel_skipped_runs: a.skipped_runs,
+        }
+    }
+}
+
+impl Accounting {
+    /// One JSON object on one line, keyed `synspan_accounting` so that it is found among
+    /// the log lines.
+    pub fn json_line(&self) -> String {
+        #[derive(serde::Serialize)]
+        struct Keyed {
+            synspan_accounting: AccountingLine,
+        }
+        serde_json::to_string(&Keyed {
+            synspan_accounting: self.into(),
+        })
+        .expect("a struct of integers serializes")
+    }
+}
+
 impl fmt::Display for Accounting {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let k = &self.kernel;
@@ -172,5 +238,19 @@ mod tests {
         assert_eq!(a.pending(), 104 - 70 - 32 - 2);
         let line = a.to_string();
         assert!(line.contains("seen=104") && line.contains("evicted=2"), "{line}");
+        let json: serde_json::Value = serde_json::from_str(&a.json_line()).unwrap();
+        let books = &json["synspan_accounting"];
+        assert_eq!(books["seen"], 104, "{json}");
+        assert_eq!(books["dropped"], a.dropped(), "{json}");
+        assert_eq!(books["pending"], a.pending(), "{json}");
+        // Every counter of the human line, by the same name, and nothing else.
+        let names: Vec<&str> = line
+            .split([' ', '(', ')'])
+            .filter_map(|kv| Some(kv.split_once('=')?.0))
+            .collect();
+        assert_eq!(names.len(), books.as_object().unwrap().len(), "{line} vs {json}");
+        for name in names {
+            assert!(books[name].is_u64(), "{name} missing from {json}");
+        }
     }
 }

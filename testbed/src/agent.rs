@@ -1,98 +1,132 @@
-//! The synspan binary under test: started with a JSON stdout, read while it runs, stopped
-//! with SIGTERM.
+//! The synspan binary under test: started with a JSON stdout (or none), read while it runs,
+//! stopped with SIGTERM and reaped with its rusage.
 
 use std::{
+    collections::HashMap,
     io::{BufRead, BufReader},
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
-    thread,
+    thread::{self, JoinHandle},
     time::Duration,
 };
 
 use anyhow::{Context, bail};
+use serde::Deserialize;
 use serde_json::Value;
 
-use crate::{wait_until, workspace_bin};
+use crate::{
+    reaped::{Reaped, Usage},
+    wait_until, workspace_bin,
+};
+
+/// What synspan writes on stdout for each finished attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// `--output json`: every span is kept, see [`Agent::spans`].
+    Json,
+    /// `--output none`: spans go only to the OTLP endpoint among the flags.
+    None,
+}
 
 pub struct Agent {
-    child: Child,
+    proc: Reaped,
     spans: Arc<Mutex<Vec<Value>>>,
     stderr: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
 }
 
 pub struct Stopped {
     pub status: ExitStatus,
+    pub usage: Usage,
     pub stderr: String,
     pub spans: Vec<Value>,
 }
 
+/// The line synspan prints on stderr at exit: `{"synspan_accounting":{"seen":…,…}}`.
+#[derive(Deserialize)]
+struct AccountingLine {
+    synspan_accounting: HashMap<String, u64>,
+}
+
 impl Stopped {
-    /// The `key=value` counters of the final accounting line.
-    pub fn accounting(&self) -> std::collections::HashMap<String, u64> {
-        let line = self
-            .stderr
+    /// The counters of the final accounting, by name; empty if synspan printed none.
+    pub fn accounting(&self) -> HashMap<String, u64> {
+        self.stderr
             .lines()
-            .rfind(|l| l.contains("final: attempts"))
-            .unwrap_or_default();
-        line.split([' ', '(', ')'])
-            .filter_map(|kv| kv.split_once('='))
-            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-            .collect()
+            .rev()
+            .filter(|l| l.starts_with(r#"{"synspan_accounting""#))
+            .find_map(|l| serde_json::from_str::<AccountingLine>(l).ok())
+            .map(|l| l.synspan_accounting)
+            .unwrap_or_default()
     }
 }
 
 impl Agent {
     /// Starts `synspan --output json ARGS` and waits until it says it is ready.
     pub fn start(args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(Output::Json, args)
+    }
+
+    /// Starts `synspan --output OUTPUT ARGS` and waits until it says it is ready.
+    pub fn start_with(output: Output, args: &[&str]) -> anyhow::Result<Self> {
+        let (flag, stdout) = match output {
+            Output::Json => ("json", Stdio::piped()),
+            Output::None => ("none", Stdio::null()),
+        };
         let mut child = Command::new(workspace_bin("synspan"))
-            .args(["--output", "json"])
+            .args(["--output", flag])
             .args(args)
             .env("SYNSPAN_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
             .context("starting synspan")?;
         let spans = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
-        let stdout = child.stdout.take().context("stdout")?;
-        let sink = spans.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let value: Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("synspan wrote a line that is not JSON ({e}): {line}"));
-                sink.lock().unwrap().push(value);
-            }
-        });
+        let mut readers = Vec::new();
+        if let Some(stdout) = child.stdout.take() {
+            let sink = spans.clone();
+            readers.push(thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    let value: Value = serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("synspan wrote a line that is not JSON ({e}): {line}"));
+                    sink.lock().unwrap().push(value);
+                }
+            }));
+        }
         let err = child.stderr.take().context("stderr")?;
         let log = stderr.clone();
-        thread::spawn(move || {
+        readers.push(thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 let mut log = log.lock().unwrap();
                 log.push_str(&line);
                 log.push('\n');
             }
-        });
-        let mut agent = Self { child, spans, stderr };
+        }));
+        let mut agent = Self {
+            proc: Reaped::new(child),
+            spans,
+            stderr,
+            readers,
+        };
         let ready = wait_until(Duration::from_secs(30), || {
             if agent.stderr().contains("synspan ready") {
                 return Some(true);
             }
-            match agent.child.try_wait() {
-                Ok(Some(_)) => Some(false),
-                _ => None,
-            }
+            agent.proc.try_wait().map(|_| false)
         });
         if ready != Some(true) {
-            let _ = agent.child.kill();
-            thread::sleep(Duration::from_millis(100));
+            agent.proc.signal(libc::SIGKILL);
+            agent.proc.wait(Duration::from_secs(5));
+            agent.join_readers();
             bail!("synspan did not become ready; stderr:\n{}", agent.stderr());
         }
         Ok(agent)
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.pid()
     }
 
     /// Ids of the BPF programs this agent holds, from its file descriptors.
@@ -145,33 +179,28 @@ impl Agent {
         .unwrap_or_else(|| self.spans_of(pid))
     }
 
-    /// SIGTERM, then waits up to `timeout` for the exit.
+    /// SIGTERM, then waits up to `timeout` for the exit and the end of its output.
     pub fn stop(mut self, timeout: Duration) -> anyhow::Result<Stopped> {
-        // SAFETY: plain syscall on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = wait_until(timeout, || self.child.try_wait().ok().flatten());
-        let Some(status) = status else {
-            let _ = self.child.kill();
+        self.proc.signal(libc::SIGTERM);
+        let Some(exit) = self.proc.wait(timeout) else {
             bail!(
                 "synspan did not exit within {timeout:?} of SIGTERM; stderr:\n{}",
                 self.stderr()
             );
         };
-        // Let the reader threads see EOF.
-        thread::sleep(Duration::from_millis(100));
+        self.join_readers();
         Ok(Stopped {
-            status,
+            status: exit.status,
+            usage: exit.usage,
             stderr: self.stderr(),
             spans: self.spans(),
         })
     }
-}
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+    /// Once synspan has exited its pipes reach EOF, so the readers end.
+    fn join_readers(&mut self) {
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
         }
     }
 }

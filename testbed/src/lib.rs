@@ -8,6 +8,7 @@ pub mod client;
 pub mod netns;
 pub mod otlp_sink;
 pub mod process_context;
+pub mod reaped;
 pub mod receiver;
 pub mod sockaddr;
 

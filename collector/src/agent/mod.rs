@@ -302,7 +302,10 @@ impl Agent {
             let unsettled = report(&tracer, &counters, &snapshot).pending();
             AgentCounters::add(&counters.unflushed, unsettled);
         }
-        tracing::info!("final: {}", report(&tracer, &counters, &snapshot));
+        let accounting = report(&tracer, &counters, &snapshot);
+        tracing::info!("final: {accounting}");
+        // The same counters for tools, on a line of their own outside the log format.
+        eprintln!("{}", accounting.json_line());
         if let Some(metrics) = self_metrics {
             // The last reading goes out with the flush; the SDK blocks, so not on the runtime.
             let flush = tokio::task::spawn_blocking(move || metrics.shutdown());

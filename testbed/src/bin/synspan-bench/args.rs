@@ -1,0 +1,140 @@
+//! The command line.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use synspan_testbed::repo_root;
+
+/// A/B benchmark of synspan on a loopback connect storm, inside a network namespace it
+/// creates. Prints a table and writes BENCHMARKS.md. Needs root.
+#[derive(Debug, Parser)]
+#[command(name = "synspan-bench", version)]
+pub(crate) struct Args {
+    /// A/B pairs per mode.
+    #[arg(long, value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub pairs: u32,
+
+    /// Length of each storm, in seconds (at most 600).
+    #[arg(long, value_name = "S", default_value_t = 5.0, value_parser = storm_seconds)]
+    pub seconds: f64,
+
+    /// At most this many attempts per storm.
+    #[arg(long, value_name = "N", default_value_t = 5_000_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: u64,
+
+    /// Connect threads of the storm.
+    #[arg(long, value_name = "T", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub threads: u32,
+
+    /// Modes to run, of 1 (success, OTLP), 2 (success, --failures-only), 3 (refused, OTLP),
+    /// 4 (success, OTLP, --no-stacks).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1,2,3,4",
+          value_parser = clap::value_parser!(u8).range(1..=4))]
+    pub modes: Vec<u8>,
+
+    /// Reruns of a pair disturbed by other load.
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(0..=10))]
+    pub retries: u32,
+
+    /// Also measure the run time of synspan's kernel programs (BPF_ENABLE_STATS, for as
+    /// long as the benchmark runs; it costs a few tens of ns per program run).
+    #[arg(long)]
+    pub bpf_stats: bool,
+
+    /// More flags for every synspan run, split at spaces (e.g. "--export-queue-size 65536").
+    #[arg(
+        long = "synspan-args",
+        value_name = "ARGS",
+        default_value = "",
+        allow_hyphen_values = true,
+        hide_default_value = true
+    )]
+    synspan_args: String,
+
+    /// Where to write the report [default: BENCHMARKS.md at the repository root].
+    #[arg(long, value_name = "FILE", conflicts_with = "no_write")]
+    out: Option<PathBuf>,
+
+    /// Write no report.
+    #[arg(long)]
+    no_write: bool,
+}
+
+impl Args {
+    pub fn synspan_args(&self) -> Vec<&str> {
+        self.synspan_args.split_whitespace().collect()
+    }
+
+    /// Where the report goes, if anywhere.
+    pub fn report_path(&self) -> Option<PathBuf> {
+        if self.no_write {
+            return None;
+        }
+        Some(
+            self.out
+                .clone()
+                .unwrap_or_else(|| repo_root().join("BENCHMARKS.md")),
+        )
+    }
+}
+
+fn storm_seconds(s: &str) -> Result<f64, String> {
+    let seconds: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if seconds > 0.0 && seconds <= 600.0 {
+        Ok(seconds)
+    } else {
+        Err("must be more than 0 and at most 600".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_and_bounds() {
+        let a = Args::try_parse_from(["synspan-bench"]).unwrap();
+        assert_eq!(
+            (a.pairs, a.seconds, a.count, a.threads, a.retries),
+            (3, 5.0, 5_000_000, 2, 2)
+        );
+        assert_eq!(a.modes, [1, 2, 3, 4]);
+        assert!(a.synspan_args().is_empty());
+        assert!(a.report_path().is_some_and(|p| p.ends_with("BENCHMARKS.md")));
+        let a = Args::try_parse_from([
+            "synspan-bench",
+            "--modes",
+            "3,1",
+            "--synspan-args",
+            "--export-queue-size 65536",
+            "--no-write",
+        ])
+        .unwrap();
+        assert_eq!(a.modes, [3, 1]);
+        assert_eq!(a.synspan_args(), ["--export-queue-size", "65536"]);
+        assert_eq!(a.report_path(), None);
+        for bad in [
+            &["--pairs", "0"][..],
+            &["--seconds", "0"],
+            &["--seconds", "601"],
+            &["--modes", "5"],
+            &["--threads", "0"],
+            &["--retries", "11"],
+            &["--out", "x.md", "--no-write"],
+        ] {
+            let argv = std::iter::once("synspan-bench").chain(bad.iter().copied());
+            assert!(Args::try_parse_from(argv).is_err(), "{bad:?} was accepted");
+        }
+    }
+}

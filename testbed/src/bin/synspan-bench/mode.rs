@@ -1,0 +1,55 @@
+//! The four modes: a storm and the flags synspan runs with during it.
+
+use synspan_testbed::bench;
+
+pub(crate) struct Mode {
+    pub id: usize,
+    pub name: &'static str,
+    pub storm: &'static str,
+    /// synspan's flags besides the endpoint and `--output none`.
+    pub flags: &'static [&'static str],
+    /// The lowest acceptable ratio of synspan's median to the baseline's, if the issue sets one.
+    pub target: Option<f64>,
+}
+
+impl Mode {
+    pub fn failures_only(&self) -> bool {
+        self.flags.contains(&"--failures-only")
+    }
+
+    /// Mode `id`, as `--modes` numbers them (1 to 4, checked there).
+    pub fn by_id(id: usize) -> &'static Mode {
+        &MODES[id - 1]
+    }
+}
+
+pub(crate) const MODES: [Mode; 4] = [
+    Mode {
+        id: 1,
+        name: "success storm, every attempt over OTLP",
+        storm: bench::SUCCESS,
+        flags: &[],
+        target: Some(0.85),
+    },
+    Mode {
+        id: 2,
+        name: "success storm, --failures-only (production policy)",
+        storm: bench::SUCCESS,
+        flags: &["--failures-only"],
+        target: Some(0.95),
+    },
+    Mode {
+        id: 3,
+        name: "refused storm, every failure over OTLP",
+        storm: bench::REFUSED,
+        flags: &[],
+        target: Some(0.75),
+    },
+    Mode {
+        id: 4,
+        name: "success storm, every attempt over OTLP, --no-stacks",
+        storm: bench::SUCCESS,
+        flags: &["--no-stacks"],
+        target: None,
+    },
+];

@@ -1,0 +1,530 @@
+//! The report: the tables printed at the end and BENCHMARKS.md.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    process::{Command, Stdio},
+    thread,
+    time::SystemTime,
+};
+
+use synspan_testbed::{repo_root, workspace_bin};
+
+use crate::{
+    args::Args,
+    checks::exactness,
+    measure::{CALM_LIMIT, OTHERS_MAX_CPU},
+    mode::{MODES, Mode},
+    runner::{AgentRun, QUIET, Run, SHUTDOWN_TIMEOUT_S},
+    summary::{Summary, summarize},
+};
+
+/// Peak RSS the project sets as synspan's limit.
+const RSS_TARGET_MIB: f64 = 64.0;
+
+fn thousands(n: f64) -> String {
+    if !n.is_finite() {
+        return "—".into();
+    }
+    let s = format!("{:.0}", n);
+    let (sign, digits) = s.strip_prefix('-').map_or(("", s.as_str()), |d| ("-", d));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    format!("{sign}{out}")
+}
+
+fn command_output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn machine() -> String {
+    let nproc = thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown CPU".to_string(), |(_, m)| m.trim().to_string());
+    let mem_gib = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0 / 1024.0);
+    format!("nproc {nproc}, kernel `{kernel}`, {model}, {mem_gib:.0} GiB RAM")
+}
+
+fn revision() -> String {
+    let root = repo_root();
+    let git = |args: &[&str]| {
+        command_output(
+            Command::new("git")
+                .arg("-C")
+                .arg(&root)
+                .args(args)
+                // Read-only: no opportunistic index refresh.
+                .env("GIT_OPTIONAL_LOCKS", "0"),
+        )
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(head) => {
+            let dirty =
+                git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+            format!("`{head}`{}", if dirty { " with uncommitted changes" } else { "" })
+        }
+        None => "unknown".into(),
+    }
+}
+
+pub(crate) fn table(summaries: &[Summary]) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "| mode | baseline median conn/s | synspan median conn/s | ratio | target | made | exported+dropped | CPU s | peak RSS MiB |\n\
+         |---|---:|---:|---:|---|---:|---:|---:|---:|\n",
+    );
+    for s in summaries {
+        let target = match s.mode.target {
+            Some(t) if s.ratio >= t => format!("≥ {t:.2} met"),
+            Some(t) => format!("≥ {t:.2} **missed by {:.2}**", t - s.ratio),
+            None => "— (none)".into(),
+        };
+        let _ = writeln!(
+            out,
+            "| {}. {} | {} | {} | {:.2} | {} | {} | {} | {:.2} | {:.1} |",
+            s.mode.id,
+            s.mode.name,
+            thousands(s.base),
+            thousands(s.traced),
+            s.ratio,
+            target,
+            thousands(s.made as f64),
+            thousands(s.settled as f64),
+            s.cpu_s,
+            s.rss_mib,
+        );
+    }
+    out
+}
+
+pub(crate) fn targets(summaries: &[Summary], runs: &[Run]) -> String {
+    let mut out = String::new();
+    for s in summaries {
+        let Some(t) = s.mode.target else { continue };
+        if s.ratio >= t {
+            let _ = writeln!(
+                out,
+                "- mode {} ({}): ratio ≥ {t:.2} — **met** ({:.2}).",
+                s.mode.id, s.mode.name, s.ratio
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "- mode {} ({}): ratio ≥ {t:.2} — **missed** by {:.2} ({:.2}): synspan's median would have \
+                 to be {} conn/s, it is {} ({} conn/s or {:.0} % short).",
+                s.mode.id,
+                s.mode.name,
+                t - s.ratio,
+                s.ratio,
+                thousands(t * s.base),
+                thousands(s.traced),
+                thousands(t * s.base - s.traced),
+                (1.0 - s.traced / (t * s.base)) * 100.0
+            );
+        }
+    }
+    let rss = summaries.iter().map(|s| s.rss_mib).fold(0.0, f64::max);
+    if rss <= RSS_TARGET_MIB {
+        let _ = writeln!(
+            out,
+            "- peak RSS ≤ {RSS_TARGET_MIB:.0} MiB — **met** (at most {rss:.1} MiB)."
+        );
+    } else {
+        let over: Vec<String> = summaries
+            .iter()
+            .filter(|s| s.rss_mib > RSS_TARGET_MIB)
+            .map(|s| format!("mode {} {:.1} MiB", s.mode.id, s.rss_mib))
+            .collect();
+        let _ = writeln!(
+            out,
+            "- peak RSS ≤ {RSS_TARGET_MIB:.0} MiB — **missed** by {:.1} MiB ({}).",
+            rss - RSS_TARGET_MIB,
+            over.join(", ")
+        );
+    }
+    let traced = runs.iter().filter(|r| r.agent.is_some()).count();
+    let inexact: Vec<String> = summaries
+        .iter()
+        .filter(|s| !s.exact)
+        .map(|s| format!("mode {}", s.mode.id))
+        .collect();
+    if inexact.is_empty() {
+        let made_equal = runs
+            .iter()
+            .filter_map(|r| r.agent.as_ref().map(|t| r.storm.attempts == t.settled()))
+            .all(|equal| equal);
+        let _ = writeln!(
+            out,
+            "- accounting exact — **met** in all {traced} synspan runs: synspan's books balance, the receiver \
+             got exactly the spans synspan counted as exported, and every storm attempt was seen and is \
+             exported or among the counted drops (with `--failures-only`: filtered in the kernel). {}",
+            if made_equal {
+                "`made` = `exported+dropped` in every run: nothing else on the host connected meanwhile."
+            } else {
+                "Where `made` differs from `exported+dropped`, other processes of the host connected \
+                 meanwhile (see below)."
+            }
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "- accounting exact — **missed** in {}: see the notes under \"Every synspan run\".",
+            inexact.join(", ")
+        );
+    }
+    let misses: u64 = summaries.iter().map(|s| s.recursion_misses).sum();
+    if misses > 0 {
+        let _ = writeln!(
+            out,
+            "- note: the kernel skipped synspan's programs {misses} time(s) in all (bpf recursion misses: the \
+             program was already running on that CPU when its hook fired again from an interrupt). synspan \
+             reports them as `kernel_skipped_runs`. Most are state changes of no interest to it; one that was \
+             an attempt's start or end would make its run's `exact` column say no."
+        );
+    }
+    out
+}
+
+pub(crate) fn cost_table(summaries: &[Summary], bpf_stats: bool) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "| mode | storm CPU µs/attempt, A | storm CPU µs/attempt, B | synspan's programs µs/attempt | synspan CPU µs/attempt | receiver CPU µs/attempt |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+    );
+    for s in summaries {
+        let kernel = if bpf_stats {
+            format!("{:.1}", s.kernel_us)
+        } else {
+            "— (run with --bpf-stats)".into()
+        };
+        let _ = writeln!(
+            out,
+            "| {}. {} | {:.1} | {:.1} | {} | {:.1} | {:.1} |",
+            s.mode.id,
+            s.mode.name,
+            s.storm_cpu_us_a,
+            s.storm_cpu_us_b,
+            kernel,
+            s.synspan_cpu_us,
+            s.receiver_cpu_us
+        );
+    }
+    out
+}
+
+fn prog_table(runs: &[Run]) -> String {
+    let mut out = String::from(
+        "| mode | program | runs per attempt | ns per run | µs per attempt | recursion misses |\n\
+         |---|---|---:|---:|---:|---:|\n",
+    );
+    for mode in &MODES {
+        let b: Vec<&AgentRun> = runs
+            .iter()
+            .filter(|r| r.mode == mode.id)
+            .filter_map(|r| r.agent.as_ref())
+            .collect();
+        let made: u64 = runs
+            .iter()
+            .filter(|r| r.mode == mode.id && r.agent.is_some())
+            .map(|r| r.storm.attempts)
+            .sum();
+        let mut names: Vec<&str> = b
+            .iter()
+            .flat_map(|t| t.progs.iter().map(|p| p.name.as_str()))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        for name in names {
+            let (mut ns, mut cnt, mut misses) = (0u64, 0u64, 0u64);
+            for p in b.iter().flat_map(|t| t.progs.iter()).filter(|p| p.name == name) {
+                ns += p.run_time_ns;
+                cnt += p.run_cnt;
+                misses += p.recursion_misses;
+            }
+            let _ = writeln!(
+                out,
+                "| {} | `{name}` | {:.2} | {:.0} | {:.2} | {misses} |",
+                mode.id,
+                cnt as f64 / made.max(1) as f64,
+                ns as f64 / cnt.max(1) as f64,
+                ns as f64 / 1e3 / made.max(1) as f64,
+            );
+        }
+    }
+    out
+}
+
+fn details(runs: &[Run]) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "| mode | pair | baseline conn/s | synspan conn/s | made | seen | exported | dropped | made = exported+dropped | \
+         books | receiver got | storm spans | exact | synspan CPU s (storm / to SIGTERM / total) | VmHWM / maxrss MiB | \
+         drain s | receiver CPU s | others' CPU s A / B | steal s A / B | other synspan | exit |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---|---|---|---:|---:|---|---|---:|---|\n",
+    );
+    for b in runs.iter().filter(|r| r.agent.is_some()) {
+        let mode = Mode::by_id(b.mode);
+        let a = runs
+            .iter()
+            .find(|r| r.mode == b.mode && r.pair == b.pair && r.agent.is_none());
+        let t = b.agent.as_ref().expect("traced run");
+        let e = exactness(mode, b).expect("traced run");
+        let yes = |ok: bool| if ok { "yes" } else { "**no**" };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {} | {:.2} / {:.2} / {:.2} | {:.1} / {:.1} | {:.1} | {:.2} | {} / {:.2} | {} / {:.2} | {} | {} |",
+            b.mode,
+            b.pair,
+            a.map_or("—".into(), |a| thousands(a.storm.per_second)),
+            thousands(b.storm.per_second),
+            b.storm.attempts,
+            t.seen(),
+            t.get("exported"),
+            t.get("dropped"),
+            if e.made_equals_settled {
+                "yes".to_string()
+            } else {
+                format!("no ({:+})", t.settled() as i64 - b.storm.attempts as i64)
+            },
+            yes(e.books),
+            t.received.total,
+            if e.receiver { "" } else { " **≠ exported**" },
+            t.received.storm,
+            yes(e.exact()),
+            t.cpu_storm_s,
+            t.cpu_s,
+            t.cpu_total_s,
+            t.hwm_mib,
+            t.max_rss_mib,
+            t.drain_s,
+            t.receiver_cpu_s,
+            a.map_or("—".into(), |a| format!("{:.2}", a.host.others_cpu_s)),
+            b.host.others_cpu_s,
+            a.map_or("—".into(), |a| format!("{:.2}", a.host.steal_s)),
+            b.host.steal_s,
+            b.host.foreign.max(a.map_or(0, |a| a.host.foreign)),
+            t.exit,
+        );
+    }
+    let mut notes: Vec<String> = runs
+        .iter()
+        .filter(|b| b.agent.is_some())
+        .filter(|b| {
+            runs.iter()
+                .filter(|r| r.mode == b.mode && r.pair == b.pair)
+                .any(|r| r.host.disturbed(r.storm.seconds))
+        })
+        .map(|b| {
+            format!(
+                "- mode {} pair {}: kept although other load disturbed it (no retry left); see `others' CPU s` \
+                 and `other synspan`.",
+                b.mode, b.pair
+            )
+        })
+        .collect();
+    notes.extend(runs.iter().filter_map(|r| {
+        let e = exactness(Mode::by_id(r.mode), r)?;
+        (!e.notes.is_empty()).then(|| format!("- mode {} pair {}: {}.", r.mode, r.pair, e.notes.join("; ")))
+    }));
+    if !notes.is_empty() {
+        out.push('\n');
+        out.push_str(&notes.join("\n"));
+        out.push('\n');
+    }
+    let failed: Vec<String> = runs
+        .iter()
+        .filter(|r| r.storm.failed > 0)
+        .map(|r| {
+            format!(
+                "- mode {} pair {} {}: {} of {} attempts failed: {:?}",
+                r.mode,
+                r.pair,
+                if r.agent.is_some() { "B" } else { "A" },
+                r.storm.failed,
+                r.storm.attempts,
+                r.storm.errors
+            )
+        })
+        .collect();
+    out.push('\n');
+    if failed.is_empty() {
+        out.push_str(
+            "No storm attempt failed in any run (success storms: every connect() connected; refused storms: \
+             every one was refused with ECONNREFUSED).\n",
+        );
+    } else {
+        out.push_str("Storm attempts that did not end as the mode expects:\n\n");
+        out.push_str(&failed.join("\n"));
+        out.push('\n');
+    }
+    out
+}
+
+fn discarded_list(discarded: &[(Run, Run)]) -> String {
+    if discarded.is_empty() {
+        return "None: no other synspan ran and other processes stayed under a tenth of a CPU in every \
+                pair.\n"
+            .into();
+    }
+    let mut out = String::new();
+    for (a, b) in discarded {
+        let _ = writeln!(
+            out,
+            "- mode {} pair {}: A {} conn/s (others {:.2} CPU s, {} other synspan), B {} conn/s (others {:.2} \
+             CPU s, {} other synspan)",
+            a.mode,
+            a.pair,
+            thousands(a.storm.per_second),
+            a.host.others_cpu_s,
+            a.host.foreign,
+            thousands(b.storm.per_second),
+            b.host.others_cpu_s,
+            b.host.foreign
+        );
+    }
+    out
+}
+
+pub(crate) fn document(
+    args: &Args,
+    command: &str,
+    date: &str,
+    runs: &[Run],
+    discarded: &[(Run, Run)],
+) -> String {
+    let summaries = summarize(runs);
+    let mut doc = String::new();
+    let _ = write!(
+        doc,
+        "# Benchmarks\n\n\
+         Produced by `{command}` on {date}.\n\n\
+         - machine: {}\n\
+         - synspan: `{}`, revision {}, release build{}\n\
+         - settings: {} A/B pairs per mode, {} s per storm (at most {} attempts), {} connect thread(s)\n\n\
+         ## Results\n\n\
+         Connects per second of a loopback storm without synspan (baseline, A) and with it (B), medians over \
+         the pairs; ratio = B / A. `made` and `exported+dropped` are summed over the synspan runs; CPU s is \
+         synspan's median CPU time (user + system) per run, from its start until the export had drained; \
+         peak RSS is the highest of VmHWM (before SIGTERM) and ru_maxrss (at exit) over all runs.\n\n{}\n\
+         ## Targets\n\n{}\n",
+        machine(),
+        command_output(Command::new(workspace_bin("synspan")).arg("--version")).unwrap_or_default(),
+        revision(),
+        if args.synspan_args().is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; added to every synspan run: `{}`",
+                args.synspan_args().join(" ")
+            )
+        },
+        args.pairs,
+        args.seconds,
+        args.count,
+        args.threads,
+        table(&summaries),
+        targets(&summaries, runs),
+    );
+    let _ = write!(
+        doc,
+        "## Where the time goes\n\n\
+         Medians per attempt. The storm's CPU (user + system, from wait4) includes the kernel's connect \
+         path and, in B runs, synspan's programs, which run in the context of the thread that changes the \
+         socket's state; the difference between B and A is roughly what the programs and their side effects \
+         cost. synspan's and the receiver's CPU come on top, on the same CPUs. Every figure is divided by \
+         the storm's attempts, also when synspan dropped part of the spans (export queue full): per span \
+         actually exported, synspan's and the receiver's CPU are higher.\n\n{}\n",
+        cost_table(&summaries, args.bpf_stats)
+    );
+    if args.bpf_stats {
+        let _ = write!(
+            doc,
+            "synspan's programs, from the kernel's run-time statistics (BPF_ENABLE_STATS), summed over \
+             the synspan runs of each mode:\n\n{}\n",
+            prog_table(runs)
+        );
+    }
+    let _ = write!(
+        doc,
+        "## Every synspan run\n\n\
+         `made`: connect() calls of the storm. `seen`, `exported`, `dropped`: synspan's final accounting line. \
+         `books`: seen = exported + dropped with nothing pending or in flight. `receiver got`: spans the \
+         receiver decoded, which must equal `exported`. `storm spans`: those of them with the storm's pid; \
+         every storm attempt not among them must be among the counted drops (with `--failures-only` none is \
+         exported: every storm attempt is a fast success that the kernel filters, counted as `filtered`). \
+         `exact`: all of these hold. synspan traces the whole host (but not itself), so `seen` also counts \
+         any connect made elsewhere on the host meanwhile: that would be the difference between `made` and \
+         `exported + dropped`. Its own connection to the receiver shows in the notes as \
+         `untracked_finish=1`: a socket that left SYN_SENT without a traced start. `others' CPU s`: CPU \
+         time of every process outside the benchmark during the A and the B storm.\n\n{}\n\
+         ## Discarded pairs\n\n\
+         Pairs run again because another synspan was running or other processes used more than {:.0} % of \
+         a CPU during the A or the B storm:\n\n{}\n",
+        details(runs),
+        OTHERS_MAX_CPU * 100.0,
+        discarded_list(discarded)
+    );
+    let _ = write!(
+        doc,
+        "## Method\n\n\
+         - One network namespace, created for the benchmark and removed after it. The benchmark enters it \
+         with setns, so the OTLP receiver, synspan and the storms all run in it and only its 127.0.0.1 \
+         sees traffic; synspan still traces every connect on the host.\n\
+         - The receiver is `synspan-otlp-sink` (testbed/src/bin/synspan-otlp-sink.rs): OTLP gRPC (tonic), \
+         decodes every request and counts its spans by `process.pid`, writes nothing else. The end-to-end \
+         tests use rotel with a Python span processor that writes each span out as JSON; here that \
+         receiver alone used 14–20 µs of CPU per span (revision edce245), more than synspan, on the same \
+         two CPUs as the storm it is meant to measure.\n\
+         - `synspan-storm` (testbed/src/bin/synspan-storm.rs): {} thread(s), each a loop of blocking \
+         socket → connect → close. `success` connects to a listener of its own (one accept thread, backlog \
+         4096); `refused` to a port that is bound but not listening. Client sockets use SO_LINGER {{1, 0}}: \
+         close() sends a RST, so no TIME_WAIT holds ephemeral ports and no attempt fails for lack of one.\n\
+         - Each pair is an A run then a B run. B: synspan starts (`--otlp-endpoint <receiver> --output none \
+         --shutdown-timeout {SHUTDOWN_TIMEOUT_S}s` plus the mode's flags), the benchmark waits for `synspan \
+         ready`, runs the same storm, waits until the receiver has got nothing new for {:.1} s, reads \
+         utime + stime from /proc/PID/stat and VmHWM from /proc/PID/status, sends SIGTERM and requires exit \
+         status 0.\n\
+         - The receiver and synspan share the machine's CPUs with the storm: on a small machine what the \
+         receiver spends (column `receiver CPU`) slows the B runs down as much as what synspan spends.\n\
+         - Before each pair the benchmark waits (up to {} s) until no other synspan runs and other \
+         processes are near idle; a pair disturbed all the same is run again (up to {} times).\n",
+        args.threads,
+        QUIET.as_secs_f64(),
+        CALM_LIMIT.as_secs(),
+        args.retries,
+    );
+    doc
+}
+
+/// `2026-12-01 21:40 UTC`.
+pub(crate) fn utc_now() -> String {
+    let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    // 2026-12-01T21:40:31Z
+    format!("{} {} UTC", &stamp[..10], &stamp[11..16])
+}

@@ -1,0 +1,277 @@
+//! The runs of a pair: a storm alone (A), then synspan started, the same storm, the export
+//! drained, synspan stopped (B).
+
+use std::{
+    collections::HashMap,
+    io::Read,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use synspan_testbed::{
+    agent::{Agent, Output},
+    bench::StormReport,
+    otlp_sink::{OtlpSink, SinkCounts},
+    reaped::{Reaped, describe},
+    workspace_bin,
+};
+
+use crate::{
+    args::Args,
+    measure::{self, Disturbance, HostSnapshot, ProgStat},
+    mode::Mode,
+};
+
+/// synspan gets this long to flush at SIGTERM; the benchmark waits for the export to go
+/// quiet first, so this only matters when the receiver falls far behind.
+pub(crate) const SHUTDOWN_TIMEOUT_S: u64 = 120;
+/// The receiver is drained when its output has not grown for this long.
+pub(crate) const QUIET: Duration = Duration::from_millis(1500);
+const DRAIN_LIMIT: Duration = Duration::from_secs(180);
+
+/// What the receiver got during one B run.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Received {
+    pub total: u64,
+    /// From the storm's pid.
+    pub storm: u64,
+    /// From synspan's own pid.
+    pub synspan: u64,
+}
+
+/// What synspan did and cost in one B run.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct AgentRun {
+    /// synspan's CPU while the storm ran.
+    pub cpu_storm_s: f64,
+    /// synspan's CPU from start to just before SIGTERM (after the export drained).
+    pub cpu_s: f64,
+    /// From wait4: everything, shutdown included.
+    pub cpu_total_s: f64,
+    /// VmHWM just before SIGTERM.
+    pub hwm_mib: f64,
+    /// ru_maxrss from wait4.
+    pub max_rss_mib: f64,
+    /// From the end of the storm until the receiver went quiet.
+    pub drain_s: f64,
+    pub receiver_cpu_s: f64,
+    /// synspan's final accounting, counter by counter.
+    pub accounting: HashMap<String, u64>,
+    pub received: Received,
+    /// synspan's programs from just before the storm to just before SIGTERM.
+    pub progs: Vec<ProgStat>,
+    pub exit: String,
+    pub exit_ok: bool,
+}
+
+impl AgentRun {
+    pub fn get(&self, key: &str) -> u64 {
+        self.accounting.get(key).copied().unwrap_or(0)
+    }
+
+    /// Attempts synspan saw.
+    pub fn seen(&self) -> u64 {
+        self.get("seen")
+    }
+
+    pub fn settled(&self) -> u64 {
+        self.get("exported") + self.get("dropped")
+    }
+
+    pub fn peak_rss_mib(&self) -> f64 {
+        self.hwm_mib.max(self.max_rss_mib)
+    }
+
+    pub fn recursion_misses(&self) -> u64 {
+        self.progs.iter().map(|p| p.recursion_misses).sum()
+    }
+
+    pub fn kernel_ns(&self) -> u64 {
+        self.progs.iter().map(|p| p.run_time_ns).sum()
+    }
+}
+
+/// One run: A (`agent` is `None`) or B.
+#[derive(Clone, Debug)]
+pub(crate) struct Run {
+    pub mode: usize,
+    pub pair: u32,
+    pub storm: StormReport,
+    pub storm_cpu_s: f64,
+    pub host: Disturbance,
+    pub agent: Option<AgentRun>,
+}
+
+impl Run {
+    pub fn storm_cpu_us(&self) -> f64 {
+        self.storm_cpu_s * 1e6 / self.storm.attempts.max(1) as f64
+    }
+}
+
+pub(crate) struct Bench<'a> {
+    pub args: &'a Args,
+    pub sink: &'a OtlpSink,
+}
+
+impl Bench<'_> {
+    pub fn baseline(&self, mode: &Mode, pair: u32) -> anyhow::Result<Run> {
+        let host = HostSnapshot::take();
+        let storm = storm(self.args, mode.storm)?;
+        Ok(Run {
+            mode: mode.id,
+            pair,
+            storm: storm.report,
+            storm_cpu_s: storm.cpu_s,
+            host: Disturbance::between(&host, &HostSnapshot::take()),
+            agent: None,
+        })
+    }
+
+    pub fn traced(&self, mode: &Mode, pair: u32) -> anyhow::Result<Run> {
+        let before = self.sink.counts()?;
+        let receiver_cpu = || measure::cpu_seconds(self.sink.pid()).unwrap_or(0.0);
+        let rx_before = receiver_cpu();
+        let timeout = format!("{SHUTDOWN_TIMEOUT_S}s");
+        let mut flags = vec![
+            "--otlp-endpoint",
+            self.sink.endpoint(),
+            "--shutdown-timeout",
+            &timeout,
+        ];
+        flags.extend(mode.flags);
+        flags.extend(self.args.synspan_args());
+        let agent = Agent::start_with(Output::None, &flags)?;
+        let pid = agent.pid();
+        let progs_before = measure::prog_stats(&agent);
+        let cpu_start = measure::cpu_seconds(pid).unwrap_or(0.0);
+        let host = HostSnapshot::take();
+        let storm = storm(self.args, mode.storm)?;
+        let host = Disturbance::between(&host, &HostSnapshot::take());
+        let cpu_storm_s = measure::cpu_seconds(pid).unwrap_or(0.0) - cpu_start;
+        let drain_s = wait_quiet(self.sink).as_secs_f64();
+        let cpu_s = measure::cpu_seconds(pid).unwrap_or(f64::NAN);
+        let hwm_mib = measure::status_mib(pid, "VmHWM:").unwrap_or(f64::NAN);
+        let progs = measure::prog_delta(&progs_before, &measure::prog_stats(&agent));
+        let stopped = agent.stop(Duration::from_secs(SHUTDOWN_TIMEOUT_S + 30))?;
+        // Whatever synspan flushed at exit arrives a moment later.
+        wait_quiet(self.sink);
+        let received = received(&before, &self.sink.counts()?, storm.pid, pid);
+        let accounting = stopped.accounting();
+        if accounting.is_empty() {
+            bail!("synspan printed no final accounting; stderr:\n{}", stopped.stderr);
+        }
+        let exit_ok = stopped.status.code() == Some(0);
+        if !exit_ok {
+            eprintln!(
+                "synspan-bench: synspan ended with {}; stderr:\n{}",
+                describe(stopped.status),
+                stopped.stderr
+            );
+        }
+        for line in stopped
+            .stderr
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains("ERROR"))
+        {
+            eprintln!("synspan-bench: synspan said: {line}");
+        }
+        let run = AgentRun {
+            cpu_storm_s,
+            cpu_s,
+            cpu_total_s: stopped.usage.cpu_s,
+            hwm_mib,
+            max_rss_mib: stopped.usage.max_rss_mib,
+            drain_s,
+            receiver_cpu_s: receiver_cpu() - rx_before,
+            accounting,
+            received,
+            progs,
+            exit: describe(stopped.status),
+            exit_ok,
+        };
+        Ok(Run {
+            mode: mode.id,
+            pair,
+            storm: storm.report,
+            storm_cpu_s: storm.cpu_s,
+            host,
+            agent: Some(run),
+        })
+    }
+}
+
+struct Storm {
+    pid: u32,
+    report: StormReport,
+    cpu_s: f64,
+}
+
+/// Runs `synspan-storm` to its end and reads its report.
+fn storm(args: &Args, mode: &str) -> anyhow::Result<Storm> {
+    let mut child = Command::new(workspace_bin("synspan-storm"))
+        .arg(mode)
+        .args(["--seconds", &args.seconds.to_string()])
+        .args(["--count", &args.count.to_string()])
+        .args(["--threads", &args.threads.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting synspan-storm")?;
+    let (mut stdout, mut stderr) = (
+        child.stdout.take().context("storm stdout")?,
+        child.stderr.take().context("storm stderr")?,
+    );
+    let mut proc = Reaped::new(child);
+    // The storm bounds itself; this is the watchdog in case it does not. Its output is one
+    // short line, well within a pipe's buffer, so it cannot block on a full pipe.
+    let limit = Duration::from_secs_f64(args.seconds + 60.0);
+    let Some(exit) = proc.wait(limit) else {
+        bail!("synspan-storm ran past {limit:?} and was killed");
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    stdout.read_to_string(&mut out)?;
+    stderr.read_to_string(&mut err)?;
+    if exit.status.code() != Some(0) {
+        bail!("synspan-storm failed ({}): {}", describe(exit.status), err.trim());
+    }
+    let report: StormReport =
+        serde_json::from_str(out.trim()).with_context(|| format!("storm report {out:?}"))?;
+    Ok(Storm {
+        pid: proc.pid(),
+        report,
+        cpu_s: exit.usage.cpu_s,
+    })
+}
+
+/// Waits until the sink has received nothing new for `QUIET`; returns how long it kept
+/// receiving.
+fn wait_quiet(sink: &OtlpSink) -> Duration {
+    let spans = || sink.counts().map(|c| c.spans).unwrap_or(0);
+    let started = Instant::now();
+    let mut last = spans();
+    let mut since = Instant::now();
+    while started.elapsed() < DRAIN_LIMIT && !crate::interrupted() {
+        thread::sleep(Duration::from_millis(100));
+        let now = spans();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= QUIET {
+            break;
+        }
+    }
+    since.duration_since(started)
+}
+
+/// Spans received between two readings, and how many came from the storm's and from
+/// synspan's pid.
+fn received(before: &SinkCounts, after: &SinkCounts, storm: u32, synspan: u32) -> Received {
+    Received {
+        total: after.spans - before.spans,
+        storm: after.of_pid(storm) - before.of_pid(storm),
+        synspan: after.of_pid(synspan) - before.of_pid(synspan),
+    }
+}
