@@ -25,7 +25,7 @@
 use std::{fs::File, io::Read, path::Path};
 
 /// Where the running kernel publishes its BTF.
-pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
@@ -58,7 +58,7 @@ impl KernelBtf {
         Self::open(Path::new(VMLINUX))
     }
 
-    pub fn open(path: &Path) -> Result<Self, BtfError> {
+    fn open(path: &Path) -> Result<Self, BtfError> {
         let error = |source| BtfError::Read {
             path: path.display().to_string(),
             source,
@@ -283,60 +283,73 @@ mod tests {
         Btf::parse(FIXTURE).expect("the fixture is BTF")
     }
 
+    /// Asserts each (struct, member, offset) of `expected`, `None` where there is no byte offset.
+    fn assert_offsets(expected: &[(&str, &str, Option<u32>)]) {
+        let btf = fixture();
+        for &(name, member, offset) in expected {
+            assert_eq!(btf.member_offset(name, member), offset, "{name}::{member}");
+        }
+    }
+
     #[test]
     fn members_at_their_offsets() {
-        let btf = fixture();
-        assert_eq!(btf.member_offset("sock", "__sk_common"), Some(0));
-        assert_eq!(btf.member_offset("sock", "sk_err"), Some(60));
-        assert_eq!(btf.member_offset("sock", "sk_err_soft"), Some(64));
-        assert_eq!(btf.member_offset("sock", "sk_type"), Some(70));
-        assert_eq!(btf.member_offset("sock", "sk_protocol"), Some(72));
-        assert_eq!(btf.member_offset("inet_sock", "inet_sport"), Some(84));
-        assert_eq!(btf.member_offset("task_struct", "files"), Some(16));
-        assert_eq!(btf.member_offset("files_struct", "fdt"), Some(8));
-        assert_eq!(btf.member_offset("fdtable", "fd"), Some(8));
-        assert_eq!(btf.member_offset("file", "private_data"), Some(8));
-        assert_eq!(btf.member_offset("socket", "sk"), Some(16));
-        // A member of a const type, after a member of a volatile one.
-        assert_eq!(btf.member_offset("sock", "sk_rcvbuf"), Some(56));
-        assert_eq!(btf.member_offset("sock_common", "skc_bound_dev_if"), Some(20));
+        assert_offsets(&[
+            ("sock", "__sk_common", Some(0)),
+            // A member of a const type.
+            ("sock", "sk_rcvbuf", Some(56)),
+            ("sock", "sk_err", Some(60)),
+            ("sock", "sk_err_soft", Some(64)),
+            ("sock", "sk_protocol", Some(72)),
+            ("inet_sock", "inet_sport", Some(84)),
+            ("task_struct", "files", Some(16)),
+            ("files_struct", "fdt", Some(8)),
+            ("fdtable", "fd", Some(8)),
+            ("file", "private_data", Some(8)),
+            ("socket", "sk", Some(16)),
+        ]);
     }
 
     #[test]
     fn members_of_anonymous_unions_and_structs() {
-        let btf = fixture();
-        // A struct inside a union inside sock_common, as the kernel nests the address pair.
-        assert_eq!(btf.member_offset("sock_common", "skc_daddr"), Some(0));
-        assert_eq!(btf.member_offset("sock_common", "skc_rcv_saddr"), Some(4));
-        assert_eq!(btf.member_offset("sock_common", "skc_hash"), Some(8));
-        assert_eq!(btf.member_offset("sock_common", "skc_dport"), Some(12));
-        assert_eq!(btf.member_offset("sock_common", "skc_num"), Some(14));
-        assert_eq!(btf.member_offset("sock_common", "skc_v6_daddr"), Some(24));
-        assert_eq!(btf.member_offset("sock_common", "skc_v6_rcv_saddr"), Some(40));
-        // Named members are not looked through: u6_addr8 is in skc_v6_daddr.in6_u.
-        assert_eq!(btf.member_offset("sock_common", "u6_addr8"), None);
-        assert_eq!(btf.member_offset("in6_addr", "u6_addr8"), None);
-        assert_eq!(btf.member_offset("sock", "skc_num"), None);
+        assert_offsets(&[
+            // A struct inside a union inside sock_common, as the kernel nests the address pair.
+            ("sock_common", "skc_daddr", Some(0)),
+            ("sock_common", "skc_rcv_saddr", Some(4)),
+            ("sock_common", "skc_hash", Some(8)),
+            ("sock_common", "skc_dport", Some(12)),
+            ("sock_common", "skc_num", Some(14)),
+            // The named members after the anonymous ones.
+            ("sock_common", "skc_bound_dev_if", Some(20)),
+            ("sock_common", "skc_v6_daddr", Some(24)),
+            ("sock_common", "skc_v6_rcv_saddr", Some(40)),
+            // Named members are not looked through: u6_addr8 is in skc_v6_daddr.in6_u.
+            ("sock_common", "u6_addr8", None),
+            ("in6_addr", "u6_addr8", None),
+            ("sock", "skc_num", None),
+        ]);
     }
 
     #[test]
     fn bitfields_have_no_byte_offset() {
-        let btf = fixture();
-        assert_eq!(btf.member_offset("sock", "sk_gso_disabled"), None);
-        assert_eq!(btf.member_offset("sock", "sk_kern_sock"), None);
-        assert_eq!(btf.member_offset("sock_common", "skc_reuse"), None);
-        // The member after the bitfields is byte-aligned again.
-        assert_eq!(btf.member_offset("sock_common", "skc_state"), Some(18));
+        assert_offsets(&[
+            ("sock", "sk_gso_disabled", None),
+            ("sock", "sk_kern_sock", None),
+            ("sock_common", "skc_reuse", None),
+            // The members either side of bitfields have their bytes.
+            ("sock_common", "skc_state", Some(18)),
+            ("sock", "sk_type", Some(70)),
+        ]);
     }
 
     #[test]
     fn what_is_not_there() {
-        let btf = fixture();
-        assert_eq!(btf.member_offset("sock", "no_such_member"), None);
-        assert_eq!(btf.member_offset("no_such_struct", "sk"), None);
-        // A typedef names no members, and a member's name is not a struct's.
-        assert_eq!(btf.member_offset("__be32", "sk"), None);
-        assert_eq!(btf.member_offset("in6_u", "u6_addr8"), None);
+        assert_offsets(&[
+            ("sock", "no_such_member", None),
+            ("no_such_struct", "sk", None),
+            // A typedef names no members, and a member's name is not a struct's.
+            ("__be32", "sk", None),
+            ("in6_u", "u6_addr8", None),
+        ]);
     }
 
     #[test]
