@@ -2,13 +2,14 @@
 //! member (the layout the programs are given), and aya's own parse of it, whose type ids attach
 //! the BTF tracepoints.
 //!
-//! A general BTF library builds every type of vmlinux into maps at start-up, tens of MiB for
-//! a dozen lookups. This keeps where each type starts in the mapped bytes, and walks them.
+//! A general BTF library builds every type of vmlinux into memory at start-up, tens of MiB
+//! for a dozen lookups. This keeps where each type starts in the mapped bytes, and walks them.
 //! The format is `include/uapi/linux/btf.h`.
 //!
-//! Measured on Linux 6.18 (x86-64, 5.3 MiB of vmlinux BTF), medians of 5 runs, one process
-//! each: peak RSS added and time for the layout's 18 member lookups, then the peak with aya's
-//! parse, which attaching the BTF tracepoints needs whatever reads the members.
+//! Measured on Linux 6.18 (x86-64, 2 shared cores, 5.3 MiB of vmlinux BTF), medians of 5
+//! runs, one process each: peak RSS added and time for the layout's 18 member lookups, then
+//! the peak with aya's parse, which attaching the BTF tracepoints needs whatever reads the
+//! members.
 //!
 //! | reader | layout: peak RSS, time | with aya's parse |
 //! |---|---:|---:|
@@ -380,7 +381,7 @@ mod tests {
 
     #[test]
     fn open_reads_what_it_cannot_map() {
-        // procfs has no mmap (kernels before 6.16 neither, for vmlinux): the file is read.
+        // procfs has no mmap, nor has vmlinux on kernels from before mid-2025: the file is read.
         let btf = KernelBtf::open(Path::new("/proc/self/stat")).unwrap();
         assert!(matches!(&btf.bytes, Bytes::Read(data) if !data.is_empty()));
         assert!(matches!(btf.types(), Err(BtfError::Format(_))));
