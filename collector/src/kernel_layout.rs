@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::btf::Btf;
+use crate::btf::{Btf, BtfError, KernelBtf};
 use synspan_shared::{
     ConnectFields, FdPathFields, KernelLayout, ResetFields, RetransmitFields, SetStateFields, SockFields,
     SockTupleFields,
@@ -120,8 +120,9 @@ pub struct Resolved {
 /// Reads every layout the programs need. Only `sock:inet_sock_set_state` is required: it
 /// alone gives each attempt its start, end and tuple. The other hooks add retransmits,
 /// resets and errors, and are skipped with a warning where the kernel lacks them.
-/// `struct sock` offsets come from BTF; without them the errno is inferred, not read.
-pub fn resolve() -> Result<Resolved, LayoutError> {
+/// `struct sock` offsets come from the kernel's BTF; without them the errno is inferred, not
+/// read.
+pub fn resolve(vmlinux: Result<&KernelBtf, &BtfError>) -> Result<Resolved, LayoutError> {
     let tracefs = tracefs_root()?;
     let set_state = TracepointFormat::read(&tracefs, "sock", "inet_sock_set_state")?;
     let mut unavailable = Vec::new();
@@ -154,7 +155,9 @@ pub fn resolve() -> Result<Resolved, LayoutError> {
         &mut unavailable,
         |f| f.offset("ret"),
     );
-    let btf = Btf::from_file(Path::new("/sys/kernel/btf/vmlinux"))
+    let btf = vmlinux
+        .map_err(ToString::to_string)
+        .and_then(|vmlinux| vmlinux.types().map_err(|err| err.to_string()))
         .map_err(|err| {
             tracing::warn!("no kernel BTF ({err}): errno of failed attempts is inferred, not read")
         })

@@ -17,7 +17,7 @@ use aya::{
 };
 use synspan_shared::{AttemptRecord, MAX_FILTER_ENTRIES, Policy, counter};
 
-use crate::kernel_layout::Resolved;
+use crate::{btf::BtfError, kernel_layout::Resolved};
 
 /// The compiled programs, built by `build.rs` from `collector-ebpf/`.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/synspan-ebpf"));
@@ -171,9 +171,20 @@ fn raise_memlock() {
 }
 
 impl Tracer {
-    pub fn load(resolved: &Resolved, policy: &Policy, limits: &Limits) -> Result<Self, LoadError> {
+    pub fn load(
+        resolved: &Resolved,
+        policy: &Policy,
+        limits: &Limits,
+        btf: Option<&Btf>,
+    ) -> Result<Self, LoadError> {
         raise_memlock();
-        let ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        // Without it, aya would read and parse the kernel's BTF again for CO-RE relocations or
+        // typed kernel symbols, were the object ever to have them.
+        if let Some(btf) = btf {
+            loader.btf(btf);
+        }
+        let ebpf = loader
             .override_global("LAYOUT", &resolved.layout, true)
             .override_global("POLICY", policy, true)
             .map_max_entries("IN_FLIGHT", limits.max_in_flight)
@@ -220,14 +231,14 @@ impl Tracer {
 
     /// Attaches every hook this kernel has. Returns the hooks that were skipped, with why.
     /// `prefer_btf`: attach the attempt programs as BTF tracepoints where the kernel can.
+    /// `btf`: aya's parse of the kernel's BTF, whose type ids the BTF tracepoints attach by.
     pub fn attach(
         &mut self,
         resolved: &Resolved,
         prefer_btf: bool,
+        btf: Result<&Btf, &BtfError>,
     ) -> Result<Vec<(&'static str, String)>, LoadError> {
         let mut skipped = resolved.unavailable.clone();
-        // Parsed once for every BTF program: the kernel's BTF is megabytes.
-        let btf = Btf::from_sys_fs();
         let btf_attach = match &btf {
             _ if !prefer_btf => Err("--classic-tracepoints".into()),
             Ok(btf) if resolved.layout.tuple.known != 0 => ATTEMPT_BTF

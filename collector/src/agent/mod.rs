@@ -19,6 +19,7 @@ use self::{
     reader::Reader,
 };
 use crate::{
+    btf::KernelBtf,
     config::Cli,
     enrich::process::ReadOptions,
     kernel_layout,
@@ -94,7 +95,12 @@ impl Agent {
     /// drops the privileges that are no longer needed.
     fn start(cli: &Cli) -> anyhow::Result<Self> {
         privilege::check()?;
-        let resolved = kernel_layout::resolve()?;
+        // Mapped once: the layout reads struct members from it, and aya's parse of the same
+        // bytes loads the programs and attaches the BTF tracepoints. The mapping goes with
+        // the parse.
+        let vmlinux = KernelBtf::from_sys_fs();
+        let resolved = kernel_layout::resolve(vmlinux.as_ref())?;
+        let btf = vmlinux.and_then(|vmlinux| vmlinux.for_aya());
         let policy = cli.policy();
         if policy.agent_tgid == 0 {
             tracing::warn!(
@@ -116,7 +122,7 @@ impl Agent {
             ports: cli.dest_ports.clone(),
             dests: cli.dests.clone(),
         };
-        let mut tracer = Tracer::load(&resolved, &policy, &limits)?;
+        let mut tracer = Tracer::load(&resolved, &policy, &limits, btf.as_ref().ok())?;
         tracer.set_filters(&filters)?;
         let counters = Arc::new(AgentCounters::default());
         let otlp = match &cli.otlp_endpoint {
@@ -152,13 +158,14 @@ impl Agent {
         };
         let sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let skipped = tracer.attach(&resolved, !cli.classic_tracepoints)?;
+        let skipped = tracer.attach(&resolved, !cli.classic_tracepoints, btf.as_ref())?;
+        drop(btf);
         for (hook, why) in &skipped {
             tracing::warn!("not attached: {hook} ({why}); spans will lack what it shows");
         }
-        // Attaching parsed the kernel's BTF, the kernel's symbols come next (on the worker's
-        // thread): one after the other, with the first handed back in between, they never
-        // weigh on the heap together.
+        // aya's parse of the kernel's BTF is gone, the kernel's symbols come next (on the
+        // worker's thread): one after the other, with the first handed back in between, they
+        // never weigh on the heap together.
         // SAFETY: plain glibc call, no pointers.
         unsafe { libc::malloc_trim(0) };
         let (work, queue) = mpsc::channel(enrichment::QUEUE);
