@@ -298,7 +298,7 @@ fn start<C: StateChange>(ctx: &C, sock: u64) -> Result<(), i32> {
         unsafe { (*call).sock = sock };
     }
     if policy.filters != 0 && !allowed(attempt, policy.filters) {
-        count(counter::SKIPPED);
+        count(counter::NOT_ALLOWED);
         return Ok(());
     }
     if policy.stacks != 0 {

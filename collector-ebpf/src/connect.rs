@@ -154,7 +154,7 @@ fn on_exit(ctx: &TracePointContext) -> Result<(), i32> {
     attempt.flags = attempt_flags::NEVER_STARTED;
     let policy = policy();
     if policy.filters != 0 && !allowed(attempt, policy.filters) {
-        count(counter::SKIPPED);
+        count(counter::NOT_ALLOWED);
         return Ok(());
     }
     count(counter::STARTED);

@@ -18,7 +18,7 @@ use crate::{
     enrich::{identity::Enricher, process::ReadOptions},
     evidence::Explainer,
     kernel_layout,
-    loader::{Filters, Limits, Tracer, cgroup_id},
+    loader::{Filters, KernelObject, Limits, cgroup_id},
     privilege,
     self_metrics::{SelfMetrics, Snapshot},
     sink::{
@@ -163,8 +163,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         ports: cli.dest_ports.clone(),
         dests: cli.dests.clone(),
     };
-    let mut tracer = Tracer::load(&resolved, &policy, &limits)?;
-    tracer.set_filters(&filters)?;
+    let mut kernel = KernelObject::load(&resolved, &policy, &limits)?;
+    kernel.set_filters(&filters)?;
     let counters = Arc::new(AgentCounters::default());
     let otlp = match &cli.otlp_endpoint {
         Some(endpoint) => Some(OtlpSink::start(
@@ -190,20 +190,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         )?),
         _ => None,
     };
-    let ring = tracer.take_attempts()?;
-    let notes = tracer.take_process_notes()?;
+    let ring = kernel.take_attempts()?;
+    let notes = kernel.take_process_notes()?;
     // SAFETY: as for the attempts below.
     let mut notes = unsafe { AsyncFd::register_with_interest(notes, Interest::READABLE) }
         .map_err(|err| anyhow::anyhow!("watching the process notes: {err}"))?;
     let stacks = if cli.no_stacks {
         None
     } else {
-        Some(tracer.take_stacks()?)
+        Some(kernel.take_stacks()?)
     };
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let skipped = tracer.attach(&resolved, !cli.classic_tracepoints)?;
-    for (hook, why) in &skipped {
+    let unattached = kernel.attach(&resolved, !cli.classic_tracepoints)?;
+    for (hook, why) in &unattached {
         tracing::warn!("not attached: {hook} ({why}); spans will lack what it shows");
     }
     // Attaching parsed the kernel's BTF, the kernel's symbols come next: one after the
@@ -258,12 +258,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut sweep_tick = tokio::time::interval(SWEEP_EVERY);
     sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut metrics_tick = self_metrics.as_ref().and_then(|_| ticker(cli.metrics_interval));
-    let report = |tracer: &Tracer| -> Accounting {
-        let kernel = tracer.counters().unwrap_or_default();
+    let report = |kernel: &KernelObject| -> Accounting {
+        let counted = kernel.counters().unwrap_or_default();
         let accounting = Accounting::read(
-            kernel,
-            tracer.skipped_runs(),
-            tracer.in_flight().unwrap_or(0),
+            counted,
+            kernel.recursion_misses(),
+            kernel.in_flight().unwrap_or(0),
             &counters,
         );
         *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = accounting;
@@ -290,10 +290,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             _ = sigint.recv() => break "SIGINT",
             _ = sigterm.recv() => break "SIGTERM",
             _ = async { stats_tick.as_mut().unwrap().tick().await }, if stats_tick.is_some() => {
-                tracing::info!("stats: {}", report(&tracer));
+                tracing::info!("stats: {}", report(&kernel));
             }
             _ = async { metrics_tick.as_mut().unwrap().tick().await }, if metrics_tick.is_some() => {
-                report(&tracer);
+                report(&kernel);
             }
             _ = sweep_tick.tick() => pipeline.enricher.sweep(),
             _ = read_tick.tick() => {
@@ -317,7 +317,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::warn!("second signal: exiting without flushing");
         std::process::exit(130);
     });
-    tracer.detach();
+    kernel.detach();
     // The programs are gone: whatever is in the ring buffer now is all there will be.
     pipeline.read_notes(notes.get_mut());
     while pipeline.read(ring.get_mut()) > 0 {
@@ -327,7 +327,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(otlp) = pipeline.otlp.take() {
         otlp.shutdown(cli.shutdown_timeout).await;
     }
-    tracing::info!("final: {}", report(&tracer));
+    tracing::info!("final: {}", report(&kernel));
     if pipeline.explainer.skipped() > 0 {
         tracing::info!(
             "evidence lookups skipped for the rate limit: {}",
