@@ -9,8 +9,10 @@
 #![feature(asm_experimental_arch)]
 
 mod attempt;
+mod caller;
 mod connect;
 mod error_report;
+mod helpers;
 mod maps;
 mod reset;
 mod retransmit;
