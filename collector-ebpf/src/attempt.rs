@@ -29,9 +29,6 @@ use crate::{
     },
 };
 
-// The agent attaches these by the names in `synspan_shared::names::program`, which are the
-// functions' own: the macros take no constant. Its tests check the built object for them.
-
 /// A socket enters SYN_SENT.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn attempt_start(ctx: BtfTracePointContext) -> u32 {
