@@ -479,9 +479,14 @@ mod pod {
     // SAFETY: all of these are repr(C), hold only integers and arrays of integers, and have
     // no padding that the kernel would leave uninitialised.
     unsafe impl aya::Pod for super::AttemptRecord {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelLayout {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Policy {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Endpoint {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ProcessNote {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnectCall {}
 }
