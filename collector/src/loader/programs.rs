@@ -8,6 +8,7 @@ use aya::{
 use synspan_shared::names::program;
 
 use super::{KernelObject, LoadError};
+use crate::kernel_layout::Resolved;
 
 /// Optional hooks that were not attached, each with why: spans lack what it shows.
 pub type Unattached = Vec<(&'static str, String)>;
@@ -36,11 +37,7 @@ fn program_error(program: &'static str) -> impl Fn(ProgramError) -> LoadError {
 impl KernelObject {
     /// Attaches every hook this kernel has. Returns the optional hooks it could not attach.
     /// `prefer_btf`: attach the attempt programs as BTF tracepoints where the kernel can.
-    pub fn attach(
-        &mut self,
-        resolved: &crate::kernel_layout::Resolved,
-        prefer_btf: bool,
-    ) -> Result<Unattached, LoadError> {
+    pub fn attach(&mut self, resolved: &Resolved, prefer_btf: bool) -> Result<Unattached, LoadError> {
         let mut unattached = resolved.unavailable.clone();
         // Parsed once for every BTF program: the kernel's BTF is megabytes.
         let btf = Btf::from_sys_fs();
