@@ -9,11 +9,8 @@
 //! running inside themselves, and the start and the end are two programs.
 
 use aya_ebpf::{
-    bindings::{BPF_F_REUSE_STACKID, BPF_F_USER_STACK},
-    helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_prandom_u32,
-        bpf_ktime_get_ns,
-    },
+    bindings::BPF_F_REUSE_STACKID,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32},
     macros::{btf_tracepoint, tracepoint},
     maps::lpm_trie::Key,
     programs::{BtfTracePointContext, TracePointContext, tracing::StackIdContext},
@@ -22,10 +19,14 @@ use synspan_shared::{
     AF_INET, AttemptRecord, Endpoint, IPPROTO_TCP, ProcessNote, attempt_flags, counter, filter, tcp_state,
 };
 
-use crate::maps::{
-    ALLOW_CGROUPS, ALLOW_DESTS, ALLOW_PIDS, ALLOW_PORTS, COLLISION_WATCH, CONNECT_CALLS, IN_FLIGHT, NOTED,
-    PROCESS_NOTES, SCRATCH, STACKS, WATCH_SINCE, WATCH_WINDOW_NS, count, layout, local_endpoint, policy,
-    record_error, send, sock_int,
+use crate::{
+    caller,
+    helpers::{now_ns, read_event, read_kernel_at, read_sock_field},
+    maps::{
+        ALLOW_CGROUPS, ALLOW_DESTS, ALLOW_PIDS, ALLOW_PORTS, COLLISION_WATCH, CONNECT_CALLS, IN_FLIGHT,
+        NOTED, PROCESS_NOTES, STACKS, WATCH_SINCE, WATCH_WINDOW_NS, count, in_flight, layout, local_endpoint,
+        policy, record_error, scratch_attempt, send,
+    },
 };
 
 /// A socket enters SYN_SENT.
@@ -99,12 +100,12 @@ impl StateChange for BtfTracePointContext {
 
     #[inline(always)]
     fn protocol(&self) -> Result<u16, i32> {
-        read_sock(self.sock()?, layout().tuple.protocol)
+        read_kernel_at(self.sock()?, layout().tuple.protocol)
     }
 
     #[inline(always)]
     fn sport(&self) -> Result<u16, i32> {
-        Ok(u16::from_be(read_sock(self.sock()?, layout().tuple.sport)?))
+        Ok(u16::from_be(read_kernel_at(self.sock()?, layout().tuple.sport)?))
     }
 
     #[inline(always)]
@@ -112,29 +113,21 @@ impl StateChange for BtfTracePointContext {
         let sock = self.sock()?;
         let f = layout().tuple;
         let mut t = Tuple {
-            family: read_sock(sock, f.family)?,
-            sport: u16::from_be(read_sock(sock, f.sport)?),
-            dport: u16::from_be(read_sock(sock, f.dport)?),
+            family: read_kernel_at(sock, f.family)?,
+            sport: u16::from_be(read_kernel_at(sock, f.sport)?),
+            dport: u16::from_be(read_kernel_at(sock, f.dport)?),
             ..Tuple::default()
         };
         if t.family == AF_INET {
-            let s: [u8; 4] = read_sock(sock, f.rcv_saddr)?;
-            let d: [u8; 4] = read_sock(sock, f.daddr)?;
+            let s: [u8; 4] = read_kernel_at(sock, f.rcv_saddr)?;
+            let d: [u8; 4] = read_kernel_at(sock, f.daddr)?;
             t.saddr[..4].copy_from_slice(&s);
             t.daddr[..4].copy_from_slice(&d);
         } else {
-            t.saddr = read_sock(sock, f.v6_rcv_saddr)?;
-            t.daddr = read_sock(sock, f.v6_daddr)?;
+            t.saddr = read_kernel_at(sock, f.v6_rcv_saddr)?;
+            t.daddr = read_kernel_at(sock, f.v6_daddr)?;
         }
         Ok(t)
-    }
-}
-
-#[inline(always)]
-fn read_sock<T>(sock: u64, offset: u16) -> Result<T, i32> {
-    unsafe {
-        aya_ebpf::helpers::bpf_probe_read_kernel((sock as *const u8).add(offset as usize) as *const T)
-            .map_err(|e| e as i32)
     }
 }
 
@@ -188,11 +181,6 @@ impl StateChange for TracePointContext {
 }
 
 #[inline(always)]
-fn read_event<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i32> {
-    unsafe { ctx.read_at::<T>(offset as usize) }
-}
-
-#[inline(always)]
 fn on_start<C: StateChange>(ctx: &C) -> Result<(), i32> {
     // Every TCP state change on the host lands here: leave as early as possible.
     if ctx.newstate()? != tcp_state::SYN_SENT as i32 || ctx.protocol()? != IPPROTO_TCP {
@@ -235,7 +223,7 @@ fn lingering(state: i32) -> bool {
 #[inline(always)]
 fn on_lingering_close<C: StateChange>(ctx: &C, state: u8) -> Result<(), i32> {
     let watching_since = WATCH_SINCE.get(0).copied().unwrap_or(0);
-    if watching_since == 0 || unsafe { bpf_ktime_get_ns() } - watching_since > WATCH_WINDOW_NS {
+    if watching_since == 0 || now_ns() - watching_since > WATCH_WINDOW_NS {
         return Ok(());
     }
     if ctx.protocol()? != IPPROTO_TCP {
@@ -247,15 +235,17 @@ fn on_lingering_close<C: StateChange>(ctx: &C, state: u8) -> Result<(), i32> {
         port: closing.dport,
         family: closing.family,
     };
+    // SAFETY: the value is copied at once. An entry evicted and reused meanwhile gives
+    // another watched socket, whose attempt then gets a collision it did not have: it takes
+    // 4096 attempts resetting connections at once.
     let Some(sock) = (unsafe { COLLISION_WATCH.get(&peer) }).copied() else {
         return Ok(());
     };
     let _ = COLLISION_WATCH.remove(&peer);
-    let Some(attempt) = IN_FLIGHT.get_ptr_mut(&sock) else {
+    let Some(attempt) = in_flight(sock) else {
         return Ok(());
     };
-    let attempt = unsafe { &mut *attempt };
-    attempt.collision_ns = unsafe { bpf_ktime_get_ns() };
+    attempt.collision_ns = now_ns();
     attempt.collision_local = closing.saddr;
     attempt.collision_local_port = closing.sport;
     attempt.collision_peer = closing.daddr;
@@ -269,22 +259,14 @@ fn on_lingering_close<C: StateChange>(ctx: &C, state: u8) -> Result<(), i32> {
 /// inside `connect()`: the only moment its identity is at hand.
 #[inline(always)]
 fn start<C: StateChange>(ctx: &C, sock: u64) -> Result<(), i32> {
-    let attempt = SCRATCH.get_ptr_mut(0).ok_or(0)?;
-    let attempt = unsafe { &mut *attempt };
-    *attempt = AttemptRecord::ZERO;
+    let attempt = scratch_attempt().ok_or(0)?;
     attempt.sock = sock;
-    attempt.start_ns = unsafe { bpf_ktime_get_ns() };
+    attempt.start_ns = now_ns();
     let pid_tgid = bpf_get_current_pid_tgid();
-    let policy = policy();
-    // The agent's own connections (to its collector) are not traced: each would be one
-    // more span to export, and the agent reports their failures itself.
-    if policy.agent_tgid != 0 && (pid_tgid >> 32) as u32 == policy.agent_tgid {
+    if caller::is_agent(pid_tgid) {
         return Ok(());
     }
-    attempt.pid = (pid_tgid >> 32) as u32;
-    attempt.tid = pid_tgid as u32;
-    attempt.comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    attempt.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    caller::identify(attempt, pid_tgid);
     let tuple = ctx.tuple()?;
     attempt.family = tuple.family;
     attempt.sport = tuple.sport;
@@ -295,24 +277,18 @@ fn start<C: StateChange>(ctx: &C, sock: u64) -> Result<(), i32> {
     // must not look like one that never did when it returns.
     let call = CONNECT_CALLS.get_ptr_mut(&attempt.tid);
     if let Some(call) = call {
+        // SAFETY: this thread's own call: only its own syscall path (entry, this state
+        // change, return) writes it, one step after the other. An entry evicted and reused
+        // meanwhile is another thread's, which then looks as if it reached SYN_SENT.
         unsafe { (*call).sock = sock };
     }
+    let policy = policy();
     if policy.filters != 0 && !allowed(attempt, policy.filters) {
-        count(counter::SKIPPED);
+        count(counter::NOT_ALLOWED);
         return Ok(());
     }
     if policy.stacks != 0 {
-        let flags = BPF_F_REUSE_STACKID as u64;
-        // Inside connect(2) the kernel stack is always the syscall's path down to
-        // tcp_v4_connect or tcp_v6_connect, and walking it costs more than the rest of the
-        // attempt's tracing; it is taken where it tells something: sockets the kernel
-        // connects itself, io_uring.
-        if call.is_none() {
-            attempt.kernel_stack_id = ctx.get_stackid(&STACKS, flags).map_or(-1, |id| id as i32);
-        }
-        attempt.user_stack_id = ctx
-            .get_stackid(&STACKS, flags | BPF_F_USER_STACK as u64)
-            .map_or(-1, |id| id as i32);
+        caller::record_stacks(ctx, attempt, call.is_some());
     }
     // BPF_NOEXIST first: an entry already there means the kernel reused the socket address
     // before we saw the old attempt end. That attempt is lost; the new one must not merge
@@ -337,6 +313,7 @@ fn start<C: StateChange>(ctx: &C, sock: u64) -> Result<(), i32> {
 #[inline(always)]
 fn note_process(attempt: &AttemptRecord) {
     let key = (u64::from(attempt.pid) << 32) | u64::from(attempt.user_stack_id as u32);
+    // SAFETY: only whether the entry exists is looked at, not the value.
     if unsafe { NOTED.get(&key) }.is_some() {
         return;
     }
@@ -352,6 +329,8 @@ fn note_process(attempt: &AttemptRecord) {
 /// Every allow-list the policy names must contain the attempt.
 #[inline(always)]
 pub fn allowed(attempt: &AttemptRecord, filters: u8) -> bool {
+    // SAFETY: only whether the entries exist is looked at. The agent fills the allow-lists
+    // before it attaches the programs and never writes them again.
     unsafe {
         if filters & filter::PID != 0 && ALLOW_PIDS.get(&attempt.pid).is_none() {
             return false;
@@ -379,13 +358,12 @@ pub fn allowed(attempt: &AttemptRecord, filters: u8) -> bool {
 
 #[inline(always)]
 fn finish<C: StateChange>(ctx: &C, sock: u64, end_state: u8) -> Result<(), i32> {
-    let Some(attempt) = IN_FLIGHT.get_ptr_mut(&sock) else {
+    let Some(attempt) = in_flight(sock) else {
         count(counter::UNTRACKED_FINISH);
         return Ok(());
     };
-    let attempt = unsafe { &mut *attempt };
     count(counter::FINISHED);
-    attempt.end_ns = unsafe { bpf_ktime_get_ns() };
+    attempt.end_ns = now_ns();
     attempt.end_state = end_state;
     // The source port is only known now: the kernel sets SYN_SENT before it picks the
     // ephemeral port. The addresses were set before SYN_SENT and read then.
@@ -393,8 +371,8 @@ fn finish<C: StateChange>(ctx: &C, sock: u64, end_state: u8) -> Result<(), i32> 
         attempt.sport = port;
     }
     let sock_fields = layout().sock;
-    attempt.error = sock_int(sock, sock_fields.sk_err);
-    attempt.soft_error = sock_int(sock, sock_fields.sk_err_soft);
+    attempt.error = read_sock_field(sock, sock_fields.sk_err);
+    attempt.soft_error = read_sock_field(sock, sock_fields.sk_err_soft);
     record_error(attempt, attempt.error, attempt.soft_error, attempt.end_ns);
 
     let policy = policy();
@@ -437,5 +415,6 @@ fn keep(attempt: &AttemptRecord, policy: &synspan_shared::Policy) -> bool {
     if policy.slow_ns != 0 && attempt.end_ns.saturating_sub(attempt.start_ns) >= policy.slow_ns {
         return true;
     }
+    // SAFETY: takes no arguments and only draws from the kernel's generator.
     unsafe { bpf_get_prandom_u32() < policy.sample_below }
 }

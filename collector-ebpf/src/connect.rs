@@ -8,10 +8,7 @@
 //!   socket, so it is looked at when `connect()` returns.
 
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user,
-    },
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task},
     macros::tracepoint,
     programs::TracePointContext,
 };
@@ -19,7 +16,9 @@ use synspan_shared::{AF_INET, AF_INET6, AttemptRecord, ConnectCall, IPPROTO_TCP,
 
 use crate::{
     attempt::allowed,
-    maps::{CONNECT_CALLS, IN_FLIGHT, SCRATCH, count, layout, note_error, policy, send},
+    caller,
+    helpers::{now_ns, read_event, read_kernel, read_kernel_at, read_user_at},
+    maps::{CONNECT_CALLS, count, in_flight, layout, note_error, policy, scratch_attempt, send},
 };
 
 const SOCK_STREAM: u16 = 1;
@@ -36,11 +35,6 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[inline(always)]
-fn read_kernel<T>(addr: u64) -> Result<T, i32> {
-    unsafe { bpf_probe_read_kernel(addr as *const T).map_err(|e| e as i32) }
-}
-
 /// Whether `fd` of the current task is a TCP socket, by walking the task's file table.
 #[inline(always)]
 fn is_tcp(fd: u64) -> Result<bool, i32> {
@@ -48,15 +42,16 @@ fn is_tcp(fd: u64) -> Result<bool, i32> {
     if f.sock_protocol == 0 {
         return Ok(false);
     }
+    // SAFETY: takes no arguments; the task's address is only ever probe-read.
     let task = unsafe { bpf_get_current_task() };
-    let files: u64 = read_kernel(task + u64::from(f.task_files))?;
-    let fdt: u64 = read_kernel(files + u64::from(f.files_fdt))?;
-    let fds: u64 = read_kernel(fdt + u64::from(f.fdtable_fd))?;
+    let files: u64 = read_kernel_at(task, f.task_files)?;
+    let fdt: u64 = read_kernel_at(files, f.files_fdt)?;
+    let fds: u64 = read_kernel_at(fdt, f.fdtable_fd)?;
     let file: u64 = read_kernel(fds + fd * 8)?;
-    let socket: u64 = read_kernel(file + u64::from(f.file_private_data))?;
-    let sk: u64 = read_kernel(socket + u64::from(f.socket_sk))?;
-    let protocol: u16 = read_kernel(sk + u64::from(f.sock_protocol))?;
-    let kind: u16 = read_kernel(sk + u64::from(f.sock_type))?;
+    let socket: u64 = read_kernel_at(file, f.file_private_data)?;
+    let sk: u64 = read_kernel_at(socket, f.socket_sk)?;
+    let protocol: u16 = read_kernel_at(sk, f.sock_protocol)?;
+    let kind: u16 = read_kernel_at(sk, f.sock_type)?;
     Ok(protocol == IPPROTO_TCP && kind == SOCK_STREAM)
 }
 
@@ -67,15 +62,13 @@ fn on_enter(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    // The agent's own connections are not traced (see `attempt::start`).
-    let agent = policy().agent_tgid;
-    if agent != 0 && (pid_tgid >> 32) as u32 == agent {
+    if caller::is_agent(pid_tgid) {
         return Ok(());
     }
     let call = ConnectCall {
-        start_ns: unsafe { bpf_ktime_get_ns() },
-        uservaddr: unsafe { ctx.read_at(fields.uservaddr as usize)? },
-        fd: unsafe { ctx.read_at(fields.fd as usize)? },
+        start_ns: now_ns(),
+        uservaddr: read_event(ctx, fields.uservaddr)?,
+        fd: read_event(ctx, fields.fd)?,
         sock: 0,
     };
     CONNECT_CALLS.insert(&(pid_tgid as u32), &call, 0)
@@ -85,19 +78,19 @@ fn on_enter(ctx: &TracePointContext) -> Result<(), i32> {
 #[inline(always)]
 fn tcp_destination(call: &ConnectCall, attempt: &mut AttemptRecord) -> Result<bool, i32> {
     let addr = call.uservaddr;
-    let family: u16 = unsafe { bpf_probe_read_user(addr as *const u16).map_err(|e| e as i32)? };
+    let family: u16 = read_user_at(addr, 0)?;
     if (family != AF_INET && family != AF_INET6) || !is_tcp(call.fd)? {
         return Ok(false);
     }
-    let port: u16 = unsafe { bpf_probe_read_user((addr + 2) as *const u16).map_err(|e| e as i32)? };
+    let port: u16 = read_user_at(addr, 2)?;
     attempt.family = family;
     attempt.dport = u16::from_be(port);
     // sockaddr_in keeps the address at 4, sockaddr_in6 at 8 (after the flow label).
     if family == AF_INET {
-        let v4: [u8; 4] = unsafe { bpf_probe_read_user((addr + 4) as *const [u8; 4]).map_err(|e| e as i32)? };
+        let v4: [u8; 4] = read_user_at(addr, 4)?;
         attempt.daddr[..4].copy_from_slice(&v4);
     } else {
-        attempt.daddr = unsafe { bpf_probe_read_user((addr + 8) as *const [u8; 16]).map_err(|e| e as i32)? };
+        attempt.daddr = read_user_at(addr, 8)?;
     }
     Ok(true)
 }
@@ -122,31 +115,28 @@ fn is_attempt_failure(errno: i32) -> bool {
 fn on_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
+    // SAFETY: the value is copied at once; only this thread writes its entry (see
+    // `attempt::start`).
     let Some(call) = (unsafe { CONNECT_CALLS.get(&tid) }).copied() else {
         return Ok(());
     };
     let _ = CONNECT_CALLS.remove(&tid);
     if call.sock != 0 {
-        if let Some(attempt) = IN_FLIGHT.get_ptr_mut(&call.sock) {
-            note_error(unsafe { &mut *attempt }, call.sock, unsafe { bpf_ktime_get_ns() });
+        if let Some(attempt) = in_flight(call.sock) {
+            note_error(attempt, call.sock, now_ns());
         }
         return Ok(());
     }
     // The socket never reached SYN_SENT.
-    let ret: i64 = unsafe { ctx.read_at(layout().connect.ret as usize)? };
+    let ret: i64 = read_event(ctx, layout().connect.ret)?;
     let errno = (-ret) as i32;
     if ret >= 0 || !is_attempt_failure(errno) {
         return Ok(());
     }
-    let attempt = SCRATCH.get_ptr_mut(0).ok_or(0)?;
-    let attempt = unsafe { &mut *attempt };
-    *attempt = AttemptRecord::ZERO;
+    let attempt = scratch_attempt().ok_or(0)?;
     attempt.start_ns = call.start_ns;
-    attempt.end_ns = unsafe { bpf_ktime_get_ns() };
-    attempt.pid = (pid_tgid >> 32) as u32;
-    attempt.tid = tid;
-    attempt.comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    attempt.cgroup_id = unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() };
+    attempt.end_ns = now_ns();
+    caller::identify(attempt, pid_tgid);
     if !tcp_destination(&call, attempt)? {
         return Ok(());
     }
@@ -154,7 +144,7 @@ fn on_exit(ctx: &TracePointContext) -> Result<(), i32> {
     attempt.flags = attempt_flags::NEVER_STARTED;
     let policy = policy();
     if policy.filters != 0 && !allowed(attempt, policy.filters) {
-        count(counter::SKIPPED);
+        count(counter::NOT_ALLOWED);
         return Ok(());
     }
     count(counter::STARTED);

@@ -1,16 +1,23 @@
-//! synspan's kernel programs: one module per hook, all sharing the in-flight map.
+//! synspan's kernel programs: one module per hook, sharing the maps (`maps`), the safe
+//! helper calls (`helpers`) and the reading of who made an attempt (`caller`).
 //!
 //! An attempt is born when a TCP socket enters SYN_SENT (`attempt::attempt_start`), gathers
 //! retransmits, resets and errors while it waits, and is handed to the agent in one
 //! ring-buffer record when the socket leaves SYN_SENT.
+//!
+//! The agent attaches each program by its function's name, as `synspan_shared::names`
+//! spells it: aya's program macros take no constant for it. The agent's tests parse the
+//! built object and check every name it uses.
 #![no_std]
 #![no_main]
 // For the one atomic add core does not offer on this target (see `maps::count`).
 #![feature(asm_experimental_arch)]
 
 mod attempt;
+mod caller;
 mod connect;
 mod error_report;
+mod helpers;
 mod maps;
 mod reset;
 mod retransmit;

@@ -1,4 +1,8 @@
 //! Maps and load-time constants shared by every program.
+//!
+//! The agent finds maps and globals by name, from `synspan_shared::names`. aya's `#[map]`
+//! macro takes a string literal only, so here each name is the static's own identifier; the
+//! agent's tests parse the built object and check every name it uses against it.
 
 use aya_ebpf::{
     macros::map,
@@ -7,6 +11,8 @@ use aya_ebpf::{
 use synspan_shared::{
     AttemptRecord, ConnectCall, Endpoint, KernelLayout, MAX_FILTER_ENTRIES, Policy, attempt_flags, counter,
 };
+
+use crate::helpers::read_sock_field;
 
 /// Attempts in flight, keyed by socket address. The agent sizes it at load time.
 #[map]
@@ -75,11 +81,14 @@ static POLICY: Policy = Policy::ALL;
 pub fn layout() -> KernelLayout {
     // Volatile so that the compiler does not fold the zeros above into the code: the loader
     // rewrites them.
+    // SAFETY: an aligned static of plain integers. The loader writes it before the programs
+    // are loaded; it is read-only from then on.
     unsafe { core::ptr::read_volatile(&LAYOUT) }
 }
 
 #[inline(always)]
 pub fn policy() -> Policy {
+    // SAFETY: as for `layout`.
     unsafe { core::ptr::read_volatile(&POLICY) }
 }
 
@@ -89,26 +98,56 @@ pub fn count(slot: u32) {
         // Per-CPU slot, so no other CPU writes it; but a program here may be interrupted by
         // another of ours (a softirq's state change inside a connect() hook) that counts too.
         // core has no atomic read-modify-write for the bpf target: BPF_ATOMIC_ADD by hand.
+        // SAFETY: `value` is this CPU's 8-byte slot, aligned, from a successful lookup in a
+        // map that outlives the program run; the instruction adds to it atomically and
+        // touches nothing else.
         unsafe {
             core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) value, v = in(reg) 1u64);
         }
     }
 }
 
-/// Reads a field at `offset` inside `struct sock`; zero when the offset is unknown or the
-/// read fails.
+/// The attempt in flight on `sock`, to update in place for the rest of this program's run.
+///
+/// Every program that updates an attempt goes through here. What makes the reference sound:
+///
+/// - The memory: LRU hash maps preallocate their elements, and a map is not freed while a
+///   program that uses it runs, so the pointer stays valid for the whole run.
+/// - Two CPUs: nearly every hook that updates an attempt runs under its socket's lock (the
+///   owner's `lock_sock`, or `bh_lock_sock` in softirq): the state changes, the retransmit
+///   timer, a RST received or sent, an error report. For one socket they run one at a time.
+///   Two writers do not hold that lock: the return of `connect()` (the call has released
+///   the socket by then) and a lingering close (it holds the lock of the connection that
+///   closes, not the attempt's). Either can meet a locked writer on another CPU: then one
+///   update of one field may be lost, such as a bit of `flags` set at the same instant, or
+///   of two near-simultaneous first errors the later is kept. Every field is an integer, so
+///   that costs one span's accuracy, never its validity.
+/// - Eviction: when the map is full, an insert on another CPU may evict this entry and hand
+///   its element to a new attempt while this program still holds the pointer. The writes
+///   then land in the new attempt's record: the memory is still a record, but that one
+///   carries the evicted attempt's update (from `finish`, it is even sent with it, and again
+///   when it ends itself). It takes a full map and a race within one program run; the
+///   accounting counts the evicted attempt, and `--max-in-flight` sizes the map.
 #[inline(always)]
-pub fn sock_field<T: Default>(sock: u64, offset: u16) -> T {
-    if offset == 0 {
-        return T::default();
-    }
-    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel((sock as *const u8).add(offset as usize) as *const T) }
-        .unwrap_or_default()
+pub fn in_flight<'run>(sock: u64) -> Option<&'run mut AttemptRecord> {
+    let attempt = IN_FLIGHT.get_ptr_mut(&sock)?;
+    // SAFETY: see above.
+    Some(unsafe { &mut *attempt })
 }
 
+/// This CPU's scratch record, zeroed, to build a new attempt in.
 #[inline(always)]
-pub fn sock_int(sock: u64, offset: u16) -> i32 {
-    sock_field(sock, offset)
+pub fn scratch_attempt<'run>() -> Option<&'run mut AttemptRecord> {
+    let attempt = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU, preallocated memory, valid for the run. Its two users, the start of
+    // an attempt and the return of a `connect()` that failed before SYN_SENT, both run in
+    // a task's context (SYN_SENT is only entered from one: `connect()`, a kernel socket's
+    // connect, an io_uring worker) and tracepoint programs run with preemption off: neither
+    // can interrupt the other on its CPU. Programs that run in softirq, which can, build
+    // what they need on the stack instead.
+    let attempt = unsafe { &mut *attempt };
+    *attempt = AttemptRecord::ZERO;
+    Some(attempt)
 }
 
 /// Records the socket's pending error, if any and if none was recorded yet. Soft errors
@@ -120,9 +159,9 @@ pub fn note_error(attempt: &mut AttemptRecord, sock: u64, now_ns: u64) {
         return;
     }
     let fields = layout().sock;
-    let error = sock_int(sock, fields.sk_err);
+    let error: i32 = read_sock_field(sock, fields.sk_err);
     let soft = if error == 0 {
-        sock_int(sock, fields.sk_err_soft)
+        read_sock_field(sock, fields.sk_err_soft)
     } else {
         0
     };

@@ -1,10 +1,13 @@
 //! `tcp:tcp_receive_reset` and `tcp:tcp_send_reset`. A socket found in the in-flight map is
 //! still in SYN_SENT, so neither needs the state.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use synspan_shared::attempt_flags;
 
-use crate::maps::{COLLISION_WATCH, IN_FLIGHT, WATCH_SINCE, layout, local_endpoint, sock_field};
+use crate::{
+    helpers::{now_ns, read_event, read_sock_field},
+    maps::{COLLISION_WATCH, WATCH_SINCE, in_flight, layout, local_endpoint},
+};
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
@@ -22,17 +25,16 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn mark(ctx: &TracePointContext, skaddr_offset: u16, flag: u8) {
-    let Ok(sock) = (unsafe { ctx.read_at::<u64>(skaddr_offset as usize) }) else {
+    let Ok(sock) = read_event::<u64>(ctx, skaddr_offset) else {
         return;
     };
     if sock == 0 {
         return;
     }
-    let Some(attempt) = IN_FLIGHT.get_ptr_mut(&sock) else {
+    let Some(attempt) = in_flight(sock) else {
         return;
     };
-    let attempt = unsafe { &mut *attempt };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     // Keep the first time: that is when the attempt's fate turned.
     if attempt.flags & flag == 0 {
         match flag {
@@ -44,7 +46,7 @@ fn mark(ctx: &TracePointContext, skaddr_offset: u16, flag: u8) {
     if flag == attempt_flags::RST_SENT {
         // The port is chosen by now (a SYN went out), even if no retransmit has told us yet.
         if attempt.sport == 0 {
-            attempt.sport = sock_field(sock, layout().sock.skc_num);
+            attempt.sport = read_sock_field(sock, layout().sock.skc_num);
         }
         if attempt.sport != 0 {
             let _ = COLLISION_WATCH.insert(&local_endpoint(attempt), &sock, 0);

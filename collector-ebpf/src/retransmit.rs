@@ -1,10 +1,13 @@
 //! `tcp:tcp_retransmit_skb`: a SYN retransmit. Runs in the timer softirq, so nothing about
 //! the current task belongs to the application.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use synspan_shared::{MAX_RETRANSMIT_TIMES, attempt_flags, tcp_state};
 
-use crate::maps::{IN_FLIGHT, layout, note_error};
+use crate::{
+    helpers::{now_ns, read_event},
+    maps::{in_flight, layout, note_error},
+};
 
 #[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
@@ -15,16 +18,15 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn on_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
     let fields = layout().retransmit;
-    let state: i32 = unsafe { ctx.read_at(fields.state as usize)? };
+    let state: i32 = read_event(ctx, fields.state)?;
     if state != tcp_state::SYN_SENT as i32 {
         return Ok(());
     }
-    let sock: u64 = unsafe { ctx.read_at(fields.skaddr as usize)? };
-    let Some(attempt) = IN_FLIGHT.get_ptr_mut(&sock) else {
+    let sock: u64 = read_event(ctx, fields.skaddr)?;
+    let Some(attempt) = in_flight(sock) else {
         return Ok(());
     };
-    let attempt = unsafe { &mut *attempt };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     let n = attempt.retransmits as usize;
     if n < MAX_RETRANSMIT_TIMES {
         attempt.retransmit_ns[n] = now;
@@ -33,7 +35,7 @@ fn on_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
     }
     attempt.retransmits += 1;
     note_error(attempt, sock, now);
-    if let Ok(sport) = unsafe { ctx.read_at::<u16>(fields.sport as usize) } {
+    if let Ok(sport) = read_event::<u16>(ctx, fields.sport) {
         attempt.sport = sport;
     }
     Ok(())

@@ -36,8 +36,8 @@ impl AgentCounters {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Accounting {
     pub kernel: KernelCounters,
-    /// Program runs the kernel skipped (see `Tracer::skipped_runs`).
-    pub skipped_runs: u64,
+    /// Runs of synspan's programs the kernel left out (see `KernelObject::recursion_misses`).
+    pub recursion_misses: u64,
     pub in_flight: u64,
     pub received: u64,
     pub undecodable: u64,
@@ -49,10 +49,15 @@ pub struct Accounting {
 }
 
 impl Accounting {
-    pub fn read(kernel: KernelCounters, skipped_runs: u64, in_flight: u64, agent: &AgentCounters) -> Self {
+    pub fn read(
+        kernel: KernelCounters,
+        recursion_misses: u64,
+        in_flight: u64,
+        agent: &AgentCounters,
+    ) -> Self {
         Self {
             kernel,
-            skipped_runs,
+            recursion_misses,
             in_flight,
             received: agent.received.load(Relaxed),
             undecodable: agent.undecodable.load(Relaxed),
@@ -76,7 +81,7 @@ impl Accounting {
     /// Attempts the policy dropped: at SYN_SENT by an allow-list, or at the end by the
     /// success rules and sampling.
     pub fn filtered(&self) -> u64 {
-        self.kernel.filtered + self.kernel.skipped
+        self.kernel.filtered + self.kernel.not_allowed
     }
 
     /// Attempts that will never be exported, whatever the reason.
@@ -96,7 +101,7 @@ impl Accounting {
 
     /// Attempts the kernel saw enter SYN_SENT while synspan ran.
     pub fn seen(&self) -> u64 {
-        self.kernel.started + self.kernel.track_failed + self.kernel.skipped
+        self.kernel.started + self.kernel.track_failed + self.kernel.not_allowed
     }
 
     /// Every attempt the kernel saw is exported, in flight, dropped under a reason, or
@@ -153,7 +158,7 @@ impl From<&Accounting> for AccountingLine {
             unflushed: a.unflushed,
             untracked_finish: k.untracked_finish,
             never_started: k.never_started,
-            kernel_skipped_runs: a.skipped_runs,
+            kernel_skipped_runs: a.recursion_misses,
         }
     }
 }
@@ -199,7 +204,7 @@ impl fmt::Display for Accounting {
             self.unflushed,
             k.untracked_finish,
             k.never_started,
-            self.skipped_runs,
+            self.recursion_misses,
         )
     }
 }
@@ -219,10 +224,10 @@ mod tests {
                 replaced: 1,
                 untracked_finish: 3,
                 track_failed: 0,
-                skipped: 4,
+                not_allowed: 4,
                 never_started: 0,
             },
-            skipped_runs: 0,
+            recursion_misses: 0,
             in_flight: 2,
             received: 80,
             undecodable: 0,

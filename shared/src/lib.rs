@@ -5,6 +5,53 @@
 //! agent can read it back byte for byte.
 #![no_std]
 
+/// The names under which the kernel object exports what the agent asks for: its programs,
+/// its maps and its load-time globals. The agent uses these constants; in `collector-ebpf`
+/// the names are the items' own identifiers, because aya's `#[map]` and `#[tracepoint]`
+/// macros take string literals only. A test of the agent parses the built object and checks
+/// every name here against it.
+pub mod names {
+    /// Programs, by the function names the kernel crate gives them.
+    pub mod program {
+        /// `inet_sock_set_state` into SYN_SENT, as a BTF tracepoint.
+        pub const ATTEMPT_START: &str = "attempt_start";
+        /// `inet_sock_set_state` out of SYN_SENT, as a BTF tracepoint.
+        pub const ATTEMPT_END: &str = "attempt_end";
+        /// The same two as classic tracepoints, for kernels without BTF.
+        pub const ATTEMPT_START_CLASSIC: &str = "attempt_start_tp";
+        pub const ATTEMPT_END_CLASSIC: &str = "attempt_end_tp";
+        /// The classic tracepoint programs are named after their tracepoints.
+        pub const TCP_RETRANSMIT_SKB: &str = "tcp_retransmit_skb";
+        pub const TCP_RECEIVE_RESET: &str = "tcp_receive_reset";
+        pub const TCP_SEND_RESET: &str = "tcp_send_reset";
+        pub const SYS_ENTER_CONNECT: &str = "sys_enter_connect";
+        pub const SYS_EXIT_CONNECT: &str = "sys_exit_connect";
+        /// A BTF tracepoint, named after its tracepoint too.
+        pub const INET_SK_ERROR_REPORT: &str = "inet_sk_error_report";
+    }
+
+    /// Maps the agent sizes, fills or reads.
+    pub mod map {
+        pub const IN_FLIGHT: &str = "IN_FLIGHT";
+        pub const ATTEMPTS: &str = "ATTEMPTS";
+        pub const PROCESS_NOTES: &str = "PROCESS_NOTES";
+        pub const STACKS: &str = "STACKS";
+        pub const COUNTERS: &str = "COUNTERS";
+        pub const ALLOW_PIDS: &str = "ALLOW_PIDS";
+        pub const ALLOW_CGROUPS: &str = "ALLOW_CGROUPS";
+        pub const ALLOW_PORTS: &str = "ALLOW_PORTS";
+        pub const ALLOW_DESTS: &str = "ALLOW_DESTS";
+    }
+
+    /// Read-only globals the agent sets before load.
+    pub mod global {
+        /// A [`crate::KernelLayout`].
+        pub const LAYOUT: &str = "LAYOUT";
+        /// A [`crate::Policy`].
+        pub const POLICY: &str = "POLICY";
+    }
+}
+
 /// Length of `task_struct::comm`, NUL included.
 pub const TASK_COMM_LEN: usize = 16;
 
@@ -421,7 +468,7 @@ pub mod counter {
     /// The in-flight map refused an insert.
     pub const TRACK_FAILED: u32 = 6;
     /// Attempts that missed an allow-list at SYN_SENT and were never tracked.
-    pub const SKIPPED: u32 = 7;
+    pub const NOT_ALLOWED: u32 = 7;
     /// `connect()` calls that failed before SYN_SENT (also counted in STARTED and FINISHED).
     pub const NEVER_STARTED: u32 = 8;
     pub const LEN: u32 = 9;
@@ -432,9 +479,14 @@ mod pod {
     // SAFETY: all of these are repr(C), hold only integers and arrays of integers, and have
     // no padding that the kernel would leave uninitialised.
     unsafe impl aya::Pod for super::AttemptRecord {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelLayout {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Policy {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Endpoint {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ProcessNote {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnectCall {}
 }

@@ -23,7 +23,7 @@ use crate::{
     config::Cli,
     enrich::process::ReadOptions,
     kernel_layout,
-    loader::{Filters, Limits, Tracer, cgroup_id},
+    loader::{Filters, KernelObject, Limits, cgroup_id},
     privilege,
     self_metrics::{SelfMetrics, Snapshot},
     sink::{
@@ -53,7 +53,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// A running agent: the kernel object, the reader, and the worker behind it.
 struct Agent {
-    tracer: Tracer,
+    kernel: KernelObject,
     reader: Reader,
     finished: oneshot::Receiver<Finished>,
     counters: Arc<AgentCounters>,
@@ -70,12 +70,12 @@ fn host_name() -> String {
 }
 
 /// One consistent reading of every counter, also handed to the self-metrics.
-fn report(tracer: &Tracer, counters: &AgentCounters, snapshot: &Snapshot) -> Accounting {
-    let kernel = tracer.counters().unwrap_or_default();
+fn report(kernel: &KernelObject, counters: &AgentCounters, snapshot: &Snapshot) -> Accounting {
+    let counted = kernel.counters().unwrap_or_default();
     let accounting = Accounting::read(
-        kernel,
-        tracer.skipped_runs(),
-        tracer.in_flight().unwrap_or(0),
+        counted,
+        kernel.recursion_misses(),
+        kernel.in_flight().unwrap_or(0),
         counters,
     );
     *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = accounting;
@@ -122,8 +122,8 @@ impl Agent {
             ports: cli.dest_ports.clone(),
             dests: cli.dests.clone(),
         };
-        let mut tracer = Tracer::load(&resolved, &policy, &limits, btf.as_ref().ok())?;
-        tracer.set_filters(&filters)?;
+        let mut kernel = KernelObject::load(&resolved, &policy, &limits, btf.as_ref().ok())?;
+        kernel.set_filters(&filters)?;
         let counters = Arc::new(AgentCounters::default());
         let otlp = match &cli.otlp_endpoint {
             Some(endpoint) => Some(OtlpSink::start(
@@ -149,18 +149,18 @@ impl Agent {
             )?),
             _ => None,
         };
-        let attempts = tracer.take_attempts()?;
-        let notes = tracer.take_process_notes()?;
+        let attempts = kernel.take_attempts()?;
+        let notes = kernel.take_process_notes()?;
         let stacks = if cli.no_stacks {
             None
         } else {
-            Some(tracer.take_stacks()?)
+            Some(kernel.take_stacks()?)
         };
         let sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let skipped = tracer.attach(&resolved, !cli.classic_tracepoints, btf.as_ref())?;
+        let unattached = kernel.attach(&resolved, !cli.classic_tracepoints, btf.as_ref())?;
         drop(btf);
-        for (hook, why) in &skipped {
+        for (hook, why) in &unattached {
             tracing::warn!("not attached: {hook} ({why}); spans will lack what it shows");
         }
         // aya's parse of the kernel's BTF is gone, the kernel's symbols come next (on the
@@ -194,7 +194,7 @@ impl Agent {
             "synspan ready: tracing TCP connect attempts"
         );
         Ok(Self {
-            tracer,
+            kernel,
             reader,
             finished,
             counters,
@@ -206,7 +206,7 @@ impl Agent {
     }
 
     fn report(&self) -> Accounting {
-        report(&self.tracer, &self.counters, &self.snapshot)
+        report(&self.kernel, &self.counters, &self.snapshot)
     }
 
     /// Reads finished attempts until a signal; returns the signal's name.
@@ -250,7 +250,7 @@ impl Agent {
     async fn shutdown(self, stopped_by: &str, cli: &Cli) -> anyhow::Result<()> {
         tracing::info!("{stopped_by}: stopping; a second signal exits at once");
         let Self {
-            mut tracer,
+            mut kernel,
             mut reader,
             finished,
             counters,
@@ -267,7 +267,7 @@ impl Agent {
             tracing::warn!("second signal: exiting without flushing");
             std::process::exit(130);
         });
-        tracer.detach();
+        kernel.detach();
         // The programs are gone: whatever is in the ring buffer now is all there will be.
         let deadline = tokio::time::Instant::now() + cli.shutdown_timeout;
         let mut late = tokio::time::timeout_at(deadline, reader.drain()).await.is_err();
@@ -306,10 +306,10 @@ impl Agent {
         }
         if late {
             // What is neither exported nor dropped by now never will be.
-            let unsettled = report(&tracer, &counters, &snapshot).pending();
+            let unsettled = report(&kernel, &counters, &snapshot).pending();
             AgentCounters::add(&counters.unflushed, unsettled);
         }
-        let accounting = report(&tracer, &counters, &snapshot);
+        let accounting = report(&kernel, &counters, &snapshot);
         tracing::info!("final: {accounting}");
         // The same counters for tools, on a line of their own outside the log format.
         eprintln!("{}", accounting.json_line());

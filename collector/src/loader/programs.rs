@@ -1,0 +1,144 @@
+//! Loading the programs into the kernel and attaching them to their hooks, then detaching
+//! them.
+
+use aya::{
+    Btf,
+    programs::{BtfTracePoint, Program, ProgramError, TracePoint},
+};
+use synspan_shared::names::program;
+
+use super::{KernelObject, LoadError};
+use crate::{btf::BtfError, kernel_layout::Resolved};
+
+/// Optional hooks that were not attached, each with why: spans lack what it shows.
+pub type Unattached = Vec<(&'static str, String)>;
+
+/// Classic tracepoint programs, each named after its tracepoint: (name, category). Each is
+/// optional: a kernel without one loses what it shows, not the attempts.
+pub(super) const CLASSIC: [(&str, &str); 5] = [
+    (program::TCP_RETRANSMIT_SKB, "tcp"),
+    (program::TCP_RECEIVE_RESET, "tcp"),
+    (program::TCP_SEND_RESET, "tcp"),
+    (program::SYS_ENTER_CONNECT, "syscalls"),
+    (program::SYS_EXIT_CONNECT, "syscalls"),
+];
+/// Where attempts start and end, as BTF tracepoints, and as classic ones for kernels without
+/// BTF (see `collector-ebpf/src/attempt.rs` for why the former are preferred).
+const ATTEMPT_HOOK: &str = "inet_sock_set_state";
+pub(super) const ATTEMPT_BTF: [&str; 2] = [program::ATTEMPT_START, program::ATTEMPT_END];
+pub(super) const ATTEMPT_CLASSIC: [&str; 2] = [program::ATTEMPT_START_CLASSIC, program::ATTEMPT_END_CLASSIC];
+/// A BTF tracepoint, named after its hook.
+pub(super) const ERROR_REPORT: &str = program::INET_SK_ERROR_REPORT;
+
+fn program_error(program: &'static str) -> impl Fn(ProgramError) -> LoadError {
+    move |source| LoadError::Program { program, source }
+}
+
+impl KernelObject {
+    /// Attaches every hook this kernel has. Returns the optional hooks it could not attach.
+    /// `prefer_btf`: attach the attempt programs as BTF tracepoints where the kernel can.
+    /// `btf`: aya's parse of the kernel's BTF, whose type ids the BTF tracepoints attach by.
+    pub fn attach(
+        &mut self,
+        resolved: &Resolved,
+        prefer_btf: bool,
+        btf: Result<&Btf, &BtfError>,
+    ) -> Result<Unattached, LoadError> {
+        let mut unattached = resolved.unavailable.clone();
+        let btf_attach = match &btf {
+            _ if !prefer_btf => Err("--classic-tracepoints".into()),
+            Ok(btf) if resolved.layout.tuple.known != 0 => ATTEMPT_BTF
+                .into_iter()
+                .try_for_each(|name| self.attach_btf(name, ATTEMPT_HOOK, btf))
+                .map_err(|err| err.to_string()),
+            Ok(_) => Err("struct sock's tuple members are not in the kernel's BTF".into()),
+            Err(err) => Err(format!("no kernel BTF: {err}")),
+        };
+        if let Err(why) = btf_attach {
+            tracing::warn!(
+                "attempts are traced with classic tracepoints ({why}): under load the kernel may \
+                 skip some of them, counted as kernel_skipped_runs"
+            );
+            for name in ATTEMPT_BTF {
+                self.unload(name);
+            }
+            for name in ATTEMPT_CLASSIC {
+                self.attach_tracepoint(name, "sock", ATTEMPT_HOOK)?;
+            }
+        }
+        for (name, category) in CLASSIC {
+            if unattached.iter().any(|(n, _)| *n == name) {
+                continue;
+            }
+            if let Err(err) = self.attach_tracepoint(name, category, name) {
+                unattached.push((name, err.to_string()));
+            }
+        }
+        if !unattached.iter().any(|(n, _)| *n == ERROR_REPORT) {
+            let attached = btf
+                .as_ref()
+                .map_err(|err| format!("no kernel BTF: {err}"))
+                .and_then(|btf| {
+                    self.attach_btf(ERROR_REPORT, ERROR_REPORT, btf)
+                        .map_err(|err| err.to_string())
+                });
+            if let Err(why) = attached {
+                unattached.push((ERROR_REPORT, why));
+            }
+        }
+        Ok(unattached)
+    }
+
+    fn attach_tracepoint(
+        &mut self,
+        name: &'static str,
+        category: &str,
+        tracepoint: &str,
+    ) -> Result<(), LoadError> {
+        let program: &mut TracePoint = self.program(name)?;
+        program
+            .load()
+            .and_then(|()| program.attach(category, tracepoint).map(drop))
+            .map_err(program_error(name))
+    }
+
+    fn attach_btf(&mut self, name: &'static str, function: &str, btf: &Btf) -> Result<(), LoadError> {
+        let program: &mut BtfTracePoint = self.program(name)?;
+        program
+            .load(function, btf)
+            .and_then(|()| program.attach().map(drop))
+            .map_err(program_error(name))
+    }
+
+    /// Program `name` of the object, as its kind.
+    fn program<'a, P>(&'a mut self, name: &'static str) -> Result<P, LoadError>
+    where
+        P: TryFrom<&'a mut Program, Error = ProgramError>,
+    {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(LoadError::NoProgram(name))?
+            .try_into()
+            .map_err(program_error(name))
+    }
+
+    fn unload(&mut self, name: &str) {
+        let result = match self.ebpf.program_mut(name) {
+            Some(Program::TracePoint(p)) => p.unload(),
+            Some(Program::BtfTracePoint(p)) => p.unload(),
+            _ => Ok(()),
+        };
+        if let Err(err) = result {
+            tracing::debug!("unloading {name}: {err}");
+        }
+    }
+
+    /// Detaches every program so that no new attempt is recorded. Maps stay readable.
+    pub fn detach(&mut self) {
+        self.recursion_misses_at_detach = Some(self.recursion_misses());
+        let names: Vec<String> = self.ebpf.programs().map(|(name, _)| name.to_string()).collect();
+        for name in names {
+            self.unload(&name);
+        }
+    }
+}
