@@ -26,11 +26,14 @@ Environment:
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT
                     OTLP gRPC endpoint when --otlp-endpoint is not given (in that order)
   OTEL_EXPORTER_OTLP_CERTIFICATE, OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE,
-  OTEL_EXPORTER_OTLP_CLIENT_KEY (and their _TRACES_ forms)
+  OTEL_EXPORTER_OTLP_CLIENT_KEY
                     TLS files when the --otlp-* flags are not given
   OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_COMPRESSION
-                    read by the OTLP exporter as the OpenTelemetry specification says;
-                    header values (API keys) are never logged
+                    sent with every request; header values (API keys) are never logged
+  OTEL_EXPORTER_OTLP_TIMEOUT
+                    milliseconds one export try may take (default 10000)
+  Each OTEL_EXPORTER_OTLP_* variable has _TRACES_ and _METRICS_ forms that replace it
+  for that signal (OTEL_EXPORTER_OTLP_METRICS_ENDPOINT: where self-metrics go).
   SYNSPAN_LOG       log filter for stderr (tracing's EnvFilter syntax), default `info`
 
 Examples:

@@ -4,7 +4,7 @@
 
 use std::{
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
@@ -21,7 +21,7 @@ use prost::Message as _;
 use tokio::{sync::oneshot, task::JoinHandle, time::Instant};
 
 use crate::{
-    otlp::{Client, retry::with_retry},
+    otlp::{Client, retry::with_retry, unix_nanos},
     span::{key, scope},
     stats::Accounting,
 };
@@ -131,11 +131,6 @@ struct Readings {
     resource: Resource,
     scope: InstrumentationScope,
     start_time_unix_nano: u64,
-}
-
-fn unix_nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 fn string_attribute(key: &str, value: &str) -> KeyValue {

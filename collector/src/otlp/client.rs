@@ -13,8 +13,8 @@ use tonic::{
 use super::{Destination, OtlpError, TlsMaterial, redacted};
 
 /// The service method each signal's requests go to.
-pub const TRACES_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
-pub const METRICS_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
+pub(crate) const TRACES_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+pub(crate) const METRICS_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
 
 /// One signal's client. Clones share the connection.
 #[derive(Clone)]

@@ -35,6 +35,12 @@ pub enum OtlpError {
     },
 }
 
+/// An OTLP timestamp: nanoseconds since the Unix epoch, 0 for a time before it.
+pub(crate) fn unix_nanos(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 /// Where one signal goes: its settings and the TLS material its files hold.
 #[derive(Clone, Debug)]
 pub struct Destination {

@@ -17,14 +17,14 @@ use tonic_types::StatusExt as _;
 
 /// What to do after a failed try.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Drop the data: trying again cannot help.
     Fail,
     /// Try again, after the collector's delay if it named one, else after the backoff.
     Retry(Option<Duration>),
 }
 
-pub fn classify(status: &Status) -> Verdict {
+pub(crate) fn classify(status: &Status) -> Verdict {
     let retry_info = status.get_details_retry_info();
     let delay = retry_info
         .as_ref()
@@ -50,7 +50,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Exponential backoff, 100 ms doubling to 5 s, each wait drawn from the upper half of its
 /// step: never less than half the step (a collector that is down is not hammered), and
 /// spread enough that simultaneous failures retry apart.
-pub struct Backoff {
+pub(crate) struct Backoff {
     step: Duration,
 }
 
@@ -61,7 +61,7 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let step = self.step;
         self.step = (step * 2).min(BACKOFF_MAX);
         let half = step / 2;
@@ -71,7 +71,7 @@ impl Backoff {
 
 /// Runs `try_once` until it succeeds, fails for good, or the next try would start after
 /// `deadline`; the last try is cut off at the deadline too. Returns the last failure.
-pub async fn with_retry<T, F, Fut>(deadline: Instant, mut try_once: F) -> Result<T, Status>
+pub(crate) async fn with_retry<T, F, Fut>(deadline: Instant, mut try_once: F) -> Result<T, Status>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Status>>,

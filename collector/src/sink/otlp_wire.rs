@@ -8,8 +8,6 @@
 //! and its imports; the tests decode the output with the generated types and compare it
 //! with the SDK's own conversion.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use opentelemetry::{
     Array, InstrumentationScope, KeyValue, Value,
     trace::{Status, TraceFlags},
@@ -17,7 +15,10 @@ use opentelemetry::{
 use opentelemetry_sdk::Resource;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
-use crate::span::{ConnectSpan, SPAN_NAME};
+use crate::{
+    otlp::unix_nanos,
+    span::{ConnectSpan, SPAN_NAME},
+};
 
 /// `Span.SpanKind.SPAN_KIND_CLIENT`.
 const SPAN_KIND_CLIENT: u64 = 3;
@@ -139,11 +140,6 @@ impl TraceRequest {
         self.spans.clear();
         self.count = 0;
     }
-}
-
-fn unix_nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Bytes a length-delimited field of `len` bytes takes, key and length included.
