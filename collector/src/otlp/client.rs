@@ -101,7 +101,7 @@ impl Client {
     }
 
     /// One try of an encoded request; `R` is the service's response. A try that outlasts the
-    /// signal's timeout fails with `DEADLINE_EXCEEDED`, which is retried.
+    /// signal's timeout, connecting included, fails with `DEADLINE_EXCEEDED`, which is retried.
     pub async fn export<R>(&mut self, request: Bytes) -> Result<R, Status>
     where
         R: prost::Message + Default + Send + 'static,
@@ -116,8 +116,6 @@ impl Client {
                 .map_err(|err| Status::unavailable(format!("collector not reachable: {err}")))?;
             let mut request = tonic::Request::new(request);
             *request.metadata_mut() = headers;
-            // The collector learns the deadline too (`grpc-timeout`) and can give up with us.
-            request.set_timeout(timeout);
             let response = grpc
                 .unary(
                     request,
@@ -173,5 +171,187 @@ impl<R: prost::Message + Default + Send + 'static> Decoder for ResponseDecoder<R
         R::decode(src)
             .map(Some)
             .map_err(|err| Status::internal(format!("undecodable export response: {err}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashMap,
+        net::SocketAddr,
+        sync::{
+            Arc, Mutex,
+            atomic::{AtomicUsize, Ordering},
+        },
+    };
+
+    use opentelemetry_proto::tonic::collector::{
+        metrics::v1::ExportMetricsServiceResponse,
+        trace::v1::{
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+            trace_service_server::{TraceService, TraceServiceServer},
+        },
+    };
+    use tokio::time::Instant;
+    use tokio_stream::StreamExt as _;
+    use tonic::Code;
+    use tonic_types::{ErrorDetails, StatusExt as _};
+
+    use super::*;
+    use crate::otlp::{retry::with_retry, settings};
+
+    /// What the collector saw of each request.
+    #[derive(Debug)]
+    struct Seen {
+        api_key: Option<String>,
+        encoding: Option<String>,
+    }
+
+    /// A trace collector that refuses the first request with `RESOURCE_EXHAUSTED` and a
+    /// `RetryInfo`, and takes the ones after it; or answers nothing for `stall`.
+    struct Collector {
+        seen: Mutex<Vec<Seen>>,
+        throttle: Option<Duration>,
+        stall: Option<Duration>,
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, Status> {
+            let header = |name: &str| {
+                request
+                    .metadata()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(String::from)
+            };
+            let first = {
+                let mut seen = self.seen.lock().unwrap();
+                seen.push(Seen {
+                    api_key: header("api-key"),
+                    encoding: header("grpc-encoding"),
+                });
+                seen.len() == 1
+            };
+            if let Some(stall) = self.stall {
+                tokio::time::sleep(stall).await;
+            }
+            match self.throttle {
+                Some(delay) if first => Err(Status::with_error_details(
+                    Code::ResourceExhausted,
+                    "slow down",
+                    ErrorDetails::with_retry_info(Some(delay)),
+                )),
+                _ => Ok(tonic::Response::new(ExportTraceServiceResponse::default())),
+            }
+        }
+    }
+
+    /// Serves `collector` on a free port of 127.0.0.1; counts the connections it accepts.
+    async fn serve(collector: Arc<Collector>) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(move |conn| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            conn
+        });
+        let service = TraceServiceServer::from_arc(collector)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+        tokio::spawn(tonic::transport::Server::builder().serve_with_incoming(service, incoming));
+        (addr, connections)
+    }
+
+    fn clients(vars: &[(&str, String)]) -> Clients {
+        let vars: HashMap<&str, String> = vars.iter().cloned().collect();
+        let signals = settings::resolve(&settings::Flags::default(), &|var| vars.get(var).cloned())
+            .unwrap()
+            .unwrap();
+        let destination = |settings| Destination {
+            settings,
+            tls: TlsMaterial::default(),
+        };
+        Clients::new(&destination(signals.traces), &destination(signals.metrics)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_connection_for_both_signals_with_their_settings() {
+        let collector = Arc::new(Collector {
+            seen: Mutex::default(),
+            throttle: Some(Duration::from_millis(300)),
+            stall: None,
+        });
+        let (addr, connections) = serve(collector.clone()).await;
+        let mut clients = clients(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=k1".into()),
+            ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip".into()),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "4000".into()),
+        ]);
+
+        let started = Instant::now();
+        let traces = clients.traces.clone();
+        let response = with_retry(started + Duration::from_secs(20), || {
+            let mut client = traces.clone();
+            async move { client.export::<ExportTraceServiceResponse>(Bytes::new()).await }
+        })
+        .await;
+        assert!(response.is_ok(), "{response:?}");
+        // Throttled once: the collector's delay was waited, not the 100 ms backoff step.
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            started.elapsed()
+        );
+
+        // The collector serves no metrics: UNIMPLEMENTED, which is not retried.
+        let status = clients
+            .metrics
+            .export::<ExportMetricsServiceResponse>(Bytes::new())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+
+        assert_eq!(
+            connections.load(Ordering::Relaxed),
+            1,
+            "one channel for both signals"
+        );
+        let seen = collector.seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        for request in seen.iter() {
+            assert_eq!(request.api_key.as_deref(), Some("k1"));
+            assert_eq!(request.encoding.as_deref(), Some("gzip"));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_try_ends_at_the_signal_timeout() {
+        let collector = Arc::new(Collector {
+            seen: Mutex::default(),
+            throttle: None,
+            stall: Some(Duration::from_secs(30)),
+        });
+        let (addr, _) = serve(collector).await;
+        let mut clients = clients(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")),
+            ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "200".into()),
+        ]);
+        let started = Instant::now();
+        let status = clients
+            .traces
+            .export::<ExportTraceServiceResponse>(Bytes::new())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }
