@@ -19,6 +19,7 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message as _;
 use tokio::{sync::oneshot, task::JoinHandle, time::Instant};
+use tonic::Status;
 
 use crate::{
     otlp::{Client, retry::with_retry, unix_nanos},
@@ -53,9 +54,9 @@ fn drops(a: &Accounting) -> [(&'static str, u64); 9] {
 impl SelfMetrics {
     /// Sends a reading every `interval`, the first one an interval from now.
     pub fn start(client: Client, host_name: &str, interval: Duration, snapshot: Snapshot) -> Self {
-        let metrics = Readings::new(host_name);
+        let requests = MetricsRequests::new(host_name);
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(export_loop(client, metrics, interval, snapshot, stopped));
+        let task = tokio::spawn(export_loop(client, requests, interval, snapshot, stopped));
         Self { task, stop }
     }
 
@@ -74,8 +75,8 @@ impl SelfMetrics {
 }
 
 async fn export_loop(
-    mut client: Client,
-    metrics: Readings,
+    client: Client,
+    requests: MetricsRequests,
     interval: Duration,
     snapshot: Snapshot,
     mut stopped: oneshot::Receiver<Instant>,
@@ -83,51 +84,65 @@ async fn export_loop(
     let read = || *snapshot.lock().unwrap_or_else(|e| e.into_inner());
     let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        // A reading is cumulative: one that cannot be sent before the next is due is
-        // superseded by it, so its retries end there.
-        let deadline = tokio::select! {
-            _ = tick.tick() => Instant::now() + interval,
-            last = &mut stopped => match last {
-                Ok(deadline) => {
-                    send(&mut client, metrics.request(&read()), deadline).await;
-                    return;
+    let mut failing = false;
+    // A reading is cumulative: one that cannot be sent before the next is due is superseded
+    // by it, so its retries end there. A stop cuts them short: the last reading goes out
+    // instead.
+    let stop = loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let deadline = Instant::now() + interval;
+                tokio::select! {
+                    result = send(client.clone(), requests.request(&read()), deadline) => {
+                        failing = report(result, failing);
+                    }
+                    stop = &mut stopped => break stop,
                 }
-                Err(_) => return,
-            },
-        };
-        send(&mut client, metrics.request(&read()), deadline).await;
+            }
+            stop = &mut stopped => break stop,
+        }
+    };
+    // An error: `SelfMetrics` went away without asking for a last reading.
+    if let Ok(deadline) = stop {
+        report(send(client, requests.request(&read()), deadline).await, failing);
     }
 }
 
-async fn send(client: &mut Client, request: Bytes, deadline: Instant) {
-    let result = with_retry(deadline, || {
-        let mut client = client.clone();
-        let request = request.clone();
-        async move { client.export::<ExportMetricsServiceResponse>(request).await }
-    })
-    .await;
-    match result {
-        Ok(response) => {
-            if let Some(p) = response.partial_success.filter(|p| p.rejected_data_points > 0) {
-                tracing::debug!(
-                    rejected = p.rejected_data_points,
-                    "the collector rejected part of the self-metrics: {}",
-                    p.error_message
-                );
-            }
-        }
-        Err(status) => tracing::debug!(
+/// Spans report their own export failures; these only when they start and end, so that a
+/// wrong metrics endpoint is seen without a line per interval. Returns whether it failed.
+fn report(result: Result<(), Status>, failing: bool) -> bool {
+    match &result {
+        Ok(()) if failing => tracing::info!("self-metrics export works again"),
+        Err(status) if !failing => tracing::warn!(
             "self-metrics export failed: {}: {}",
             status.code(),
             status.message()
         ),
+        _ => {}
     }
+    result.is_err()
+}
+
+async fn send(client: Client, request: Bytes, deadline: Instant) -> Result<(), Status> {
+    let response = with_retry(deadline, || {
+        let mut client = client.clone();
+        let request = request.clone();
+        async move { client.export::<ExportMetricsServiceResponse>(request).await }
+    })
+    .await?;
+    if let Some(p) = response.partial_success.filter(|p| p.rejected_data_points > 0) {
+        tracing::warn!(
+            rejected = p.rejected_data_points,
+            "the collector rejected part of the self-metrics: {}",
+            p.error_message
+        );
+    }
+    Ok(())
 }
 
 /// Builds `ExportMetricsServiceRequest`s: synspan's resource and scope, and one metric per
 /// counter, every data point counted from when synspan started.
-struct Readings {
+struct MetricsRequests {
     resource: Resource,
     scope: InstrumentationScope,
     start_time_unix_nano: u64,
@@ -143,7 +158,7 @@ fn string_attribute(key: &str, value: &str) -> KeyValue {
     }
 }
 
-impl Readings {
+impl MetricsRequests {
     fn new(host_name: &str) -> Self {
         let scope = scope();
         Self {
@@ -240,7 +255,8 @@ mod tests {
             export_failed: 1,
             ..Default::default()
         };
-        let request = ExportMetricsServiceRequest::decode(Readings::new("node-7").request(&a)).unwrap();
+        let request =
+            ExportMetricsServiceRequest::decode(MetricsRequests::new("node-7").request(&a)).unwrap();
         let resource = &request.resource_metrics[0];
         let attrs = &resource.resource.as_ref().unwrap().attributes;
         assert_eq!(attrs[0], string_attribute("service.name", "synspan"));
