@@ -5,7 +5,7 @@ use std::{num::NonZeroU32, path::PathBuf, time::Duration};
 use clap::{Parser, ValueEnum, error::ErrorKind};
 use synspan_shared::{Policy, filter};
 
-use crate::sink::tls::{TlsError, TlsMaterial, from_flag_or_env};
+use crate::otlp::{self, Export, parse_endpoint};
 
 const ABOUT: &str = "Every TCP connect attempt on this host as an OpenTelemetry span.";
 
@@ -26,11 +26,14 @@ Environment:
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT
                     OTLP gRPC endpoint when --otlp-endpoint is not given (in that order)
   OTEL_EXPORTER_OTLP_CERTIFICATE, OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE,
-  OTEL_EXPORTER_OTLP_CLIENT_KEY (and their _TRACES_ forms)
+  OTEL_EXPORTER_OTLP_CLIENT_KEY
                     TLS files when the --otlp-* flags are not given
   OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_COMPRESSION
-                    read by the OTLP exporter as the OpenTelemetry specification says;
-                    header values (API keys) are never logged
+                    sent with every request; header values (API keys) are never logged
+  OTEL_EXPORTER_OTLP_TIMEOUT
+                    milliseconds one export try may take (default 10000)
+  Each OTEL_EXPORTER_OTLP_* variable has _TRACES_ and _METRICS_ forms that replace it
+  for that signal (OTEL_EXPORTER_OTLP_METRICS_ENDPOINT: where self-metrics go).
   SYNSPAN_LOG       log filter for stderr (tracing's EnvFilter syntax), default `info`
 
 Examples:
@@ -74,9 +77,10 @@ pub struct Cli {
     #[arg(long, value_name = "FILE", requires = "otlp_client_cert")]
     pub otlp_client_key: Option<PathBuf>,
 
-    /// TLS material resolved from the three flags above and the environment.
+    /// Where spans and self-metrics go, resolved from the flags above and the environment;
+    /// `None` when nothing is exported.
     #[arg(skip)]
-    pub tls: TlsMaterial,
+    pub otlp: Option<Export>,
 
     /// Keep every failure plus successes that needed a SYN retransmit or took longer than
     /// --slow-threshold (default 1s); drop other successes in the kernel. The production
@@ -207,31 +211,6 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
     }
 }
 
-/// An OTLP gRPC endpoint: `http://` or `https://`, a host, an optional port, no path.
-pub fn parse_endpoint(s: &str) -> Result<http::Uri, String> {
-    let hint = "expected a URL such as http://127.0.0.1:4317";
-    let uri: http::Uri = s.parse().map_err(|e| format!("{e}; {hint}"))?;
-    match uri.scheme_str() {
-        Some("http" | "https") => {}
-        Some(other) => return Err(format!("unsupported scheme `{other}`; {hint}")),
-        None => return Err(format!("no scheme; {hint}")),
-    }
-    if uri.host().is_none_or(str::is_empty) {
-        return Err(format!("no host; {hint}"));
-    }
-    if !matches!(uri.path(), "" | "/") {
-        return Err(format!("OTLP gRPC takes no path (got `{}`); {hint}", uri.path()));
-    }
-    Ok(uri)
-}
-
-/// An endpoint fit for logs: user information (a password) is cut out.
-pub fn redacted(uri: &http::Uri) -> String {
-    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-    let host = authority.rsplit('@').next().unwrap_or_default();
-    format!("{}://{host}", uri.scheme_str().unwrap_or("http"))
-}
-
 impl Cli {
     /// Parses the command line and checks what clap cannot: the `OTEL_*` endpoints and the
     /// TLS files. Exits with status 2 and a message on bad input, as clap does for flags.
@@ -245,70 +224,19 @@ impl Cli {
     }
 
     fn resolve_env(&mut self) -> Result<(), String> {
-        self.resolve_endpoint()?;
-        if self.otlp_endpoint.is_some() {
-            crate::sink::otlp::check_environment().map_err(|e| e.to_string())?;
-        }
-        if self.output == Output::None && self.otlp_endpoint.is_none() {
+        let flags = otlp::Flags {
+            endpoint: self.otlp_endpoint.as_ref(),
+            ca_file: self.otlp_ca_file.as_deref(),
+            client_cert: self.otlp_client_cert.as_deref(),
+            client_key: self.otlp_client_key.as_deref(),
+        };
+        self.otlp = Export::from_env(&flags).map_err(|e| e.to_string())?;
+        if self.output == Output::None && self.otlp.is_none() {
             return Err(
                 "--output none without an OTLP endpoint would send every attempt nowhere: \
                         give --otlp-endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT), or another --output"
                     .into(),
             );
-        }
-        let ca = from_flag_or_env(
-            self.otlp_ca_file.as_deref(),
-            "--otlp-ca-file",
-            &[
-                "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
-                "OTEL_EXPORTER_OTLP_CERTIFICATE",
-            ],
-        );
-        let cert = from_flag_or_env(
-            self.otlp_client_cert.as_deref(),
-            "--otlp-client-cert",
-            &[
-                "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
-                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
-            ],
-        );
-        let key = from_flag_or_env(
-            self.otlp_client_key.as_deref(),
-            "--otlp-client-key",
-            &[
-                "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
-                "OTEL_EXPORTER_OTLP_CLIENT_KEY",
-            ],
-        );
-        self.tls = TlsMaterial::load(ca.as_ref(), cert.as_ref(), key.as_ref()).map_err(|e| e.to_string())?;
-        if !self.tls.is_empty()
-            && let Some(endpoint) = &self.otlp_endpoint
-            && endpoint.scheme_str() != Some("https")
-        {
-            return Err(TlsError::NotHttps(redacted(endpoint)).to_string());
-        }
-        Ok(())
-    }
-
-    fn resolve_endpoint(&mut self) -> Result<(), String> {
-        let cli = self;
-        if cli.otlp_endpoint.is_none() {
-            for var in [
-                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-                "OTEL_EXPORTER_OTLP_ENDPOINT",
-            ] {
-                let Ok(value) = std::env::var(var) else { continue };
-                if value.is_empty() {
-                    continue;
-                }
-                match parse_endpoint(&value) {
-                    Ok(uri) => {
-                        cli.otlp_endpoint = Some(uri);
-                        break;
-                    }
-                    Err(e) => return Err(format!("invalid {var}: {e}")),
-                }
-            }
         }
         Ok(())
     }
@@ -418,29 +346,9 @@ mod tests {
     }
 
     #[test]
-    fn endpoints() {
-        assert!(parse_endpoint("http://127.0.0.1:4317").is_ok());
-        assert!(parse_endpoint("https://collector.example:4317/").is_ok());
-        assert!(parse_endpoint("127.0.0.1:4317").unwrap_err().contains("http://"));
-        assert!(
-            parse_endpoint("ftp://x:1")
-                .unwrap_err()
-                .contains("unsupported scheme")
-        );
-        assert!(
-            parse_endpoint("http://x:4317/v1/traces")
-                .unwrap_err()
-                .contains("no path")
-        );
-        assert!(parse_endpoint("http://:4317").is_err());
+    fn bad_endpoint_exits_2() {
         let err = cli(&["--otlp-endpoint", "localhost"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
-    }
-
-    #[test]
-    fn endpoint_logs_without_password() {
-        let uri = parse_endpoint("https://user:secret@collector:4317").unwrap();
-        assert_eq!(redacted(&uri), "https://collector:4317");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Data flow: kernel tracepoints → in-flight map → one ring-buffer record per finished
 //! attempt ([`loader`]) → [`attempt::Attempt`] ([`clock`], [`outcome`]) → span
-//! ([`span`]) → sinks ([`sink`]), with every attempt accounted for ([`stats`]).
+//! ([`span`]) → sinks ([`sink`]; OTLP through [`otlp`]), with every attempt accounted for
+//! ([`stats`]).
 
 pub mod agent;
 pub mod attempt;
@@ -14,6 +15,7 @@ pub mod evidence;
 pub mod kernel_layout;
 pub mod loader;
 pub mod nat;
+pub mod otlp;
 pub mod outcome;
 pub mod port_usage;
 pub mod privilege;

@@ -82,8 +82,8 @@ pub mod key {
 }
 
 /// A finished attempt, ready for every sink: what its span is made of, not the span itself.
-/// Attempts wait in the export queue by the thousand; each becomes a [`SpanData`], several
-/// times its size, only in the batch that sends it.
+/// Attempts wait in the export queue by the thousand; the OTLP sink encodes each straight
+/// from here, in the batch that sends it.
 #[derive(Clone, Debug)]
 pub struct ConnectSpan {
     pub attempt: Attempt,
@@ -103,10 +103,18 @@ static SCOPE: LazyLock<InstrumentationScope> = LazyLock::new(|| {
         .build()
 });
 
+/// synspan, with its version: the instrumentation scope of its spans and metrics.
+pub fn scope() -> &'static InstrumentationScope {
+    &SCOPE
+}
+
 impl ConnectSpan {
-    /// The span as OpenTelemetry has it.
+    /// The span as OpenTelemetry has it, for the JSON line: the same parts the OTLP encoder
+    /// takes one by one.
     pub fn span_data(&self) -> SpanData {
         let a = &self.attempt;
+        let mut events = SpanEvents::default();
+        events.events = self.events();
         SpanData {
             span_context: SpanContext::new(
                 self.trace_id,
@@ -121,13 +129,25 @@ impl ConnectSpan {
             name: Cow::Borrowed(SPAN_NAME),
             start_time: a.start,
             end_time: a.end,
-            attributes: attributes(a, &self.identity, &self.evidence),
+            attributes: self.attributes(),
             dropped_attributes_count: 0,
-            events: span_events(a),
+            events,
             links: SpanLinks::default(),
-            status: status(a),
+            status: self.status(),
             instrumentation_scope: SCOPE.clone(),
         }
+    }
+
+    pub fn attributes(&self) -> Vec<KeyValue> {
+        attributes(&self.attempt, &self.identity, &self.evidence)
+    }
+
+    pub fn events(&self) -> Vec<opentelemetry::trace::Event> {
+        events(&self.attempt)
+    }
+
+    pub fn status(&self) -> Status {
+        status(&self.attempt)
     }
 }
 
@@ -337,12 +357,6 @@ fn events(a: &Attempt) -> Vec<opentelemetry::trace::Event> {
             opentelemetry::trace::Event::new(e.kind.name(), e.time, attrs, 0)
         })
         .collect()
-}
-
-fn span_events(a: &Attempt) -> SpanEvents {
-    let mut span_events = SpanEvents::default();
-    span_events.events = events(a);
-    span_events
 }
 
 fn status(a: &Attempt) -> Status {

@@ -125,28 +125,26 @@ impl Agent {
         let mut kernel = KernelObject::load(&resolved, &policy, &limits, btf.as_ref().ok())?;
         kernel.set_filters(&filters)?;
         let counters = Arc::new(AgentCounters::default());
-        let otlp = match &cli.otlp_endpoint {
-            Some(endpoint) => Some(OtlpSink::start(
+        let clients = cli.otlp.as_ref().map(|export| export.connect()).transpose()?;
+        let otlp = clients.as_ref().map(|clients| {
+            OtlpSink::start(
                 OtlpSettings {
-                    endpoint: endpoint.clone(),
-                    tls: cli.tls.clone(),
+                    client: clients.traces.clone(),
                     queue_size: cli.export_queue_size.get() as usize,
                     batch_size: cli.export_batch_size as usize,
                     retry_timeout: cli.export_retry_timeout,
                 },
                 counters.clone(),
-            )?),
-            None => None,
-        };
+            )
+        });
         let snapshot: Snapshot = Default::default();
-        let self_metrics = match &cli.otlp_endpoint {
-            Some(endpoint) if !cli.metrics_interval.is_zero() => Some(SelfMetrics::start(
-                endpoint,
-                &cli.tls,
+        let self_metrics = match &clients {
+            Some(clients) if !cli.metrics_interval.is_zero() => Some(SelfMetrics::start(
+                clients.metrics.clone(),
                 &host_name(),
                 cli.metrics_interval,
                 snapshot.clone(),
-            )?),
+            )),
             _ => None,
         };
         let attempts = kernel.take_attempts()?;
@@ -190,7 +188,10 @@ impl Agent {
         }
         tracing::info!(
             output = ?cli.output,
-            otlp = cli.otlp_endpoint.as_ref().map(crate::config::redacted),
+            otlp = cli
+                .otlp
+                .as_ref()
+                .map(|export| crate::otlp::redacted(&export.traces.settings.endpoint)),
             "synspan ready: tracing TCP connect attempts"
         );
         Ok(Self {
@@ -314,11 +315,7 @@ impl Agent {
         // The same counters for tools, on a line of their own outside the log format.
         eprintln!("{}", accounting.json_line());
         if let Some(metrics) = self_metrics {
-            // The last reading goes out with the flush; the SDK blocks, so not on the runtime.
-            let flush = tokio::task::spawn_blocking(move || metrics.shutdown());
-            if tokio::time::timeout(cli.shutdown_timeout, flush).await.is_err() {
-                tracing::warn!("self-metrics were not flushed within the shutdown timeout");
-            }
+            metrics.shutdown(cli.shutdown_timeout).await;
         }
         Ok(())
     }

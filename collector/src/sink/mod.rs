@@ -5,7 +5,6 @@ pub mod console;
 pub mod json;
 pub mod otlp;
 pub mod otlp_wire;
-pub mod tls;
 
 use std::{
     io::{self, BufWriter, Stdout, Write},

@@ -1,9 +1,9 @@
-//! OTLP gRPC export with a bounded queue, batching, and retry with backoff.
+//! Spans to OTLP gRPC, with a bounded queue, batching, and retry with backoff.
 //!
 //! The reader never waits for the collector: it hands spans to a bounded queue and moves on.
 //! When the queue is full the span is dropped and counted. One export task drains the queue
 //! in batches, keeps up to `MAX_IN_FLIGHT_REQUESTS` requests going, and retries a failed one
-//! with exponential backoff until `--export-retry-timeout`, then drops it and counts it. Once
+//! as [`crate::otlp::retry`] says until `--export-retry-timeout`, then drops it and counts it. Once
 //! that many requests are retrying, new spans wait in the queue, so a collector outage
 //! shorter than the queue's worth of attempts loses nothing.
 
@@ -15,38 +15,17 @@ use std::{
 use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use tokio::{sync::mpsc, task::JoinHandle};
-use tonic::{
-    Code, Status,
-    codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder},
-    metadata::{MetadataKey, MetadataMap, MetadataValue},
-    transport::Channel,
-};
 
 use crate::{
-    config::redacted,
-    enrich::process::percent_decode,
-    sink::{otlp_wire::TraceRequest, tls::TlsMaterial},
-    span::ConnectSpan,
+    otlp::{Client, retry::with_retry},
+    sink::otlp_wire::TraceRequest,
+    span::{ConnectSpan, scope},
     stats::AgentCounters,
 };
 
-#[derive(Debug, thiserror::Error)]
-pub enum OtlpError {
-    #[error("OTLP endpoint {endpoint}: {source}")]
-    Endpoint {
-        endpoint: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
-    #[error("{var}: {problem}; expected `key1=value1,key2=value2` (values percent-encoded)")]
-    Headers { var: &'static str, problem: String },
-    #[error("{var}={value}: unknown compression; use gzip or none")]
-    Compression { var: &'static str, value: String },
-}
-
 pub struct OtlpSettings {
-    pub endpoint: http::Uri,
-    pub tls: TlsMaterial,
+    /// The traces client: its endpoint, TLS, headers, compression and per-try timeout.
+    pub client: Client,
     pub queue_size: usize,
     pub batch_size: usize,
     pub retry_timeout: Duration,
@@ -54,11 +33,6 @@ pub struct OtlpSettings {
 
 /// How long the export task waits for a batch to fill before it sends what it has.
 const BATCH_DELAY: Duration = Duration::from_millis(200);
-/// One try of one request, as OTEL_EXPORTER_OTLP_TIMEOUT defaults; the retries go on until
-/// `--export-retry-timeout`.
-const TRY_TIMEOUT: Duration = Duration::from_secs(10);
-const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// An export still running after this is being retried: say so once.
 const SLOW_EXPORT: Duration = Duration::from_secs(1);
 /// At most one "queue full" warning this often.
@@ -72,18 +46,16 @@ pub struct OtlpSink {
 }
 
 impl OtlpSink {
-    /// Sets up the connection and starts the export task. Connects lazily: a collector that
-    /// is down at start-up is retried like any other outage.
-    pub fn start(settings: OtlpSettings, counters: Arc<AgentCounters>) -> Result<Self, OtlpError> {
-        let client = TraceClient::new(&settings)?;
+    /// Starts the export task.
+    pub fn start(settings: OtlpSettings, counters: Arc<AgentCounters>) -> Self {
         let (queue, rx) = mpsc::channel(settings.queue_size);
-        let task = tokio::spawn(export_loop(client, rx, settings, counters.clone()));
-        Ok(Self {
+        let task = tokio::spawn(export_loop(rx, settings, counters.clone()));
+        Self {
             queue,
             task,
             counters,
             last_full_warning: None,
-        })
+        }
     }
 
     /// Queues spans for export without ever waiting.
@@ -146,26 +118,6 @@ impl OtlpSink {
     }
 }
 
-/// The TLS side of an OTLP connection to `endpoint`, shared by spans and self-metrics.
-pub(crate) fn tls_config(endpoint: &http::Uri, material: &TlsMaterial) -> tonic::transport::ClientTlsConfig {
-    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    // A CA given on purpose is the only one trusted; otherwise the system's roots are.
-    let mut tls = match &material.ca {
-        Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
-        None => ClientTlsConfig::new().with_enabled_roots(),
-    };
-    // gRPC is HTTP/2 whatever ALPN says; TLS terminators that do not negotiate ALPN (stunnel,
-    // some load balancers) would otherwise be refused.
-    tls = tls.assume_http2(true);
-    if let Some((cert, key)) = &material.identity {
-        tls = tls.identity(Identity::from_pem(cert, key));
-    }
-    if let Some(host) = endpoint.host() {
-        tls = tls.domain_name(host.trim_matches(['[', ']']));
-    }
-    tls
-}
-
 /// Spans handed to the export task that it has neither exported nor dropped.
 fn unsettled(counters: &AgentCounters) -> u64 {
     use std::sync::atomic::Ordering::Relaxed;
@@ -173,193 +125,11 @@ fn unsettled(counters: &AgentCounters) -> u64 {
     submitted.saturating_sub(counters.exported.load(Relaxed) + counters.export_failed.load(Relaxed))
 }
 
-/// `OTEL_EXPORTER_OTLP_TRACES_<name>`, else `OTEL_EXPORTER_OTLP_<name>`, as the
-/// specification orders them; with the variable's name for messages.
-fn otlp_env(traces: &'static str, generic: &'static str) -> Option<(&'static str, String)> {
-    [traces, generic]
-        .into_iter()
-        .find_map(|var| std::env::var(var).ok().map(|v| (var, v)))
-}
-
-/// Checks the OTLP settings that come from the environment (headers, compression), so that
-/// a mistake there stops synspan before it loads anything.
-pub fn check_environment() -> Result<(), OtlpError> {
-    headers_from_env()?;
-    compression_from_env()?;
-    Ok(())
-}
-
-/// Headers for every export request (API keys, tenants), from the environment. Their values
-/// are never logged.
-fn headers_from_env() -> Result<MetadataMap, OtlpError> {
-    let mut map = MetadataMap::new();
-    // Generic first, so that the traces-specific ones win.
-    for var in ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"] {
-        if let Ok(text) = std::env::var(var) {
-            parse_headers(var, &text, &mut map)?;
-        }
-    }
-    Ok(map)
-}
-
-fn parse_headers(var: &'static str, text: &str, map: &mut MetadataMap) -> Result<(), OtlpError> {
-    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let problem = |what: String| OtlpError::Headers { var, problem: what };
-        let (key, value) = pair
-            .split_once('=')
-            .ok_or_else(|| problem("an entry has no `=`".into()))?;
-        let key = key.trim().to_ascii_lowercase();
-        let key = MetadataKey::from_bytes(key.as_bytes())
-            .map_err(|_| problem(format!("`{key}` is not a valid header name")))?;
-        let value = percent_decode(value.trim())
-            .and_then(|v| MetadataValue::try_from(v.as_str()).ok())
-            .ok_or_else(|| problem(format!("the value of `{key}` is not a valid header value")))?;
-        map.insert(key, value);
-    }
-    Ok(())
-}
-
-fn compression_from_env() -> Result<Option<CompressionEncoding>, OtlpError> {
-    match otlp_env(
-        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
-        "OTEL_EXPORTER_OTLP_COMPRESSION",
-    ) {
-        None => Ok(None),
-        Some((_, v)) if v.is_empty() || v.eq_ignore_ascii_case("none") => Ok(None),
-        Some((_, v)) if v.eq_ignore_ascii_case("gzip") => Ok(Some(CompressionEncoding::Gzip)),
-        Some((var, value)) => Err(OtlpError::Compression { var, value }),
-    }
-}
-
-/// Sends requests that are already encoded.
-#[derive(Clone, Default)]
-struct EncodedCodec;
-
-struct EncodedEncoder;
-struct ResponseDecoder;
-
-impl Codec for EncodedCodec {
-    type Encode = Bytes;
-    type Decode = ExportTraceServiceResponse;
-    type Encoder = EncodedEncoder;
-    type Decoder = ResponseDecoder;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        EncodedEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        ResponseDecoder
-    }
-}
-
-impl Encoder for EncodedEncoder {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        bytes::BufMut::put_slice(dst, &item);
-        Ok(())
-    }
-}
-
-impl Decoder for ResponseDecoder {
-    type Item = ExportTraceServiceResponse;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
-        prost::Message::decode(src)
-            .map(Some)
-            .map_err(|err| Status::internal(format!("undecodable export response: {err}")))
-    }
-}
-
-const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
-
-/// The trace service of one collector. Clones share the connection.
-#[derive(Clone)]
-struct TraceClient {
-    grpc: tonic::client::Grpc<Channel>,
-    headers: MetadataMap,
-}
-
-impl TraceClient {
-    fn new(settings: &OtlpSettings) -> Result<Self, OtlpError> {
-        let endpoint_error = |source| OtlpError::Endpoint {
-            endpoint: redacted(&settings.endpoint),
-            source,
-        };
-        // A collector that vanished without closing the connection (a node gone, a dropped
-        // route) must not hold a request until the retry timeout: keepalives notice.
-        let mut endpoint = Channel::builder(settings.endpoint.clone())
-            .connect_timeout(TRY_TIMEOUT)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
-        if settings.endpoint.scheme_str() == Some("https") {
-            endpoint = endpoint
-                .tls_config(tls_config(&settings.endpoint, &settings.tls))
-                .map_err(endpoint_error)?;
-        }
-        let mut grpc = tonic::client::Grpc::new(endpoint.connect_lazy());
-        if let Some(encoding) = compression_from_env()? {
-            grpc = grpc.send_compressed(encoding);
-        }
-        Ok(Self {
-            grpc,
-            headers: headers_from_env()?,
-        })
-    }
-
-    /// One try. Returns how many spans the collector said it rejected.
-    async fn export(&mut self, request: Bytes) -> Result<u64, Status> {
-        self.grpc
-            .ready()
-            .await
-            .map_err(|err| Status::unavailable(format!("collector not reachable: {err}")))?;
-        let mut request = tonic::Request::new(request);
-        *request.metadata_mut() = self.headers.clone();
-        let response = self
-            .grpc
-            .unary(
-                request,
-                http::uri::PathAndQuery::from_static(EXPORT_PATH),
-                EncodedCodec,
-            )
-            .await?;
-        let rejected = response.into_inner().partial_success.map_or(0, |p| {
-            if p.rejected_spans > 0 {
-                tracing::warn!(
-                    rejected = p.rejected_spans,
-                    "the collector rejected part of an export: {}",
-                    p.error_message
-                );
-            }
-            p.rejected_spans.max(0) as u64
-        });
-        Ok(rejected)
-    }
-}
-
-/// Failures worth another try, as the OTLP specification lists them.
-fn retryable(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Cancelled
-            | Code::DeadlineExceeded
-            | Code::ResourceExhausted
-            | Code::Aborted
-            | Code::OutOfRange
-            | Code::Unavailable
-            | Code::DataLoss
-    )
-}
-
 /// Requests sent at once. The collector answers late on a busy host; one request at a time
 /// would cap the export rate at a batch per round trip.
 const MAX_IN_FLIGHT_REQUESTS: usize = 4;
 
 async fn export_loop(
-    client: TraceClient,
     mut rx: mpsc::Receiver<ConnectSpan>,
     settings: OtlpSettings,
     counters: Arc<AgentCounters>,
@@ -388,7 +158,7 @@ async fn export_loop(
                 in_flight.join_next().await;
             }
             in_flight.spawn(export_with_retry(
-                client.clone(),
+                settings.client.clone(),
                 bytes,
                 n,
                 settings.retry_timeout,
@@ -409,25 +179,24 @@ fn encode_batch(request: &mut TraceRequest, batch: &mut Vec<ConnectSpan>) -> Vec
     let mut requests = Vec::new();
     let mut spans = batch.drain(..).peekable();
     while let Some(first) = spans.next() {
-        let data = first.span_data();
-        request.push(&data);
+        request.push(&first);
         while request.encoded_len() <= MAX_REQUEST_BYTES
             && let Some(next) = spans.next_if(|s| s.service == first.service)
         {
-            request.push(&next.span_data());
+            request.push(&next);
         }
         let n = request.len() as u64;
         let mut bytes = Vec::with_capacity(request.encoded_len() + 256);
-        request.finish(&first.resource, &data.instrumentation_scope, &mut bytes);
+        request.finish(&first.resource, scope(), &mut bytes);
         requests.push((Bytes::from(bytes), n));
     }
     requests
 }
 
-/// Sends one request, retrying with backoff (100 ms doubling to 5 s) until
-/// `--export-retry-timeout`; counts its spans as exported or failed.
+/// Sends one request, retrying until `--export-retry-timeout`; counts its spans as exported
+/// or failed.
 async fn export_with_retry(
-    mut client: TraceClient,
+    client: Client,
     request: Bytes,
     n: u64,
     retry_timeout: Duration,
@@ -435,24 +204,14 @@ async fn export_with_retry(
 ) {
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + retry_timeout;
-    let tries = async {
-        let mut delay = BACKOFF_START;
-        loop {
-            let try_deadline = deadline.min(tokio::time::Instant::now() + TRY_TIMEOUT);
-            let status = match tokio::time::timeout_at(try_deadline, client.export(request.clone())).await {
-                Ok(Ok(rejected)) => return Ok(rejected),
-                Ok(Err(status)) => status,
-                Err(_) => Status::deadline_exceeded(format!("no answer within {TRY_TIMEOUT:?}")),
-            };
-            let now = tokio::time::Instant::now();
-            if !retryable(status.code()) || now + delay > deadline {
-                return Err(status);
-            }
-            tracing::debug!("OTLP export failed ({status}); retrying in {delay:?}");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(BACKOFF_MAX);
+    let tries = with_retry(deadline, || {
+        let mut client = client.clone();
+        let request = request.clone();
+        async move {
+            let response: ExportTraceServiceResponse = client.export(request).await?;
+            Ok(rejected_spans(response))
         }
-    };
+    });
     tokio::pin!(tries);
     let result = tokio::select! {
         result = &mut tries => result,
@@ -487,27 +246,16 @@ async fn export_with_retry(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn headers() {
-        let mut map = MetadataMap::new();
-        parse_headers("V", "Api-Key=abc%3D%3D, tenant = t1", &mut map).unwrap();
-        parse_headers("V", "tenant=t2", &mut map).unwrap();
-        assert_eq!(map.get("api-key").unwrap(), "abc==");
-        assert_eq!(map.get("tenant").unwrap(), "t2");
-        let err = parse_headers("V", "secret-without-equals", &mut map).unwrap_err();
-        assert!(!err.to_string().contains("secret"), "{err}");
-        assert!(parse_headers("V", "bad key=1", &mut map).is_err());
-    }
-
-    #[test]
-    fn what_is_retried() {
-        assert!(retryable(Code::Unavailable));
-        assert!(retryable(Code::ResourceExhausted));
-        assert!(!retryable(Code::InvalidArgument));
-        assert!(!retryable(Code::Unauthenticated));
-    }
+/// How many spans the collector said it rejected.
+fn rejected_spans(response: ExportTraceServiceResponse) -> u64 {
+    response.partial_success.map_or(0, |p| {
+        if p.rejected_spans > 0 {
+            tracing::warn!(
+                rejected = p.rejected_spans,
+                "the collector rejected part of an export: {}",
+                p.error_message
+            );
+        }
+        p.rejected_spans.max(0) as u64
+    })
 }

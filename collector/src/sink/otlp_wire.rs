@@ -1,21 +1,30 @@
-//! OTLP trace requests in protobuf, written straight from [`SpanData`] into reused buffers.
+//! OTLP trace requests in protobuf, written straight from each [`ConnectSpan`] into reused
+//! buffers.
 //!
 //! The SDK's exporter clones each batch for its retries, converts every span into generated
 //! structs (a `String` for every attribute key and value) and encodes those. At tens of
 //! thousands of spans a second that was most of the agent's CPU; here a span costs a few
-//! buffer appends. Field numbers are those of `opentelemetry/proto/trace/v1/trace.proto`
+//! buffer appends, and no `SpanData` is built to be walked again. Field numbers are those of `opentelemetry/proto/trace/v1/trace.proto`
 //! and its imports; the tests decode the output with the generated types and compare it
 //! with the SDK's own conversion.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use opentelemetry::{Array, InstrumentationScope, KeyValue, Value, trace::Status};
-use opentelemetry_sdk::{Resource, trace::SpanData};
+use opentelemetry::{
+    Array, InstrumentationScope, KeyValue, Value,
+    trace::{Status, TraceFlags},
+};
+use opentelemetry_sdk::Resource;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
-/// `Span.flags`: the span says whether its parent is remote (it never has one here).
+use crate::{
+    otlp::unix_nanos,
+    span::{ConnectSpan, SPAN_NAME},
+};
+
+/// `Span.SpanKind.SPAN_KIND_CLIENT`.
+const SPAN_KIND_CLIENT: u64 = 3;
+
+/// `Span.flags`: the span says whether its parent is remote (it never has one).
 const SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE: u32 = 0x100;
-const SPAN_FLAGS_CONTEXT_IS_REMOTE: u32 = 0x200;
 
 /// One export request being filled: the spans of one resource and scope.
 #[derive(Default)]
@@ -44,7 +53,9 @@ impl TraceRequest {
         self.spans.len()
     }
 
-    pub fn push(&mut self, span: &SpanData) {
+    /// Appends the span of one attempt: a root span, no trace state, no links, nothing
+    /// dropped, so those fields stay at their defaults and are left out.
+    pub fn push(&mut self, span: &ConnectSpan) {
         let Self {
             span: buf,
             event,
@@ -52,36 +63,27 @@ impl TraceRequest {
             ..
         } = self;
         buf.clear();
-        let context = &span.span_context;
-        bytes_field(buf, 1, &context.trace_id().to_bytes());
-        bytes_field(buf, 2, &context.span_id().to_bytes());
-        string_field(buf, 3, &context.trace_state().header());
-        if span.parent_span_id != opentelemetry::trace::SpanId::INVALID {
-            bytes_field(buf, 4, &span.parent_span_id.to_bytes());
-        }
-        string_field(buf, 5, &span.name);
-        varint_field(buf, 6, span_kind(&span.span_kind));
-        fixed64_field(buf, 7, unix_nanos(span.start_time));
-        fixed64_field(buf, 8, unix_nanos(span.end_time));
-        for kv in &span.attributes {
+        bytes_field(buf, 1, &span.trace_id.to_bytes());
+        bytes_field(buf, 2, &span.span_id.to_bytes());
+        string_field(buf, 5, SPAN_NAME);
+        varint_field(buf, 6, SPAN_KIND_CLIENT);
+        fixed64_field(buf, 7, unix_nanos(span.attempt.start));
+        fixed64_field(buf, 8, unix_nanos(span.attempt.end));
+        for kv in &span.attributes() {
             key_value(buf, 9, kv, value);
         }
-        varint_field(buf, 10, u64::from(span.dropped_attributes_count));
-        for e in span.events.iter() {
+        for e in span.events() {
             event.clear();
             fixed64_field(event, 1, unix_nanos(e.timestamp));
             string_field(event, 2, &e.name);
             for kv in &e.attributes {
                 key_value(event, 3, kv, value);
             }
-            varint_field(event, 4, u64::from(e.dropped_attributes_count));
             message_field(buf, 11, event);
         }
-        varint_field(buf, 12, u64::from(span.events.dropped_count));
-        // synspan's spans carry no links.
-        varint_field(buf, 14, u64::from(span.links.dropped_count));
         event.clear();
-        let (code, message) = match &span.status {
+        let status = span.status();
+        let (code, message) = match &status {
             Status::Unset => (0, ""),
             Status::Ok => (1, ""),
             Status::Error { description } => (2, description.as_ref()),
@@ -89,10 +91,7 @@ impl TraceRequest {
         string_field(event, 2, message);
         varint_field(event, 3, code);
         message_field(buf, 15, event);
-        let mut flags = u32::from(context.trace_flags().to_u8()) | SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE;
-        if span.parent_span_is_remote {
-            flags |= SPAN_FLAGS_CONTEXT_IS_REMOTE;
-        }
+        let flags = u32::from(TraceFlags::SAMPLED.to_u8()) | SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE;
         encode_key(16, WireType::ThirtyTwoBit, buf);
         buf.extend_from_slice(&flags.to_le_bytes());
         message_field(&mut self.spans, 2, buf);
@@ -140,22 +139,6 @@ impl TraceRequest {
         }
         self.spans.clear();
         self.count = 0;
-    }
-}
-
-fn unix_nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
-fn span_kind(kind: &opentelemetry::trace::SpanKind) -> u64 {
-    use opentelemetry::trace::SpanKind::*;
-    match kind {
-        Internal => 1,
-        Server => 2,
-        Client => 3,
-        Producer => 4,
-        Consumer => 5,
     }
 }
 
@@ -254,6 +237,8 @@ fn any_value(buf: &mut Vec<u8>, value: &Value) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::transform::{
         common::tonic::ResourceAttributesWithSchema, trace::tonic::group_spans_by_resource_and_scope,
@@ -266,62 +251,67 @@ mod tests {
         span::SpanBuilder,
     };
 
-    fn spans() -> (Vec<SpanData>, Resource) {
+    /// A failure with a stack, a bool and a negative number among its attributes, and a
+    /// success with an ICMP event: every kind of value the spans carry.
+    fn spans() -> Vec<ConnectSpan> {
         let mut builder = SpanBuilder::new("host".into());
-        let timed_out = crate::span::tests::timed_out();
-        let mut established: Attempt = timed_out.clone();
+        let mut timed_out = crate::span::tests::timed_out();
+        timed_out.never_started = true;
+        timed_out.cgroup_id = u64::MAX;
+        let mut established: Attempt = crate::span::tests::timed_out();
         established.outcome = crate::outcome::Outcome::Established;
         established.errno = 0;
         established.events.push(crate::attempt::AttemptEvent {
             time: established.end,
             kind: EventKind::IcmpError(113),
         });
-        let a = builder.build(timed_out, &Default::default(), Default::default());
+        let with_stack = crate::enrich::identity::Identity {
+            user_stack: Some(Arc::from("f+0x1\ng+0x2")),
+            ..Default::default()
+        };
+        let a = builder.build(timed_out, &with_stack, Default::default());
         let b = builder.build(established, &Default::default(), Default::default());
-        let mut with_stack = a.span_data();
-        with_stack
-            .attributes
-            .push(KeyValue::new("synspan.user_stack", "f+0x1\ng+0x2"));
-        with_stack.attributes.push(KeyValue::new("a.float", 1.5));
-        with_stack.attributes.push(KeyValue::new("a.bool", true));
-        with_stack.attributes.push(KeyValue::new("a.negative", -7_i64));
-        (vec![with_stack, b.span_data()], a.resource)
+        vec![a, b]
     }
 
     #[test]
     fn same_request_as_the_sdk() {
-        let (spans, resource) = spans();
+        let spans = spans();
         let mut request = TraceRequest::default();
         for span in &spans {
             request.push(span);
         }
         assert_eq!(request.len(), 2);
-        let scope = spans[0].instrumentation_scope.clone();
+        let resource = spans[0].resource.clone();
         let mut bytes = Vec::new();
-        request.finish(&resource, &scope, &mut bytes);
+        request.finish(&resource, crate::span::scope(), &mut bytes);
         assert!(request.is_empty());
 
         let ours = ExportTraceServiceRequest::decode(bytes.as_slice()).unwrap();
         let sdk = ExportTraceServiceRequest {
             resource_spans: group_spans_by_resource_and_scope(
-                spans,
+                spans.iter().map(ConnectSpan::span_data).collect(),
                 &ResourceAttributesWithSchema::from(&resource),
             ),
         };
         assert_eq!(ours, sdk);
+        let attributes = &ours.resource_spans[0].scope_spans[0].spans[0].attributes;
+        for key in ["synspan.user_stack", "synspan.never_started", "synspan.cgroup_id"] {
+            assert!(attributes.iter().any(|kv| kv.key == key), "{key} missing");
+        }
     }
 
     #[test]
     fn reusable_after_finish() {
-        let (spans, resource) = spans();
-        let scope = spans[0].instrumentation_scope.clone();
+        let spans = spans();
+        let resource = &spans[0].resource;
         let mut request = TraceRequest::default();
         let mut first = Vec::new();
         request.push(&spans[0]);
-        request.finish(&resource, &scope, &mut first);
+        request.finish(resource, crate::span::scope(), &mut first);
         let mut second = Vec::new();
         request.push(&spans[0]);
-        request.finish(&resource, &scope, &mut second);
+        request.finish(resource, crate::span::scope(), &mut second);
         assert_eq!(first, second);
     }
 }

@@ -1,8 +1,8 @@
-//! TLS material for the OTLP connection: a custom CA and a client certificate (mTLS), from
-//! flags or the standard `OTEL_EXPORTER_OTLP_*` variables. Read and checked at start-up so
-//! that a bad file is reported before anything is loaded into the kernel.
+//! TLS material for the OTLP connection: a custom CA and a client certificate (mTLS). Read
+//! and checked at start-up so that a bad file is reported before anything is loaded into the
+//! kernel.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
@@ -10,16 +10,16 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 pub enum TlsError {
     #[error("cannot read {what} {path}: {source}")]
     Read {
-        what: &'static str,
+        what: String,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
     #[error("{what} {path} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)")]
-    NoCertificate { what: &'static str, path: PathBuf },
+    NoCertificate { what: String, path: PathBuf },
     #[error("{what} {path} is not a PEM private key: {reason}")]
     BadKey {
-        what: &'static str,
+        what: String,
         path: PathBuf,
         reason: String,
     },
@@ -32,13 +32,13 @@ pub enum TlsError {
 }
 
 /// Where each file came from, for messages: the flag or the variable.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsFile {
-    pub what: &'static str,
+    pub what: String,
     pub path: PathBuf,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct TlsMaterial {
     /// PEM of the CA bundle that signs the collector's certificate.
     pub ca: Option<Vec<u8>>,
@@ -48,7 +48,7 @@ pub struct TlsMaterial {
 
 fn read(file: &TlsFile) -> Result<Vec<u8>, TlsError> {
     std::fs::read(&file.path).map_err(|source| TlsError::Read {
-        what: file.what,
+        what: file.what.clone(),
         path: file.path.clone(),
         source,
     })
@@ -59,7 +59,7 @@ fn certificates(file: &TlsFile) -> Result<Vec<u8>, TlsError> {
     let count = CertificateDer::pem_slice_iter(&pem).filter(Result::is_ok).count();
     if count == 0 {
         return Err(TlsError::NoCertificate {
-            what: file.what,
+            what: file.what.clone(),
             path: file.path.clone(),
         });
     }
@@ -69,7 +69,7 @@ fn certificates(file: &TlsFile) -> Result<Vec<u8>, TlsError> {
 fn key(file: &TlsFile) -> Result<Vec<u8>, TlsError> {
     let pem = read(file)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::BadKey {
-        what: file.what,
+        what: file.what.clone(),
         path: file.path.clone(),
         reason: e.to_string(),
     })?;
@@ -98,35 +98,29 @@ impl TlsMaterial {
     }
 }
 
-/// A file path from a flag, else from the first variable set.
-pub fn from_flag_or_env(
-    flag: Option<&Path>,
-    flag_name: &'static str,
-    vars: &[&'static str],
-) -> Option<TlsFile> {
-    if let Some(path) = flag {
-        return Some(TlsFile {
-            what: flag_name,
-            path: path.to_path_buf(),
-        });
+/// Never the key itself in a log.
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("ca", &self.ca.as_ref().map(|pem| pem.len()))
+            .field("identity", &self.identity.is_some())
+            .finish()
     }
-    vars.iter().find_map(|var| {
-        let value = std::env::var_os(var).filter(|v| !v.is_empty())?;
-        Some(TlsFile {
-            what: var,
-            path: PathBuf::from(value),
-        })
-    })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn file(dir: &Path, name: &str, text: &str) -> TlsFile {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
-        TlsFile { what: "--test", path }
+        TlsFile {
+            what: "--test".into(),
+            path,
+        }
     }
 
     #[test]
@@ -139,7 +133,7 @@ mod tests {
             .to_string();
         assert!(err.contains("holds no PEM certificate"), "{err}");
         let missing = TlsFile {
-            what: "--otlp-ca-file",
+            what: "--otlp-ca-file".into(),
             path: dir.join("nope.pem"),
         };
         let err = TlsMaterial::load(Some(&missing), None, None)

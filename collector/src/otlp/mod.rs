@@ -1,0 +1,89 @@
+//! The OTLP/gRPC client every signal shares: spans ([`crate::sink::otlp`]) and synspan's own
+//! counters ([`crate::self_metrics`]) go out over the same connection, with the same TLS,
+//! headers, compression, timeout and retry rules.
+//!
+//! - [`settings`]: endpoint, headers, compression, timeout and TLS files, from the flags and
+//!   the environment as the OTLP exporter specification orders them.
+//! - [`tls`]: the TLS files read and checked.
+//! - [`client`]: one channel per endpoint, one export try.
+//! - [`retry`]: which failures are retried, and after how long.
+
+pub mod client;
+pub mod retry;
+pub mod settings;
+pub mod tls;
+
+pub use client::{Client, Clients};
+pub use settings::{Flags, Settings, parse_endpoint, redacted};
+pub use tls::{TlsError, TlsFile, TlsMaterial};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OtlpError {
+    #[error("invalid {var}: {problem}")]
+    Variable { var: String, problem: String },
+    #[error("{var}: {problem}; expected `key1=value1,key2=value2` (values percent-encoded)")]
+    Headers { var: String, problem: String },
+    #[error("{var}={value}: unknown compression; use gzip or none")]
+    Compression { var: String, value: String },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("OTLP endpoint {endpoint}: {source}")]
+    Endpoint {
+        endpoint: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+/// An OTLP timestamp: nanoseconds since the Unix epoch, 0 for a time before it.
+pub(crate) fn unix_nanos(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Where one signal goes: its settings and the TLS material its files hold.
+#[derive(Clone, Debug)]
+pub struct Destination {
+    pub settings: Settings,
+    pub tls: TlsMaterial,
+}
+
+impl Destination {
+    fn load(settings: Settings) -> Result<Self, OtlpError> {
+        let files = &settings.tls;
+        let tls = TlsMaterial::load(
+            files.ca.as_ref(),
+            files.client_cert.as_ref(),
+            files.client_key.as_ref(),
+        )?;
+        Ok(Self { settings, tls })
+    }
+}
+
+/// Spans and self-metrics, each with its destination.
+#[derive(Clone, Debug)]
+pub struct Export {
+    pub traces: Destination,
+    pub metrics: Destination,
+}
+
+impl Export {
+    /// Resolves both signals from `flags` and this process's environment and reads their TLS
+    /// files, so that a mistake in either stops synspan before it loads anything. `None`
+    /// when no endpoint is configured: nothing is exported.
+    pub fn from_env(flags: &Flags) -> Result<Option<Self>, OtlpError> {
+        let env = |var: &str| std::env::var(var).ok();
+        let Some(signals) = settings::resolve(flags, &env)? else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            traces: Destination::load(signals.traces)?,
+            metrics: Destination::load(signals.metrics)?,
+        }))
+    }
+
+    /// Clients for both signals; they share one channel when they go to the same place.
+    pub fn connect(&self) -> Result<Clients, OtlpError> {
+        Clients::new(&self.traces, &self.metrics)
+    }
+}
