@@ -1,11 +1,18 @@
 //! Command line and environment. Flags win over `OTEL_*` variables, which win over defaults.
+//!
+//! [`Cli`] is what clap parses; [`Settings::resolve`] turns it and an environment, passed
+//! in, into what the agent runs with. Neither reads a file or the process's environment:
+//! the binary's `main` does that, once.
 
 use std::{num::NonZeroU32, path::PathBuf, time::Duration};
 
-use clap::{Parser, ValueEnum, error::ErrorKind};
+use clap::{Parser, ValueEnum};
 use synspan_shared::{Policy, filter};
 
-use crate::otlp::{self, Export, parse_endpoint};
+use crate::{
+    otlp::{self, parse_endpoint, settings::Env},
+    sink::Format,
+};
 
 const ABOUT: &str = "Every TCP connect attempt on this host as an OpenTelemetry span.";
 
@@ -76,11 +83,6 @@ pub struct Cli {
     /// Client private key, PEM, for mutual TLS. Env: OTEL_EXPORTER_OTLP_CLIENT_KEY.
     #[arg(long, value_name = "FILE", requires = "otlp_client_cert")]
     pub otlp_client_key: Option<PathBuf>,
-
-    /// Where spans and self-metrics go, resolved from the flags above and the environment;
-    /// `None` when nothing is exported.
-    #[arg(skip)]
-    pub otlp: Option<Export>,
 
     /// Keep every failure plus successes that needed a SYN retransmit or took longer than
     /// --slow-threshold (default 1s); drop other successes in the kernel. The production
@@ -211,39 +213,55 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
     }
 }
 
-impl Cli {
-    /// Parses the command line and checks what clap cannot: the `OTEL_*` endpoints and the
-    /// TLS files. Exits with status 2 and a message on bad input, as clap does for flags.
-    pub fn load() -> Self {
-        use clap::CommandFactory;
-        let mut cli = Cli::parse();
-        if let Err(e) = cli.resolve_env() {
-            Cli::command().error(ErrorKind::InvalidValue, e).exit()
-        }
-        cli
-    }
+/// What the agent runs with: the flags, and what they and the environment resolve to.
+#[derive(Debug)]
+pub struct Settings {
+    pub flags: Cli,
+    /// What goes to stdout for each attempt; `None` for `--output none`.
+    pub stdout: Option<Format>,
+    /// Where spans and self-metrics go, before their TLS files are read; `None` when
+    /// nothing is exported.
+    pub export: Option<otlp::settings::Signals>,
+}
 
-    fn resolve_env(&mut self) -> Result<(), String> {
-        let flags = otlp::Flags {
-            endpoint: self.otlp_endpoint.as_ref(),
-            ca_file: self.otlp_ca_file.as_deref(),
-            client_cert: self.otlp_client_cert.as_deref(),
-            client_key: self.otlp_client_key.as_deref(),
+impl Settings {
+    /// Resolves the flags against `env` (the process's environment, in the binary) and
+    /// checks what clap cannot. The message names the problem and the fix.
+    pub fn resolve(flags: Cli, env: Env) -> Result<Self, String> {
+        let export = otlp::settings::resolve(
+            &otlp::Flags {
+                endpoint: flags.otlp_endpoint.as_ref(),
+                ca_file: flags.otlp_ca_file.as_deref(),
+                client_cert: flags.otlp_client_cert.as_deref(),
+                client_key: flags.otlp_client_key.as_deref(),
+            },
+            env,
+        )
+        .map_err(|e| e.to_string())?;
+        let stdout = match flags.output {
+            Output::Console => Some(Format::Console),
+            Output::Json => Some(Format::Json),
+            Output::None if export.is_none() => {
+                return Err(
+                    "--output none without an OTLP endpoint would send every attempt nowhere: \
+                     give --otlp-endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT), or another --output"
+                        .into(),
+                );
+            }
+            Output::None => None,
         };
-        self.otlp = Export::from_env(&flags).map_err(|e| e.to_string())?;
-        if self.output == Output::None && self.otlp.is_none() {
-            return Err(
-                "--output none without an OTLP endpoint would send every attempt nowhere: \
-                        give --otlp-endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT), or another --output"
-                    .into(),
-            );
-        }
-        Ok(())
+        Ok(Self {
+            flags,
+            stdout,
+            export,
+        })
     }
+}
 
-    /// The in-kernel policy these flags describe.
-    /// The in-kernel policy these flags ask for.
-    pub fn policy(&self) -> Policy {
+impl Cli {
+    /// The in-kernel policy these flags ask for. `agent_tgid`: synspan's own process as
+    /// the kernel sees it, whose connections are not traced (0: none).
+    pub fn policy(&self, agent_tgid: u32) -> Policy {
         let rate = self
             .sample_successes
             .unwrap_or(if self.failures_only { 0.0 } else { 1.0 });
@@ -266,20 +284,10 @@ impl Cli {
             .into_iter()
             .filter(|(on, _)| *on)
             .fold(0, |bits, (_, bit)| bits | bit),
-            agent_tgid: host_tgid().unwrap_or(0),
+            agent_tgid,
             reserved: 0,
         }
     }
-}
-
-/// This process's tgid as the kernel's programs see it, which is only known when synspan
-/// runs in the initial pid namespace (as it must to read other processes' /proc anyway).
-pub fn host_tgid() -> Option<u32> {
-    use std::os::unix::fs::MetadataExt;
-    // PROC_PID_INIT_INO: the inode of the initial pid namespace, fixed by the kernel.
-    const INITIAL_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
-    let ns = std::fs::metadata("/proc/self/ns/pid").ok()?;
-    (ns.ino() == INITIAL_PID_NAMESPACE).then(std::process::id)
 }
 
 #[cfg(test)]
@@ -295,24 +303,50 @@ mod tests {
         let c = cli(&[]).unwrap();
         assert_eq!(c.output, Output::Console);
         assert_eq!(
-            c.policy(),
+            c.policy(7),
             Policy {
-                agent_tgid: host_tgid().unwrap_or(0),
+                agent_tgid: 7,
                 ..Policy::ALL
             }
         );
     }
 
+    fn resolve(args: &[&str], vars: &[(&str, &str)]) -> Result<Settings, String> {
+        let env = |var: &str| vars.iter().find(|(k, _)| *k == var).map(|(_, v)| v.to_string());
+        Settings::resolve(cli(args).unwrap(), &env)
+    }
+
+    #[test]
+    fn settings_from_flags_and_environment() {
+        let s = resolve(&[], &[]).unwrap();
+        assert_eq!(s.stdout, Some(Format::Console));
+        assert!(s.export.is_none());
+        let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")];
+        let s = resolve(&["--output", "none"], &env).unwrap();
+        assert_eq!(s.stdout, None);
+        let export = s.export.unwrap();
+        assert_eq!(export.traces.endpoint, "http://127.0.0.1:4317/");
+        // The flag wins over the variable.
+        let s = resolve(&["--otlp-endpoint", "http://127.0.0.2:4317"], &env).unwrap();
+        assert_eq!(s.export.unwrap().traces.endpoint, "http://127.0.0.2:4317/");
+        let err = resolve(&["--output", "none"], &[]).unwrap_err();
+        assert!(err.contains("send every attempt nowhere"), "{err}");
+        let err = resolve(&[], &[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")]).unwrap_err();
+        assert!(err.contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{err}");
+        let s = resolve(&["--output", "json"], &[]).unwrap();
+        assert_eq!(s.stdout, Some(Format::Json));
+    }
+
     #[test]
     fn failures_only_policy() {
-        let p = cli(&["--failures-only"]).unwrap().policy();
+        let p = cli(&["--failures-only"]).unwrap().policy(0);
         assert_eq!(p.sample_all, 0);
         assert_eq!(p.sample_below, 0);
         assert_eq!(p.keep_retried, 1);
         assert_eq!(p.slow_ns, 1_000_000_000);
         let p = cli(&["--failures-only", "--slow-threshold", "250ms", "--no-stacks"])
             .unwrap()
-            .policy();
+            .policy(0);
         assert_eq!(p.slow_ns, 250_000_000);
         assert_eq!(p.stacks, 0);
     }
@@ -330,16 +364,16 @@ mod tests {
         .unwrap();
         assert_eq!(c.pids, [1, 2]);
         assert_eq!(c.dests.len(), 2);
-        assert_eq!(c.policy().filters, filter::PID | filter::PORT | filter::DEST);
+        assert_eq!(c.policy(0).filters, filter::PID | filter::PORT | filter::DEST);
         assert!(cli(&["--dest", "10.0.0.0/33"]).is_err());
         assert!(cli(&["--dest-port", "70000"]).is_err());
     }
 
     #[test]
     fn sampling_rate() {
-        let p = cli(&["--sample-successes", "0"]).unwrap().policy();
+        let p = cli(&["--sample-successes", "0"]).unwrap().policy(0);
         assert_eq!((p.sample_all, p.sample_below, p.keep_retried), (0, 0, 0));
-        let p = cli(&["--sample-successes", "0.5"]).unwrap().policy();
+        let p = cli(&["--sample-successes", "0.5"]).unwrap().policy(0);
         assert_eq!(p.sample_all, 0);
         assert!((p.sample_below as f64 / u32::MAX as f64 - 0.5).abs() < 1e-6);
         assert!(cli(&["--sample-successes", "1.5"]).is_err());

@@ -1,9 +1,30 @@
 use std::process::ExitCode;
 
+use clap::{CommandFactory as _, Parser as _, error::ErrorKind};
+use synspan::{
+    config::{Cli, Settings},
+    otlp::Export,
+};
 use tracing_subscriber::EnvFilter;
 
+/// The flags, resolved against this process's environment, and the TLS files they name.
+/// Bad input exits with status 2 and a message, as clap does for flags, before anything is
+/// loaded.
+fn settings() -> (Settings, Option<Export>) {
+    let bad = |message: String| -> ! { Cli::command().error(ErrorKind::InvalidValue, message).exit() };
+    let env = |var: &str| std::env::var(var).ok();
+    let mut settings = Settings::resolve(Cli::parse(), &env).unwrap_or_else(|e| bad(e));
+    let export = settings
+        .export
+        .take()
+        .map(Export::load)
+        .transpose()
+        .unwrap_or_else(|e| bad(e.to_string()));
+    (settings, export)
+}
+
 fn main() -> ExitCode {
-    let cli = synspan::config::Cli::load();
+    let (settings, export) = settings();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(EnvFilter::try_from_env("SYNSPAN_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
@@ -17,7 +38,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(synspan::agent::run(cli)) {
+    match runtime.block_on(synspan::agent::run(settings, export)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");

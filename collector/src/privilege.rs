@@ -99,6 +99,16 @@ pub fn check() -> Result<(), PrivilegeError> {
     }
 }
 
+/// This process's tgid as the kernel's programs see it, which is only known when synspan
+/// runs in the initial pid namespace (as it must to read other processes' /proc anyway).
+pub fn host_tgid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    // PROC_PID_INIT_INO: the inode of the initial pid namespace, fixed by the kernel.
+    const INITIAL_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
+    let ns = std::fs::metadata("/proc/self/ns/pid").ok()?;
+    (ns.ino() == INITIAL_PID_NAMESPACE).then(std::process::id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

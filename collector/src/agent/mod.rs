@@ -20,10 +20,11 @@ use self::{
 };
 use crate::{
     btf::KernelBtf,
-    config::Cli,
+    config::{Cli, Settings},
     enrich::process::ReadOptions,
     kernel_layout,
     loader::{Filters, KernelObject, Limits, cgroup_id},
+    otlp::Export,
     privilege,
     self_metrics::{SelfMetrics, Snapshot},
     sink::{
@@ -45,10 +46,12 @@ const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// signals must get their turn under a storm too.
 const MAX_BATCHES_PER_TICK: usize = 8;
 
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut agent = Agent::start(&cli)?;
-    let stopped_by = agent.serve(&cli).await?;
-    agent.shutdown(stopped_by, &cli).await
+/// Runs until SIGINT or SIGTERM. `export`: where spans and self-metrics go, their TLS files
+/// read; `None` when nothing is exported.
+pub async fn run(settings: Settings, export: Option<Export>) -> anyhow::Result<()> {
+    let mut agent = Agent::start(&settings, export.as_ref())?;
+    let stopped_by = agent.serve(&settings.flags).await?;
+    agent.shutdown(stopped_by, &settings.flags).await
 }
 
 /// A running agent: the kernel object, the reader, and the worker behind it.
@@ -93,7 +96,8 @@ fn ticker(every: Duration) -> Option<Interval> {
 impl Agent {
     /// Loads and attaches the programs, starts the sinks and the enrichment worker, and
     /// drops the privileges that are no longer needed.
-    fn start(cli: &Cli) -> anyhow::Result<Self> {
+    fn start(settings: &Settings, export: Option<&Export>) -> anyhow::Result<Self> {
+        let cli = &settings.flags;
         privilege::check()?;
         // Mapped once: the layout reads struct members from it, and aya's parse of the same
         // bytes loads the programs and attaches the BTF tracepoints. The mapping goes with
@@ -101,7 +105,7 @@ impl Agent {
         let vmlinux = KernelBtf::from_sys_fs();
         let resolved = kernel_layout::resolve(vmlinux.as_ref())?;
         let btf = vmlinux.and_then(|vmlinux| vmlinux.for_aya());
-        let policy = cli.policy();
+        let policy = cli.policy(privilege::host_tgid().unwrap_or(0));
         if policy.agent_tgid == 0 {
             tracing::warn!(
                 "not in the host's pid namespace: synspan's own connections are traced too, and \
@@ -125,7 +129,7 @@ impl Agent {
         let mut kernel = KernelObject::load(&resolved, &policy, &limits, btf.as_ref().ok())?;
         kernel.set_filters(&filters)?;
         let counters = Arc::new(AgentCounters::default());
-        let clients = cli.otlp.as_ref().map(|export| export.connect()).transpose()?;
+        let clients = export.map(Export::connect).transpose()?;
         let otlp = clients.as_ref().map(|clients| {
             OtlpSink::start(
                 OtlpSettings {
@@ -177,7 +181,7 @@ impl Agent {
                 nat_all: cli.nat_all,
                 evidence_delay: cli.evidence_delay,
                 spans: SpanBuilder::new(host_name()),
-                sinks: Sinks::new(StdoutSink::new(cli.output), otlp, counters.clone()),
+                sinks: Sinks::new(settings.stdout.map(StdoutSink::new), otlp, counters.clone()),
             },
             queue,
         )?;
@@ -188,10 +192,7 @@ impl Agent {
         }
         tracing::info!(
             output = ?cli.output,
-            otlp = cli
-                .otlp
-                .as_ref()
-                .map(|export| crate::otlp::redacted(&export.traces.settings.endpoint)),
+            otlp = export.map(|export| crate::otlp::redacted(&export.traces.settings.endpoint)),
             "synspan ready: tracing TCP connect attempts"
         );
         Ok(Self {

@@ -68,18 +68,13 @@ pub struct Export {
 }
 
 impl Export {
-    /// Resolves both signals from `flags` and this process's environment and reads their TLS
-    /// files, so that a mistake in either stops synspan before it loads anything. `None`
-    /// when no endpoint is configured: nothing is exported.
-    pub fn from_env(flags: &Flags) -> Result<Option<Self>, OtlpError> {
-        let env = |var: &str| std::env::var(var).ok();
-        let Some(signals) = settings::resolve(flags, &env)? else {
-            return Ok(None);
-        };
-        Ok(Some(Self {
+    /// Reads both signals' TLS files, so that a mistake in either stops synspan before it
+    /// loads anything.
+    pub fn load(signals: settings::Signals) -> Result<Self, OtlpError> {
+        Ok(Self {
             traces: Destination::load(signals.traces)?,
             metrics: Destination::load(signals.metrics)?,
-        }))
+        })
     }
 
     /// Clients for both signals; they share one channel when they go to the same place.

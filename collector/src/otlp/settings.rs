@@ -15,7 +15,7 @@ use super::{OtlpError, TlsError, TlsFile};
 use crate::enrich::process::percent_decode;
 
 /// Looks a variable up: `std::env::var(..).ok()` outside the tests.
-pub(crate) type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Signal {
@@ -86,9 +86,9 @@ impl PartialEq for Headers {
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) struct Signals {
-    pub(crate) traces: Settings,
-    pub(crate) metrics: Settings,
+pub struct Signals {
+    pub traces: Settings,
+    pub metrics: Settings,
 }
 
 /// What the specification defaults `OTEL_EXPORTER_OTLP_TIMEOUT` to.
@@ -96,7 +96,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Both signals' settings, or `None` when no endpoint is given for spans: then nothing is
 /// exported. The metrics go where the spans go unless an endpoint is given for them.
-pub(crate) fn resolve(flags: &Flags, env: Env) -> Result<Option<Signals>, OtlpError> {
+pub fn resolve(flags: &Flags, env: Env) -> Result<Option<Signals>, OtlpError> {
     let Some(traces) = endpoint(Signal::Traces, flags, env)? else {
         return Ok(None);
     };

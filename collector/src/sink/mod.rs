@@ -12,31 +12,39 @@ use std::{
     time::Duration,
 };
 
-use crate::{config::Output, span::ConnectSpan, stats::AgentCounters};
+use crate::{span::ConnectSpan, stats::AgentCounters};
+
+/// How attempts are written on stdout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// One human-readable line per attempt.
+    Console,
+    /// One JSON object per attempt (JSON Lines).
+    Json,
+}
 
 /// Console lines or JSON Lines on stdout, one per attempt, flushed once per batch.
 pub struct StdoutSink {
-    output: Output,
+    format: Format,
     out: BufWriter<Stdout>,
     line: Vec<u8>,
 }
 
 impl StdoutSink {
-    pub fn new(output: Output) -> Option<Self> {
-        (output != Output::None).then(|| Self {
-            output,
+    pub fn new(format: Format) -> Self {
+        Self {
+            format,
             out: BufWriter::with_capacity(64 * 1024, io::stdout()),
             line: Vec::with_capacity(1024),
-        })
+        }
     }
 
     pub fn write(&mut self, batch: &[ConnectSpan]) -> io::Result<()> {
         for span in batch {
             self.line.clear();
-            match self.output {
-                Output::Console => console::write_line(&mut self.line, span)?,
-                Output::Json => json::write_line(&mut self.line, span)?,
-                Output::None => continue,
+            match self.format {
+                Format::Console => console::write_line(&mut self.line, span)?,
+                Format::Json => json::write_line(&mut self.line, span)?,
             }
             self.out.write_all(&self.line)?;
         }
