@@ -13,46 +13,46 @@ use crate::{
 };
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct Attempt {
-    pub start: SystemTime,
-    pub end: SystemTime,
-    pub pid: u32,
-    pub tid: u32,
-    pub comm: String,
-    pub cgroup_id: u64,
-    pub local: SocketAddr,
-    pub peer: SocketAddr,
-    pub outcome: Outcome,
+pub(crate) struct Attempt {
+    pub(crate) start: SystemTime,
+    pub(crate) end: SystemTime,
+    pub(crate) pid: u32,
+    pub(crate) tid: u32,
+    pub(crate) comm: String,
+    pub(crate) cgroup_id: u64,
+    pub(crate) local: SocketAddr,
+    pub(crate) peer: SocketAddr,
+    pub(crate) outcome: Outcome,
     /// The errno the application saw, 0 for success and for a plain close by the application.
-    pub errno: i32,
+    pub(crate) errno: i32,
     /// An ICMP error recorded as soft while the attempt went on.
-    pub soft_errno: i32,
-    pub syn_retransmits: u32,
-    pub events: Vec<AttemptEvent>,
-    pub user_stack_id: Option<u32>,
-    pub kernel_stack_id: Option<u32>,
-    pub end_kernel_stack_id: Option<u32>,
+    pub(crate) soft_errno: i32,
+    pub(crate) syn_retransmits: u32,
+    pub(crate) events: Vec<AttemptEvent>,
+    pub(crate) user_stack_id: Option<u32>,
+    pub(crate) kernel_stack_id: Option<u32>,
+    pub(crate) end_kernel_stack_id: Option<u32>,
     /// The existing connection the SYN met instead of a listener, if it did.
-    pub collision: Option<Collision>,
+    pub(crate) collision: Option<Collision>,
     /// `connect()` failed before the socket reached SYN_SENT: no SYN was sent, and the
     /// local endpoint is unknown.
-    pub never_started: bool,
+    pub(crate) never_started: bool,
 }
 
 /// A lingering connection that answered this attempt's SYN, caught as it closed.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Collision {
-    pub time: SystemTime,
+pub(crate) struct Collision {
+    pub(crate) time: SystemTime,
     /// The colliding socket's own endpoint, e.g. a sidecar's 127.0.0.1:15001.
-    pub local: SocketAddr,
+    pub(crate) local: SocketAddr,
     /// Its peer: the attempt's local endpoint, as that socket knew it.
-    pub peer: SocketAddr,
+    pub(crate) peer: SocketAddr,
     /// Its TCP state, e.g. `FIN_WAIT2`.
-    pub state: &'static str,
+    pub(crate) state: &'static str,
 }
 
 /// The kernel's name for a TCP state.
-pub fn tcp_state_name(state: u8) -> &'static str {
+pub(crate) fn tcp_state_name(state: u8) -> &'static str {
     use synspan_shared::tcp_state::*;
     match state {
         ESTABLISHED => "ESTABLISHED",
@@ -72,13 +72,13 @@ pub fn tcp_state_name(state: u8) -> &'static str {
 
 /// Something the kernel showed while the attempt waited in SYN_SENT.
 #[derive(Clone, Debug, PartialEq)]
-pub struct AttemptEvent {
-    pub time: SystemTime,
-    pub kind: EventKind,
+pub(crate) struct AttemptEvent {
+    pub(crate) time: SystemTime,
+    pub(crate) kind: EventKind,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EventKind {
+pub(crate) enum EventKind {
     /// The n-th SYN retransmit, counting from 1.
     SynRetransmit(u32),
     RstReceived,
@@ -92,7 +92,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             EventKind::SynRetransmit(_) => "syn_retransmit",
             EventKind::RstReceived => "rst_received",
@@ -104,7 +104,7 @@ impl EventKind {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum DecodeError {
+pub(crate) enum DecodeError {
     #[error("record of {0} bytes, expected {expected}", expected = size_of::<AttemptRecord>())]
     Size(usize),
     #[error("unknown address family {0}")]
@@ -112,7 +112,7 @@ pub enum DecodeError {
 }
 
 /// Copies a ring-buffer record out of the kernel's bytes.
-pub fn read_record(bytes: &[u8]) -> Result<AttemptRecord, DecodeError> {
+pub(crate) fn read_record(bytes: &[u8]) -> Result<AttemptRecord, DecodeError> {
     if bytes.len() < size_of::<AttemptRecord>() {
         return Err(DecodeError::Size(bytes.len()));
     }
@@ -134,13 +134,13 @@ fn stack_id(id: i32) -> Option<u32> {
 }
 
 /// The name the kernel keeps for a task: NUL-padded, at most 15 bytes, not always UTF-8.
-pub fn comm(bytes: &[u8]) -> String {
+pub(crate) fn comm(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 impl Attempt {
-    pub fn decode(record: &AttemptRecord, clock: &WallClock) -> Result<Self, DecodeError> {
+    pub(crate) fn decode(record: &AttemptRecord, clock: &WallClock) -> Result<Self, DecodeError> {
         let at = |ns| clock.to_system_time(ns);
         let mut events = Vec::with_capacity(record.retransmits as usize + 1);
         let timed = (record.retransmits as usize).min(MAX_RETRANSMIT_TIMES);
@@ -219,7 +219,7 @@ impl Attempt {
         })
     }
 
-    pub fn duration(&self) -> std::time::Duration {
+    pub(crate) fn duration(&self) -> std::time::Duration {
         self.end.duration_since(self.start).unwrap_or_default()
     }
 }

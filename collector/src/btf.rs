@@ -29,7 +29,7 @@ use std::{fs::File, io::Read, path::Path};
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, thiserror::Error)]
-pub enum BtfError {
+pub(crate) enum BtfError {
     #[error("reading {path}: {source}")]
     Read {
         path: String,
@@ -45,7 +45,7 @@ pub enum BtfError {
 /// The bytes of one BTF file: mapped where the kernel allows it (6.18 does, kernels from before
 /// mid-2025 do not), and then the pages are the kernel's own and cost this process no memory;
 /// read into memory elsewhere.
-pub struct KernelBtf {
+pub(crate) struct KernelBtf {
     bytes: Bytes,
 }
 
@@ -55,7 +55,7 @@ enum Bytes {
 }
 
 impl KernelBtf {
-    pub fn from_sys_fs() -> Result<Self, BtfError> {
+    pub(crate) fn from_sys_fs() -> Result<Self, BtfError> {
         Self::open(Path::new(VMLINUX))
     }
 
@@ -87,12 +87,12 @@ impl KernelBtf {
     }
 
     /// This reader's index of the types, for member lookups.
-    pub fn types(&self) -> Result<Btf<'_>, BtfError> {
+    pub(crate) fn types(&self) -> Result<Btf<'_>, BtfError> {
         Btf::parse(self.bytes())
     }
 
     /// aya's parse of the same bytes, for the loader and the BTF tracepoints.
-    pub fn for_aya(&self) -> Result<aya::Btf, BtfError> {
+    pub(crate) fn for_aya(&self) -> Result<aya::Btf, BtfError> {
         aya::Btf::parse(self.bytes(), aya::Endianness::default()).map_err(BtfError::Aya)
     }
 }
@@ -100,21 +100,21 @@ impl KernelBtf {
 const MAGIC: u16 = 0xeb9f;
 
 mod kind {
-    pub const INT: u32 = 1;
-    pub const ARRAY: u32 = 3;
-    pub const STRUCT: u32 = 4;
-    pub const UNION: u32 = 5;
-    pub const ENUM: u32 = 6;
-    pub const TYPEDEF: u32 = 8;
-    pub const VOLATILE: u32 = 9;
-    pub const CONST: u32 = 10;
-    pub const RESTRICT: u32 = 11;
-    pub const FUNC_PROTO: u32 = 13;
-    pub const VAR: u32 = 14;
-    pub const DATASEC: u32 = 15;
-    pub const DECL_TAG: u32 = 17;
-    pub const TYPE_TAG: u32 = 18;
-    pub const ENUM64: u32 = 19;
+    pub(crate) const INT: u32 = 1;
+    pub(crate) const ARRAY: u32 = 3;
+    pub(crate) const STRUCT: u32 = 4;
+    pub(crate) const UNION: u32 = 5;
+    pub(crate) const ENUM: u32 = 6;
+    pub(crate) const TYPEDEF: u32 = 8;
+    pub(crate) const VOLATILE: u32 = 9;
+    pub(crate) const CONST: u32 = 10;
+    pub(crate) const RESTRICT: u32 = 11;
+    pub(crate) const FUNC_PROTO: u32 = 13;
+    pub(crate) const VAR: u32 = 14;
+    pub(crate) const DATASEC: u32 = 15;
+    pub(crate) const DECL_TAG: u32 = 17;
+    pub(crate) const TYPE_TAG: u32 = 18;
+    pub(crate) const ENUM64: u32 = 19;
 }
 
 /// The last kind this reader knows (`BTF_KIND_ENUM64`).
@@ -133,7 +133,7 @@ fn extra_len(kind: u32, vlen: usize) -> Option<usize> {
     })
 }
 
-pub struct Btf<'a> {
+pub(crate) struct Btf<'a> {
     data: &'a [u8],
     /// Where the string section starts in `data`.
     strings: usize,
@@ -153,7 +153,7 @@ struct TypeHeader {
 }
 
 impl<'a> Btf<'a> {
-    pub fn parse(data: &'a [u8]) -> Result<Self, BtfError> {
+    pub(crate) fn parse(data: &'a [u8]) -> Result<Self, BtfError> {
         let u16_at = |at: usize| data.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
         let u32_at = |at: usize| {
             data.get(at..at + 4)
@@ -217,7 +217,7 @@ impl<'a> Btf<'a> {
 
     /// Byte offset of `member` in `struct name`, looking through anonymous structs and
     /// unions; `None` if there is no such member or it is a bitfield (no byte to read at).
-    pub fn member_offset(&self, name: &str, member: &str) -> Option<u32> {
+    pub(crate) fn member_offset(&self, name: &str, member: &str) -> Option<u32> {
         (1..=self.types.len() as u32).find_map(|id| {
             let t = self.header(id)?;
             (t.kind == kind::STRUCT && self.string(t.name) == name.as_bytes())

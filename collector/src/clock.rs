@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// The offset between CLOCK_REALTIME and CLOCK_MONOTONIC, re-sampled now and then so that
 /// NTP slews and steps reach the spans.
 #[derive(Clone, Copy, Debug)]
-pub struct WallClock {
+pub(crate) struct WallClock {
     /// realtime - monotonic, in nanoseconds.
     offset_ns: i128,
     sampled_at_mono_ns: u64,
@@ -25,7 +25,7 @@ fn now_ns(clock: libc::clockid_t) -> i128 {
 }
 
 impl WallClock {
-    pub fn sample() -> Self {
+    pub(crate) fn sample() -> Self {
         // Bracket the monotonic read between two realtime reads and keep the tightest of a
         // few tries: the error is then half the bracket, well under a microsecond.
         let mut best: Option<(i128, i128)> = None;
@@ -46,7 +46,8 @@ impl WallClock {
         }
     }
 
-    pub fn from_offset(offset_ns: i128) -> Self {
+    #[cfg(test)]
+    pub(crate) fn from_offset(offset_ns: i128) -> Self {
         Self {
             offset_ns,
             sampled_at_mono_ns: 0,
@@ -54,13 +55,13 @@ impl WallClock {
     }
 
     /// Re-samples if the last sample is older than a second, as seen from `mono_ns`.
-    pub fn refresh(&mut self, mono_ns: u64) {
+    pub(crate) fn refresh(&mut self, mono_ns: u64) {
         if mono_ns.saturating_sub(self.sampled_at_mono_ns) >= RESAMPLE_NS {
             *self = Self::sample();
         }
     }
 
-    pub fn to_system_time(&self, mono_ns: u64) -> SystemTime {
+    pub(crate) fn to_system_time(self, mono_ns: u64) -> SystemTime {
         let unix_ns = mono_ns as i128 + self.offset_ns;
         if unix_ns <= 0 {
             return UNIX_EPOCH;

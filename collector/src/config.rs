@@ -51,7 +51,7 @@ Examples:
 
 /// What synspan writes to stdout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Output {
+pub(crate) enum Output {
     /// One human-readable line per attempt.
     Console,
     /// One JSON object per attempt (JSON Lines); nothing else goes to stdout.
@@ -62,134 +62,134 @@ pub enum Output {
 
 #[derive(Debug, Parser)]
 #[command(name = "synspan", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// What to print on stdout for each finished attempt. Logs always go to stderr.
     #[arg(long, value_enum, default_value_t = Output::Console)]
-    pub output: Output,
+    pub(crate) output: Output,
 
     /// Export spans over OTLP gRPC to this collector, e.g. http://127.0.0.1:4317.
     #[arg(long, value_name = "URL", value_parser = parse_endpoint)]
-    pub otlp_endpoint: Option<http::Uri>,
+    pub(crate) otlp_endpoint: Option<http::Uri>,
 
     /// CA certificate(s), PEM, that sign the collector's certificate (https endpoints).
     /// Default: the system's roots. Env: OTEL_EXPORTER_OTLP_CERTIFICATE.
     #[arg(long, value_name = "FILE")]
-    pub otlp_ca_file: Option<PathBuf>,
+    pub(crate) otlp_ca_file: Option<PathBuf>,
 
     /// Client certificate chain, PEM, for mutual TLS. Env: OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE.
     #[arg(long, value_name = "FILE", requires = "otlp_client_key")]
-    pub otlp_client_cert: Option<PathBuf>,
+    pub(crate) otlp_client_cert: Option<PathBuf>,
 
     /// Client private key, PEM, for mutual TLS. Env: OTEL_EXPORTER_OTLP_CLIENT_KEY.
     #[arg(long, value_name = "FILE", requires = "otlp_client_cert")]
-    pub otlp_client_key: Option<PathBuf>,
+    pub(crate) otlp_client_key: Option<PathBuf>,
 
     /// Keep every failure plus successes that needed a SYN retransmit or took longer than
     /// --slow-threshold (default 1s); drop other successes in the kernel. The production
     /// setting. Same as `--sample-successes 0 --keep-retried --slow-threshold 1s`.
     #[arg(long)]
-    pub failures_only: bool,
+    pub(crate) failures_only: bool,
 
     /// Keep successes that took at least this long (e.g. 200ms, 1s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub slow_threshold: Option<Duration>,
+    pub(crate) slow_threshold: Option<Duration>,
 
     /// Keep successes that needed at least one SYN retransmit.
     #[arg(long)]
-    pub keep_retried: bool,
+    pub(crate) keep_retried: bool,
 
     /// Fraction of the remaining successes to keep, from 0 to 1. Default 1, or 0 with
     /// --failures-only. Failures are always kept.
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
-    pub sample_successes: Option<f64>,
+    pub(crate) sample_successes: Option<f64>,
 
     /// Trace only attempts made by these processes (tgid). Repeat or separate with commas.
     #[arg(long = "pid", value_name = "PID", value_delimiter = ',')]
-    pub pids: Vec<u32>,
+    pub(crate) pids: Vec<u32>,
 
     /// Trace only attempts made from these cgroup v2 directories (e.g.
     /// /sys/fs/cgroup/system.slice/nginx.service). Repeat or separate with commas.
     #[arg(long = "cgroup", value_name = "PATH", value_delimiter = ',')]
-    pub cgroups: Vec<PathBuf>,
+    pub(crate) cgroups: Vec<PathBuf>,
 
     /// Trace only attempts to these destination ports. Repeat or separate with commas.
     #[arg(long = "dest-port", value_name = "PORT", value_delimiter = ',')]
-    pub dest_ports: Vec<u16>,
+    pub(crate) dest_ports: Vec<u16>,
 
     /// Trace only attempts to these destination networks (CIDR, IPv4 or IPv6, e.g.
     /// 10.0.0.0/8). Repeat or separate with commas.
     #[arg(long = "dest", value_name = "CIDR", value_delimiter = ',')]
-    pub dests: Vec<ipnet::IpNet>,
+    pub(crate) dests: Vec<ipnet::IpNet>,
 
     /// Do not look up NAT (conntrack) for failed and retried attempts. Lets synspan drop
     /// CAP_SYS_ADMIN and CAP_NET_ADMIN after start-up.
     #[arg(long, conflicts_with = "nat_all")]
-    pub no_nat: bool,
+    pub(crate) no_nat: bool,
 
     /// Look up NAT for every attempt, successes included (costs a netlink query each; at most
     /// 200 lookups a second are made).
     #[arg(long)]
-    pub nat_all: bool,
+    pub(crate) nat_all: bool,
 
     /// Put the traced process's full command line on its spans (`process.command_line`).
     /// Off by default: command lines often carry passwords and tokens.
     #[arg(long)]
-    pub capture_command_line: bool,
+    pub(crate) capture_command_line: bool,
 
     /// Do not capture kernel and user stacks: the lowest overhead.
     #[arg(long)]
-    pub no_stacks: bool,
+    pub(crate) no_stacks: bool,
 
     /// Trace attempts with classic tracepoints even where BTF tracepoints work: what a
     /// kernel without BTF gets. For testing that path.
     #[arg(long, hide = true)]
-    pub classic_tracepoints: bool,
+    pub(crate) classic_tracepoints: bool,
 
     /// Hold every evidence lookup (NAT, port usage) back this long: a stuck netlink peer or
     /// /proc read, made on purpose. For testing that nothing waits for one.
     #[arg(long, hide = true, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
-    pub evidence_delay: Duration,
+    pub(crate) evidence_delay: Duration,
 
     /// Attempts tracked in flight at once (the in-flight map's size). An attempt pushed out
     /// by newer ones is counted as evicted.
     #[arg(long, value_name = "N", default_value = "16384")]
-    pub max_in_flight: NonZeroU32,
+    pub(crate) max_in_flight: NonZeroU32,
 
     /// Size of the kernel-to-agent ring buffer in bytes: a power of two, at least 4096.
     /// Records that do not fit are counted as `ringbuf_full`.
     #[arg(long, value_name = "BYTES", default_value = "4194304", value_parser = parse_ring_size)]
-    pub ring_buffer_bytes: u32,
+    pub(crate) ring_buffer_bytes: u32,
 
     /// Spans waiting for the OTLP exporter. When full, new spans are dropped and counted as
     /// `export_queue_full`. A queued span takes about half a KiB: its process and stacks are
     /// shared, and it is encoded only in the batch that sends it.
     #[arg(long, value_name = "SPANS", default_value = "8192")]
-    pub export_queue_size: NonZeroU32,
+    pub(crate) export_queue_size: NonZeroU32,
 
     /// Spans per OTLP export request, at most 2048: with stacks a span is 1 to 2 KiB, and a
     /// request must stay under the 4 MiB a gRPC server accepts by default.
     #[arg(long, value_name = "SPANS", default_value = "512", value_parser = clap::value_parser!(u32).range(1..=2048))]
-    pub export_batch_size: u32,
+    pub(crate) export_batch_size: u32,
 
     /// How long to retry one failed export, with backoff, before its spans are dropped and
     /// counted as `export_failed`.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
-    pub export_retry_timeout: Duration,
+    pub(crate) export_retry_timeout: Duration,
 
     /// Print accounting counters on stderr this often (e.g. 10s). 0 turns it off; a final
     /// summary is always printed at exit.
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
-    pub stats_interval: Duration,
+    pub(crate) stats_interval: Duration,
 
     /// Export synspan's own counters (seen, exported, dropped by reason) as OTLP metrics to
     /// the same endpoint this often. 0 turns them off.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    pub metrics_interval: Duration,
+    pub(crate) metrics_interval: Duration,
 
     /// On SIGINT or SIGTERM, wait this long for pending spans to be exported. A second
     /// signal exits at once.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
-    pub shutdown_timeout: Duration,
+    pub(crate) shutdown_timeout: Duration,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -215,19 +215,19 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
 
 /// What the agent runs with: the flags, and what they and the environment resolve to.
 #[derive(Debug)]
-pub struct Settings {
-    pub flags: Cli,
+pub(crate) struct Settings {
+    pub(crate) flags: Cli,
     /// What goes to stdout for each attempt; `None` for `--output none`.
-    pub stdout: Option<Format>,
+    pub(crate) stdout: Option<Format>,
     /// Where spans and self-metrics go, before their TLS files are read; `None` when
     /// nothing is exported.
-    pub export: Option<otlp::settings::Signals>,
+    pub(crate) export: Option<otlp::settings::Signals>,
 }
 
 impl Settings {
     /// Resolves the flags against `env` (the process's environment, in the binary) and
     /// checks what clap cannot. The message names the problem and the fix.
-    pub fn resolve(flags: Cli, env: Env) -> Result<Self, String> {
+    pub(crate) fn resolve(flags: Cli, env: Env) -> Result<Self, String> {
         let export = otlp::settings::resolve(
             &otlp::Flags {
                 endpoint: flags.otlp_endpoint.as_ref(),
@@ -261,7 +261,7 @@ impl Settings {
 impl Cli {
     /// The in-kernel policy these flags ask for. `agent_tgid`: synspan's own process as
     /// the kernel sees it, whose connections are not traced (0: none).
-    pub fn policy(&self, agent_tgid: u32) -> Policy {
+    pub(crate) fn policy(&self, agent_tgid: u32) -> Policy {
         let rate = self
             .sample_successes
             .unwrap_or(if self.failures_only { 0.0 } else { 1.0 });

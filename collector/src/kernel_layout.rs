@@ -13,7 +13,7 @@ use synspan_shared::{
 };
 
 #[derive(Debug, thiserror::Error)]
-pub enum LayoutError {
+pub(crate) enum LayoutError {
     #[error(
         "tracefs is not mounted (looked in /sys/kernel/tracing and /sys/kernel/debug/tracing); \
          mount it with `mount -t tracefs tracefs /sys/kernel/tracing`"
@@ -44,7 +44,7 @@ pub enum LayoutError {
 }
 
 /// The tracefs root, if mounted and readable.
-pub fn tracefs_root() -> Result<PathBuf, LayoutError> {
+pub(crate) fn tracefs_root() -> Result<PathBuf, LayoutError> {
     let mut denied = None;
     for root in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"].map(PathBuf::from) {
         match fs::metadata(root.join("events")) {
@@ -57,14 +57,18 @@ pub fn tracefs_root() -> Result<PathBuf, LayoutError> {
 }
 
 /// Field offsets of one tracepoint, parsed from its `format` file.
-pub struct TracepointFormat {
+pub(crate) struct TracepointFormat {
     category: &'static str,
     name: &'static str,
     fields: Vec<(String, u16)>,
 }
 
 impl TracepointFormat {
-    pub fn read(tracefs: &Path, category: &'static str, name: &'static str) -> Result<Self, LayoutError> {
+    pub(crate) fn read(
+        tracefs: &Path,
+        category: &'static str,
+        name: &'static str,
+    ) -> Result<Self, LayoutError> {
         let path = tracefs.join("events").join(category).join(name).join("format");
         let text = fs::read_to_string(&path).map_err(|source| LayoutError::MissingTracepoint {
             category,
@@ -75,7 +79,7 @@ impl TracepointFormat {
         Ok(Self::parse(category, name, &text))
     }
 
-    pub fn parse(category: &'static str, name: &'static str, text: &str) -> Self {
+    pub(crate) fn parse(category: &'static str, name: &'static str, text: &str) -> Self {
         let fields = text
             .lines()
             .filter_map(|line| {
@@ -97,7 +101,7 @@ impl TracepointFormat {
         }
     }
 
-    pub fn offset(&self, field: &'static str) -> Result<u16, LayoutError> {
+    pub(crate) fn offset(&self, field: &'static str) -> Result<u16, LayoutError> {
         self.fields
             .iter()
             .find(|(name, _)| name == field)
@@ -111,10 +115,10 @@ impl TracepointFormat {
 }
 
 /// The layouts, and the optional hooks this kernel cannot serve.
-pub struct Resolved {
-    pub layout: KernelLayout,
+pub(crate) struct Resolved {
+    pub(crate) layout: KernelLayout,
     /// (program name, why) for each optional hook that will not be attached.
-    pub unavailable: Vec<(&'static str, String)>,
+    pub(crate) unavailable: Vec<(&'static str, String)>,
 }
 
 /// Reads every layout the programs need. Only `sock:inet_sock_set_state` is required: it
@@ -122,7 +126,7 @@ pub struct Resolved {
 /// resets and errors, and are skipped with a warning where the kernel lacks them.
 /// `struct sock` offsets come from the kernel's BTF; without them the errno is inferred, not
 /// read.
-pub fn resolve(vmlinux: Result<&KernelBtf, &BtfError>) -> Result<Resolved, LayoutError> {
+pub(crate) fn resolve(vmlinux: Result<&KernelBtf, &BtfError>) -> Result<Resolved, LayoutError> {
     let tracefs = tracefs_root()?;
     let set_state = TracepointFormat::read(&tracefs, "sock", "inet_sock_set_state")?;
     let mut unavailable = Vec::new();

@@ -5,21 +5,24 @@
 //! ([`span`]) → sinks ([`sink`]; OTLP through [`otlp`]), with every attempt accounted for
 //! ([`stats`]).
 
-pub mod agent;
-pub mod attempt;
-pub mod btf;
-pub mod clock;
-pub mod config;
-pub mod enrich;
-pub mod evidence;
-pub mod kernel_layout;
-pub mod loader;
-pub mod nat;
-pub mod otlp;
-pub mod outcome;
-pub mod port_usage;
-pub mod privilege;
-pub mod self_metrics;
-pub mod sink;
-pub mod span;
-pub mod stats;
+mod agent;
+mod attempt;
+mod btf;
+mod clock;
+mod config;
+mod enrich;
+mod evidence;
+mod kernel_layout;
+mod launch;
+mod loader;
+mod nat;
+mod otlp;
+mod outcome;
+mod port_usage;
+mod privilege;
+mod self_metrics;
+mod sink;
+mod span;
+mod stats;
+
+pub use launch::main;

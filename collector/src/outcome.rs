@@ -5,7 +5,7 @@ use synspan_shared::{AttemptRecord, attempt_flags, tcp_state};
 /// How a connect attempt ended. The names are the values of `synspan.outcome` and, for
 /// failures, `error.type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Established,
     ConnectionRefused,
     TimedOut,
@@ -19,7 +19,8 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 8] = [
+    #[cfg(test)]
+    pub(crate) const ALL: [Outcome; 8] = [
         Outcome::Established,
         Outcome::ConnectionRefused,
         Outcome::TimedOut,
@@ -30,7 +31,7 @@ impl Outcome {
         Outcome::Other,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Outcome::Established => "established",
             Outcome::ConnectionRefused => "connection_refused",
@@ -43,12 +44,12 @@ impl Outcome {
         }
     }
 
-    pub fn is_failure(self) -> bool {
+    pub(crate) fn is_failure(self) -> bool {
         self != Outcome::Established
     }
 
     /// The outcome a `connect()` errno stands for.
-    pub fn from_errno(errno: i32) -> Option<Self> {
+    pub(crate) fn from_errno(errno: i32) -> Option<Self> {
         match errno {
             libc::ECONNREFUSED => Some(Outcome::ConnectionRefused),
             libc::ETIMEDOUT => Some(Outcome::TimedOut),
@@ -72,7 +73,7 @@ impl std::fmt::Display for Outcome {
 /// decides first. It is 0 in two cases the kernel does not flag otherwise: the application
 /// closed a pending connect, and `inet_hash_connect` found no free port (then no port was
 /// ever chosen, and the socket never sent a SYN).
-pub fn classify(record: &AttemptRecord) -> Outcome {
+pub(crate) fn classify(record: &AttemptRecord) -> Outcome {
     if record.flags & attempt_flags::NEVER_STARTED != 0 {
         return Outcome::from_errno(record.error).unwrap_or(Outcome::Other);
     }

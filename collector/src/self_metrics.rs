@@ -28,9 +28,9 @@ use crate::{
 };
 
 /// The last accounting reading; the agent refreshes it, the export task reads it.
-pub type Snapshot = Arc<Mutex<Accounting>>;
+pub(crate) type Snapshot = Arc<Mutex<Accounting>>;
 
-pub struct SelfMetrics {
+pub(crate) struct SelfMetrics {
     task: JoinHandle<()>,
     /// Asks for a last reading, to be sent by the deadline given.
     stop: oneshot::Sender<Instant>,
@@ -54,7 +54,7 @@ fn drops(a: &Accounting) -> [(&'static str, u64); 10] {
 
 impl SelfMetrics {
     /// Sends a reading every `interval`, the first one an interval from now.
-    pub fn start(client: Client, host_name: &str, interval: Duration, snapshot: Snapshot) -> Self {
+    pub(crate) fn start(client: Client, host_name: &str, interval: Duration, snapshot: Snapshot) -> Self {
         let requests = MetricsRequests::new(host_name);
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(export_loop(client, requests, interval, snapshot, stopped));
@@ -62,7 +62,7 @@ impl SelfMetrics {
     }
 
     /// Sends a last reading, waiting at most `timeout`.
-    pub async fn shutdown(self, timeout: Duration) {
+    pub(crate) async fn shutdown(self, timeout: Duration) {
         let Self { mut task, stop } = self;
         let deadline = Instant::now() + timeout;
         if stop.send(deadline).is_err() {

@@ -9,47 +9,47 @@ use crate::loader::KernelCounters;
 
 /// Counters kept by the agent. Shared between the reader and the export task.
 #[derive(Debug, Default)]
-pub struct AgentCounters {
+pub(crate) struct AgentCounters {
     /// Records read from the ring buffer.
-    pub received: AtomicU64,
+    pub(crate) received: AtomicU64,
     /// Records that could not be decoded (an unknown address family).
-    pub undecodable: AtomicU64,
+    pub(crate) undecodable: AtomicU64,
     /// Attempts dropped because the enrichment worker was too far behind the reader.
-    pub enrich_queue_full: AtomicU64,
+    pub(crate) enrich_queue_full: AtomicU64,
     /// Spans handed to the OTLP export queue.
-    pub submitted: AtomicU64,
+    pub(crate) submitted: AtomicU64,
     /// Spans delivered: accepted by the OTLP collector when exporting, else written to stdout.
-    pub exported: AtomicU64,
-    pub export_queue_full: AtomicU64,
-    pub export_failed: AtomicU64,
+    pub(crate) exported: AtomicU64,
+    pub(crate) export_queue_full: AtomicU64,
+    pub(crate) export_failed: AtomicU64,
     /// Spans still queued when the shutdown timeout ran out.
-    pub unflushed: AtomicU64,
+    pub(crate) unflushed: AtomicU64,
 }
 
 impl AgentCounters {
-    pub fn add(counter: &AtomicU64, n: u64) {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
 }
 
 /// One consistent reading of every counter.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Accounting {
-    pub kernel: KernelCounters,
+pub(crate) struct Accounting {
+    pub(crate) kernel: KernelCounters,
     /// Runs of synspan's programs the kernel left out (see `KernelObject::recursion_misses`).
-    pub recursion_misses: u64,
-    pub in_flight: u64,
-    pub received: u64,
-    pub undecodable: u64,
-    pub enrich_queue_full: u64,
-    pub exported: u64,
-    pub export_queue_full: u64,
-    pub export_failed: u64,
-    pub unflushed: u64,
+    pub(crate) recursion_misses: u64,
+    pub(crate) in_flight: u64,
+    pub(crate) received: u64,
+    pub(crate) undecodable: u64,
+    pub(crate) enrich_queue_full: u64,
+    pub(crate) exported: u64,
+    pub(crate) export_queue_full: u64,
+    pub(crate) export_failed: u64,
+    pub(crate) unflushed: u64,
 }
 
 impl Accounting {
-    pub fn read(
+    pub(crate) fn read(
         kernel: KernelCounters,
         recursion_misses: u64,
         in_flight: u64,
@@ -70,7 +70,7 @@ impl Accounting {
     }
 
     /// Attempts pushed out of the in-flight map by newer ones before they finished.
-    pub fn evicted(&self) -> u64 {
+    pub(crate) fn evicted(&self) -> u64 {
         let k = &self.kernel;
         k.started
             .saturating_sub(k.finished)
@@ -80,12 +80,12 @@ impl Accounting {
 
     /// Attempts the policy dropped: at SYN_SENT by an allow-list, or at the end by the
     /// success rules and sampling.
-    pub fn filtered(&self) -> u64 {
+    pub(crate) fn filtered(&self) -> u64 {
         self.kernel.filtered + self.kernel.not_allowed
     }
 
     /// Attempts that will never be exported, whatever the reason.
-    pub fn dropped(&self) -> u64 {
+    pub(crate) fn dropped(&self) -> u64 {
         let k = &self.kernel;
         self.filtered()
             + k.ringbuf_full
@@ -100,13 +100,13 @@ impl Accounting {
     }
 
     /// Attempts the kernel saw enter SYN_SENT while synspan ran.
-    pub fn seen(&self) -> u64 {
+    pub(crate) fn seen(&self) -> u64 {
         self.kernel.started + self.kernel.track_failed + self.kernel.not_allowed
     }
 
     /// Every attempt the kernel saw is exported, in flight, dropped under a reason, or
     /// received and not yet settled by the exporter.
-    pub fn pending(&self) -> u64 {
+    pub(crate) fn pending(&self) -> u64 {
         let seen = self.seen();
         seen.saturating_sub(self.exported + self.dropped() + self.in_flight)
     }
@@ -166,7 +166,7 @@ impl From<&Accounting> for AccountingLine {
 impl Accounting {
     /// One JSON object on one line, keyed `synspan_accounting` so that it is found among
     /// the log lines.
-    pub fn json_line(&self) -> String {
+    pub(crate) fn json_line(&self) -> String {
         #[derive(serde::Serialize)]
         struct Keyed {
             synspan_accounting: AccountingLine,

@@ -48,7 +48,7 @@ const MAX_BATCHES_PER_TICK: usize = 8;
 
 /// Runs until SIGINT or SIGTERM. `export`: where spans and self-metrics go, their TLS files
 /// read; `None` when nothing is exported.
-pub async fn run(settings: Settings, export: Option<Export>) -> anyhow::Result<()> {
+pub(crate) async fn run(settings: Settings, export: Option<Export>) -> anyhow::Result<()> {
     let mut agent = Agent::start(&settings, export.as_ref())?;
     let stopped_by = agent.serve(&settings.flags).await?;
     agent.shutdown(stopped_by, &settings.flags).await

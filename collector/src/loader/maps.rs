@@ -13,15 +13,15 @@ use super::{KernelObject, LoadError};
 
 /// The allow-lists of the in-kernel filter; empty lists are off.
 #[derive(Debug, Default)]
-pub struct Filters {
-    pub pids: Vec<u32>,
-    pub cgroup_ids: Vec<u64>,
-    pub ports: Vec<u16>,
-    pub dests: Vec<ipnet::IpNet>,
+pub(crate) struct Filters {
+    pub(crate) pids: Vec<u32>,
+    pub(crate) cgroup_ids: Vec<u64>,
+    pub(crate) ports: Vec<u16>,
+    pub(crate) dests: Vec<ipnet::IpNet>,
 }
 
 /// The id the kernel gives a cgroup v2 directory: its inode number.
-pub fn cgroup_id(path: &Path) -> Result<u64, LoadError> {
+pub(crate) fn cgroup_id(path: &Path) -> Result<u64, LoadError> {
     const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
     let err = |reason: String| LoadError::Cgroup {
         path: path.to_path_buf(),
@@ -81,7 +81,7 @@ impl KernelObject {
     }
 
     /// Fills the allow-lists. Call before [`KernelObject::attach`].
-    pub fn set_filters(&mut self, filters: &Filters) -> Result<(), LoadError> {
+    pub(crate) fn set_filters(&mut self, filters: &Filters) -> Result<(), LoadError> {
         self.fill_allow_list(map::ALLOW_PIDS, &filters.pids)?;
         self.fill_allow_list(map::ALLOW_CGROUPS, &filters.cgroup_ids)?;
         self.fill_allow_list(map::ALLOW_PORTS, &filters.ports)?;
@@ -108,20 +108,20 @@ impl KernelObject {
         Ok(())
     }
 
-    pub fn take_attempts(&mut self) -> Result<RingBuf<MapData>, LoadError> {
+    pub(crate) fn take_attempts(&mut self) -> Result<RingBuf<MapData>, LoadError> {
         self.take(map::ATTEMPTS)
     }
 
-    pub fn take_process_notes(&mut self) -> Result<RingBuf<MapData>, LoadError> {
+    pub(crate) fn take_process_notes(&mut self) -> Result<RingBuf<MapData>, LoadError> {
         self.take(map::PROCESS_NOTES)
     }
 
-    pub fn take_stacks(&mut self) -> Result<StackTraceMap<MapData>, LoadError> {
+    pub(crate) fn take_stacks(&mut self) -> Result<StackTraceMap<MapData>, LoadError> {
         self.take(map::STACKS)
     }
 
     /// Attempts still waiting in SYN_SENT.
-    pub fn in_flight(&self) -> Result<u64, LoadError> {
+    pub(crate) fn in_flight(&self) -> Result<u64, LoadError> {
         let in_flight: HashMap<_, u64, AttemptRecord> = self.map(map::IN_FLIGHT)?;
         Ok(in_flight.keys().filter(Result::is_ok).count() as u64)
     }

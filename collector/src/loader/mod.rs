@@ -11,9 +11,8 @@ use synspan_shared::{
     names::{global, map},
 };
 
-pub use maps::{Filters, cgroup_id};
-pub use programs::Unattached;
-pub use statistics::KernelCounters;
+pub(crate) use maps::{Filters, cgroup_id};
+pub(crate) use statistics::KernelCounters;
 
 use crate::kernel_layout::Resolved;
 
@@ -21,7 +20,7 @@ use crate::kernel_layout::Resolved;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/synspan-ebpf"));
 
 #[derive(Debug, thiserror::Error)]
-pub enum LoadError {
+pub(crate) enum LoadError {
     #[error("loading the eBPF programs failed: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("the object has no program {0}; the build is broken")]
@@ -50,13 +49,13 @@ pub enum LoadError {
 }
 
 /// Sizes chosen on the command line.
-pub struct Limits {
-    pub max_in_flight: u32,
-    pub ring_buffer_bytes: u32,
+pub(crate) struct Limits {
+    pub(crate) max_in_flight: u32,
+    pub(crate) ring_buffer_bytes: u32,
 }
 
 /// The loaded object. Dropping it detaches and unloads every program.
-pub struct KernelObject {
+pub(crate) struct KernelObject {
     ebpf: Ebpf,
     /// Recursion misses as they were when the programs were unloaded: the count goes with
     /// them.
@@ -79,7 +78,7 @@ fn raise_memlock() {
 impl KernelObject {
     /// Loads the maps, with the layouts and the policy written into the object; the programs
     /// are loaded one by one as they are attached.
-    pub fn load(
+    pub(crate) fn load(
         resolved: &Resolved,
         policy: &Policy,
         limits: &Limits,

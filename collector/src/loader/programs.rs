@@ -11,7 +11,7 @@ use super::{KernelObject, LoadError};
 use crate::{btf::BtfError, kernel_layout::Resolved};
 
 /// Optional hooks that were not attached, each with why: spans lack what it shows.
-pub type Unattached = Vec<(&'static str, String)>;
+pub(crate) type Unattached = Vec<(&'static str, String)>;
 
 /// Classic tracepoint programs, each named after its tracepoint: (name, category). Each is
 /// optional: a kernel without one loses what it shows, not the attempts.
@@ -38,7 +38,7 @@ impl KernelObject {
     /// Attaches every hook this kernel has. Returns the optional hooks it could not attach.
     /// `prefer_btf`: attach the attempt programs as BTF tracepoints where the kernel can.
     /// `btf`: aya's parse of the kernel's BTF, whose type ids the BTF tracepoints attach by.
-    pub fn attach(
+    pub(crate) fn attach(
         &mut self,
         resolved: &Resolved,
         prefer_btf: bool,
@@ -134,7 +134,7 @@ impl KernelObject {
     }
 
     /// Detaches every program so that no new attempt is recorded. Maps stay readable.
-    pub fn detach(&mut self) {
+    pub(crate) fn detach(&mut self) {
         self.recursion_misses_at_detach = Some(self.recursion_misses());
         let names: Vec<String> = self.ebpf.programs().map(|(name, _)| name.to_string()).collect();
         for name in names {

@@ -10,16 +10,16 @@ use super::{KernelObject, LoadError};
 
 /// Sums of the kernel's per-CPU counters; see `synspan_shared::counter`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct KernelCounters {
-    pub started: u64,
-    pub finished: u64,
-    pub filtered: u64,
-    pub ringbuf_full: u64,
-    pub replaced: u64,
-    pub untracked_finish: u64,
-    pub track_failed: u64,
-    pub not_allowed: u64,
-    pub never_started: u64,
+pub(crate) struct KernelCounters {
+    pub(crate) started: u64,
+    pub(crate) finished: u64,
+    pub(crate) filtered: u64,
+    pub(crate) ringbuf_full: u64,
+    pub(crate) replaced: u64,
+    pub(crate) untracked_finish: u64,
+    pub(crate) track_failed: u64,
+    pub(crate) not_allowed: u64,
+    pub(crate) never_started: u64,
 }
 
 /// `bpf_prog_info::recursion_misses` of one program, from the kernel (5.12 and later; 0 before).
@@ -46,7 +46,7 @@ fn program_recursion_misses(fd: BorrowedFd<'_>) -> u64 {
 }
 
 impl KernelObject {
-    pub fn counters(&self) -> Result<KernelCounters, LoadError> {
+    pub(crate) fn counters(&self) -> Result<KernelCounters, LoadError> {
         let array: PerCpuArray<_, u64> = self.map(map::COUNTERS)?;
         let sum = |slot: u32| {
             array
@@ -71,7 +71,7 @@ impl KernelObject {
     /// classic tracepoints: any tracing program) was already running on that CPU, an
     /// interrupt in the middle of it. Each may have lost an attempt's start or end: the one
     /// loss synspan cannot count attempt by attempt.
-    pub fn recursion_misses(&self) -> u64 {
+    pub(crate) fn recursion_misses(&self) -> u64 {
         if let Some(misses) = self.recursion_misses_at_detach {
             return misses;
         }

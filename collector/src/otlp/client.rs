@@ -18,7 +18,7 @@ pub(crate) const METRICS_PATH: &str = "/opentelemetry.proto.collector.metrics.v1
 
 /// One signal's client. Clones share the connection.
 #[derive(Clone)]
-pub struct Client {
+pub(crate) struct Client {
     grpc: tonic::client::Grpc<Channel>,
     headers: tonic::metadata::MetadataMap,
     timeout: Duration,
@@ -26,9 +26,9 @@ pub struct Client {
 }
 
 /// The clients of both signals.
-pub struct Clients {
-    pub traces: Client,
-    pub metrics: Client,
+pub(crate) struct Clients {
+    pub(crate) traces: Client,
+    pub(crate) metrics: Client,
 }
 
 impl Clients {
@@ -102,7 +102,7 @@ impl Client {
 
     /// One try of an encoded request; `R` is the service's response. A try that outlasts the
     /// signal's timeout, connecting included, fails with `DEADLINE_EXCEEDED`, which is retried.
-    pub async fn export<R>(&mut self, request: Bytes) -> Result<R, Status>
+    pub(crate) async fn export<R>(&mut self, request: Bytes) -> Result<R, Status>
     where
         R: prost::Message + Default + Send + 'static,
     {

@@ -8,17 +8,17 @@
 //! - [`client`]: one channel per endpoint, one export try.
 //! - [`retry`]: which failures are retried, and after how long.
 
-pub mod client;
-pub mod retry;
-pub mod settings;
-pub mod tls;
+pub(crate) mod client;
+pub(crate) mod retry;
+pub(crate) mod settings;
+pub(crate) mod tls;
 
-pub use client::{Client, Clients};
-pub use settings::{Flags, Settings, parse_endpoint, redacted};
-pub use tls::{TlsError, TlsFile, TlsMaterial};
+pub(crate) use client::{Client, Clients};
+pub(crate) use settings::{Flags, Settings, parse_endpoint, redacted};
+pub(crate) use tls::{TlsError, TlsFile, TlsMaterial};
 
 #[derive(Debug, thiserror::Error)]
-pub enum OtlpError {
+pub(crate) enum OtlpError {
     #[error("invalid {var}: {problem}")]
     Variable { var: String, problem: String },
     #[error("{var}: {problem}; expected `key1=value1,key2=value2` (values percent-encoded)")]
@@ -43,9 +43,9 @@ pub(crate) fn unix_nanos(t: std::time::SystemTime) -> u64 {
 
 /// Where one signal goes: its settings and the TLS material its files hold.
 #[derive(Clone, Debug)]
-pub struct Destination {
-    pub settings: Settings,
-    pub tls: TlsMaterial,
+pub(crate) struct Destination {
+    pub(crate) settings: Settings,
+    pub(crate) tls: TlsMaterial,
 }
 
 impl Destination {
@@ -62,15 +62,15 @@ impl Destination {
 
 /// Spans and self-metrics, each with its destination.
 #[derive(Clone, Debug)]
-pub struct Export {
-    pub traces: Destination,
-    pub metrics: Destination,
+pub(crate) struct Export {
+    pub(crate) traces: Destination,
+    pub(crate) metrics: Destination,
 }
 
 impl Export {
     /// Reads both signals' TLS files, so that a mistake in either stops synspan before it
     /// loads anything.
-    pub fn load(signals: settings::Signals) -> Result<Self, OtlpError> {
+    pub(crate) fn load(signals: settings::Signals) -> Result<Self, OtlpError> {
         Ok(Self {
             traces: Destination::load(signals.traces)?,
             metrics: Destination::load(signals.metrics)?,
@@ -78,7 +78,7 @@ impl Export {
     }
 
     /// Clients for both signals; they share one channel when they go to the same place.
-    pub fn connect(&self) -> Result<Clients, OtlpError> {
+    pub(crate) fn connect(&self) -> Result<Clients, OtlpError> {
         Clients::new(&self.traces, &self.metrics)
     }
 }

@@ -15,7 +15,7 @@ use super::{OtlpError, TlsError, TlsFile};
 use crate::enrich::process::percent_decode;
 
 /// Looks a variable up: `std::env::var(..).ok()` outside the tests.
-pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+pub(crate) type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Signal {
@@ -39,34 +39,34 @@ impl Signal {
 
 /// The command line's say, which wins over every variable. The flags apply to both signals.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Flags<'a> {
-    pub endpoint: Option<&'a http::Uri>,
-    pub ca_file: Option<&'a Path>,
-    pub client_cert: Option<&'a Path>,
-    pub client_key: Option<&'a Path>,
+pub(crate) struct Flags<'a> {
+    pub(crate) endpoint: Option<&'a http::Uri>,
+    pub(crate) ca_file: Option<&'a Path>,
+    pub(crate) client_cert: Option<&'a Path>,
+    pub(crate) client_key: Option<&'a Path>,
 }
 
 /// How one signal is exported.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Settings {
-    pub endpoint: http::Uri,
-    pub headers: Headers,
-    pub compression: Option<CompressionEncoding>,
+pub(crate) struct Settings {
+    pub(crate) endpoint: http::Uri,
+    pub(crate) headers: Headers,
+    pub(crate) compression: Option<CompressionEncoding>,
     /// One try of one request.
-    pub timeout: Duration,
-    pub tls: TlsFiles,
+    pub(crate) timeout: Duration,
+    pub(crate) tls: TlsFiles,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TlsFiles {
-    pub ca: Option<TlsFile>,
-    pub client_cert: Option<TlsFile>,
-    pub client_key: Option<TlsFile>,
+pub(crate) struct TlsFiles {
+    pub(crate) ca: Option<TlsFile>,
+    pub(crate) client_cert: Option<TlsFile>,
+    pub(crate) client_key: Option<TlsFile>,
 }
 
 /// Headers sent with every request (API keys, tenants). Their values never reach a log.
 #[derive(Clone, Default)]
-pub struct Headers(pub MetadataMap);
+pub(crate) struct Headers(pub MetadataMap);
 
 impl fmt::Debug for Headers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -86,17 +86,17 @@ impl PartialEq for Headers {
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct Signals {
-    pub traces: Settings,
-    pub metrics: Settings,
+pub(crate) struct Signals {
+    pub(crate) traces: Settings,
+    pub(crate) metrics: Settings,
 }
 
 /// What the specification defaults `OTEL_EXPORTER_OTLP_TIMEOUT` to.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Both signals' settings, or `None` when no endpoint is given for spans: then nothing is
 /// exported. The metrics go where the spans go unless an endpoint is given for them.
-pub fn resolve(flags: &Flags, env: Env) -> Result<Option<Signals>, OtlpError> {
+pub(crate) fn resolve(flags: &Flags, env: Env) -> Result<Option<Signals>, OtlpError> {
     let Some(traces) = endpoint(Signal::Traces, flags, env)? else {
         return Ok(None);
     };
@@ -211,7 +211,7 @@ fn timeout(signal: Signal, env: Env) -> Result<Duration, OtlpError> {
 }
 
 /// An OTLP gRPC endpoint: `http://` or `https://`, a host, an optional port, no path.
-pub fn parse_endpoint(s: &str) -> Result<http::Uri, String> {
+pub(crate) fn parse_endpoint(s: &str) -> Result<http::Uri, String> {
     let hint = "expected a URL such as http://127.0.0.1:4317";
     let uri: http::Uri = s.parse().map_err(|e| format!("{e}; {hint}"))?;
     match uri.scheme_str() {
@@ -229,7 +229,7 @@ pub fn parse_endpoint(s: &str) -> Result<http::Uri, String> {
 }
 
 /// An endpoint fit for logs: user information (a password) is cut out.
-pub fn redacted(uri: &http::Uri) -> String {
+pub(crate) fn redacted(uri: &http::Uri) -> String {
     let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
     let host = authority.rsplit('@').next().unwrap_or_default();
     format!("{}://{host}", uri.scheme_str().unwrap_or("http"))

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     #[error("cannot read {what} {path}: {source}")]
     Read {
         what: String,
@@ -33,17 +33,17 @@ pub enum TlsError {
 
 /// Where each file came from, for messages: the flag or the variable.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TlsFile {
-    pub what: String,
-    pub path: PathBuf,
+pub(crate) struct TlsFile {
+    pub(crate) what: String,
+    pub(crate) path: PathBuf,
 }
 
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct TlsMaterial {
+pub(crate) struct TlsMaterial {
     /// PEM of the CA bundle that signs the collector's certificate.
-    pub ca: Option<Vec<u8>>,
+    pub(crate) ca: Option<Vec<u8>>,
     /// PEM certificate chain and key of this client.
-    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    pub(crate) identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 fn read(file: &TlsFile) -> Result<Vec<u8>, TlsError> {
@@ -77,7 +77,7 @@ fn key(file: &TlsFile) -> Result<Vec<u8>, TlsError> {
 }
 
 impl TlsMaterial {
-    pub fn load(
+    pub(crate) fn load(
         ca: Option<&TlsFile>,
         cert: Option<&TlsFile>,
         key_file: Option<&TlsFile>,
@@ -91,10 +91,6 @@ impl TlsMaterial {
             ca: ca.map(certificates).transpose()?,
             identity,
         })
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ca.is_none() && self.identity.is_none()
     }
 }
 

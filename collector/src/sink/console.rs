@@ -8,7 +8,7 @@ use std::io::{self, Write};
 
 use crate::span::ConnectSpan;
 
-pub fn write_line(out: &mut Vec<u8>, span: &ConnectSpan) -> io::Result<()> {
+pub(crate) fn write_line(out: &mut Vec<u8>, span: &ConnectSpan) -> io::Result<()> {
     let a = &span.attempt;
     write!(
         out,

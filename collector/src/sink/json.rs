@@ -41,7 +41,7 @@ fn kv_pairs(kvs: &[KeyValue]) -> impl Iterator<Item = (&str, &Value)> {
     kvs.iter().map(|kv| (kv.key.as_str(), &kv.value))
 }
 
-pub fn to_json(span: &ConnectSpan) -> Json {
+pub(crate) fn to_json(span: &ConnectSpan) -> Json {
     let d = &span.span_data();
     let (code, message) = match &d.status {
         Status::Unset => ("unset", String::new()),
@@ -73,7 +73,7 @@ pub fn to_json(span: &ConnectSpan) -> Json {
     })
 }
 
-pub fn write_line(out: &mut Vec<u8>, span: &ConnectSpan) -> io::Result<()> {
+pub(crate) fn write_line(out: &mut Vec<u8>, span: &ConnectSpan) -> io::Result<()> {
     serde_json::to_writer(&mut *out, &to_json(span))?;
     out.write_all(b"\n")
 }

@@ -1,10 +1,10 @@
 //! Where finished attempts go: stdout (console or JSON Lines) and OTLP, and the rule for
 //! what counts as exported.
 
-pub mod console;
-pub mod json;
-pub mod otlp;
-pub mod otlp_wire;
+pub(crate) mod console;
+pub(crate) mod json;
+pub(crate) mod otlp;
+pub(crate) mod otlp_wire;
 
 use std::{
     io::{self, BufWriter, Stdout, Write},
@@ -16,7 +16,7 @@ use crate::{span::ConnectSpan, stats::AgentCounters};
 
 /// How attempts are written on stdout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     /// One human-readable line per attempt.
     Console,
     /// One JSON object per attempt (JSON Lines).
@@ -24,14 +24,14 @@ pub enum Format {
 }
 
 /// Console lines or JSON Lines on stdout, one per attempt, flushed once per batch.
-pub struct StdoutSink {
+pub(crate) struct StdoutSink {
     format: Format,
     out: BufWriter<Stdout>,
     line: Vec<u8>,
 }
 
 impl StdoutSink {
-    pub fn new(format: Format) -> Self {
+    pub(crate) fn new(format: Format) -> Self {
         Self {
             format,
             out: BufWriter::with_capacity(64 * 1024, io::stdout()),
@@ -39,7 +39,7 @@ impl StdoutSink {
         }
     }
 
-    pub fn write(&mut self, batch: &[ConnectSpan]) -> io::Result<()> {
+    pub(crate) fn write(&mut self, batch: &[ConnectSpan]) -> io::Result<()> {
         for span in batch {
             self.line.clear();
             match self.format {
@@ -55,14 +55,14 @@ impl StdoutSink {
 /// Every sink a finished attempt goes to. An attempt counts as exported once: when the
 /// collector accepted it if there is one (the export task counts it then), else when it was
 /// written to stdout.
-pub struct Sinks {
+pub(crate) struct Sinks {
     stdout: Option<StdoutSink>,
     otlp: Option<otlp::OtlpSink>,
     counters: Arc<AgentCounters>,
 }
 
 impl Sinks {
-    pub fn new(
+    pub(crate) fn new(
         stdout: Option<StdoutSink>,
         otlp: Option<otlp::OtlpSink>,
         counters: Arc<AgentCounters>,
@@ -76,19 +76,19 @@ impl Sinks {
 
     /// Whether one more span would be dropped at a full export queue anyway. Only OTLP can
     /// be full; with stdout as well every attempt is still printed, so none is shed.
-    pub fn full(&self, pending: usize) -> bool {
+    pub(crate) fn full(&self, pending: usize) -> bool {
         self.stdout.is_none() && self.otlp.as_ref().is_some_and(|otlp| otlp.room() <= pending)
     }
 
     /// Counts an attempt dropped before its span was built because the export queue is full.
-    pub fn shed(&mut self) {
+    pub(crate) fn shed(&mut self) {
         if let Some(otlp) = &mut self.otlp {
             otlp.shed(1);
         }
     }
 
     /// Hands a batch to every sink and empties it.
-    pub fn deliver(&mut self, batch: &mut Vec<ConnectSpan>) {
+    pub(crate) fn deliver(&mut self, batch: &mut Vec<ConnectSpan>) {
         if batch.is_empty() {
             return;
         }
@@ -113,7 +113,7 @@ impl Sinks {
     }
 
     /// Exports what is queued, waiting at most `timeout`.
-    pub async fn shutdown(self, timeout: Duration) {
+    pub(crate) async fn shutdown(self, timeout: Duration) {
         if let Some(otlp) = self.otlp {
             otlp.shutdown(timeout).await;
         }

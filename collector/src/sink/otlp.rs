@@ -23,12 +23,12 @@ use crate::{
     stats::AgentCounters,
 };
 
-pub struct OtlpSettings {
+pub(crate) struct OtlpSettings {
     /// The traces client: its endpoint, TLS, headers, compression and per-try timeout.
-    pub client: Client,
-    pub queue_size: usize,
-    pub batch_size: usize,
-    pub retry_timeout: Duration,
+    pub(crate) client: Client,
+    pub(crate) queue_size: usize,
+    pub(crate) batch_size: usize,
+    pub(crate) retry_timeout: Duration,
 }
 
 /// How long the export task waits for a batch to fill before it sends what it has.
@@ -38,7 +38,7 @@ const SLOW_EXPORT: Duration = Duration::from_secs(1);
 /// At most one "queue full" warning this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
-pub struct OtlpSink {
+pub(crate) struct OtlpSink {
     queue: mpsc::Sender<ConnectSpan>,
     task: JoinHandle<()>,
     counters: Arc<AgentCounters>,
@@ -47,7 +47,7 @@ pub struct OtlpSink {
 
 impl OtlpSink {
     /// Starts the export task.
-    pub fn start(settings: OtlpSettings, counters: Arc<AgentCounters>) -> Self {
+    pub(crate) fn start(settings: OtlpSettings, counters: Arc<AgentCounters>) -> Self {
         let (queue, rx) = mpsc::channel(settings.queue_size);
         let task = tokio::spawn(export_loop(rx, settings, counters.clone()));
         Self {
@@ -59,7 +59,7 @@ impl OtlpSink {
     }
 
     /// Queues spans for export without ever waiting.
-    pub fn submit(&mut self, batch: Vec<ConnectSpan>) {
+    pub(crate) fn submit(&mut self, batch: Vec<ConnectSpan>) {
         let mut full = 0u64;
         let mut queued = 0u64;
         for span in batch {
@@ -75,13 +75,13 @@ impl OtlpSink {
     }
 
     /// Spans the queue can take now.
-    pub fn room(&self) -> usize {
+    pub(crate) fn room(&self) -> usize {
         self.queue.capacity()
     }
 
     /// Counts spans dropped because the queue is full. The reader sheds attempts this way
     /// before it builds their spans, so that an overloaded export costs no work per attempt.
-    pub fn shed(&mut self, n: u64) {
+    pub(crate) fn shed(&mut self, n: u64) {
         AgentCounters::add(&self.counters.export_queue_full, n);
         if self.last_full_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
             self.last_full_warning = Some(Instant::now());
@@ -96,7 +96,7 @@ impl OtlpSink {
 
     /// Exports what is queued, waiting at most `timeout`. Spans left over are counted as
     /// `unflushed`.
-    pub async fn shutdown(self, timeout: Duration) {
+    pub(crate) async fn shutdown(self, timeout: Duration) {
         let Self {
             queue,
             mut task,

@@ -28,7 +28,7 @@ const SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE: u32 = 0x100;
 
 /// One export request being filled: the spans of one resource and scope.
 #[derive(Default)]
-pub struct TraceRequest {
+pub(crate) struct TraceRequest {
     /// The `ScopeSpans.spans` entries so far.
     spans: Vec<u8>,
     count: usize,
@@ -40,22 +40,18 @@ pub struct TraceRequest {
 }
 
 impl TraceRequest {
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.count
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
     /// Bytes written so far, about what the request will weigh on the wire.
-    pub fn encoded_len(&self) -> usize {
+    pub(crate) fn encoded_len(&self) -> usize {
         self.spans.len()
     }
 
     /// Appends the span of one attempt: a root span, no trace state, no links, nothing
     /// dropped, so those fields stay at their defaults and are left out.
-    pub fn push(&mut self, span: &ConnectSpan) {
+    pub(crate) fn push(&mut self, span: &ConnectSpan) {
         let Self {
             span: buf,
             event,
@@ -100,7 +96,7 @@ impl TraceRequest {
 
     /// The `ExportTraceServiceRequest` for what was pushed, appended to `out`; the request
     /// starts over empty.
-    pub fn finish(&mut self, resource: &Resource, scope: &InstrumentationScope, out: &mut Vec<u8>) {
+    pub(crate) fn finish(&mut self, resource: &Resource, scope: &InstrumentationScope, out: &mut Vec<u8>) {
         let mut resource_attrs = Vec::new();
         for (k, v) in resource.iter() {
             key_value(
@@ -285,7 +281,7 @@ mod tests {
         let resource = spans[0].resource.clone();
         let mut bytes = Vec::new();
         request.finish(&resource, crate::span::scope(), &mut bytes);
-        assert!(request.is_empty());
+        assert_eq!(request.len(), 0);
 
         let ours = ExportTraceServiceRequest::decode(bytes.as_slice()).unwrap();
         let sdk = ExportTraceServiceRequest {
