@@ -256,6 +256,8 @@ mod tests {
     #[test]
     fn decodes_bytes_and_fields() {
         let r = timed_out_v4();
+        // SAFETY: the record is repr(C) with no implicit padding (see its Pod impl in shared/),
+        // so every byte is initialized; it is borrowed for as long as the slice lives.
         let bytes = unsafe {
             std::slice::from_raw_parts(
                 (&r as *const AttemptRecord).cast::<u8>(),

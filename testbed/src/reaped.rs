@@ -56,8 +56,9 @@ impl Reaped {
             return None;
         }
         let mut status = 0;
-        // SAFETY: zeroed rusage is valid; plain syscall on our own child.
+        // SAFETY: rusage is plain old data; all zeroes is a valid value of it.
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: plain syscall on our own child, writing into locals.
         if unsafe { libc::wait4(self.pid, &mut status, libc::WNOHANG, &mut usage) } != self.pid {
             return None;
         }

@@ -19,6 +19,7 @@ pub fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 
 /// `getsockname()`.
 pub fn local_addr(fd: &OwnedFd) -> io::Result<SocketAddr> {
+    // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value of it.
     let mut raw: libc::sockaddr_storage = unsafe { zeroed() };
     let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: raw and len describe a buffer large enough for any address.

@@ -101,12 +101,14 @@ fn socket(ip: IpAddr) -> io::Result<OwnedFd> {
     };
     // SAFETY: plain syscalls; the fd is owned right away.
     let fd = check(unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: the fd was just returned by socket() and is owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn bind(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
     let one: libc::c_int = 1;
     let (raw, len) = to_raw(addr);
+    // SAFETY: plain syscalls on an fd we own, with pointers to locals that outlive them.
     unsafe {
         check(libc::setsockopt(
             fd.as_raw_fd(),
@@ -125,7 +127,9 @@ fn bind(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: plain syscalls on an fd we own.
     let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    // SAFETY: as above.
     check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
     Ok(())
 }
@@ -133,6 +137,7 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
 fn so_error(fd: &OwnedFd) -> io::Result<i32> {
     let mut err: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: err and len describe a buffer of the size SO_ERROR writes.
     check(unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
@@ -151,6 +156,7 @@ fn main() -> anyhow::Result<()> {
     let _listener = if args.listen_first {
         let listener = socket(args.target.ip())?;
         bind(&listener, SocketAddr::new(args.target.ip(), 0))?;
+        // SAFETY: plain syscall on an fd we own.
         check(unsafe { libc::listen(listener.as_raw_fd(), 16) })?;
         args.target = local_addr(&listener)?;
         Some(listener)
@@ -208,6 +214,7 @@ fn main() -> anyhow::Result<()> {
 /// immediate caller: this is that caller, and the function below it is the one that shows.
 #[inline(never)]
 fn start_connect(fd: &OwnedFd, raw: &libc::sockaddr_storage, len: libc::socklen_t) -> libc::c_int {
+    // SAFETY: raw holds len bytes of a socket address; plain syscall on an fd we own.
     let ret = unsafe { libc::connect(fd.as_raw_fd(), (raw as *const libc::sockaddr_storage).cast(), len) };
     // Work after the call keeps it from becoming a tail jump, which would leave no frame.
     std::hint::black_box(ret)
@@ -246,6 +253,7 @@ fn synspan_testbed_connect_attempt(args: &Args) -> anyhow::Result<serde_json::Va
             revents: 0,
         };
         let wait_ms = args.close_after_ms.unwrap_or(300_000);
+        // SAFETY: one pollfd, a local.
         let ready = check(unsafe { libc::poll(&mut pfd, 1, wait_ms) })?;
         if ready == 0 {
             closed_by_app = true;
@@ -258,6 +266,7 @@ fn synspan_testbed_connect_attempt(args: &Args) -> anyhow::Result<serde_json::Va
     drop(fd);
     Ok(serde_json::json!({
         "pid": std::process::id(),
+        // SAFETY: plain syscall without arguments.
         "tid": unsafe { libc::gettid() },
         "local": local.to_string(),
         "local_port": local.port(),
