@@ -14,6 +14,7 @@ pub mod evidence;
 pub mod kernel_layout;
 pub mod loader;
 pub mod nat;
+pub mod netns;
 pub mod outcome;
 pub mod port_usage;
 pub mod privilege;

@@ -8,15 +8,14 @@
 //!
 //! Conntrack tables are per network namespace and a netlink socket answers for the namespace
 //! it was created in, so the socket is made on a short-lived thread that entered the
-//! attempt's namespace ([`in_netns`]). The alternative, a cache of sockets by namespace,
+//! attempt's namespace ([`in_netns`](crate::netns::in_netns)). The alternative, a cache of sockets by namespace,
 //! would keep every cached namespace alive after its container is gone.
 
 use std::{
-    fs::File,
     io,
     net::{IpAddr, SocketAddr},
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
-    path::{Path, PathBuf},
+    os::fd::AsRawFd,
+    path::Path,
     time::Duration,
 };
 
@@ -31,6 +30,8 @@ use netlink_packet_netfilter::{
     },
 };
 use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
+
+use crate::netns::{NetnsError, in_netns};
 
 /// How long one netlink receive may wait for the kernel.
 pub const RECV_TIMEOUT: Duration = Duration::from_millis(200);
@@ -68,28 +69,6 @@ pub struct Translation {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum NetnsError {
-    #[error("opening network namespace {path}: {source}")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("entering network namespace {path} (setns needs CAP_SYS_ADMIN): {source}")]
-    Enter {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("starting a thread to enter network namespace {path}: {source}")]
-    Thread {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-}
-
-#[derive(Debug, thiserror::Error)]
 pub enum NatError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
@@ -110,51 +89,6 @@ pub enum NatError {
     Kernel(#[source] io::Error),
     #[error("undecodable conntrack answer: {0}")]
     Decode(#[from] DecodeError),
-}
-
-/// Runs `f` in the network namespace of the namespace file `netns` (`/proc/<pid>/ns/net`,
-/// `/run/netns/<name>`), and returns what it returns.
-///
-/// `f` runs on a thread of its own that enters the namespace and ends with `f`, so the
-/// caller's threads never change namespace; when `netns` is the calling thread's own
-/// namespace, `f` runs right here and needs no privilege. What depends on the namespace is
-/// fixed when it is created or opened: sockets, and files under `/proc/sys/net` (those are
-/// resolved against the namespace of the thread that opens them). Blocks until `f` is done.
-pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
-    let err = |source| NetnsError::Open {
-        path: netns.to_path_buf(),
-        source,
-    };
-    let target = File::open(netns).map_err(err)?;
-    let target_meta = target.metadata().map_err(err)?;
-    if let Ok(own) = std::fs::metadata("/proc/thread-self/ns/net")
-        && (own.dev(), own.ino()) == (target_meta.dev(), target_meta.ino())
-    {
-        return Ok(f());
-    }
-    std::thread::scope(|scope| {
-        let thread = std::thread::Builder::new()
-            .name("synspan-netns".into())
-            .spawn_scoped(scope, || {
-                // SAFETY: setns on a descriptor we hold; it moves this thread only, and the
-                // thread ends when `f` returns.
-                if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(f())
-            })
-            .map_err(|source| NetnsError::Thread {
-                path: netns.to_path_buf(),
-                source,
-            })?;
-        match thread.join() {
-            Ok(result) => result.map_err(|source| NetnsError::Enter {
-                path: netns.to_path_buf(),
-                source,
-            }),
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    })
 }
 
 /// The conntrack entry of `tuple` in the network namespace `netns` (e.g.
@@ -555,7 +489,11 @@ mod tests {
 
     /// Real namespaces, iptables and connections: needs root, like the end-to-end tests.
     mod netns {
-        use std::process::{Child, Stdio};
+        use std::{
+            os::unix::fs::MetadataExt,
+            path::PathBuf,
+            process::{Child, Stdio},
+        };
 
         use synspan_testbed::netns::Netns;
 
