@@ -28,26 +28,12 @@ pub const SPAN_NAME: &str = "tcp connect";
 
 /// Attribute keys. OpenTelemetry semantic conventions first; ours under `synspan.`.
 pub mod key {
-    pub const NETWORK_TRANSPORT: &str = "network.transport";
-    pub const NETWORK_TYPE: &str = "network.type";
-    pub const NETWORK_LOCAL_ADDRESS: &str = "network.local.address";
-    pub const NETWORK_LOCAL_PORT: &str = "network.local.port";
-    pub const NETWORK_PEER_ADDRESS: &str = "network.peer.address";
-    pub const NETWORK_PEER_PORT: &str = "network.peer.port";
-    pub const SERVER_ADDRESS: &str = "server.address";
-    pub const SERVER_PORT: &str = "server.port";
-    pub const PROCESS_PID: &str = "process.pid";
-    pub const THREAD_ID: &str = "thread.id";
-    pub const PROCESS_EXECUTABLE_NAME: &str = "process.executable.name";
-    pub const PROCESS_EXECUTABLE_PATH: &str = "process.executable.path";
-    pub const PROCESS_COMMAND: &str = "process.command";
-    pub const PROCESS_COMMAND_LINE: &str = "process.command_line";
-    pub const PROCESS_PARENT_PID: &str = "process.parent_pid";
-    pub const CONTAINER_ID: &str = "container.id";
-    pub const K8S_POD_UID: &str = "k8s.pod.uid";
-    pub const ERROR_TYPE: &str = "error.type";
-    pub const SERVICE_NAME: &str = "service.name";
-    pub const HOST_NAME: &str = "host.name";
+    pub use opentelemetry_semantic_conventions::attribute::{
+        CONTAINER_ID, ERROR_TYPE, HOST_NAME, K8S_POD_UID, NETWORK_LOCAL_ADDRESS, NETWORK_LOCAL_PORT,
+        NETWORK_PEER_ADDRESS, NETWORK_PEER_PORT, NETWORK_TRANSPORT, NETWORK_TYPE, PROCESS_COMMAND,
+        PROCESS_COMMAND_LINE, PROCESS_EXECUTABLE_NAME, PROCESS_EXECUTABLE_PATH, PROCESS_PARENT_PID,
+        PROCESS_PID, SERVER_ADDRESS, SERVER_PORT, SERVICE_NAME, THREAD_ID,
+    };
 
     pub const OUTCOME: &str = "synspan.outcome";
     pub const SYN_RETRANSMITS: &str = "synspan.syn_retransmits";
