@@ -3,8 +3,7 @@
 //! The pid is the one the kernel programs recorded: the pid in the initial PID namespace, also
 //! for a process in a container. It names the right `/proc/<pid>` whenever synspan reads the
 //! host's `/proc`, which it does when it runs in the host PID namespace (on Kubernetes,
-//! `hostPID: true`); a process in another PID namespace needs nothing more. An agent that
-//! finds the host's `/proc` mounted elsewhere passes that root to [`ProcessInfo::read_from`].
+//! `hostPID: true`); a process in another PID namespace needs nothing more.
 //!
 //! Every read races with the process exiting. Once it has, reads fail with `ENOENT` or
 //! `ESRCH`, or, on a zombie, succeed with nothing in them; both come back as
@@ -18,7 +17,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub const PROC_ROOT: &str = "/proc";
+const PROC_ROOT: &str = "/proc";
 /// A command line longer than this is cut: past it, it is rarely more than a list of files.
 pub const MAX_COMMAND_LINE: usize = 4096;
 /// The environment is read only this far: a process may carry megabytes of it.
@@ -99,7 +98,7 @@ pub fn read_stat(pid: u32) -> Result<Stat, ProcessError> {
     read_stat_from(Path::new(PROC_ROOT), pid)
 }
 
-pub fn read_stat_from(proc_root: &Path, pid: u32) -> Result<Stat, ProcessError> {
+fn read_stat_from(proc_root: &Path, pid: u32) -> Result<Stat, ProcessError> {
     let path = proc_root.join(pid.to_string()).join("stat");
     let bytes = std::fs::read(&path).map_err(|source| io_error(pid, path.clone(), source))?;
     parse_stat(&bytes).ok_or(ProcessError::Malformed {
@@ -110,7 +109,7 @@ pub fn read_stat_from(proc_root: &Path, pid: u32) -> Result<Stat, ProcessError> 
 
 /// Parses `/proc/<pid>/stat`. The command name sits in parentheses and may itself hold spaces
 /// and parentheses, so the fields start after the last `)`.
-pub fn parse_stat(bytes: &[u8]) -> Option<Stat> {
+fn parse_stat(bytes: &[u8]) -> Option<Stat> {
     let open = bytes.iter().position(|&b| b == b'(')?;
     let close = bytes.iter().rposition(|&b| b == b')')?;
     if close < open {
@@ -207,8 +206,9 @@ impl ProcessInfo {
         Self::read_from(Path::new(PROC_ROOT), pid, options)
     }
 
-    /// Reads `<proc_root>/<pid>`, for a host `/proc` mounted somewhere else.
-    pub fn read_from(proc_root: &Path, pid: u32, options: &ReadOptions) -> Result<Self, ProcessError> {
+    /// Reads `<proc_root>/<pid>`: tests build a `/proc` in a directory for what no real
+    /// process they can start would show.
+    fn read_from(proc_root: &Path, pid: u32, options: &ReadOptions) -> Result<Self, ProcessError> {
         let stat = read_stat_from(proc_root, pid)?;
         if stat.has_exited() {
             return Err(ProcessError::Gone(pid));
@@ -290,7 +290,7 @@ fn netns_inode(link: &OsStr) -> Option<u64> {
 
 /// Each line is `hierarchy:controllers:path`: `0::/path` on cgroup v2,
 /// `4:memory:/path` or `1:name=systemd:/path` on v1.
-pub fn cgroup_paths(text: &str) -> Vec<String> {
+fn cgroup_paths(text: &str) -> Vec<String> {
     let mut paths: Vec<String> = Vec::new();
     for line in text.lines() {
         let mut fields = line.splitn(3, ':');
@@ -320,7 +320,7 @@ fn command_line(bytes: &[u8], truncated: bool) -> Option<String> {
 /// The service from a process's environment (`/proc/<pid>/environ`, NUL-separated
 /// `NAME=value` entries). `truncated`: the bytes stop at the read bound, so the last entry may
 /// be cut and is not used.
-pub fn service_from_environ(environ: &[u8], truncated: bool) -> Service {
+fn service_from_environ(environ: &[u8], truncated: bool) -> Service {
     let mut entries: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
     if truncated {
         entries.pop();
@@ -354,7 +354,7 @@ pub fn service_from_environ(environ: &[u8], truncated: bool) -> Service {
 /// `key1=value1,key2=value2`, W3C-baggage style: values (and keys) percent-encoded, spaces
 /// around them trimmed. An entry without `=`, with an empty key or with a bad encoding is
 /// skipped; of repeated keys the last wins.
-pub fn parse_resource_attributes(value: &str) -> Vec<(String, String)> {
+fn parse_resource_attributes(value: &str) -> Vec<(String, String)> {
     let mut attributes: Vec<(String, String)> = Vec::new();
     for entry in value.split(',') {
         let Some((key, value)) = entry.split_once('=') else {
