@@ -15,7 +15,7 @@ use crate::{
     attempt::{Attempt, read_record},
     clock::WallClock,
     config::Cli,
-    enrich::{identity::Enricher, process::ReadOptions},
+    enrich::{Enricher, process::ReadOptions},
     evidence::Explainer,
     kernel_layout,
     loader::{Filters, Limits, Tracer, cgroup_id},

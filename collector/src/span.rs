@@ -3,10 +3,12 @@
 
 use std::{
     borrow::Cow,
-    collections::HashMap,
+    num::NonZeroUsize,
     sync::{Arc, LazyLock},
     time::SystemTime,
 };
+
+use lru::LruCache;
 
 use opentelemetry::{
     InstrumentationScope, KeyValue,
@@ -121,18 +123,19 @@ impl ConnectSpan {
 pub struct SpanBuilder {
     ids: RandomIdGenerator,
     host_name: String,
-    resources: HashMap<String, (Arc<str>, Resource)>,
+    resources: LruCache<String, (Arc<str>, Resource)>,
 }
 
-/// Distinct services remembered; past this the cache starts over rather than grow.
-const MAX_RESOURCES: usize = 4096;
+/// Distinct services remembered: more than one host runs, so only a host where every process
+/// names itself anew (a service name with a pid in it) forgets one, and builds it again.
+const MAX_RESOURCES: NonZeroUsize = NonZeroUsize::new(4096).unwrap();
 
 impl SpanBuilder {
     pub fn new(host_name: String) -> Self {
         Self {
             ids: RandomIdGenerator::default(),
             host_name,
-            resources: HashMap::new(),
+            resources: LruCache::new(MAX_RESOURCES),
         }
     }
 
@@ -155,9 +158,6 @@ impl SpanBuilder {
         if let Some(known) = self.resources.get(&cache_key) {
             return known.clone();
         }
-        if self.resources.len() >= MAX_RESOURCES {
-            self.resources.clear();
-        }
         let resource = Resource::builder_empty()
             .with_attributes(
                 extra
@@ -170,8 +170,7 @@ impl SpanBuilder {
             )
             .build();
         let service: Arc<str> = cache_key.as_str().into();
-        self.resources
-            .insert(cache_key, (service.clone(), resource.clone()));
+        self.resources.put(cache_key, (service.clone(), resource.clone()));
         (service, resource)
     }
 

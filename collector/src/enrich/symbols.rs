@@ -13,11 +13,12 @@
 //! [`UserSymbolizer::symbolize_normalized`] names the frames any time later.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     ffi::OsStr,
     fmt,
     fs::{File, Metadata},
     io,
+    num::NonZeroUsize,
     os::{
         fd::AsRawFd,
         unix::{ffi::OsStrExt, fs::MetadataExt},
@@ -27,9 +28,10 @@ use std::{
 };
 
 use blazesym::symbolize::{
-    CodeInfo, Input, Symbolized, Symbolizer,
+    CodeInfo, Input, Symbolized, Symbolizer, evict,
     source::{Elf, Source},
 };
+use lru::LruCache;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SymbolError {
@@ -94,14 +96,6 @@ impl KernelSymbols {
             return Err(SymbolError::KernelAddressesHidden);
         }
         Ok(Self { symbols })
-    }
-
-    pub fn len(&self) -> usize {
-        self.symbols.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.symbols.is_empty()
     }
 
     /// The symbol an address is in: the nearest one at or below it.
@@ -261,17 +255,28 @@ pub enum Location {
     Unknown,
 }
 
-/// Build ids remembered before the cache starts over.
-const MAX_BUILD_IDS: usize = 4096;
+/// Build ids remembered, one per file that processes had mapped: executables and libraries,
+/// of which even a host full of containers has a few thousand. One forgotten costs a read of
+/// the file's notes.
+const MAX_BUILD_IDS: NonZeroUsize = NonZeroUsize::new(4096).unwrap();
 
 /// Captures, while a process lives, what symbolizing its stacks takes. It holds no blazesym
 /// state, so it can live on another thread than the [`UserSymbolizer`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StackNormalizer {
-    build_ids: HashMap<FileIdentity, Option<Arc<[u8]>>>,
+    build_ids: LruCache<FileIdentity, Option<Arc<[u8]>>>,
     /// `/proc/<pid>/map_files/` needs `CAP_SYS_ADMIN` (or `CAP_CHECKPOINT_RESTORE`), which
     /// synspan drops once attached; after the first refusal it is not tried again.
     map_files_denied: bool,
+}
+
+impl Default for StackNormalizer {
+    fn default() -> Self {
+        Self {
+            build_ids: LruCache::new(MAX_BUILD_IDS),
+            map_files_denied: false,
+        }
+    }
 }
 
 impl StackNormalizer {
@@ -376,18 +381,18 @@ impl StackNormalizer {
                 None
             }
         };
-        if self.build_ids.len() >= MAX_BUILD_IDS {
-            self.build_ids.clear();
-        }
-        self.build_ids.insert(identity, build_id.clone());
+        self.build_ids.put(identity, build_id.clone());
         build_id
     }
 }
 
-/// Files blazesym may hold open and parsed before it starts over.
-const MAX_SOURCES: usize = 256;
-/// Symbolized offsets remembered before the cache starts over.
-const MAX_FOUND: usize = 65536;
+/// Files blazesym holds open and parsed (symbols, DWARF): the few hundred libraries and
+/// executables a host's connecting code lives in. Each can take megabytes, so this bound, not
+/// the others, sets what symbolization costs in memory.
+const MAX_SOURCES: NonZeroUsize = NonZeroUsize::new(256).unwrap();
+/// Symbolized offsets remembered: four new frames for each stack remembered. Each is a name
+/// and a place, about a hundred bytes.
+const MAX_FOUND: NonZeroUsize = super::MAX_STACKS.saturating_mul(NonZeroUsize::new(4).unwrap());
 
 /// What blazesym found at an offset.
 #[derive(Clone, Debug)]
@@ -406,12 +411,12 @@ struct Found {
 #[derive(Debug)]
 pub struct UserSymbolizer {
     symbolizer: Symbolizer,
-    /// Paths given to `symbolizer`, which holds each file open and parsed.
-    sources: HashSet<PathBuf>,
-    /// Files given to `symbolizer` since it was created; a `/proc/self/fd/` path can name a
-    /// new file each time.
-    loaded: usize,
-    found: HashMap<(ModuleKey, u64), Option<Found>>,
+    /// Paths given to `symbolizer`, which holds each file open and parsed, with the file
+    /// each named then: a `/proc/self/fd/` path names another file once its descriptor is
+    /// reused.
+    sources: LruCache<PathBuf, FileIdentity>,
+    found: LruCache<(ModuleKey, u64), Option<Found>>,
+    #[cfg(test)]
     normalizer: StackNormalizer,
 }
 
@@ -438,15 +443,16 @@ impl UserSymbolizer {
     pub fn new() -> Self {
         Self {
             symbolizer: new_symbolizer(),
-            sources: HashSet::new(),
-            loaded: 0,
-            found: HashMap::new(),
+            sources: LruCache::new(MAX_SOURCES),
+            found: LruCache::new(MAX_FOUND),
+            #[cfg(test)]
             normalizer: StackNormalizer::new(),
         }
     }
 
     /// Symbolizes a stack of a live process: normalizes it, then symbolizes that, so what is
     /// found is shared with every other process running the same files.
+    #[cfg(test)]
     pub fn symbolize_process(&mut self, pid: u32, addrs: &[u64]) -> Result<Vec<String>, SymbolError> {
         let frames = self.normalizer.normalize(pid, addrs)?;
         Ok(self.symbolize_normalized(&frames))
@@ -499,10 +505,7 @@ impl UserSymbolizer {
                 None
             }
         };
-        if self.found.len() >= MAX_FOUND {
-            self.found.clear();
-        }
-        self.found.insert(key, found.clone());
+        self.found.put(key, found.clone());
         found
     }
 
@@ -516,20 +519,25 @@ impl UserSymbolizer {
         } else {
             fd_path(&module.file)
         };
-        if by_name && self.sources.contains(&path) {
-            return path;
+        match self.sources.get(&path) {
+            Some(identity) if *identity == module.identity => return path,
+            // Another file by now: what blazesym holds for the path is stale.
+            Some(_) => self.forget_source(&path),
+            None => {}
         }
-        // blazesym keeps every file it opened until it is dropped.
-        if self.loaded >= MAX_SOURCES {
-            self.symbolizer = new_symbolizer();
-            self.sources.clear();
-            self.loaded = 0;
-        }
-        self.loaded += 1;
-        if by_name {
-            self.sources.insert(path.clone());
+        if let Some((pushed_out, _)) = self.sources.push(path.clone(), module.identity)
+            && pushed_out != path
+        {
+            self.forget_source(&pushed_out);
         }
         path
+    }
+
+    /// Closes a file blazesym holds, and drops what it parsed of it.
+    fn forget_source(&mut self, path: &Path) {
+        if let Err(err) = self.symbolizer.evict(&evict::Evict::Elf(evict::Elf::new(path))) {
+            tracing::debug!("closing {}: {err}", path.display());
+        }
     }
 }
 
@@ -814,11 +822,47 @@ int main(void) { synspan_c_probe(); return 0; }\n";
             .unwrap();
         assert_eq!(a, b);
         assert_eq!(symbolizer.found.len(), 1);
-        assert_eq!(symbolizer.loaded, 1);
+        assert_eq!(symbolizer.sources.len(), 1);
         for child in [&mut first, &mut second] {
             child.kill().unwrap();
             child.wait().unwrap();
         }
+    }
+
+    /// Descriptors of this process open on `path`.
+    fn descriptors_on(path: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+            .filter(|target| target == path)
+            .count()
+    }
+
+    #[test]
+    fn a_file_pushed_out_of_the_symbolizer_is_closed_and_read_again_when_needed() {
+        let dir = TempDir::new();
+        let binary = build_c_probe(dir.path());
+        let (mut child, addr) = start_c_probe(&binary);
+        let mut symbolizer = UserSymbolizer {
+            sources: LruCache::new(NonZeroUsize::MIN),
+            ..UserSymbolizer::new()
+        };
+        let theirs = symbolizer.symbolize_process(child.id(), &[addr + 4]);
+        let held_while_needed = descriptors_on(&binary);
+        let ours = symbolizer.symbolize_process(std::process::id(), &[probe_addr()]);
+        let held_when_pushed_out = descriptors_on(&binary);
+        // An offset not looked up before needs the file again.
+        let again = symbolizer.symbolize_process(child.id(), &[addr + 5]);
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let (theirs, ours, again) = (theirs.unwrap(), ours.unwrap(), again.unwrap());
+        assert!(theirs[0].starts_with("synspan_c_probe+0x4 ("), "{theirs:?}");
+        assert_eq!(held_while_needed, 1, "blazesym holds the file it read");
+        assert!(ours[0].starts_with("synspan_symbol_probe+0x0 ("), "{ours:?}");
+        assert_eq!(held_when_pushed_out, 0, "pushed out, yet still open");
+        assert!(again[0].starts_with("synspan_c_probe+0x5 ("), "{again:?}");
+        assert_eq!(symbolizer.sources.len(), 1);
     }
 
     #[test]
