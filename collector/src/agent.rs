@@ -328,10 +328,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         otlp.shutdown(cli.shutdown_timeout).await;
     }
     tracing::info!("final: {}", report(&tracer));
-    if pipeline.explainer.rate_limited() > 0 {
+    if pipeline.explainer.skipped() > 0 {
         tracing::info!(
             "evidence lookups skipped for the rate limit: {}",
-            pipeline.explainer.rate_limited()
+            pipeline.explainer.skipped()
         );
     }
     if let Some(metrics) = self_metrics {

@@ -4,6 +4,7 @@
 //! `attempt::Collision`): they are gone before any lookup could find them.
 
 use std::{
+    net::SocketAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -35,7 +36,7 @@ pub struct Explainer {
     enabled: bool,
     window: Instant,
     used: u32,
-    rate_limited: u64,
+    skipped: u64,
 }
 
 impl Explainer {
@@ -45,13 +46,13 @@ impl Explainer {
             enabled,
             window: Instant::now(),
             used: 0,
-            rate_limited: 0,
+            skipped: 0,
         }
     }
 
-    /// Lookups not made since start because [`LOOKUPS_PER_SECOND`] was reached.
-    pub fn rate_limited(&self) -> u64 {
-        self.rate_limited
+    /// Lookups skipped for the rate limit since start.
+    pub fn skipped(&self) -> u64 {
+        self.skipped
     }
 
     fn budget(&mut self) -> bool {
@@ -63,7 +64,7 @@ impl Explainer {
             self.used += 1;
             true
         } else {
-            self.rate_limited += 1;
+            self.skipped += 1;
             false
         }
     }
@@ -99,4 +100,24 @@ impl Explainer {
         }
         evidence
     }
+}
+
+/// A one-line summary for the console: `redirected to 127.0.0.1:15001`, port usage.
+pub fn summary(evidence: &Evidence, peer: SocketAddr) -> Vec<String> {
+    let mut parts = Vec::new();
+    if let Some(t) = &evidence.nat {
+        if t.dnat {
+            parts.push(format!("redirected to {}", t.reply_src));
+        }
+        if t.snat {
+            parts.push(format!("source translated to {}", t.reply_dst));
+        }
+    }
+    if let Some(p) = &evidence.ports {
+        parts.push(format!(
+            "{} of {} ephemeral ports ({}-{}) toward {peer} in use, {} in use in all",
+            p.in_use_to_destination, p.range_size, p.range.0, p.range.1, p.in_use_total
+        ));
+    }
+    parts
 }
