@@ -35,8 +35,8 @@ type UserStackKey = (u32, Arc<[u64]>);
 
 thread_local! {
     /// blazesym's symbolizer holds `Rc`s, so it cannot move between threads; one per thread,
-    /// made on first use, keeps the [`Enricher`] `Send`: it is made where capabilities are
-    /// still held (for the kernel's symbols) and handed to the thread that runs it.
+    /// made on first use, keeps the [`Enricher`] `Send`, free to be made on one thread (where
+    /// the capabilities to read the kernel's symbols are held) and run on another.
     static USER_SYMBOLIZER: RefCell<UserSymbolizer> = RefCell::new(UserSymbolizer::new());
 }
 
@@ -55,7 +55,7 @@ pub struct Enricher {
     rendered_kernel: LruCache<Arc<[u64]>, Arc<str>>,
 }
 
-// Made on one thread, run on another.
+// It may be made on one thread and run on another.
 const _: fn() = || {
     fn send<T: Send>() {}
     send::<Enricher>();
