@@ -39,7 +39,7 @@ pub enum NetnsError {
 /// namespace, `f` runs right here and needs no privilege. What depends on the namespace is
 /// fixed when it is created or opened: sockets, and files under `/proc/sys/net` (those are
 /// resolved against the namespace of the thread that opens them). Blocks until `f` is done.
-pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
+pub(crate) fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
     let err = |source| NetnsError::Open {
         path: netns.to_path_buf(),
         source,

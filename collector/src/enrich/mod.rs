@@ -10,7 +10,7 @@
 pub mod container;
 pub mod identity;
 pub mod process;
-pub mod process_cache;
+pub(crate) mod process_cache;
 pub mod symbols;
 
 use std::{cell::RefCell, collections::HashMap, num::NonZeroUsize, path::Path, sync::Arc};

@@ -34,7 +34,7 @@ struct Entry {
 /// read afresh; a process that exited since it was read is still answered for, until
 /// [`ProcessCache::sweep`]: its attempts are often reported after it is gone.
 #[derive(Debug)]
-pub struct ProcessCache {
+pub(crate) struct ProcessCache {
     entries: LruCache<u32, Entry>,
     options: ReadOptions,
     /// One open descriptor per network namespace, shared by its processes: a namespace is
@@ -43,7 +43,7 @@ pub struct ProcessCache {
 }
 
 impl ProcessCache {
-    pub fn new(capacity: NonZeroUsize, options: ReadOptions) -> Self {
+    pub(crate) fn new(capacity: NonZeroUsize, options: ReadOptions) -> Self {
         Self {
             entries: LruCache::new(capacity),
             options,
@@ -58,7 +58,7 @@ impl ProcessCache {
 
     /// The process at `pid`, as remembered if it was checked within [`RECHECK`], else as
     /// [`ProcessCache::check`] finds it.
-    pub fn get(&mut self, pid: u32) -> Option<Arc<Process>> {
+    pub(crate) fn get(&mut self, pid: u32) -> Option<Arc<Process>> {
         match self.entries.get(&pid) {
             Some(entry) if entry.checked.elapsed() < RECHECK => Some(entry.process.clone()),
             _ => self.check(pid),
@@ -67,7 +67,7 @@ impl ProcessCache {
 
     /// The process now at `pid`, or the one last seen there if it has exited; `None` when
     /// neither is known.
-    pub fn check(&mut self, pid: u32) -> Option<Arc<Process>> {
+    pub(crate) fn check(&mut self, pid: u32) -> Option<Arc<Process>> {
         let start_time = match process::read_stat(pid) {
             Ok(stat) if !stat.has_exited() => stat.start_time,
             Ok(_) | Err(ProcessError::Gone(_)) => return self.confirm(pid),
@@ -122,7 +122,7 @@ impl ProcessCache {
 
     /// Forgets processes that have exited, or whose pid now names another process. Returns
     /// how many. Call it now and then, after the attempts of the exited ones have been reported.
-    pub fn sweep(&mut self) -> usize {
+    pub(crate) fn sweep(&mut self) -> usize {
         let gone: Vec<u32> = self
             .entries
             .iter()
