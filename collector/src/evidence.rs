@@ -23,11 +23,11 @@ use crate::{
 };
 
 #[derive(Clone, Debug, Default)]
-pub struct Evidence {
+pub(crate) struct Evidence {
     /// Present when conntrack rewrote the destination or the source.
-    pub nat: Option<Translation>,
+    pub(crate) nat: Option<Translation>,
     /// For `address_not_available`.
-    pub ports: Option<PortUsage>,
+    pub(crate) ports: Option<PortUsage>,
 }
 
 /// Lookups enter another network namespace on a fresh thread and talk netlink: a storm of
@@ -41,13 +41,13 @@ const LOOKUP_DEADLINE: Duration = Duration::from_millis(300);
 
 /// Why attempts went without the evidence they would have had.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Missed {
+pub(crate) struct Missed {
     /// Over `LOOKUPS_PER_SECOND`.
-    pub rate_limited: u64,
+    pub(crate) rate_limited: u64,
     /// The lookup was not answered within `LOOKUP_DEADLINE`.
-    pub timed_out: u64,
+    pub(crate) timed_out: u64,
     /// An earlier lookup was still stuck, so none was made.
-    pub stalled: u64,
+    pub(crate) stalled: u64,
 }
 
 /// What to look up for one attempt.
@@ -136,7 +136,7 @@ impl Lookups {
     }
 }
 
-pub struct Explainer {
+pub(crate) struct Explainer {
     /// Look up NAT for every attempt, not only failed or retried ones.
     all: bool,
     lookups: Option<Lookups>,
@@ -147,7 +147,7 @@ pub struct Explainer {
 
 impl Explainer {
     /// `delay` holds every lookup back that long: a stuck netlink peer, made on purpose.
-    pub fn new(enabled: bool, all: bool, delay: Duration) -> std::io::Result<Self> {
+    pub(crate) fn new(enabled: bool, all: bool, delay: Duration) -> std::io::Result<Self> {
         Ok(Self {
             all,
             lookups: if enabled {
@@ -162,7 +162,7 @@ impl Explainer {
     }
 
     /// Attempts that went without evidence, by reason, since start.
-    pub fn missed(&self) -> Missed {
+    pub(crate) fn missed(&self) -> Missed {
         self.missed
     }
 
@@ -180,7 +180,7 @@ impl Explainer {
         }
     }
 
-    pub fn explain(&mut self, attempt: &Attempt, identity: &Identity) -> Evidence {
+    pub(crate) fn explain(&mut self, attempt: &Attempt, identity: &Identity) -> Evidence {
         if self.lookups.is_none() {
             return Evidence::default();
         }

@@ -16,6 +16,7 @@ mod kernel_layout;
 mod launch;
 mod loader;
 mod nat;
+mod netns;
 mod otlp;
 mod outcome;
 mod port_usage;

@@ -8,15 +8,14 @@
 //!
 //! Conntrack tables are per network namespace and a netlink socket answers for the namespace
 //! it was created in, so the socket is made on a short-lived thread that entered the
-//! attempt's namespace ([`in_netns`]). The alternative, a cache of sockets by namespace,
+//! attempt's namespace ([`in_netns`](crate::netns::in_netns)). The alternative, a cache of sockets by namespace,
 //! would keep every cached namespace alive after its container is gone.
 
 use std::{
-    fs::File,
     io,
     net::{IpAddr, SocketAddr},
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
-    path::{Path, PathBuf},
+    os::fd::AsRawFd,
+    path::Path,
     time::Duration,
 };
 
@@ -32,65 +31,46 @@ use netlink_packet_netfilter::{
 };
 use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
 
+use crate::netns::{NetnsError, in_netns};
+
 /// How long one netlink receive may wait for the kernel.
-pub const RECV_TIMEOUT: Duration = Duration::from_millis(200);
+pub(crate) const RECV_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// Conntrack status bits (`enum ip_conntrack_status` in the kernel's uapi).
-pub mod status {
-    pub const SEEN_REPLY: u32 = 1 << 1;
-    pub const ASSURED: u32 = 1 << 2;
-    pub const CONFIRMED: u32 = 1 << 3;
-    pub const SRC_NAT: u32 = 1 << 4;
-    pub const DST_NAT: u32 = 1 << 5;
+pub(crate) mod status {
+    #[cfg(test)]
+    pub(crate) const SEEN_REPLY: u32 = 1 << 1;
+    #[cfg(test)]
+    pub(crate) const CONFIRMED: u32 = 1 << 3;
+    pub(crate) const SRC_NAT: u32 = 1 << 4;
+    pub(crate) const DST_NAT: u32 = 1 << 5;
 }
 
 /// A TCP connection's addresses as the client sent them (conntrack's original direction).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Tuple {
-    pub src: SocketAddr,
-    pub dst: SocketAddr,
+pub(crate) struct Tuple {
+    pub(crate) src: SocketAddr,
+    pub(crate) dst: SocketAddr,
 }
 
 /// What conntrack did to a connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Translation {
+pub(crate) struct Translation {
     /// Where the original destination really went: the DNAT or REDIRECT target, or the
     /// destination itself when nothing rewrote it.
-    pub reply_src: SocketAddr,
+    pub(crate) reply_src: SocketAddr,
     /// What the source became: the SNAT or masquerade address and port, or the source itself.
-    pub reply_dst: SocketAddr,
-    pub dnat: bool,
-    pub snat: bool,
+    pub(crate) reply_dst: SocketAddr,
+    pub(crate) dnat: bool,
+    pub(crate) snat: bool,
     /// Conntrack's TCP state, e.g. `SYN_SENT`, `ESTABLISHED`, `CLOSE`.
-    pub tcp_state: Option<String>,
+    pub(crate) tcp_state: Option<String>,
     /// The entry's status bits, see [`status`].
-    pub status: u32,
+    pub(crate) status: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum NetnsError {
-    #[error("opening network namespace {path}: {source}")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("entering network namespace {path} (setns needs CAP_SYS_ADMIN): {source}")]
-    Enter {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("starting a thread to enter network namespace {path}: {source}")]
-    Thread {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum NatError {
+pub(crate) enum NatError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error("tuple {src} -> {dst} mixes address families")]
@@ -112,51 +92,6 @@ pub enum NatError {
     Decode(#[from] DecodeError),
 }
 
-/// Runs `f` in the network namespace of the namespace file `netns` (`/proc/<pid>/ns/net`,
-/// `/run/netns/<name>`), and returns what it returns.
-///
-/// `f` runs on a thread of its own that enters the namespace and ends with `f`, so the
-/// caller's threads never change namespace; when `netns` is the calling thread's own
-/// namespace, `f` runs right here and needs no privilege. What depends on the namespace is
-/// fixed when it is created or opened: sockets, and files under `/proc/sys/net` (those are
-/// resolved against the namespace of the thread that opens them). Blocks until `f` is done.
-pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
-    let err = |source| NetnsError::Open {
-        path: netns.to_path_buf(),
-        source,
-    };
-    let target = File::open(netns).map_err(err)?;
-    let target_meta = target.metadata().map_err(err)?;
-    if let Ok(own) = std::fs::metadata("/proc/thread-self/ns/net")
-        && (own.dev(), own.ino()) == (target_meta.dev(), target_meta.ino())
-    {
-        return Ok(f());
-    }
-    std::thread::scope(|scope| {
-        let thread = std::thread::Builder::new()
-            .name("synspan-netns".into())
-            .spawn_scoped(scope, || {
-                // SAFETY: setns on a descriptor we hold; it moves this thread only, and the
-                // thread ends when `f` returns.
-                if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(f())
-            })
-            .map_err(|source| NetnsError::Thread {
-                path: netns.to_path_buf(),
-                source,
-            })?;
-        match thread.join() {
-            Ok(result) => result.map_err(|source| NetnsError::Enter {
-                path: netns.to_path_buf(),
-                source,
-            }),
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    })
-}
-
 /// The conntrack entry of `tuple` in the network namespace `netns` (e.g.
 /// `/proc/<pid>/ns/net` of the process that made the attempt); `None` when conntrack has
 /// none, which is also the answer where nothing in the namespace enabled conntrack.
@@ -164,7 +99,7 @@ pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> Result<T
 /// An IPv4-mapped IPv6 tuple (an IPv6 socket connecting to an IPv4 address) is looked up as
 /// the IPv4 tuple the packets carried. Needs CAP_NET_ADMIN, and CAP_SYS_ADMIN to enter a
 /// namespace other than the caller's. Blocks for up to [`RECV_TIMEOUT`] per answer.
-pub fn lookup(netns: &Path, tuple: &Tuple) -> Result<Option<Translation>, NatError> {
+pub(crate) fn lookup(netns: &Path, tuple: &Tuple) -> Result<Option<Translation>, NatError> {
     let tuple = canonical(tuple)?;
     in_netns(netns, || query(&tuple))?
 }
@@ -555,7 +490,11 @@ mod tests {
 
     /// Real namespaces, iptables and connections: needs root, like the end-to-end tests.
     mod netns {
-        use std::process::{Child, Stdio};
+        use std::{
+            os::unix::fs::MetadataExt,
+            path::PathBuf,
+            process::{Child, Stdio},
+        };
 
         use synspan_testbed::netns::Netns;
 

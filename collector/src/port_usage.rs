@@ -21,25 +21,25 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::nat::{NetnsError, in_netns};
+use crate::netns::{NetnsError, in_netns};
 
 const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortUsage {
+pub(crate) struct PortUsage {
     /// `net.ipv4.ip_local_port_range` of the namespace (IPv6 uses it too), both ends included.
-    pub range: (u16, u16),
+    pub(crate) range: (u16, u16),
     /// Ports in `range`. One connect() scans an even number of them, so where the size is odd
     /// it can fail with one port still free, when that port is the one it skipped.
-    pub range_size: u32,
+    pub(crate) range_size: u32,
     /// Distinct local ports within the range used by any TCP socket.
-    pub in_use_total: u32,
+    pub(crate) in_use_total: u32,
     /// Distinct local ports within the range used by TCP sockets connected to the destination.
-    pub in_use_to_destination: u32,
+    pub(crate) in_use_to_destination: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum PortUsageError {
+pub(crate) enum PortUsageError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error("reading {path}: {source}")]
@@ -54,11 +54,11 @@ pub enum PortUsageError {
 
 /// A socket as `/proc/net/tcp` and `/proc/net/tcp6` list it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TcpEntry {
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
+pub(crate) struct TcpEntry {
+    pub(crate) local: SocketAddr,
+    pub(crate) remote: SocketAddr,
     /// The kernel's TCP state number (`TCP_ESTABLISHED` = 1 ... `TCP_LISTEN` = 10).
-    pub state: u8,
+    pub(crate) state: u8,
 }
 
 /// Ephemeral port usage in the network namespace at `netns` (`/proc/<pid>/ns/net`, or a
@@ -68,7 +68,7 @@ pub struct TcpEntry {
 /// socket tables (`/proc/thread-self/net/`) are read from a thread inside the namespace, which
 /// needs CAP_SYS_ADMIN unless it is the caller's own. Reading the tables walks every TCP
 /// socket of the host, not just the namespace's.
-pub fn port_usage(netns: &Path, destination: SocketAddr) -> Result<PortUsage, PortUsageError> {
+pub(crate) fn port_usage(netns: &Path, destination: SocketAddr) -> Result<PortUsage, PortUsageError> {
     let (range_text, tables) = in_netns(netns, || {
         let range = std::fs::read_to_string(PORT_RANGE);
         let tables: Vec<(PathBuf, io::Result<String>)> = ["tcp", "tcp6"]
@@ -104,7 +104,7 @@ pub fn port_usage(netns: &Path, destination: SocketAddr) -> Result<PortUsage, Po
 }
 
 /// `ip_local_port_range`: two numbers separated by whitespace.
-pub fn parse_port_range(text: &str) -> Option<(u16, u16)> {
+pub(crate) fn parse_port_range(text: &str) -> Option<(u16, u16)> {
     let mut fields = text.split_whitespace().map(str::parse::<u16>);
     match (fields.next(), fields.next(), fields.next()) {
         (Some(Ok(low)), Some(Ok(high)), None) if low <= high => Some((low, high)),
@@ -114,7 +114,7 @@ pub fn parse_port_range(text: &str) -> Option<(u16, u16)> {
 
 /// The sockets of a `/proc/net/tcp` or `/proc/net/tcp6` table; the line that does not parse
 /// is the error.
-pub fn parse_proc_net_tcp(text: &str) -> Result<Vec<TcpEntry>, String> {
+pub(crate) fn parse_proc_net_tcp(text: &str) -> Result<Vec<TcpEntry>, String> {
     text.lines()
         .skip(1)
         .filter(|line| !line.trim().is_empty())
@@ -159,7 +159,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 }
 
 /// Usage of `range` by `entries`, in all and toward `destination`.
-pub fn summarize(range: (u16, u16), entries: &[TcpEntry], destination: SocketAddr) -> PortUsage {
+pub(crate) fn summarize(range: (u16, u16), entries: &[TcpEntry], destination: SocketAddr) -> PortUsage {
     let destination = canonical(destination);
     let in_range = |e: &&TcpEntry| (range.0..=range.1).contains(&e.local.port());
     let total: HashSet<u16> = entries.iter().filter(in_range).map(|e| e.local.port()).collect();

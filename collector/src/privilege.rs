@@ -1,50 +1,30 @@
 //! The capabilities synspan needs, checked before anything is loaded so that the error
 //! names them instead of surfacing as an EPERM from deep inside the loader.
 
-use std::fs;
-
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
+use caps::{CapSet, Capability, CapsHashSet};
 
 #[derive(Debug, thiserror::Error)]
-pub enum PrivilegeError {
+pub(crate) enum PrivilegeError {
     #[error(
         "missing capabilities: {missing}. synspan loads eBPF programs and attaches them to \
          tracepoints: run it as root (sudo synspan), or grant CAP_BPF and CAP_PERFMON \
          (e.g. `setcap cap_bpf,cap_perfmon+ep synspan`, or the container's capabilities)"
     )]
     Missing { missing: String },
-    #[error("cannot read /proc/self/status to check capabilities: {0}")]
-    Status(#[from] std::io::Error),
+    #[error("cannot read the capabilities of synspan itself: {0}")]
+    Read(#[from] caps::errors::CapsError),
 }
 
-/// Effective capability bits of this process.
-pub fn effective() -> Result<u64, PrivilegeError> {
-    let status = fs::read_to_string("/proc/self/status")?;
-    Ok(parse_cap_eff(&status).unwrap_or(0))
-}
-
-fn parse_cap_eff(status: &str) -> Option<u64> {
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-    u64::from_str_radix(hex.trim(), 16).ok()
-}
-
-/// What is missing from `caps` to load and attach tracing programs, if anything.
+/// What `effective` lacks to load and attach tracing programs, if anything.
 /// CAP_SYS_ADMIN stands in for both on kernels before 5.8 and for root.
-pub fn missing(caps: u64) -> Vec<&'static str> {
-    let has = |cap: u32| caps & (1 << cap) != 0;
-    if has(CAP_SYS_ADMIN) {
+pub(crate) fn missing(effective: &CapsHashSet) -> Vec<Capability> {
+    if effective.contains(&Capability::CAP_SYS_ADMIN) {
         return Vec::new();
     }
-    let mut missing = Vec::new();
-    if !has(CAP_BPF) {
-        missing.push("CAP_BPF");
-    }
-    if !has(CAP_PERFMON) {
-        missing.push("CAP_PERFMON");
-    }
-    missing
+    [Capability::CAP_BPF, Capability::CAP_PERFMON]
+        .into_iter()
+        .filter(|cap| !effective.contains(cap))
+        .collect()
 }
 
 /// Capabilities kept once the programs are attached. The programs stay attached through the
@@ -53,22 +33,20 @@ pub fn missing(caps: u64) -> Vec<&'static str> {
 ///   most distributions), every bpf() call needs it, even on a descriptor we already hold.
 /// - CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH: reading `/proc/<pid>/` of other users' processes
 ///   (executable, environment, memory maps) to name them and symbolize their stacks.
-pub const KEPT: [caps::Capability; 3] = [
-    caps::Capability::CAP_BPF,
-    caps::Capability::CAP_SYS_PTRACE,
-    caps::Capability::CAP_DAC_READ_SEARCH,
+pub(crate) const KEPT: [Capability; 3] = [
+    Capability::CAP_BPF,
+    Capability::CAP_SYS_PTRACE,
+    Capability::CAP_DAC_READ_SEARCH,
 ];
 
 /// Kept as well while NAT evidence is on (`--no-nat` drops them):
 /// - CAP_SYS_ADMIN: `setns()` into an attempt's network namespace;
 /// - CAP_NET_ADMIN: asking conntrack over netlink, even only to read.
-pub const KEPT_FOR_NAT: [caps::Capability; 2] =
-    [caps::Capability::CAP_SYS_ADMIN, caps::Capability::CAP_NET_ADMIN];
+pub(crate) const KEPT_FOR_NAT: [Capability; 2] = [Capability::CAP_SYS_ADMIN, Capability::CAP_NET_ADMIN];
 
 /// Drops every capability but [`KEPT`] from every set, so that a compromised agent holds
 /// as little as possible. Best effort where the bounding set cannot be changed.
-pub fn drop_unneeded(nat: bool) -> Result<(), caps::errors::CapsError> {
-    use caps::{CapSet, Capability, CapsHashSet};
+pub(crate) fn drop_unneeded(nat: bool) -> Result<(), caps::errors::CapsError> {
     let mut keep: CapsHashSet = KEPT.into_iter().collect();
     if nat {
         keep.extend(KEPT_FOR_NAT);
@@ -88,20 +66,25 @@ pub fn drop_unneeded(nat: bool) -> Result<(), caps::errors::CapsError> {
     Ok(())
 }
 
-pub fn check() -> Result<(), PrivilegeError> {
-    let missing = missing(effective()?);
+/// Checks the calling thread's effective set: call it on the thread that loads the programs.
+pub(crate) fn check() -> Result<(), PrivilegeError> {
+    let missing = missing(&caps::read(None, CapSet::Effective)?);
     if missing.is_empty() {
         Ok(())
     } else {
         Err(PrivilegeError::Missing {
-            missing: missing.join(", "),
+            missing: missing
+                .iter()
+                .map(Capability::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
         })
     }
 }
 
 /// This process's tgid as the kernel's programs see it, which is only known when synspan
 /// runs in the initial pid namespace (as it must to read other processes' /proc anyway).
-pub fn host_tgid() -> Option<u32> {
+pub(crate) fn host_tgid() -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
     // PROC_PID_INIT_INO: the inode of the initial pid namespace, fixed by the kernel.
     const INITIAL_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
@@ -114,16 +97,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_effective_set() {
-        let status = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
-        assert_eq!(parse_cap_eff(status), Some(0x1ff_ffff_ffff));
+    fn names_what_is_missing() {
+        let set = |caps: &[Capability]| caps.iter().copied().collect::<CapsHashSet>();
+        use Capability::{CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN};
+        assert!(missing(&set(&[CAP_SYS_ADMIN])).is_empty());
+        assert!(missing(&set(&[CAP_BPF, CAP_PERFMON])).is_empty());
+        assert_eq!(missing(&set(&[CAP_BPF])), [CAP_PERFMON]);
+        assert_eq!(missing(&set(&[])), [CAP_BPF, CAP_PERFMON]);
     }
 
+    /// Needs root, like the end-to-end tests.
     #[test]
-    fn names_what_is_missing() {
-        assert!(missing(1 << CAP_SYS_ADMIN).is_empty());
-        assert!(missing((1 << CAP_BPF) | (1 << CAP_PERFMON)).is_empty());
-        assert_eq!(missing(1 << CAP_BPF), ["CAP_PERFMON"]);
-        assert_eq!(missing(0), ["CAP_BPF", "CAP_PERFMON"]);
+    fn check_reads_the_threads_own_set() {
+        check().expect("the tests run with every capability");
+        // Capabilities belong to a thread: dropping them here leaves the other tests theirs.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for cap in [Capability::CAP_SYS_ADMIN, Capability::CAP_PERFMON] {
+                    caps::drop(None, CapSet::Effective, cap).unwrap();
+                }
+                let err = check().unwrap_err();
+                assert!(
+                    matches!(&err, PrivilegeError::Missing { missing } if missing == "CAP_PERFMON"),
+                    "{err}"
+                );
+            });
+        });
     }
 }

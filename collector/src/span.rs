@@ -3,10 +3,12 @@
 
 use std::{
     borrow::Cow,
-    collections::HashMap,
+    num::NonZeroUsize,
     sync::{Arc, LazyLock},
     time::SystemTime,
 };
+
+use lru::LruCache;
 
 use opentelemetry::{
     InstrumentationScope, KeyValue,
@@ -24,77 +26,63 @@ use crate::{
 };
 
 /// Low-cardinality on purpose: addresses and ports are attributes, never part of the name.
-pub const SPAN_NAME: &str = "tcp connect";
+pub(crate) const SPAN_NAME: &str = "tcp connect";
 
 /// Attribute keys. OpenTelemetry semantic conventions first; ours under `synspan.`.
-pub mod key {
-    pub const NETWORK_TRANSPORT: &str = "network.transport";
-    pub const NETWORK_TYPE: &str = "network.type";
-    pub const NETWORK_LOCAL_ADDRESS: &str = "network.local.address";
-    pub const NETWORK_LOCAL_PORT: &str = "network.local.port";
-    pub const NETWORK_PEER_ADDRESS: &str = "network.peer.address";
-    pub const NETWORK_PEER_PORT: &str = "network.peer.port";
-    pub const SERVER_ADDRESS: &str = "server.address";
-    pub const SERVER_PORT: &str = "server.port";
-    pub const PROCESS_PID: &str = "process.pid";
-    pub const THREAD_ID: &str = "thread.id";
-    pub const PROCESS_EXECUTABLE_NAME: &str = "process.executable.name";
-    pub const PROCESS_EXECUTABLE_PATH: &str = "process.executable.path";
-    pub const PROCESS_COMMAND: &str = "process.command";
-    pub const PROCESS_COMMAND_LINE: &str = "process.command_line";
-    pub const PROCESS_PARENT_PID: &str = "process.parent_pid";
-    pub const CONTAINER_ID: &str = "container.id";
-    pub const K8S_POD_UID: &str = "k8s.pod.uid";
-    pub const ERROR_TYPE: &str = "error.type";
-    pub const SERVICE_NAME: &str = "service.name";
-    pub const HOST_NAME: &str = "host.name";
+pub(crate) mod key {
+    pub(crate) use opentelemetry_semantic_conventions::attribute::{
+        CONTAINER_ID, ERROR_TYPE, HOST_NAME, K8S_POD_UID, NETWORK_LOCAL_ADDRESS, NETWORK_LOCAL_PORT,
+        NETWORK_PEER_ADDRESS, NETWORK_PEER_PORT, NETWORK_TRANSPORT, NETWORK_TYPE, PROCESS_COMMAND,
+        PROCESS_COMMAND_LINE, PROCESS_EXECUTABLE_NAME, PROCESS_EXECUTABLE_PATH, PROCESS_PARENT_PID,
+        PROCESS_PID, SERVER_ADDRESS, SERVER_PORT, SERVICE_NAME, THREAD_ID,
+    };
 
-    pub const OUTCOME: &str = "synspan.outcome";
-    pub const SYN_RETRANSMITS: &str = "synspan.syn_retransmits";
-    pub const ERRNO: &str = "synspan.errno";
-    pub const SOFT_ERRNO: &str = "synspan.soft_errno";
-    pub const CGROUP_ID: &str = "synspan.cgroup_id";
-    pub const NETNS: &str = "synspan.netns.inode";
-    pub const NEVER_STARTED: &str = "synspan.never_started";
+    pub(crate) const OUTCOME: &str = "synspan.outcome";
+    pub(crate) const SYN_RETRANSMITS: &str = "synspan.syn_retransmits";
+    pub(crate) const ERRNO: &str = "synspan.errno";
+    pub(crate) const SOFT_ERRNO: &str = "synspan.soft_errno";
+    pub(crate) const CGROUP_ID: &str = "synspan.cgroup_id";
+    pub(crate) const NETNS: &str = "synspan.netns.inode";
+    pub(crate) const NEVER_STARTED: &str = "synspan.never_started";
     /// Where conntrack sent the attempt: the translated destination and source.
-    pub const NAT_PEER_ADDRESS: &str = "synspan.nat.peer.address";
-    pub const NAT_PEER_PORT: &str = "synspan.nat.peer.port";
-    pub const NAT_LOCAL_ADDRESS: &str = "synspan.nat.local.address";
-    pub const NAT_LOCAL_PORT: &str = "synspan.nat.local.port";
-    pub const NAT_STATE: &str = "synspan.nat.state";
+    pub(crate) const NAT_PEER_ADDRESS: &str = "synspan.nat.peer.address";
+    pub(crate) const NAT_PEER_PORT: &str = "synspan.nat.peer.port";
+    pub(crate) const NAT_LOCAL_ADDRESS: &str = "synspan.nat.local.address";
+    pub(crate) const NAT_LOCAL_PORT: &str = "synspan.nat.local.port";
+    pub(crate) const NAT_STATE: &str = "synspan.nat.state";
     /// Ephemeral ports of the attempt's namespace, for `address_not_available`.
-    pub const PORTS_RANGE: &str = "synspan.ports.range";
-    pub const PORTS_RANGE_SIZE: &str = "synspan.ports.range_size";
-    pub const PORTS_IN_USE: &str = "synspan.ports.in_use";
-    pub const PORTS_IN_USE_TO_DESTINATION: &str = "synspan.ports.in_use_to_destination";
+    pub(crate) const PORTS_RANGE: &str = "synspan.ports.range";
+    pub(crate) const PORTS_RANGE_SIZE: &str = "synspan.ports.range_size";
+    pub(crate) const PORTS_IN_USE: &str = "synspan.ports.in_use";
+    pub(crate) const PORTS_IN_USE_TO_DESTINATION: &str = "synspan.ports.in_use_to_destination";
     /// Stacks, one frame per line, innermost first.
-    pub const USER_STACK: &str = "synspan.user_stack";
-    pub const KERNEL_STACK: &str = "synspan.kernel_stack";
-    pub const END_KERNEL_STACK: &str = "synspan.end_kernel_stack";
-    pub const COLLISION_LOCAL_ADDRESS: &str = "synspan.collision.local.address";
-    pub const COLLISION_LOCAL_PORT: &str = "synspan.collision.local.port";
-    pub const COLLISION_PEER_ADDRESS: &str = "synspan.collision.peer.address";
-    pub const COLLISION_PEER_PORT: &str = "synspan.collision.peer.port";
-    pub const COLLISION_STATE: &str = "synspan.collision.state";
+    pub(crate) const USER_STACK: &str = "synspan.user_stack";
+    pub(crate) const KERNEL_STACK: &str = "synspan.kernel_stack";
+    pub(crate) const END_KERNEL_STACK: &str = "synspan.end_kernel_stack";
+    pub(crate) const COLLISION_LOCAL_ADDRESS: &str = "synspan.collision.local.address";
+    pub(crate) const COLLISION_LOCAL_PORT: &str = "synspan.collision.local.port";
+    pub(crate) const COLLISION_PEER_ADDRESS: &str = "synspan.collision.peer.address";
+    pub(crate) const COLLISION_PEER_PORT: &str = "synspan.collision.peer.port";
+    pub(crate) const COLLISION_STATE: &str = "synspan.collision.state";
     /// On events.
-    pub const RETRANSMIT_NUMBER: &str = "synspan.retransmit.number";
-    pub const ELAPSED_MS: &str = "synspan.elapsed_ms";
+    pub(crate) const RETRANSMIT_NUMBER: &str = "synspan.retransmit.number";
+    pub(crate) const ELAPSED_MS: &str = "synspan.elapsed_ms";
 }
 
 /// A finished attempt, ready for every sink: what its span is made of, not the span itself.
 /// Attempts wait in the export queue by the thousand; the OTLP sink encodes each straight
 /// from here, in the batch that sends it.
 #[derive(Clone, Debug)]
-pub struct ConnectSpan {
-    pub attempt: Attempt,
-    pub identity: Identity,
-    pub evidence: Evidence,
-    pub trace_id: TraceId,
-    pub span_id: SpanId,
+pub(crate) struct ConnectSpan {
+    pub(crate) attempt: Attempt,
+    pub(crate) identity: Identity,
+    pub(crate) evidence: Evidence,
+    pub(crate) trace_id: TraceId,
+    pub(crate) span_id: SpanId,
     /// The traced process's service, not synspan's.
-    pub resource: Resource,
+    pub(crate) resource: Resource,
     /// Identifies `resource`: spans with the same one go out in one request.
-    pub service: Arc<str>,
+    pub(crate) service: Arc<str>,
 }
 
 static SCOPE: LazyLock<InstrumentationScope> = LazyLock::new(|| {
@@ -104,14 +92,14 @@ static SCOPE: LazyLock<InstrumentationScope> = LazyLock::new(|| {
 });
 
 /// synspan, with its version: the instrumentation scope of its spans and metrics.
-pub fn scope() -> &'static InstrumentationScope {
+pub(crate) fn scope() -> &'static InstrumentationScope {
     &SCOPE
 }
 
 impl ConnectSpan {
     /// The span as OpenTelemetry has it, for the JSON line: the same parts the OTLP encoder
     /// takes one by one.
-    pub fn span_data(&self) -> SpanData {
+    pub(crate) fn span_data(&self) -> SpanData {
         let a = &self.attempt;
         let mut events = SpanEvents::default();
         events.events = self.events();
@@ -138,35 +126,36 @@ impl ConnectSpan {
         }
     }
 
-    pub fn attributes(&self) -> Vec<KeyValue> {
+    pub(crate) fn attributes(&self) -> Vec<KeyValue> {
         attributes(&self.attempt, &self.identity, &self.evidence)
     }
 
-    pub fn events(&self) -> Vec<opentelemetry::trace::Event> {
+    pub(crate) fn events(&self) -> Vec<opentelemetry::trace::Event> {
         events(&self.attempt)
     }
 
-    pub fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         status(&self.attempt)
     }
 }
 
 /// Builds spans; owns the id generator and the per-service resources.
-pub struct SpanBuilder {
+pub(crate) struct SpanBuilder {
     ids: RandomIdGenerator,
     host_name: String,
-    resources: HashMap<String, (Arc<str>, Resource)>,
+    resources: LruCache<String, (Arc<str>, Resource)>,
 }
 
-/// Distinct services remembered; past this the cache starts over rather than grow.
-const MAX_RESOURCES: usize = 4096;
+/// Distinct services remembered: more than one host runs, so only a host where every process
+/// names itself anew (a service name with a pid in it) forgets one, and builds it again.
+const MAX_RESOURCES: NonZeroUsize = NonZeroUsize::new(4096).unwrap();
 
 impl SpanBuilder {
-    pub fn new(host_name: String) -> Self {
+    pub(crate) fn new(host_name: String) -> Self {
         Self {
             ids: RandomIdGenerator::default(),
             host_name,
-            resources: HashMap::new(),
+            resources: LruCache::new(MAX_RESOURCES),
         }
     }
 
@@ -189,9 +178,6 @@ impl SpanBuilder {
         if let Some(known) = self.resources.get(&cache_key) {
             return known.clone();
         }
-        if self.resources.len() >= MAX_RESOURCES {
-            self.resources.clear();
-        }
         let resource = Resource::builder_empty()
             .with_attributes(
                 extra
@@ -204,12 +190,11 @@ impl SpanBuilder {
             )
             .build();
         let service: Arc<str> = cache_key.as_str().into();
-        self.resources
-            .insert(cache_key, (service.clone(), resource.clone()));
+        self.resources.put(cache_key, (service.clone(), resource.clone()));
         (service, resource)
     }
 
-    pub fn build(&mut self, attempt: Attempt, identity: &Identity, evidence: Evidence) -> ConnectSpan {
+    pub(crate) fn build(&mut self, attempt: Attempt, identity: &Identity, evidence: Evidence) -> ConnectSpan {
         let (service, resource) = self.resource(&attempt, identity);
         ConnectSpan {
             trace_id: self.ids.new_trace_id(),

@@ -400,6 +400,7 @@ fn second_signal_exits_at_once() {
     synspan_testbed::wait_until(Duration::from_secs(10), || {
         (agent.spans().len() >= 3).then_some(())
     });
+    // SAFETY: plain syscall on the agent this test started.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let stopping = synspan_testbed::wait_until(Duration::from_secs(10), || {
         agent.stderr().contains("SIGTERM: stopping").then_some(())

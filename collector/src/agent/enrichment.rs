@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::reader::MAX_BATCH;
 use crate::{
     attempt::Attempt,
-    enrich::{identity::Enricher, process::ReadOptions},
+    enrich::{Enricher, process::ReadOptions},
     evidence::{Explainer, Missed},
     privilege,
     sink::Sinks,

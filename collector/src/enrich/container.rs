@@ -11,7 +11,7 @@
 
 /// The container id: the deepest cgroup directory that names one, in the first path that has
 /// one.
-pub fn container_id(cgroup_paths: &[String]) -> Option<String> {
+pub(crate) fn container_id(cgroup_paths: &[String]) -> Option<String> {
     cgroup_paths.iter().find_map(|path| {
         path.rsplit('/')
             .find_map(container_id_in_segment)
@@ -39,7 +39,7 @@ fn is_container_id(s: &str) -> bool {
 }
 
 /// The UID of the Kubernetes pod, from a path under the kubelet's `kubepods` cgroup.
-pub fn k8s_pod_uid(cgroup_paths: &[String]) -> Option<String> {
+pub(crate) fn k8s_pod_uid(cgroup_paths: &[String]) -> Option<String> {
     cgroup_paths
         .iter()
         .filter(|path| path.contains("kubepods"))

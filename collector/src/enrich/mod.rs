@@ -1,97 +1,213 @@
 //! Who made an attempt and from where: the process behind a pid ([`process`]), its container
-//! and pod ([`container`]), and names for its kernel and user stacks ([`symbols`]).
+//! and pod ([`container`]), and names for its kernel and user stacks ([`symbols`]), put
+//! together by the [`Enricher`] into an attempt's [`Identity`](identity::Identity).
 //!
 //! Everything here reads `/proc` after the kernel reported the attempt, so the process may
 //! have exited by then: every lookup can come back empty, and none of it may hold up an
-//! attempt.
+//! attempt. Everything is cached: a connect storm from one code path costs a few map reads per
+//! attempt, not a symbolization.
 
-pub mod container;
-pub mod identity;
-pub mod process;
-pub mod process_context;
-pub mod symbols;
+pub(crate) mod container;
+pub(crate) mod identity;
+pub(crate) mod process;
+pub(crate) mod process_cache;
+pub(crate) mod process_context;
+pub(crate) mod symbols;
 
-use std::{collections::HashMap, sync::Arc};
+use std::{cell::RefCell, collections::HashMap, num::NonZeroUsize, path::Path, sync::Arc};
 
-use process::{ProcessError, ProcessInfo, ReadOptions};
+use aya::maps::{MapData, StackTraceMap};
+use lru::LruCache;
+use synspan_shared::ProcessNote;
 
-/// Processes remembered by default.
-pub const DEFAULT_MAX_PROCESSES: usize = 8192;
+use crate::attempt::Attempt;
+use identity::Identity;
+use process::ReadOptions;
+use process_cache::{MAX_PROCESSES, ProcessCache};
+use symbols::{KernelSymbols, NormalizedFrame, StackNormalizer, UserSymbolizer};
 
-/// [`ProcessInfo`] of recently seen processes. A process is its pid and its start time, so a
-/// reused pid is read afresh; a process that exited since it was read is still answered for,
-/// until [`ProcessCache::sweep`]: its attempts are often reported after it is gone.
-#[derive(Debug)]
-pub struct ProcessCache {
-    entries: HashMap<u32, Arc<ProcessInfo>>,
-    max_entries: usize,
-    options: ReadOptions,
+/// Stacks remembered, normalized and rendered: as many as the kernel's stack map holds ids,
+/// so a cache holds every stack the map can report at once.
+pub(crate) const MAX_STACKS: NonZeroUsize = NonZeroUsize::new(16384).unwrap();
+
+/// A user stack as the kernel reported it for one process: its addresses mean something only
+/// in that process's memory map.
+type UserStackKey = (u32, Arc<[u64]>);
+
+thread_local! {
+    /// blazesym's symbolizer holds `Rc`s, so it cannot move between threads; one per thread,
+    /// made on first use, keeps the [`Enricher`] `Send`, free to be made on one thread (where
+    /// the capabilities to read the kernel's symbols are held) and run on another.
+    static USER_SYMBOLIZER: RefCell<UserSymbolizer> = RefCell::new(UserSymbolizer::new());
 }
 
-impl ProcessCache {
-    pub fn new(max_entries: usize, options: ReadOptions) -> Self {
-        Self {
-            entries: HashMap::new(),
-            max_entries: max_entries.max(1),
-            options,
+pub(crate) struct Enricher {
+    processes: ProcessCache,
+    stacks: Option<StackTraceMap<MapData>>,
+    /// Stacks read from the map during the current batch, by id: a storm from one code path
+    /// shares a few ids, and each read is a syscall. Emptied by [`Enricher::new_batch`]: the
+    /// kernel reuses an id when a new stack hashes to it.
+    read_stacks: HashMap<u32, Option<Arc<[u64]>>>,
+    kernel: Option<KernelSymbols>,
+    normalizer: StackNormalizer,
+    /// User stacks normalized while their process was alive.
+    normalized: LruCache<UserStackKey, Vec<NormalizedFrame>>,
+    rendered_user: LruCache<UserStackKey, Arc<str>>,
+    rendered_kernel: LruCache<Arc<[u64]>, Arc<str>>,
+}
+
+// It may be made on one thread and run on another.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<Enricher>();
+};
+
+/// Frames kept per stack, innermost first, and characters kept per frame. Demangled
+/// generic Rust or C++ names run to kilobytes; a span carries a stack to be read, not a
+/// debugger's worth of it, and every byte is paid for in the queue and on the wire.
+const MAX_FRAMES: usize = 32;
+const MAX_FRAME_CHARS: usize = 240;
+
+/// One frame per line, each cut to `MAX_FRAME_CHARS` (with `…`), at most `MAX_FRAMES` of them.
+fn stack_text(frames: &[String]) -> Arc<str> {
+    let mut text = String::new();
+    for (i, frame) in frames.iter().take(MAX_FRAMES).enumerate() {
+        if i > 0 {
+            text.push('\n');
+        }
+        match frame.char_indices().nth(MAX_FRAME_CHARS) {
+            Some((cut, _)) => {
+                text.push_str(&frame[..cut]);
+                text.push('…');
+            }
+            None => text.push_str(frame),
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
+    if frames.len() > MAX_FRAMES {
+        text.push_str(&format!("\n… {} more frames", frames.len() - MAX_FRAMES));
     }
+    text.into()
+}
 
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// The process now at `pid`, or the one last seen there if it has exited; `None` when
-    /// neither is known.
-    pub fn lookup_or_load(&mut self, pid: u32) -> Option<Arc<ProcessInfo>> {
-        let start_time = match process::read_stat(pid) {
-            Ok(stat) if !stat.has_exited() => stat.start_time,
-            Ok(_) | Err(ProcessError::Gone(_)) => return self.entries.get(&pid).cloned(),
+impl Enricher {
+    /// `stacks` is `None` with `--no-stacks`. Kernel symbols must be read before capabilities
+    /// are dropped: without CAP_SYSLOG the kernel hides the addresses.
+    pub(crate) fn new(stacks: Option<StackTraceMap<MapData>>, options: ReadOptions) -> Self {
+        let kernel = stacks.as_ref().and_then(|_| match KernelSymbols::load() {
+            Ok(symbols) => Some(symbols),
             Err(err) => {
-                tracing::debug!("process {pid}: {err}");
-                return None;
-            }
-        };
-        if let Some(info) = self.entries.get(&pid)
-            && info.start_time == start_time
-        {
-            return Some(info.clone());
-        }
-        match ProcessInfo::read(pid, &self.options) {
-            Ok(info) => {
-                let info = Arc::new(info);
-                // Rather than find the least useful entry, start over: the live ones come back
-                // on their next attempt.
-                if self.entries.len() >= self.max_entries && !self.entries.contains_key(&pid) {
-                    self.entries.clear();
-                }
-                self.entries.insert(pid, info.clone());
-                Some(info)
-            }
-            // Exited between the two reads: what was cached at that pid was another process.
-            Err(ProcessError::Gone(_)) => {
-                self.entries.remove(&pid);
+                tracing::warn!("kernel stacks will show addresses only: {err}");
                 None
             }
-            Err(err) => {
-                tracing::debug!("process {pid}: {err}");
-                None
-            }
-        }
-    }
-
-    /// Forgets processes that have exited, or whose pid now names another process. Returns
-    /// how many. Call it now and then, after the attempts of the exited ones have been reported.
-    pub fn sweep(&mut self) -> usize {
-        let before = self.entries.len();
-        self.entries.retain(|&pid, info| {
-            matches!(process::read_stat(pid), Ok(stat) if stat.start_time == info.start_time && !stat.has_exited())
         });
-        before - self.entries.len()
+        Self {
+            processes: ProcessCache::new(MAX_PROCESSES, options),
+            stacks,
+            read_stacks: HashMap::new(),
+            kernel,
+            normalizer: StackNormalizer::new(),
+            normalized: LruCache::new(MAX_STACKS),
+            rendered_user: LruCache::new(MAX_STACKS),
+            rendered_kernel: LruCache::new(MAX_STACKS),
+        }
+    }
+
+    /// The kernel saw a process (or a new code path of one) start an attempt: read what
+    /// might be gone by the time the attempt ends.
+    pub(crate) fn on_note(&mut self, note: &ProcessNote) {
+        let _ = self.processes.check(note.pid);
+        if let Some(addrs) = self.stack(u32::try_from(note.user_stack_id).ok()) {
+            self.normalize(note.pid, addrs);
+        }
+    }
+
+    pub(crate) fn identify(&mut self, attempt: &Attempt) -> Identity {
+        let process = self.processes.get(attempt.pid);
+        let user_stack = self
+            .stack(attempt.user_stack_id)
+            .and_then(|addrs| self.render_user(attempt.pid, addrs));
+        let kernel_stack = self.stack(attempt.kernel_stack_id).map(|a| self.render_kernel(a));
+        let end_kernel_stack = self
+            .stack(attempt.end_kernel_stack_id)
+            .map(|a| self.render_kernel(a));
+        Identity {
+            process,
+            user_stack,
+            kernel_stack,
+            end_kernel_stack,
+        }
+    }
+
+    /// Starts a batch of records read together: stacks are read from the map afresh.
+    pub(crate) fn new_batch(&mut self) {
+        self.read_stacks.clear();
+    }
+
+    /// Forgets processes that have exited. Call now and then.
+    pub(crate) fn sweep(&mut self) {
+        self.processes.sweep();
+        // Normalized frames hold the process's files open.
+        let gone: Vec<UserStackKey> = self
+            .normalized
+            .iter()
+            .filter(|((pid, _), _)| !Path::new("/proc").join(pid.to_string()).exists())
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &gone {
+            self.normalized.pop(key);
+        }
+    }
+
+    fn stack(&mut self, id: Option<u32>) -> Option<Arc<[u64]>> {
+        let map = self.stacks.as_ref()?;
+        let id = id?;
+        self.read_stacks
+            .entry(id)
+            .or_insert_with(|| {
+                let trace = map.get(&id, 0).ok()?;
+                Some(trace.frames().iter().map(|f| f.ip).collect())
+            })
+            .clone()
+    }
+
+    fn normalize(&mut self, pid: u32, addrs: Arc<[u64]>) {
+        let key = (pid, addrs);
+        if self.normalized.contains(&key) {
+            return;
+        }
+        match self.normalizer.normalize(pid, &key.1) {
+            Ok(frames) => {
+                self.normalized.put(key, frames);
+            }
+            Err(err) => tracing::debug!("user stack of {pid}: {err}"),
+        }
+    }
+
+    fn render_user(&mut self, pid: u32, addrs: Arc<[u64]>) -> Option<Arc<str>> {
+        let key = (pid, addrs);
+        if let Some(text) = self.rendered_user.get(&key) {
+            return Some(text.clone());
+        }
+        // Normalized while the process lived (at its note), else now, if it still does.
+        self.normalize(pid, key.1.clone());
+        let frames = self.normalized.get(&key)?;
+        let lines = USER_SYMBOLIZER.with_borrow_mut(|user| user.symbolize_normalized(frames));
+        let text = stack_text(&lines);
+        self.rendered_user.put(key, text.clone());
+        Some(text)
+    }
+
+    fn render_kernel(&mut self, addrs: Arc<[u64]>) -> Arc<str> {
+        if let Some(text) = self.rendered_kernel.get(&addrs) {
+            return text.clone();
+        }
+        let lines = match &self.kernel {
+            Some(symbols) => symbols.symbolize(&addrs),
+            None => addrs.iter().map(|a| format!("{a:#x}")).collect(),
+        };
+        let text = stack_text(&lines);
+        self.rendered_kernel.put(addrs, text.clone());
+        text
     }
 }
 
@@ -149,86 +265,42 @@ pub(crate) mod tests {
         child
     }
 
-    fn sleeper() -> Child {
-        running_cat(&[], &[])
-    }
-
-    fn reap(mut child: Child) {
+    pub(crate) fn reap(mut child: Child) {
         child.kill().unwrap();
         child.wait().unwrap();
     }
 
     #[test]
-    fn loads_once_and_answers_from_the_cache() {
-        let mut cache = ProcessCache::new(DEFAULT_MAX_PROCESSES, ReadOptions::default());
-        let me = std::process::id();
-        let first = cache.lookup_or_load(me).unwrap();
-        let second = cache.lookup_or_load(me).unwrap();
-        assert!(Arc::ptr_eq(&first, &second));
-        assert_eq!(first.pid, me);
-        assert_eq!(cache.len(), 1);
-        assert_eq!(cache.sweep(), 0);
+    fn stacks_are_bounded_and_readable() {
+        let frames: Vec<String> = (0..40)
+            .map(|i| format!("f{i}+0x1 ({})", "x".repeat(300)))
+            .collect();
+        let text = stack_text(&frames);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), MAX_FRAMES + 1);
+        assert!(lines[0].starts_with("f0+0x1 (") && lines[0].ends_with('…'));
+        assert_eq!(lines[0].chars().count(), MAX_FRAME_CHARS + 1);
+        assert_eq!(lines[MAX_FRAMES], "… 8 more frames");
+        assert_eq!(&*stack_text(&["a+0x1".into(), "b+0x2".into()]), "a+0x1\nb+0x2");
     }
 
     #[test]
-    fn exited_process_is_answered_until_swept() {
-        let mut cache = ProcessCache::new(DEFAULT_MAX_PROCESSES, ReadOptions::default());
-        let child = sleeper();
+    fn a_noted_process_is_identified_after_it_exits_until_swept() {
+        let mut enricher = Enricher::new(None, ReadOptions::default());
+        let child = running_cat(&[], &[("OTEL_SERVICE_NAME", "checkout")]);
         let pid = child.id();
-        let info = cache.lookup_or_load(pid).unwrap();
-        assert_eq!(info.exe_name, "cat");
+        enricher.on_note(&ProcessNote {
+            pid,
+            user_stack_id: -1,
+        });
         reap(child);
-
-        let after_exit = cache.lookup_or_load(pid).unwrap();
-        assert!(Arc::ptr_eq(&info, &after_exit));
-        assert_eq!(cache.sweep(), 1);
-        assert!(cache.is_empty());
-        assert!(cache.lookup_or_load(pid).is_none());
-    }
-
-    #[test]
-    fn reused_pid_is_read_afresh() {
-        let mut cache = ProcessCache::new(DEFAULT_MAX_PROCESSES, ReadOptions::default());
-        let me = std::process::id();
-        let real = cache.lookup_or_load(me).unwrap();
-        // What a process that held this pid before us would have left.
-        let earlier = || {
-            let mut earlier = (*real).clone();
-            earlier.start_time += 1;
-            earlier.comm = "previous".into();
-            Arc::new(earlier)
-        };
-        cache.entries.insert(me, earlier());
-        let fresh = cache.lookup_or_load(me).unwrap();
-        assert_eq!(fresh.comm, real.comm);
-        assert_eq!(fresh.start_time, real.start_time);
-
-        cache.entries.insert(me, earlier());
-        assert_eq!(cache.sweep(), 1);
-    }
-
-    #[test]
-    fn bounded() {
-        let mut cache = ProcessCache::new(2, ReadOptions::default());
-        let children = [sleeper(), sleeper(), sleeper()];
-        for child in &children {
-            assert!(cache.lookup_or_load(child.id()).is_some());
-            assert!(cache.len() <= 2);
-        }
-        // The third started the cache over.
-        assert_eq!(cache.len(), 1);
-        assert!(cache.entries.contains_key(&children[2].id()));
-        for child in children {
-            reap(child);
-        }
-        assert_eq!(cache.sweep(), 1);
-    }
-
-    #[test]
-    fn unknown_pid_is_none() {
-        let mut cache = ProcessCache::new(DEFAULT_MAX_PROCESSES, ReadOptions::default());
-        // Above the largest pid_max the kernel allows (2^22).
-        assert!(cache.lookup_or_load(u32::MAX).is_none());
-        assert!(cache.is_empty());
+        let mut attempt = crate::span::tests::timed_out();
+        attempt.pid = pid;
+        let identity = enricher.identify(&attempt);
+        let process = identity.process.expect("remembered after it exited");
+        assert_eq!(process.info.service.name.as_deref(), Some("checkout"));
+        assert!(identity.user_stack.is_none() && identity.kernel_stack.is_none());
+        enricher.sweep();
+        assert!(enricher.identify(&attempt).process.is_none());
     }
 }

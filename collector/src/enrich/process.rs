@@ -3,8 +3,7 @@
 //! The pid is the one the kernel programs recorded: the pid in the initial PID namespace, also
 //! for a process in a container. It names the right `/proc/<pid>` whenever synspan reads the
 //! host's `/proc`, which it does when it runs in the host PID namespace (on Kubernetes,
-//! `hostPID: true`); a process in another PID namespace needs nothing more. An agent that
-//! finds the host's `/proc` mounted elsewhere passes that root to [`ProcessInfo::read_from`].
+//! `hostPID: true`); a process in another PID namespace needs nothing more.
 //!
 //! Every read races with the process exiting. Once it has, reads fail with `ENOENT` or
 //! `ESRCH`, or, on a zombie, succeed with nothing in them; both come back as
@@ -21,14 +20,14 @@ use std::{
 use super::process_context::{self, ContextError, ProcessContext};
 use crate::span::key::SERVICE_NAME;
 
-pub const PROC_ROOT: &str = "/proc";
+const PROC_ROOT: &str = "/proc";
 /// A command line longer than this is cut: past it, it is rarely more than a list of files.
-pub const MAX_COMMAND_LINE: usize = 4096;
+pub(crate) const MAX_COMMAND_LINE: usize = 4096;
 /// The environment is read only this far: a process may carry megabytes of it.
-pub const MAX_ENVIRON: usize = 256 * 1024;
+pub(crate) const MAX_ENVIRON: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ProcessError {
+pub(crate) enum ProcessError {
     #[error("process {0} has exited")]
     Gone(u32),
     #[error("reading {}: {source}", path.display())]
@@ -39,26 +38,26 @@ pub enum ProcessError {
 
 /// What to read beyond the defaults.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ReadOptions {
+pub(crate) struct ReadOptions {
     /// The command line can carry secrets (passwords and tokens passed as arguments), so it is
     /// read only when asked for.
-    pub command_line: bool,
+    pub(crate) command_line: bool,
 }
 
 /// The fields of `/proc/<pid>/stat` synspan uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Stat {
-    pub comm: String,
+pub(crate) struct Stat {
+    pub(crate) comm: String,
     /// `R`, `S`, `D`, `Z`...
-    pub state: char,
-    pub parent_pid: u32,
+    pub(crate) state: char,
+    pub(crate) parent_pid: u32,
     /// Clock ticks after boot. With the pid, it names one process even after the pid is reused.
-    pub start_time: u64,
+    pub(crate) start_time: u64,
 }
 
 impl Stat {
     /// A zombie or dead task: it has exited, only its parent has not collected it yet.
-    pub fn has_exited(&self) -> bool {
+    pub(crate) fn has_exited(&self) -> bool {
         matches!(self.state, 'Z' | 'X' | 'x')
     }
 }
@@ -66,12 +65,12 @@ impl Stat {
 /// The service a process says it is, the way OpenTelemetry SDKs learn it. Nothing else of
 /// the environment is kept: it often holds secrets.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Service {
+pub(crate) struct Service {
     /// `OTEL_SERVICE_NAME`, else `service.name` from `OTEL_RESOURCE_ATTRIBUTES`.
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
     /// `OTEL_RESOURCE_ATTRIBUTES` decoded, in order, without `service.name`: the resolved
     /// name is in `name`, so the two can go into one resource without a conflict.
-    pub resource_attributes: Vec<(String, String)>,
+    pub(crate) resource_attributes: Vec<(String, String)>,
 }
 
 impl Service {
@@ -98,36 +97,36 @@ impl Service {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProcessInfo {
-    pub pid: u32,
-    pub start_time: u64,
-    pub parent_pid: u32,
+pub(crate) struct ProcessInfo {
+    pub(crate) pid: u32,
+    pub(crate) start_time: u64,
+    pub(crate) parent_pid: u32,
     /// The task name: at most 15 bytes, and the process can change it.
-    pub comm: String,
+    pub(crate) comm: String,
     /// As the process sees it, in its own mount namespace. `None` for a kernel thread, or when
     /// synspan may not look (no `CAP_SYS_PTRACE`).
-    pub exe_path: Option<PathBuf>,
+    pub(crate) exe_path: Option<PathBuf>,
     /// The executable was deleted or replaced (an upgrade) since the process started it.
-    pub exe_deleted: bool,
+    pub(crate) exe_deleted: bool,
     /// The file name of `exe_path`, else `comm`.
-    pub exe_name: String,
+    pub(crate) exe_name: String,
     /// Arguments joined by spaces, cut at [`MAX_COMMAND_LINE`] bytes; only when asked for.
-    pub command_line: Option<String>,
-    pub service: Service,
+    pub(crate) command_line: Option<String>,
+    pub(crate) service: Service,
     /// `published_at_ns` of the process context the service came from, if it came from one.
-    pub published_context: Option<u64>,
+    pub(crate) published_context: Option<u64>,
     /// The network namespace, as the inode number `ip netns identify` and `lsns` show.
-    pub netns_inode: Option<u64>,
+    pub(crate) netns_inode: Option<u64>,
     /// The path of each line of `/proc/<pid>/cgroup`, cgroup v1 and v2, without repeats.
-    pub cgroup_paths: Vec<String>,
+    pub(crate) cgroup_paths: Vec<String>,
 }
 
 /// Reads `/proc/<pid>/stat`.
-pub fn read_stat(pid: u32) -> Result<Stat, ProcessError> {
+pub(crate) fn read_stat(pid: u32) -> Result<Stat, ProcessError> {
     read_stat_from(Path::new(PROC_ROOT), pid)
 }
 
-pub fn read_stat_from(proc_root: &Path, pid: u32) -> Result<Stat, ProcessError> {
+fn read_stat_from(proc_root: &Path, pid: u32) -> Result<Stat, ProcessError> {
     let path = proc_root.join(pid.to_string()).join("stat");
     let bytes = std::fs::read(&path).map_err(|source| io_error(pid, path.clone(), source))?;
     parse_stat(&bytes).ok_or(ProcessError::Malformed {
@@ -138,7 +137,7 @@ pub fn read_stat_from(proc_root: &Path, pid: u32) -> Result<Stat, ProcessError> 
 
 /// Parses `/proc/<pid>/stat`. The command name sits in parentheses and may itself hold spaces
 /// and parentheses, so the fields start after the last `)`.
-pub fn parse_stat(bytes: &[u8]) -> Option<Stat> {
+fn parse_stat(bytes: &[u8]) -> Option<Stat> {
     let open = bytes.iter().position(|&b| b == b'(')?;
     let close = bytes.iter().rposition(|&b| b == b')')?;
     if close < open {
@@ -231,12 +230,13 @@ impl Reader<'_> {
 
 impl ProcessInfo {
     /// Reads `/proc/<pid>`.
-    pub fn read(pid: u32, options: &ReadOptions) -> Result<Self, ProcessError> {
+    pub(crate) fn read(pid: u32, options: &ReadOptions) -> Result<Self, ProcessError> {
         Self::read_from(Path::new(PROC_ROOT), pid, options)
     }
 
-    /// Reads `<proc_root>/<pid>`, for a host `/proc` mounted somewhere else.
-    pub fn read_from(proc_root: &Path, pid: u32, options: &ReadOptions) -> Result<Self, ProcessError> {
+    /// Reads `<proc_root>/<pid>`: tests build a `/proc` in a directory for what no real
+    /// process they can start would show.
+    fn read_from(proc_root: &Path, pid: u32, options: &ReadOptions) -> Result<Self, ProcessError> {
         let stat = read_stat_from(proc_root, pid)?;
         if stat.has_exited() {
             return Err(ProcessError::Gone(pid));
@@ -332,7 +332,7 @@ fn netns_inode(link: &OsStr) -> Option<u64> {
 
 /// Each line is `hierarchy:controllers:path`: `0::/path` on cgroup v2,
 /// `4:memory:/path` or `1:name=systemd:/path` on v1.
-pub fn cgroup_paths(text: &str) -> Vec<String> {
+fn cgroup_paths(text: &str) -> Vec<String> {
     let mut paths: Vec<String> = Vec::new();
     for line in text.lines() {
         let mut fields = line.splitn(3, ':');
@@ -362,7 +362,7 @@ fn command_line(bytes: &[u8], truncated: bool) -> Option<String> {
 /// The service from a process's environment (`/proc/<pid>/environ`, NUL-separated
 /// `NAME=value` entries). `truncated`: the bytes stop at the read bound, so the last entry may
 /// be cut and is not used.
-pub fn service_from_environ(environ: &[u8], truncated: bool) -> Service {
+fn service_from_environ(environ: &[u8], truncated: bool) -> Service {
     let mut entries: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
     if truncated {
         entries.pop();
@@ -396,7 +396,7 @@ pub fn service_from_environ(environ: &[u8], truncated: bool) -> Service {
 /// `key1=value1,key2=value2`, W3C-baggage style: values (and keys) percent-encoded, spaces
 /// around them trimmed. An entry without `=`, with an empty key or with a bad encoding is
 /// skipped; of repeated keys the last wins.
-pub fn parse_resource_attributes(value: &str) -> Vec<(String, String)> {
+fn parse_resource_attributes(value: &str) -> Vec<(String, String)> {
     let mut attributes: Vec<(String, String)> = Vec::new();
     for entry in value.split(',') {
         let Some((key, value)) = entry.split_once('=') else {
@@ -419,24 +419,21 @@ pub fn parse_resource_attributes(value: &str) -> Vec<(String, String)> {
 /// Undoes the percent-encoding of OTEL_RESOURCE_ATTRIBUTES and OTEL_EXPORTER_OTLP_HEADERS
 /// values; `None` for a malformed escape or bytes that are not UTF-8.
 pub(crate) fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            // from_str_radix would also take a sign.
-            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                return None;
-            }
-            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    // percent-encoding passes a malformed escape through as text; such a value is refused, as
+    // one that decodes to bytes that are not UTF-8 is.
+    let well_formed = s.split('%').skip(1).all(|after| {
+        after
+            .as_bytes()
+            .get(..2)
+            .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return None;
     }
-    String::from_utf8(out).ok()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .ok()
+        .map(std::borrow::Cow::into_owned)
 }
 
 #[cfg(test)]

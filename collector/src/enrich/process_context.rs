@@ -31,13 +31,13 @@ const MAX_TRIES: usize = 3;
 
 /// The published context as the agent uses it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ProcessContext {
+pub(crate) struct ProcessContext {
     /// `published_at_ns` of the header this was read from: a new value means a new context.
-    pub published_at_ns: u64,
+    pub(crate) published_at_ns: u64,
     /// The resource's attributes, as text, in the order published.
-    pub resource: Vec<(String, String)>,
+    pub(crate) resource: Vec<(String, String)>,
     /// The context's own attributes (`threadlocal.*`), as text.
-    pub attributes: Vec<(String, String)>,
+    pub(crate) attributes: Vec<(String, String)>,
 }
 
 /// The payload message (opentelemetry-proto's `ProcessContext`, status Development).
@@ -50,7 +50,7 @@ struct Payload {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ContextError {
+pub(crate) enum ContextError {
     #[error("no OTEL_CTX mapping")]
     NotPublished,
     #[error("bad signature")]
@@ -70,7 +70,7 @@ pub enum ContextError {
 /// The start address of the first mapping named like a process context in the text of
 /// `/proc/<pid>/maps`: `[anon_shmem:OTEL_CTX]`, `[anon:OTEL_CTX]` (named with `prctl`) or
 /// `/memfd:OTEL_CTX (deleted)` (where the kernel cannot name mappings).
-pub fn find_mapping(maps: &[u8]) -> Option<u64> {
+pub(crate) fn find_mapping(maps: &[u8]) -> Option<u64> {
     maps.split(|&b| b == b'\n').find_map(|line| {
         let line = std::str::from_utf8(line).ok()?;
         let mut fields = line.split_ascii_whitespace();
@@ -90,7 +90,7 @@ pub fn find_mapping(maps: &[u8]) -> Option<u64> {
 }
 
 /// A view of another process's memory.
-pub trait Memory {
+pub(crate) trait Memory {
     /// Fills `buf` from address `addr`, or fails.
     fn read_exact_at(&self, buf: &mut [u8], addr: u64) -> io::Result<()>;
 }
@@ -129,7 +129,7 @@ fn read_header(memory: &impl Memory, addr: u64) -> Result<Header, ContextError> 
 /// Reads the context at `addr` with the specification's protocol: a header whose
 /// `published_at_ns` is 0 is being written, and one that changed while the payload was read
 /// was rewritten meanwhile; both are read again, a bounded number of times.
-pub fn read(memory: &impl Memory, addr: u64) -> Result<ProcessContext, ContextError> {
+pub(crate) fn read(memory: &impl Memory, addr: u64) -> Result<ProcessContext, ContextError> {
     for _ in 0..MAX_TRIES {
         let header = read_header(memory, addr)?;
         if !VERSIONS.contains(&header.version) {
@@ -154,7 +154,7 @@ pub fn read(memory: &impl Memory, addr: u64) -> Result<ProcessContext, ContextEr
 }
 
 /// Decodes a payload: bounded in attributes and text, whatever it claims.
-pub fn decode(payload: &[u8], published_at_ns: u64) -> Result<ProcessContext, ContextError> {
+pub(crate) fn decode(payload: &[u8], published_at_ns: u64) -> Result<ProcessContext, ContextError> {
     let message = Payload::decode(payload).map_err(|e| ContextError::Decode(e.to_string()))?;
     let resource = message.resource.map(|r| r.attributes).unwrap_or_default();
     Ok(ProcessContext {
@@ -207,7 +207,7 @@ fn text(value: AnyValue) -> Option<String> {
 }
 
 /// The context `pid` published, if any: its maps name the mapping, its memory holds it.
-pub fn read_process(proc_root: &Path, pid: u32) -> Result<ProcessContext, ContextError> {
+pub(crate) fn read_process(proc_root: &Path, pid: u32) -> Result<ProcessContext, ContextError> {
     let dir = proc_root.join(pid.to_string());
     let maps = std::fs::read(dir.join("maps")).map_err(|_| ContextError::Unreadable)?;
     let addr = find_mapping(&maps).ok_or(ContextError::NotPublished)?;

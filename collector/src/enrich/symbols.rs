@@ -13,11 +13,12 @@
 //! [`UserSymbolizer::symbolize_normalized`] names the frames any time later.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     ffi::OsStr,
     fmt,
     fs::{File, Metadata},
     io,
+    num::NonZeroUsize,
     os::{
         fd::AsRawFd,
         unix::{ffi::OsStrExt, fs::MetadataExt},
@@ -27,12 +28,13 @@ use std::{
 };
 
 use blazesym::symbolize::{
-    CodeInfo, Input, Symbolized, Symbolizer,
+    CodeInfo, Input, Symbolized, Symbolizer, evict,
     source::{Elf, Source},
 };
+use lru::LruCache;
 
 #[derive(Debug, thiserror::Error)]
-pub enum SymbolError {
+pub(crate) enum SymbolError {
     #[error("process {0} has exited")]
     Gone(u32),
     #[error("reading {}: {source}", path.display())]
@@ -54,16 +56,16 @@ const MAX_KERNEL_SYMBOL_SPAN: u64 = 1 << 20;
 
 /// The kernel's symbols, read once from `/proc/kallsyms`.
 #[derive(Clone, Debug)]
-pub struct KernelSymbols {
+pub(crate) struct KernelSymbols {
     symbols: BTreeMap<u64, String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KernelSymbol<'a> {
-    pub name: &'a str,
+pub(crate) struct KernelSymbol<'a> {
+    pub(crate) name: &'a str,
     /// The module, for a symbol that is not in the kernel image.
-    pub module: Option<&'a str>,
-    pub offset: u64,
+    pub(crate) module: Option<&'a str>,
+    pub(crate) offset: u64,
 }
 
 impl fmt::Display for KernelSymbol<'_> {
@@ -80,7 +82,7 @@ impl KernelSymbols {
     /// Reads `/proc/kallsyms`. The kernel shows the addresses only to a reader with
     /// `CAP_SYSLOG` (or to everyone, with `kernel.kptr_restrict=0`), and synspan does not keep
     /// that capability: load them before dropping capabilities.
-    pub fn load() -> Result<Self, SymbolError> {
+    pub(crate) fn load() -> Result<Self, SymbolError> {
         let symbols = aya::util::kernel_symbols().map_err(|source| SymbolError::Io {
             path: PathBuf::from("/proc/kallsyms"),
             source,
@@ -89,23 +91,15 @@ impl KernelSymbols {
     }
 
     /// From `/proc/kallsyms` as aya parses it: address to name, `name\t[module]` for a module.
-    pub fn from_symbols(symbols: BTreeMap<u64, String>) -> Result<Self, SymbolError> {
+    pub(crate) fn from_symbols(symbols: BTreeMap<u64, String>) -> Result<Self, SymbolError> {
         if symbols.range(1..).next().is_none() {
             return Err(SymbolError::KernelAddressesHidden);
         }
         Ok(Self { symbols })
     }
 
-    pub fn len(&self) -> usize {
-        self.symbols.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.symbols.is_empty()
-    }
-
     /// The symbol an address is in: the nearest one at or below it.
-    pub fn resolve(&self, addr: u64) -> Option<KernelSymbol<'_>> {
+    pub(crate) fn resolve(&self, addr: u64) -> Option<KernelSymbol<'_>> {
         let (&start, name) = self.symbols.range(..=addr).next_back()?;
         let offset = addr - start;
         if offset >= MAX_KERNEL_SYMBOL_SPAN {
@@ -120,7 +114,7 @@ impl KernelSymbols {
 
     /// One line per frame: `tcp_connect+0x5`, `nf_hook_slow+0x44 [nf_tables]`, or the bare
     /// address when no symbol fits.
-    pub fn symbolize(&self, addrs: &[u64]) -> Vec<String> {
+    pub(crate) fn symbolize(&self, addrs: &[u64]) -> Vec<String> {
         addrs
             .iter()
             .enumerate()
@@ -210,10 +204,10 @@ impl FileIdentity {
 /// A file a process had mapped, held open: it stays readable after the process exits, and
 /// after the file is deleted or replaced.
 #[derive(Debug)]
-pub struct Module {
+pub(crate) struct Module {
     /// The path as the process saw it, in its own mount namespace.
-    pub path: PathBuf,
-    pub build_id: Option<Arc<[u8]>>,
+    pub(crate) path: PathBuf,
+    pub(crate) build_id: Option<Arc<[u8]>>,
     file: File,
     identity: FileIdentity,
 }
@@ -242,16 +236,16 @@ impl Module {
 
 /// One frame of a user stack, with what naming it takes once the process is gone.
 #[derive(Clone, Debug)]
-pub struct NormalizedFrame {
+pub(crate) struct NormalizedFrame {
     /// The address as the stack held it.
-    pub addr: u64,
-    pub location: Location,
+    pub(crate) addr: u64,
+    pub(crate) location: Location,
     /// Looked up one byte earlier: see the module documentation.
     return_address: bool,
 }
 
 #[derive(Clone, Debug)]
-pub enum Location {
+pub(crate) enum Location {
     /// In a mapped file: the file, and the offset of the address in it.
     File { module: Arc<Module>, offset: u64 },
     /// In a mapping that is not a file synspan could open, such as `[vdso]`: its name in
@@ -261,27 +255,38 @@ pub enum Location {
     Unknown,
 }
 
-/// Build ids remembered before the cache starts over.
-const MAX_BUILD_IDS: usize = 4096;
+/// Build ids remembered, one per file that processes had mapped: executables and libraries,
+/// of which even a host full of containers has a few thousand. One forgotten costs a read of
+/// the file's notes.
+const MAX_BUILD_IDS: NonZeroUsize = NonZeroUsize::new(4096).unwrap();
 
 /// Captures, while a process lives, what symbolizing its stacks takes. It holds no blazesym
 /// state, so it can live on another thread than the [`UserSymbolizer`].
-#[derive(Debug, Default)]
-pub struct StackNormalizer {
-    build_ids: HashMap<FileIdentity, Option<Arc<[u8]>>>,
+#[derive(Debug)]
+pub(crate) struct StackNormalizer {
+    build_ids: LruCache<FileIdentity, Option<Arc<[u8]>>>,
     /// `/proc/<pid>/map_files/` needs `CAP_SYS_ADMIN` (or `CAP_CHECKPOINT_RESTORE`), which
     /// synspan drops once attached; after the first refusal it is not tried again.
     map_files_denied: bool,
 }
 
+impl Default for StackNormalizer {
+    fn default() -> Self {
+        Self {
+            build_ids: LruCache::new(MAX_BUILD_IDS),
+            map_files_denied: false,
+        }
+    }
+}
+
 impl StackNormalizer {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Where each address of a user stack of `pid` lives, innermost frame first. Fails with
     /// [`SymbolError::Gone`] when the process has exited (a zombie has no memory left).
-    pub fn normalize(&mut self, pid: u32, addrs: &[u64]) -> Result<Vec<NormalizedFrame>, SymbolError> {
+    pub(crate) fn normalize(&mut self, pid: u32, addrs: &[u64]) -> Result<Vec<NormalizedFrame>, SymbolError> {
         let path = PathBuf::from(format!("/proc/{pid}/maps"));
         let bytes = std::fs::read(&path).map_err(|source| {
             if matches!(source.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) {
@@ -376,18 +381,18 @@ impl StackNormalizer {
                 None
             }
         };
-        if self.build_ids.len() >= MAX_BUILD_IDS {
-            self.build_ids.clear();
-        }
-        self.build_ids.insert(identity, build_id.clone());
+        self.build_ids.put(identity, build_id.clone());
         build_id
     }
 }
 
-/// Files blazesym may hold open and parsed before it starts over.
-const MAX_SOURCES: usize = 256;
-/// Symbolized offsets remembered before the cache starts over.
-const MAX_FOUND: usize = 65536;
+/// Files blazesym holds open and parsed (symbols, DWARF): the few hundred libraries and
+/// executables a host's connecting code lives in. Each can take megabytes, so this bound, not
+/// the others, sets what symbolization costs in memory.
+const MAX_SOURCES: NonZeroUsize = NonZeroUsize::new(256).unwrap();
+/// Symbolized offsets remembered: four new frames for each stack remembered. Each is a name
+/// and a place, about a hundred bytes.
+const MAX_FOUND: NonZeroUsize = super::MAX_STACKS.saturating_mul(NonZeroUsize::new(4).unwrap());
 
 /// What blazesym found at an offset.
 #[derive(Clone, Debug)]
@@ -404,14 +409,14 @@ struct Found {
 ///
 /// blazesym's symbolizer is neither `Send` nor `Sync`: create this on the thread that uses it.
 #[derive(Debug)]
-pub struct UserSymbolizer {
+pub(crate) struct UserSymbolizer {
     symbolizer: Symbolizer,
-    /// Paths given to `symbolizer`, which holds each file open and parsed.
-    sources: HashSet<PathBuf>,
-    /// Files given to `symbolizer` since it was created; a `/proc/self/fd/` path can name a
-    /// new file each time.
-    loaded: usize,
-    found: HashMap<(ModuleKey, u64), Option<Found>>,
+    /// Paths given to `symbolizer`, which holds each file open and parsed, with the file
+    /// each named then: a `/proc/self/fd/` path names another file once its descriptor is
+    /// reused.
+    sources: LruCache<PathBuf, FileIdentity>,
+    found: LruCache<(ModuleKey, u64), Option<Found>>,
+    #[cfg(test)]
     normalizer: StackNormalizer,
 }
 
@@ -435,19 +440,20 @@ impl Default for UserSymbolizer {
 }
 
 impl UserSymbolizer {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             symbolizer: new_symbolizer(),
-            sources: HashSet::new(),
-            loaded: 0,
-            found: HashMap::new(),
+            sources: LruCache::new(MAX_SOURCES),
+            found: LruCache::new(MAX_FOUND),
+            #[cfg(test)]
             normalizer: StackNormalizer::new(),
         }
     }
 
     /// Symbolizes a stack of a live process: normalizes it, then symbolizes that, so what is
     /// found is shared with every other process running the same files.
-    pub fn symbolize_process(&mut self, pid: u32, addrs: &[u64]) -> Result<Vec<String>, SymbolError> {
+    #[cfg(test)]
+    pub(crate) fn symbolize_process(&mut self, pid: u32, addrs: &[u64]) -> Result<Vec<String>, SymbolError> {
         let frames = self.normalizer.normalize(pid, addrs)?;
         Ok(self.symbolize_normalized(&frames))
     }
@@ -455,7 +461,7 @@ impl UserSymbolizer {
     /// One line per frame: `my_function+0x1a (src/main.rs:42)` with DWARF line information,
     /// `my_function+0x1a (/usr/bin/app)` without, `0x7f3a... (/usr/lib/libc.so.6+0x1234)` for
     /// an address in a file without a symbol for it, the bare address when nothing is known.
-    pub fn symbolize_normalized(&mut self, frames: &[NormalizedFrame]) -> Vec<String> {
+    pub(crate) fn symbolize_normalized(&mut self, frames: &[NormalizedFrame]) -> Vec<String> {
         frames
             .iter()
             .map(|frame| {
@@ -499,10 +505,7 @@ impl UserSymbolizer {
                 None
             }
         };
-        if self.found.len() >= MAX_FOUND {
-            self.found.clear();
-        }
-        self.found.insert(key, found.clone());
+        self.found.put(key, found.clone());
         found
     }
 
@@ -516,20 +519,25 @@ impl UserSymbolizer {
         } else {
             fd_path(&module.file)
         };
-        if by_name && self.sources.contains(&path) {
-            return path;
+        match self.sources.get(&path) {
+            Some(identity) if *identity == module.identity => return path,
+            // Another file by now: what blazesym holds for the path is stale.
+            Some(_) => self.forget_source(&path),
+            None => {}
         }
-        // blazesym keeps every file it opened until it is dropped.
-        if self.loaded >= MAX_SOURCES {
-            self.symbolizer = new_symbolizer();
-            self.sources.clear();
-            self.loaded = 0;
-        }
-        self.loaded += 1;
-        if by_name {
-            self.sources.insert(path.clone());
+        if let Some((pushed_out, _)) = self.sources.push(path.clone(), module.identity)
+            && pushed_out != path
+        {
+            self.forget_source(&pushed_out);
         }
         path
+    }
+
+    /// Closes a file blazesym holds, and drops what it parsed of it.
+    fn forget_source(&mut self, path: &Path) {
+        if let Err(err) = self.symbolizer.evict(&evict::Evict::Elf(evict::Elf::new(path))) {
+            tracing::debug!("closing {}: {err}", path.display());
+        }
     }
 }
 
@@ -545,7 +553,7 @@ mod tests {
 
     #[unsafe(no_mangle)]
     #[inline(never)]
-    pub extern "C" fn synspan_symbol_probe() -> u64 {
+    pub(crate) extern "C" fn synspan_symbol_probe() -> u64 {
         std::hint::black_box(42)
     }
 
@@ -814,11 +822,47 @@ int main(void) { synspan_c_probe(); return 0; }\n";
             .unwrap();
         assert_eq!(a, b);
         assert_eq!(symbolizer.found.len(), 1);
-        assert_eq!(symbolizer.loaded, 1);
+        assert_eq!(symbolizer.sources.len(), 1);
         for child in [&mut first, &mut second] {
             child.kill().unwrap();
             child.wait().unwrap();
         }
+    }
+
+    /// Descriptors of this process open on `path`.
+    fn descriptors_on(path: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+            .filter(|target| target == path)
+            .count()
+    }
+
+    #[test]
+    fn a_file_pushed_out_of_the_symbolizer_is_closed_and_read_again_when_needed() {
+        let dir = TempDir::new();
+        let binary = build_c_probe(dir.path());
+        let (mut child, addr) = start_c_probe(&binary);
+        let mut symbolizer = UserSymbolizer {
+            sources: LruCache::new(NonZeroUsize::MIN),
+            ..UserSymbolizer::new()
+        };
+        let theirs = symbolizer.symbolize_process(child.id(), &[addr + 4]);
+        let held_while_needed = descriptors_on(&binary);
+        let ours = symbolizer.symbolize_process(std::process::id(), &[probe_addr()]);
+        let held_when_pushed_out = descriptors_on(&binary);
+        // An offset not looked up before needs the file again.
+        let again = symbolizer.symbolize_process(child.id(), &[addr + 5]);
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let (theirs, ours, again) = (theirs.unwrap(), ours.unwrap(), again.unwrap());
+        assert!(theirs[0].starts_with("synspan_c_probe+0x4 ("), "{theirs:?}");
+        assert_eq!(held_while_needed, 1, "blazesym holds the file it read");
+        assert!(ours[0].starts_with("synspan_symbol_probe+0x0 ("), "{ours:?}");
+        assert_eq!(held_when_pushed_out, 0, "pushed out, yet still open");
+        assert!(again[0].starts_with("synspan_c_probe+0x5 ("), "{again:?}");
+        assert_eq!(symbolizer.sources.len(), 1);
     }
 
     #[test]

@@ -105,6 +105,7 @@ fn parse_args() -> anyhow::Result<Args> {
 fn tcp_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; the fd is owned right away.
     let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: the fd was just returned by socket() and is owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -136,6 +137,7 @@ fn bound_loopback(backlog: Option<i32>) -> io::Result<(OwnedFd, SocketAddr)> {
         )
     })?;
     if let Some(backlog) = backlog {
+        // SAFETY: plain syscall on an fd we own.
         check(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
     }
     let addr = local_addr(&fd)?;
@@ -218,6 +220,7 @@ fn acceptor(listener: &OwnedFd, stop: &AtomicBool) -> u64 {
             )
         };
         if fd >= 0 {
+            // SAFETY: accept() just returned this fd; nothing else owns it.
             drop(unsafe { OwnedFd::from_raw_fd(fd) });
             accepted += 1;
         } else if stop.load(Relaxed) {
@@ -259,6 +262,7 @@ fn main() -> anyhow::Result<()> {
         let seconds = started.elapsed().as_secs_f64();
         stop.store(true, Relaxed);
         // Wakes the acceptors: accept() on a listener that is shut down fails.
+        // SAFETY: plain syscall on a listener this storm owns.
         unsafe { libc::shutdown(holder.as_raw_fd(), libc::SHUT_RDWR) };
         for a in acceptors {
             let _ = a.join();

@@ -13,37 +13,37 @@ pub(crate) struct Args {
     /// A/B pairs per mode.
     #[arg(long, value_name = "N", default_value_t = 3,
           value_parser = clap::value_parser!(u32).range(1..=100))]
-    pub pairs: u32,
+    pub(crate) pairs: u32,
 
     /// Length of each storm, in seconds (at most 600).
     #[arg(long, value_name = "S", default_value_t = 5.0, value_parser = storm_seconds)]
-    pub seconds: f64,
+    pub(crate) seconds: f64,
 
     /// At most this many attempts per storm.
     #[arg(long, value_name = "N", default_value_t = 5_000_000,
           value_parser = clap::value_parser!(u64).range(1..))]
-    pub count: u64,
+    pub(crate) count: u64,
 
     /// Connect threads of the storm.
     #[arg(long, value_name = "T", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(1..=256))]
-    pub threads: u32,
+    pub(crate) threads: u32,
 
     /// Modes to run, of 1 (success, OTLP), 2 (success, --failures-only), 3 (refused, OTLP),
     /// 4 (success, OTLP, --no-stacks).
     #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1,2,3,4",
           value_parser = clap::value_parser!(u8).range(1..=4))]
-    pub modes: Vec<u8>,
+    pub(crate) modes: Vec<u8>,
 
     /// Reruns of a pair disturbed by other load.
     #[arg(long, value_name = "N", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(0..=10))]
-    pub retries: u32,
+    pub(crate) retries: u32,
 
     /// Also measure the run time of synspan's kernel programs (BPF_ENABLE_STATS, for as
     /// long as the benchmark runs; it costs a few tens of ns per program run).
     #[arg(long)]
-    pub bpf_stats: bool,
+    pub(crate) bpf_stats: bool,
 
     /// More flags for every synspan run, split at spaces (e.g. "--export-queue-size 65536").
     #[arg(
@@ -65,12 +65,12 @@ pub(crate) struct Args {
 }
 
 impl Args {
-    pub fn synspan_args(&self) -> Vec<&str> {
+    pub(crate) fn synspan_args(&self) -> Vec<&str> {
         self.synspan_args.split_whitespace().collect()
     }
 
     /// Where the report goes, if anywhere.
-    pub fn report_path(&self) -> Option<PathBuf> {
+    pub(crate) fn report_path(&self) -> Option<PathBuf> {
         if self.no_write {
             return None;
         }

@@ -5,20 +5,20 @@ use crate::{mode::Mode, runner::Run};
 /// The accounting checks of one traced run.
 pub(crate) struct Exactness {
     /// synspan's own books: seen = exported + dropped, nothing pending or in flight.
-    pub books: bool,
+    pub(crate) books: bool,
     /// The receiver got exactly what synspan counted as exported.
-    pub receiver: bool,
+    pub(crate) receiver: bool,
     /// Every storm attempt was seen, and is exported or among the counted drops (with
     /// --failures-only: filtered in the kernel, none exported).
-    pub storm: bool,
+    pub(crate) storm: bool,
     /// made = exported + counted drops, as the issue puts it; off by the host's other
     /// attempts.
-    pub made_equals_settled: bool,
-    pub notes: Vec<String>,
+    pub(crate) made_equals_settled: bool,
+    pub(crate) notes: Vec<String>,
 }
 
 impl Exactness {
-    pub fn exact(&self) -> bool {
+    pub(crate) fn exact(&self) -> bool {
         self.books && self.receiver && self.storm
     }
 }

@@ -16,7 +16,7 @@ pub(crate) struct Inside {
 }
 
 impl Inside {
-    pub fn enter(ns: &Netns) -> anyhow::Result<Self> {
+    pub(crate) fn enter(ns: &Netns) -> anyhow::Result<Self> {
         let home: OwnedFd = fs::File::open("/proc/thread-self/ns/net")
             .context("opening this thread's network namespace")?
             .into();

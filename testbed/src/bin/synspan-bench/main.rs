@@ -80,6 +80,7 @@ fn main() -> anyhow::Result<()> {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
+    // SAFETY: plain syscall without arguments.
     if unsafe { libc::geteuid() } != 0 {
         bail!("synspan-bench needs root: it creates a network namespace and runs synspan");
     }

@@ -95,7 +95,7 @@ pub(crate) struct HostSnapshot {
 }
 
 impl HostSnapshot {
-    pub fn take() -> Self {
+    pub(crate) fn take() -> Self {
         let me = std::process::id() as u64;
         let mut procs = HashMap::new();
         for pid in all_pids() {
@@ -146,13 +146,13 @@ impl HostSnapshot {
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Disturbance {
     /// Most synspan processes of others seen at the start or the end.
-    pub foreign: usize,
-    pub others_cpu_s: f64,
-    pub steal_s: f64,
+    pub(crate) foreign: usize,
+    pub(crate) others_cpu_s: f64,
+    pub(crate) steal_s: f64,
 }
 
 impl Disturbance {
-    pub fn between(start: &HostSnapshot, end: &HostSnapshot) -> Self {
+    pub(crate) fn between(start: &HostSnapshot, end: &HostSnapshot) -> Self {
         let (others_cpu_s, steal_s) = end.since(start);
         Self {
             foreign: start.foreign.max(end.foreign),
@@ -161,7 +161,7 @@ impl Disturbance {
         }
     }
 
-    pub fn disturbed(&self, seconds: f64) -> bool {
+    pub(crate) fn disturbed(&self, seconds: f64) -> bool {
         self.foreign > 0 || self.others_cpu_s > OTHERS_MAX_CPU * seconds
     }
 }
@@ -195,7 +195,7 @@ pub(crate) struct BpfStats {
 }
 
 impl BpfStats {
-    pub fn enable() -> anyhow::Result<Self> {
+    pub(crate) fn enable() -> anyhow::Result<Self> {
         const BPF_ENABLE_STATS: libc::c_long = 32;
         // union bpf_attr { struct { __u32 type; } enable_stats; ... }; BPF_STATS_RUN_TIME = 0.
         let attr = [0u64; 16];
@@ -211,19 +211,18 @@ impl BpfStats {
         if fd < 0 {
             bail!("BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
         }
-        // SAFETY: the kernel just returned this fd to us.
-        Ok(Self {
-            _fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
-        })
+        // SAFETY: the kernel just returned this fd to us, and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Ok(Self { _fd: fd })
     }
 }
 
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ProgStat {
-    pub name: String,
-    pub run_time_ns: u64,
-    pub run_cnt: u64,
-    pub recursion_misses: u64,
+    pub(crate) name: String,
+    pub(crate) run_time_ns: u64,
+    pub(crate) run_cnt: u64,
+    pub(crate) recursion_misses: u64,
 }
 
 /// The programs synspan holds, as bpftool shows them.

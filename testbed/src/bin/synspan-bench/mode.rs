@@ -3,22 +3,22 @@
 use synspan_testbed::bench;
 
 pub(crate) struct Mode {
-    pub id: usize,
-    pub name: &'static str,
-    pub storm: &'static str,
+    pub(crate) id: usize,
+    pub(crate) name: &'static str,
+    pub(crate) storm: &'static str,
     /// synspan's flags besides the endpoint and `--output none`.
-    pub flags: &'static [&'static str],
+    pub(crate) flags: &'static [&'static str],
     /// The lowest acceptable ratio of synspan's median to the baseline's, if the issue sets one.
-    pub target: Option<f64>,
+    pub(crate) target: Option<f64>,
 }
 
 impl Mode {
-    pub fn failures_only(&self) -> bool {
+    pub(crate) fn failures_only(&self) -> bool {
         self.flags.contains(&"--failures-only")
     }
 
     /// Mode `id`, as `--modes` numbers them (1 to 4, checked there).
-    pub fn by_id(id: usize) -> &'static Mode {
+    pub(crate) fn by_id(id: usize) -> &'static Mode {
         &MODES[id - 1]
     }
 }

@@ -34,61 +34,61 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(180);
 /// What the receiver got during one B run.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Received {
-    pub total: u64,
+    pub(crate) total: u64,
     /// From the storm's pid.
-    pub storm: u64,
+    pub(crate) storm: u64,
     /// From synspan's own pid.
-    pub synspan: u64,
+    pub(crate) synspan: u64,
 }
 
 /// What synspan did and cost in one B run.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct AgentRun {
     /// synspan's CPU while the storm ran.
-    pub cpu_storm_s: f64,
+    pub(crate) cpu_storm_s: f64,
     /// synspan's CPU from start to just before SIGTERM (after the export drained).
-    pub cpu_s: f64,
+    pub(crate) cpu_s: f64,
     /// From wait4: everything, shutdown included.
-    pub cpu_total_s: f64,
+    pub(crate) cpu_total_s: f64,
     /// VmHWM just before SIGTERM.
-    pub hwm_mib: f64,
+    pub(crate) hwm_mib: f64,
     /// ru_maxrss from wait4.
-    pub max_rss_mib: f64,
+    pub(crate) max_rss_mib: f64,
     /// From the end of the storm until the receiver went quiet.
-    pub drain_s: f64,
-    pub receiver_cpu_s: f64,
+    pub(crate) drain_s: f64,
+    pub(crate) receiver_cpu_s: f64,
     /// synspan's final accounting, counter by counter.
-    pub accounting: HashMap<String, u64>,
-    pub received: Received,
+    pub(crate) accounting: HashMap<String, u64>,
+    pub(crate) received: Received,
     /// synspan's programs from just before the storm to just before SIGTERM.
-    pub progs: Vec<ProgStat>,
-    pub exit: String,
-    pub exit_ok: bool,
+    pub(crate) progs: Vec<ProgStat>,
+    pub(crate) exit: String,
+    pub(crate) exit_ok: bool,
 }
 
 impl AgentRun {
-    pub fn get(&self, key: &str) -> u64 {
+    pub(crate) fn get(&self, key: &str) -> u64 {
         self.accounting.get(key).copied().unwrap_or(0)
     }
 
     /// Attempts synspan saw.
-    pub fn seen(&self) -> u64 {
+    pub(crate) fn seen(&self) -> u64 {
         self.get("seen")
     }
 
-    pub fn settled(&self) -> u64 {
+    pub(crate) fn settled(&self) -> u64 {
         self.get("exported") + self.get("dropped")
     }
 
-    pub fn peak_rss_mib(&self) -> f64 {
+    pub(crate) fn peak_rss_mib(&self) -> f64 {
         self.hwm_mib.max(self.max_rss_mib)
     }
 
-    pub fn recursion_misses(&self) -> u64 {
+    pub(crate) fn recursion_misses(&self) -> u64 {
         self.progs.iter().map(|p| p.recursion_misses).sum()
     }
 
-    pub fn kernel_ns(&self) -> u64 {
+    pub(crate) fn kernel_ns(&self) -> u64 {
         self.progs.iter().map(|p| p.run_time_ns).sum()
     }
 }
@@ -96,27 +96,27 @@ impl AgentRun {
 /// One run: A (`agent` is `None`) or B.
 #[derive(Clone, Debug)]
 pub(crate) struct Run {
-    pub mode: usize,
-    pub pair: u32,
-    pub storm: StormReport,
-    pub storm_cpu_s: f64,
-    pub host: Disturbance,
-    pub agent: Option<AgentRun>,
+    pub(crate) mode: usize,
+    pub(crate) pair: u32,
+    pub(crate) storm: StormReport,
+    pub(crate) storm_cpu_s: f64,
+    pub(crate) host: Disturbance,
+    pub(crate) agent: Option<AgentRun>,
 }
 
 impl Run {
-    pub fn storm_cpu_us(&self) -> f64 {
+    pub(crate) fn storm_cpu_us(&self) -> f64 {
         self.storm_cpu_s * 1e6 / self.storm.attempts.max(1) as f64
     }
 }
 
 pub(crate) struct Bench<'a> {
-    pub args: &'a Args,
-    pub sink: &'a OtlpSink,
+    pub(crate) args: &'a Args,
+    pub(crate) sink: &'a OtlpSink,
 }
 
 impl Bench<'_> {
-    pub fn baseline(&self, mode: &Mode, pair: u32) -> anyhow::Result<Run> {
+    pub(crate) fn baseline(&self, mode: &Mode, pair: u32) -> anyhow::Result<Run> {
         let host = HostSnapshot::take();
         let storm = storm(self.args, mode.storm)?;
         Ok(Run {
@@ -129,7 +129,7 @@ impl Bench<'_> {
         })
     }
 
-    pub fn traced(&self, mode: &Mode, pair: u32) -> anyhow::Result<Run> {
+    pub(crate) fn traced(&self, mode: &Mode, pair: u32) -> anyhow::Result<Run> {
         let before = self.sink.counts()?;
         let receiver_cpu = || measure::cpu_seconds(self.sink.pid()).unwrap_or(0.0);
         let rx_before = receiver_cpu();

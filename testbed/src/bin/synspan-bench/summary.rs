@@ -7,21 +7,21 @@ use crate::{
 };
 
 pub(crate) struct Summary {
-    pub mode: &'static Mode,
-    pub base: f64,
-    pub traced: f64,
-    pub ratio: f64,
-    pub made: u64,
-    pub settled: u64,
-    pub cpu_s: f64,
-    pub rss_mib: f64,
-    pub exact: bool,
-    pub storm_cpu_us_a: f64,
-    pub storm_cpu_us_b: f64,
-    pub synspan_cpu_us: f64,
-    pub receiver_cpu_us: f64,
-    pub kernel_us: f64,
-    pub recursion_misses: u64,
+    pub(crate) mode: &'static Mode,
+    pub(crate) base: f64,
+    pub(crate) traced: f64,
+    pub(crate) ratio: f64,
+    pub(crate) made: u64,
+    pub(crate) settled: u64,
+    pub(crate) cpu_s: f64,
+    pub(crate) rss_mib: f64,
+    pub(crate) exact: bool,
+    pub(crate) storm_cpu_us_a: f64,
+    pub(crate) storm_cpu_us_b: f64,
+    pub(crate) synspan_cpu_us: f64,
+    pub(crate) receiver_cpu_us: f64,
+    pub(crate) kernel_us: f64,
+    pub(crate) recursion_misses: u64,
 }
 
 /// One summary per mode that has both A and B runs.
