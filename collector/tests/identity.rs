@@ -261,3 +261,51 @@ fn a_malformed_process_context_falls_back_to_the_environment() {
     let stopped = agent.stop(Duration::from_secs(10)).unwrap();
     assert!(stopped.status.success(), "{}", stopped.stderr);
 }
+
+/// A process that rewrites its process context while synspan runs (the specification's
+/// updating protocol): its next attempts carry the new resource.
+#[test]
+fn a_rewritten_process_context_is_picked_up() {
+    let receiver = Receiver::start().unwrap();
+    let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).unwrap();
+    let ns = Netns::new("pnew").unwrap();
+    // The second attempt comes after the rewrite, and after the agent's one-second recheck
+    // of a process it knows.
+    let client = Client::spawn(
+        &ns,
+        &[
+            "127.0.0.1:9",
+            "--count",
+            "2",
+            "--interval",
+            "1500",
+            "--hold",
+            "--process-context",
+            "service.name=before,service.version=1",
+            "--process-context-update",
+            "service.name=after,service.version=2",
+        ],
+        &[],
+    );
+    let got = receiver.wait_spans(2, WAIT, |s| s["attributes"]["process.pid"] == client.pid());
+    assert_eq!(got.len(), 2, "{}", agent.stderr());
+    let mut seen: Vec<(String, String)> = got
+        .iter()
+        .map(|s| {
+            let r = &s["resource"];
+            (
+                r["service.name"].as_str().unwrap_or_default().to_string(),
+                r["service.version"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("after".to_string(), "2".to_string()),
+            ("before".to_string(), "1".to_string())
+        ],
+        "{got:#?}"
+    );
+}

@@ -73,6 +73,13 @@ pub(crate) struct Service {
     pub(crate) resource_attributes: Vec<(String, String)>,
 }
 
+/// Where a process published its context, and which version of it was read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Published {
+    pub(crate) addr: u64,
+    pub(crate) published_at_ns: u64,
+}
+
 impl Service {
     /// The service a process published in its process context: its resource wins over the
     /// environment's, which still names the service if the context does not.
@@ -113,8 +120,8 @@ pub(crate) struct ProcessInfo {
     /// Arguments joined by spaces, cut at [`MAX_COMMAND_LINE`] bytes; only when asked for.
     pub(crate) command_line: Option<String>,
     pub(crate) service: Service,
-    /// `published_at_ns` of the process context the service came from, if it came from one.
-    pub(crate) published_context: Option<u64>,
+    /// The process context the service came from, if it came from one.
+    pub(crate) published_context: Option<Published>,
     /// The network namespace, as the inode number `ip netns identify` and `lsns` show.
     pub(crate) netns_inode: Option<u64>,
     /// The path of each line of `/proc/<pid>/cgroup`, cgroup v1 and v2, without repeats.
@@ -234,6 +241,16 @@ impl ProcessInfo {
         Self::read_from(Path::new(PROC_ROOT), pid, options)
     }
 
+    /// Whether the process rewrote the context this was read with, or (`look_for_new`)
+    /// published one since: then it is read again.
+    pub(crate) fn context_changed(&self, look_for_new: bool) -> bool {
+        let root = Path::new(PROC_ROOT);
+        match self.published_context {
+            Some(p) => !process_context::unchanged(root, self.pid, p.addr, p.published_at_ns),
+            None => look_for_new && process_context::locate(root, self.pid).is_ok(),
+        }
+    }
+
     /// Reads `<proc_root>/<pid>`: tests build a `/proc` in a directory for what no real
     /// process they can start would show.
     fn read_from(proc_root: &Path, pid: u32, options: &ReadOptions) -> Result<Self, ProcessError> {
@@ -270,10 +287,15 @@ impl ProcessInfo {
             .optional("environ", |path| read_bounded(&path, MAX_ENVIRON))?
             .map(|(bytes, truncated)| service_from_environ(&bytes, truncated))
             .unwrap_or_default();
-        let (service, published_context) = match process_context::read_process(proc_root, pid) {
-            Ok(context) => (
+        let context = process_context::locate(proc_root, pid)
+            .and_then(|addr| Ok((addr, process_context::read_process(proc_root, pid, addr)?)));
+        let (service, published_context) = match context {
+            Ok((addr, context)) => (
                 Service::published(&context, environ),
-                Some(context.published_at_ns),
+                Some(Published {
+                    addr,
+                    published_at_ns: context.published_at_ns,
+                }),
             ),
             Err(ContextError::NotPublished) => (environ, None),
             Err(err) => {

@@ -24,10 +24,16 @@ pub(crate) const MAX_PROCESSES: NonZeroUsize = NonZeroUsize::new(8192).unwrap();
 /// stands. A pid reused within this window would be misnamed, which needs 4 million forks.
 const RECHECK: Duration = Duration::from_secs(1);
 
+/// How often a process that published no context is looked at for one that appeared since:
+/// that costs a read of its maps, where a published one costs a read of its header.
+const LOOK_FOR_CONTEXT: Duration = Duration::from_secs(10);
+
 #[derive(Debug)]
 struct Entry {
     process: Arc<Process>,
     checked: Instant,
+    /// When it was last looked at for a process context it published since.
+    context_looked: Instant,
 }
 
 /// Recently seen processes by pid. A process is its pid and its start time, so a reused pid is
@@ -76,12 +82,16 @@ impl ProcessCache {
                 return None;
             }
         };
-        if self
-            .entries
-            .get(&pid)
-            .is_some_and(|entry| entry.process.info.start_time == start_time)
+        if let Some(entry) = self.entries.get_mut(&pid)
+            && entry.process.info.start_time == start_time
         {
-            return self.confirm(pid);
+            let look_for_new = entry.context_looked.elapsed() >= LOOK_FOR_CONTEXT;
+            if look_for_new {
+                entry.context_looked = Instant::now();
+            }
+            if !entry.process.info.context_changed(look_for_new) {
+                return self.confirm(pid);
+            }
         }
         match ProcessInfo::read(pid, &self.options) {
             Ok(info) => {
@@ -96,6 +106,7 @@ impl ProcessCache {
                     Entry {
                         process: process.clone(),
                         checked: Instant::now(),
+                        context_looked: Instant::now(),
                     },
                 );
                 Some(process)
@@ -203,7 +214,12 @@ mod tests {
             netns: None,
         });
         let checked = Instant::now();
-        cache.entries.put(real.info.pid, Entry { process, checked });
+        let entry = Entry {
+            process,
+            checked,
+            context_looked: checked,
+        };
+        cache.entries.put(real.info.pid, entry);
     }
 
     #[test]

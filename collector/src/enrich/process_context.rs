@@ -206,13 +206,28 @@ fn text(value: AnyValue) -> Option<String> {
     Some(cut(text))
 }
 
-/// The context `pid` published, if any: its maps name the mapping, its memory holds it.
-pub(crate) fn read_process(proc_root: &Path, pid: u32) -> Result<ProcessContext, ContextError> {
-    let dir = proc_root.join(pid.to_string());
-    let maps = std::fs::read(dir.join("maps")).map_err(|_| ContextError::Unreadable)?;
-    let addr = find_mapping(&maps).ok_or(ContextError::NotPublished)?;
-    let memory = File::open(dir.join("mem")).map_err(|_| ContextError::Unreadable)?;
-    read(&memory, addr)
+/// Where `pid` published its context, if it did: its maps name the mapping.
+pub(crate) fn locate(proc_root: &Path, pid: u32) -> Result<u64, ContextError> {
+    let maps =
+        std::fs::read(proc_root.join(pid.to_string()).join("maps")).map_err(|_| ContextError::Unreadable)?;
+    find_mapping(&maps).ok_or(ContextError::NotPublished)
+}
+
+fn memory(proc_root: &Path, pid: u32) -> Result<File, ContextError> {
+    File::open(proc_root.join(pid.to_string()).join("mem")).map_err(|_| ContextError::Unreadable)
+}
+
+/// The context `pid` published at `addr`.
+pub(crate) fn read_process(proc_root: &Path, pid: u32, addr: u64) -> Result<ProcessContext, ContextError> {
+    read(&memory(proc_root, pid)?, addr)
+}
+
+/// Whether the context `pid` published at `addr` is still the one published at
+/// `published_at_ns`: one read of its header, cheap enough to make at every recheck.
+pub(crate) fn unchanged(proc_root: &Path, pid: u32, addr: u64, published_at_ns: u64) -> bool {
+    memory(proc_root, pid)
+        .and_then(|memory| read_header(&memory, addr))
+        .is_ok_and(|header| header.published_at_ns == published_at_ns)
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //! --process-context K=V,…           publish this resource as an OpenTelemetry process
 //!                                   context (OTEP 4719) before the first attempt
 //! --process-context-update K=V,…    replace it after the first attempt
+//! --interval MS                     wait this long between attempts (with --count)
 //! --process-context-malformed HOW   publish it broken: signature, huge-payload, truncated,
 //!                                   never-settled
 //!
@@ -44,6 +45,7 @@ struct Args {
     process_context: Option<Vec<(String, String)>>,
     process_context_update: Option<Vec<(String, String)>>,
     process_context_malformed: Option<Malformed>,
+    interval_ms: u64,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -60,6 +62,7 @@ fn parse_args() -> anyhow::Result<Args> {
         process_context: None,
         process_context_update: None,
         process_context_malformed: None,
+        interval_ms: 0,
     };
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -79,6 +82,7 @@ fn parse_args() -> anyhow::Result<Args> {
                 let pairs = args.next().context("--process-context-update K=V,…")?;
                 parsed.process_context_update = Some(parse_pairs(&pairs).map_err(anyhow::Error::msg)?);
             }
+            "--interval" => parsed.interval_ms = args.next().context("--interval MS")?.parse()?,
             "--process-context-malformed" => {
                 let how = args.next().context("--process-context-malformed HOW")?;
                 parsed.process_context_malformed = Some(how.parse().map_err(anyhow::Error::msg)?);
@@ -178,6 +182,9 @@ fn main() -> anyhow::Result<()> {
                     barrier.wait();
                     (0..args.count)
                         .map(|i| {
+                            if i > 0 {
+                                std::thread::sleep(std::time::Duration::from_millis(args.interval_ms));
+                            }
                             if i == 1
                                 && let Some(resource) = &args.process_context_update
                                 && let Some(published) = published.lock().unwrap().as_mut()
