@@ -21,7 +21,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::netns::{NetnsError, in_netns};
+use super::netns::{NetnsError, in_netns};
 
 const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 

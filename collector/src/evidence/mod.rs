@@ -14,13 +14,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{
-    attempt::Attempt,
-    enrich::identity::Identity,
-    nat::{self, Translation, Tuple},
-    outcome::Outcome,
-    port_usage::{PortUsage, port_usage},
-};
+mod nat;
+mod netns;
+mod port_usage;
+
+pub(crate) use self::{nat::Translation, port_usage::PortUsage};
+use self::{nat::Tuple, port_usage::port_usage};
+use crate::{attempt::Attempt, enrich::identity::Identity, outcome::Outcome};
 
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Evidence {

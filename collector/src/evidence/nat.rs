@@ -8,7 +8,7 @@
 //!
 //! Conntrack tables are per network namespace and a netlink socket answers for the namespace
 //! it was created in, so the socket is made on a short-lived thread that entered the
-//! attempt's namespace ([`in_netns`](crate::netns::in_netns)). The alternative, a cache of sockets by namespace,
+//! attempt's namespace ([`in_netns`](super::netns::in_netns)). The alternative, a cache of sockets by namespace,
 //! would keep every cached namespace alive after its container is gone.
 
 use std::{
@@ -31,7 +31,7 @@ use netlink_packet_netfilter::{
 };
 use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
 
-use crate::netns::{NetnsError, in_netns};
+use super::netns::{NetnsError, in_netns};
 
 /// How long one netlink receive may wait for the kernel.
 pub(crate) const RECV_TIMEOUT: Duration = Duration::from_millis(200);
