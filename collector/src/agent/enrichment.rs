@@ -10,7 +10,6 @@ use aya::maps::{MapData, StackTraceMap};
 use synspan_shared::ProcessNote;
 use tokio::sync::{mpsc, oneshot};
 
-use super::reader::MAX_BATCH;
 use crate::{
     attempt::Attempt,
     enrich::{Enricher, process::ReadOptions},
@@ -37,6 +36,10 @@ pub(super) enum Work {
 /// `enrich_queue_full`. A decoded attempt is a few hundred bytes, so this holds about 2 MiB:
 /// a second of a storm that the worker cannot keep up with.
 pub(super) const QUEUE: usize = 8192;
+
+/// Attempts made into spans and handed to the sinks together: stacks are read from the
+/// kernel's map once per batch, and stdout is flushed once.
+const BATCH: usize = 4096;
 
 /// What the worker leaves behind when the reader is done.
 pub(super) struct Finished {
@@ -113,12 +116,12 @@ impl Worker {
     }
 
     fn run(mut self, mut work: mpsc::Receiver<Work>) -> Finished {
-        let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut batch = Vec::with_capacity(BATCH);
         while let Some(first) = work.blocking_recv() {
             // Stacks are read from the kernel's map once per batch.
             self.enricher.new_batch();
             self.handle(first, &mut batch);
-            while batch.len() < MAX_BATCH {
+            while batch.len() < BATCH {
                 let Ok(next) = work.try_recv() else { break };
                 self.handle(next, &mut batch);
             }

@@ -18,7 +18,7 @@ use std::{
 };
 
 use super::process_context::{self, ContextError, ProcessContext};
-use crate::span::key::SERVICE_NAME;
+use opentelemetry_semantic_conventions::attribute::SERVICE_NAME;
 
 const PROC_ROOT: &str = "/proc";
 /// A command line longer than this is cut: past it, it is rarely more than a list of files.
