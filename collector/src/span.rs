@@ -430,3 +430,14 @@ pub(crate) mod tests {
         assert_eq!(attr(&d, key::ERROR_TYPE), None);
     }
 }
+/// What `--export-queue-size`'s help, the README and deploy/README.md say a queued span
+/// weighs ("about half a KiB", heap parts beside): this keeps them true.
+#[cfg(test)]
+#[test]
+fn a_queued_span_is_about_half_a_kib() {
+    let size = size_of::<ConnectSpan>();
+    assert!(
+        (400..=600).contains(&size),
+        "ConnectSpan is {size} bytes: update the docs"
+    );
+}
