@@ -72,6 +72,50 @@ fn host_name() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// The allow-lists the flags name, cgroup paths resolved to their ids.
+fn filters(cli: &Cli) -> anyhow::Result<Filters> {
+    Ok(Filters {
+        pids: cli.pids.clone(),
+        cgroup_ids: cli
+            .cgroups
+            .iter()
+            .map(|p| cgroup_id(p))
+            .collect::<Result<_, _>>()?,
+        ports: cli.dest_ports.clone(),
+        dests: cli.dests.clone(),
+    })
+}
+
+/// The span export queue and the self-metrics, on one OTLP client, when there is a collector.
+fn start_export(
+    cli: &Cli,
+    export: Option<&Export>,
+    counters: &Arc<AgentCounters>,
+    snapshot: &Snapshot,
+) -> anyhow::Result<(Option<OtlpSink>, Option<SelfMetrics>)> {
+    let Some(clients) = export.map(Export::connect).transpose()? else {
+        return Ok((None, None));
+    };
+    let spans = OtlpSink::start(
+        OtlpSettings {
+            client: clients.traces.clone(),
+            queue_size: cli.export_queue_size.get() as usize,
+            batch_size: cli.export_batch_size as usize,
+            retry_timeout: cli.export_retry_timeout,
+        },
+        counters.clone(),
+    );
+    let metrics = (!cli.metrics_interval.is_zero()).then(|| {
+        SelfMetrics::start(
+            clients.metrics.clone(),
+            &host_name(),
+            cli.metrics_interval,
+            snapshot.clone(),
+        )
+    });
+    Ok((Some(spans), metrics))
+}
+
 /// One consistent reading of every counter, also handed to the self-metrics.
 fn report(kernel: &KernelObject, counters: &AgentCounters, snapshot: &Snapshot) -> Accounting {
     let counted = kernel.counters().unwrap_or_default();
@@ -116,41 +160,11 @@ impl Agent {
             max_in_flight: cli.max_in_flight.get(),
             ring_buffer_bytes: cli.ring_buffer_bytes,
         };
-        let filters = Filters {
-            pids: cli.pids.clone(),
-            cgroup_ids: cli
-                .cgroups
-                .iter()
-                .map(|p| cgroup_id(p))
-                .collect::<Result<_, _>>()?,
-            ports: cli.dest_ports.clone(),
-            dests: cli.dests.clone(),
-        };
         let mut kernel = KernelObject::load(&resolved, &policy, &limits, btf.as_ref().ok())?;
-        kernel.set_filters(&filters)?;
+        kernel.set_filters(&filters(cli)?)?;
         let counters = Arc::new(AgentCounters::default());
-        let clients = export.map(Export::connect).transpose()?;
-        let otlp = clients.as_ref().map(|clients| {
-            OtlpSink::start(
-                OtlpSettings {
-                    client: clients.traces.clone(),
-                    queue_size: cli.export_queue_size.get() as usize,
-                    batch_size: cli.export_batch_size as usize,
-                    retry_timeout: cli.export_retry_timeout,
-                },
-                counters.clone(),
-            )
-        });
         let snapshot: Snapshot = Default::default();
-        let self_metrics = match &clients {
-            Some(clients) if !cli.metrics_interval.is_zero() => Some(SelfMetrics::start(
-                clients.metrics.clone(),
-                &host_name(),
-                cli.metrics_interval,
-                snapshot.clone(),
-            )),
-            _ => None,
-        };
+        let (otlp, self_metrics) = start_export(cli, export, &counters, &snapshot)?;
         let attempts = kernel.take_attempts()?;
         let notes = kernel.take_process_notes()?;
         let stacks = if cli.no_stacks {
