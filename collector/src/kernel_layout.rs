@@ -6,11 +6,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::btf::{Btf, BtfError, KernelBtf};
 use synspan_shared::{
     ConnectFields, FdPathFields, KernelLayout, ResetFields, RetransmitFields, SetStateFields, SockFields,
-    SockTupleFields,
+    SockTupleFields, names::program,
 };
+
+use crate::btf::{Btf, BtfError, KernelBtf};
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum LayoutError {
@@ -149,13 +150,13 @@ pub(crate) fn resolve(vmlinux: Result<&KernelBtf, &BtfError>) -> Result<Resolved
     });
     let enter = optional(
         &tracefs,
-        ("syscalls", "sys_enter_connect"),
+        ("syscalls", program::SYS_ENTER_CONNECT),
         &mut unavailable,
         |f| Ok((f.offset("fd")?, f.offset("uservaddr")?)),
     );
     let exit = optional(
         &tracefs,
-        ("syscalls", "sys_exit_connect"),
+        ("syscalls", program::SYS_EXIT_CONNECT),
         &mut unavailable,
         |f| f.offset("ret"),
     );
@@ -171,13 +172,13 @@ pub(crate) fn resolve(vmlinux: Result<&KernelBtf, &BtfError>) -> Result<Resolved
     let fd_path = btf.as_ref().map(fd_path_fields).unwrap_or_default();
     if fd_path.sock_protocol == 0 {
         unavailable.push((
-            "sys_enter_connect",
+            program::SYS_ENTER_CONNECT,
             "cannot tell TCP sockets from others without kernel BTF".into(),
         ));
     }
     if sock.sk_err == 0 {
         unavailable.push((
-            "inet_sk_error_report",
+            program::INET_SK_ERROR_REPORT,
             "no offset for struct sock::sk_err in kernel BTF".into(),
         ));
     }
