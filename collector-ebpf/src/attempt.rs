@@ -24,8 +24,8 @@ use crate::{
     helpers::{now_ns, read_event, read_kernel_at, read_sock_field},
     maps::{
         ALLOW_CGROUPS, ALLOW_DESTS, ALLOW_PIDS, ALLOW_PORTS, COLLISION_WATCH, CONNECT_CALLS, IN_FLIGHT,
-        NOTED, PROCESS_NOTES, STACKS, WATCH_SINCE, WATCH_WINDOW_NS, count, in_flight, layout, local_endpoint,
-        policy, record_error, scratch_attempt, send,
+        NOTED, PROCESS_NOTES, STACKS, WATCH_SINCE, WATCH_WINDOW_NS, count, forget_tuples, in_flight, layout,
+        local_endpoint, policy, record_error, remember_tuple, scratch_attempt, send, track_live,
     },
 };
 
@@ -302,8 +302,13 @@ fn start<C: StateChange>(ctx: &C, sock: u64) -> Result<(), i32> {
             count(counter::TRACK_FAILED);
             return Ok(());
         }
+    } else {
+        track_live(true);
     }
     count(counter::STARTED);
+    // The port is 0 here unless the socket was bound: the drop program then finds the
+    // attempt's packets by this entry and the socket's port (see `drop.rs`).
+    remember_tuple(attempt, attempt.sport);
     note_process(attempt);
     Ok(())
 }
@@ -395,7 +400,10 @@ fn finish<C: StateChange>(ctx: &C, sock: u64, end_state: u8) -> Result<(), i32> 
     if attempt.flags & attempt_flags::RST_SENT != 0 {
         let _ = COLLISION_WATCH.remove(&local_endpoint(attempt));
     }
-    let _ = IN_FLIGHT.remove(&sock);
+    forget_tuples(attempt);
+    if IN_FLIGHT.remove(&sock).is_ok() {
+        track_live(false);
+    }
     Ok(())
 }
 

@@ -137,7 +137,9 @@ mod tests {
             .iter()
             .map(|(name, _)| *name)
             .chain(programs::ATTEMPT_CLASSIC);
-        let btf = programs::ATTEMPT_BTF.into_iter().chain([programs::ERROR_REPORT]);
+        let btf = programs::ATTEMPT_BTF
+            .into_iter()
+            .chain([programs::ERROR_REPORT, programs::PACKET_DROP]);
         let expected: Vec<(&str, bool)> = classic
             .map(|n| (n, false))
             .chain(btf.map(|n| (n, true)))

@@ -30,6 +30,16 @@ pub(crate) fn write_line(out: &mut Vec<u8>, span: &ConnectSpan) -> io::Result<()
             c.state, c.local, c.peer
         )?;
     }
+    if let Some(last) = a.drops.last() {
+        write!(
+            out,
+            "; {} dropped here {}×: {} ({})",
+            last.packet,
+            a.drop_count,
+            last.reason_text(),
+            last.location_text()
+        )?;
+    }
     writeln!(out)
 }
 
