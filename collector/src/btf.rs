@@ -231,7 +231,8 @@ impl<'a> Btf<'a> {
     pub(crate) fn enum_values(&self, name: &str) -> Option<Vec<(&'a str, u64)>> {
         let t = (1..=self.types.len() as u32).find_map(|id| {
             let t = self.header(id)?;
-            (matches!(t.kind, kind::ENUM | kind::ENUM64) && self.string(t.name) == name.as_bytes()).then_some(t)
+            (matches!(t.kind, kind::ENUM | kind::ENUM64) && self.string(t.name) == name.as_bytes())
+                .then_some(t)
         })?;
         let width = if t.kind == kind::ENUM { 8 } else { 12 };
         let values = (0..t.vlen)

@@ -8,8 +8,8 @@ use std::{
 
 use crate::btf::{Btf, BtfError, KernelBtf};
 use synspan_shared::{
-    ConnectFields, FdPathFields, KernelLayout, ResetFields, RetransmitFields, SetStateFields, SockFields,
-    SkbFields, SockTupleFields,
+    ConnectFields, FdPathFields, KernelLayout, ResetFields, RetransmitFields, SetStateFields, SkbFields,
+    SockFields, SockTupleFields,
 };
 
 #[derive(Debug, thiserror::Error)]

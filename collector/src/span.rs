@@ -360,7 +360,9 @@ fn events(a: &Attempt) -> Vec<opentelemetry::trace::Event> {
                         .into_iter()
                         .flatten(),
                 ),
-                EventKind::PacketDropped(i) => attrs.extend(a.drops.get(i).map(drop_attributes).into_iter().flatten()),
+                EventKind::PacketDropped(i) => {
+                    attrs.extend(a.drops.get(i).map(drop_attributes).into_iter().flatten())
+                }
                 EventKind::RstReceived | EventKind::RstSent => {}
             }
             opentelemetry::trace::Event::new(e.kind.name(), e.time, attrs, 0)

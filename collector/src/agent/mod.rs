@@ -20,8 +20,8 @@ use self::{
 };
 use crate::{
     btf::KernelBtf,
-    drop_reason::DropReasons,
     config::{Cli, Settings},
+    drop_reason::DropReasons,
     enrich::process::ReadOptions,
     kernel_layout,
     loader::{Filters, KernelObject, Limits, cgroup_id},

@@ -93,7 +93,11 @@ impl Enricher {
     /// `stacks` is `None` with `--no-stacks`. Kernel symbols are read for the stacks, and for
     /// `drop_locations` (where dropped packets died), before capabilities are dropped: without
     /// CAP_SYSLOG the kernel hides the addresses.
-    pub(crate) fn new(stacks: Option<StackTraceMap<MapData>>, options: ReadOptions, drop_locations: bool) -> Self {
+    pub(crate) fn new(
+        stacks: Option<StackTraceMap<MapData>>,
+        options: ReadOptions,
+        drop_locations: bool,
+    ) -> Self {
         let wanted = stacks.is_some() || drop_locations;
         let kernel = wanted.then(KernelSymbols::load).and_then(|loaded| match loaded {
             Ok(symbols) => Some(symbols),
