@@ -99,8 +99,16 @@ fn on_drop(ctx: &BtfTracePointContext) -> Result<(), i32> {
     attempt.drop_count += 1;
     if attempt.sport == 0 {
         // The port is known now: the packet carries it.
-        let port = if packet.sport != 0 && sock == sk { packet.sport } else { 0 };
-        let port = if port != 0 { port } else { read_sock_field(sock, layout().sock.skc_num) };
+        let port = if packet.sport != 0 && sock == sk {
+            packet.sport
+        } else {
+            0
+        };
+        let port = if port != 0 {
+            port
+        } else {
+            read_sock_field(sock, layout().sock.skc_num)
+        };
         if port != 0 {
             attempt.sport = port;
             remember_tuple(attempt, port);

@@ -9,8 +9,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace, lpm_trie::LpmTrie},
 };
 use synspan_shared::{
-    AttemptRecord, AttemptTuple, ConnectCall, Endpoint, KernelLayout, MAX_FILTER_ENTRIES, Policy, attempt_flags,
-    counter,
+    AttemptRecord, AttemptTuple, ConnectCall, Endpoint, KernelLayout, MAX_FILTER_ENTRIES, Policy,
+    attempt_flags, counter,
 };
 
 use crate::helpers::read_sock_field;
