@@ -17,8 +17,7 @@
 
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use synspan_shared::{
-    AF_INET, AF_INET6, AttemptRecord, AttemptTuple, DropRecord, IPPROTO_TCP, MAX_ANSWERED_REASONS, MAX_DROPS,
-    counter, drop_packet,
+    AF_INET, AF_INET6, AttemptRecord, AttemptTuple, DropRecord, IPPROTO_TCP, MAX_DROPS, counter, drop_packet,
 };
 
 use crate::{
@@ -66,11 +65,12 @@ fn on_drop(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let Some(packet) = headers(skb)? else {
         return Ok(());
     };
-    let answered = policy().answered_reasons;
-    for i in 0..MAX_ANSWERED_REASONS {
-        if answered[i] != 0 && answered[i] == reason {
-            return Ok(());
-        }
+    if policy()
+        .answered_reasons
+        .iter()
+        .any(|&answered| answered != 0 && answered == reason)
+    {
+        return Ok(());
     }
     let sk: u64 = read_kernel_at(skb, f.sk)?;
     let Some((sock, attempt)) = owner(sk, &packet) else {
@@ -98,17 +98,8 @@ fn on_drop(ctx: &BtfTracePointContext) -> Result<(), i32> {
     attempt.last_drop_packet = kind;
     attempt.drop_count += 1;
     if attempt.sport == 0 {
-        // The port is known now: the packet carries it.
-        let port = if packet.sport != 0 && sock == sk {
-            packet.sport
-        } else {
-            0
-        };
-        let port = if port != 0 {
-            port
-        } else {
-            read_sock_field(sock, layout().sock.skc_num)
-        };
+        // A packet went out, so the kernel has picked the port: remember the full tuple.
+        let port: u16 = read_sock_field(sock, layout().sock.skc_num);
         if port != 0 {
             attempt.sport = port;
             remember_tuple(attempt, port);

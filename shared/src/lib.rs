@@ -78,7 +78,7 @@ pub mod drop_packet {
     pub const SYN_ACK: u8 = 2;
     pub const ACK: u8 = 3;
     pub const RST: u8 = 4;
-    /// Which packet: one of the values above, 0 when its headers could not be read.
+    /// Which packet: one of the values above.
     pub const KIND: u8 = 0x0f;
     /// Dropped on its way in (it had been received on an interface), else on its way out.
     pub const INGRESS: u8 = 1 << 7;
