@@ -16,14 +16,8 @@ use synspan_testbed::{
 
 const SPAN_WAIT: Duration = Duration::from_secs(30);
 
-/// synspan exporting to its own receiver, with JSON on stdout as well.
 fn start(args: &[&str]) -> (Receiver, Agent) {
-    let receiver = Receiver::start().expect("start the OTLP receiver");
-    let endpoint = receiver.endpoint();
-    let mut all = vec!["--otlp-endpoint", &endpoint];
-    all.extend_from_slice(args);
-    let agent = Agent::start(&all).expect("start synspan");
-    (receiver, agent)
+    Agent::start_exporting(args).expect("start synspan and its receiver")
 }
 
 /// A namespace where the kernel gives up on a SYN after about 3 s (`tcp_syn_retries=1`,
@@ -31,6 +25,17 @@ fn start(args: &[&str]) -> (Receiver, Agent) {
 fn namespace(tag: &str) -> Netns {
     let ns = Netns::new(tag).unwrap();
     ns.sysctl("net.ipv4.tcp_syn_retries", "1").unwrap();
+    ns
+}
+
+/// A [`namespace`] whose OUTPUT chain drops every SYN to port 9.
+fn dropping_syns_to_9(tag: &str) -> Netns {
+    let ns = namespace(tag);
+    ns.iptables(
+        false,
+        &["-A", "OUTPUT", "-p", "tcp", "--dport", "9", "--syn", "-j", "DROP"],
+    )
+    .unwrap();
     ns
 }
 
@@ -119,12 +124,7 @@ fn retransmits(span: &Value) -> u64 {
 /// retransmit, is a NETFILTER_DROP on egress.
 #[test]
 fn syn_dropped_on_egress_by_an_output_rule() {
-    let ns = namespace("dregr");
-    ns.iptables(
-        false,
-        &["-A", "OUTPUT", "-p", "tcp", "--dport", "9", "--syn", "-j", "DROP"],
-    )
-    .unwrap();
+    let ns = dropping_syns_to_9("dregr");
     let (receiver, agent) = start(&[]);
     let client = connect(&ns, "127.0.0.1:9", &[]).unwrap();
     let span = received_span(&receiver, &agent, &client, "timed_out");
@@ -267,12 +267,7 @@ fn unrelated_drops_are_not_attributed() {
 /// `--no-drop-reasons`: the program is not attached, and spans say nothing of drops.
 #[test]
 fn no_drop_reasons_flag() {
-    let ns = namespace("droff");
-    ns.iptables(
-        false,
-        &["-A", "OUTPUT", "-p", "tcp", "--dport", "9", "--syn", "-j", "DROP"],
-    )
-    .unwrap();
+    let ns = dropping_syns_to_9("droff");
     let (receiver, agent) = start(&["--no-drop-reasons"]);
     let client = connect(&ns, "127.0.0.1:9", &[]).unwrap();
     no_drops(&received_span(&receiver, &agent, &client, "timed_out"));
