@@ -290,6 +290,9 @@ fn start<C: StateChange>(ctx: &C, sock: u64) -> Result<(), i32> {
     if policy.stacks != 0 {
         caller::record_stacks(ctx, attempt, call.is_some());
     }
+    // The port is 0 here unless the socket was bound: the drop program then finds the
+    // attempt's packets by this entry and the socket's port (see `drop.rs`).
+    remember_tuple(attempt, attempt.sport);
     // BPF_NOEXIST first: an entry already there means the kernel reused the socket address
     // before we saw the old attempt end. That attempt is lost; the new one must not merge
     // into it.
@@ -306,9 +309,6 @@ fn start<C: StateChange>(ctx: &C, sock: u64) -> Result<(), i32> {
         track_live(true);
     }
     count(counter::STARTED);
-    // The port is 0 here unless the socket was bound: the drop program then finds the
-    // attempt's packets by this entry and the socket's port (see `drop.rs`).
-    remember_tuple(attempt, attempt.sport);
     note_process(attempt);
     Ok(())
 }

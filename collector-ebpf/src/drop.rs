@@ -177,38 +177,41 @@ fn headers(skb: u64) -> Result<Option<Packet>, i32> {
         dport: 0,
         kind: 0,
     };
+    // Each header in one read, once it is known to lie inside the packet.
+    let network = u32::from(network);
     let transport = if protocol == ETH_P_IP {
-        let [version_ihl, _]: [u8; 2] = read_kernel(ip)?;
-        let [proto]: [u8; 1] = read_kernel(ip + 9)?;
-        if version_ihl >> 4 != 4 || u16::from(proto) != IPPROTO_TCP {
+        if network + 20 > tail {
             return Ok(None);
         }
-        let s: [u8; 4] = read_kernel(ip + 12)?;
-        let d: [u8; 4] = read_kernel(ip + 16)?;
-        packet.src[..4].copy_from_slice(&s);
-        packet.dst[..4].copy_from_slice(&d);
+        let h: [u8; 20] = read_kernel(ip)?;
+        if h[0] >> 4 != 4 || u16::from(h[9]) != IPPROTO_TCP {
+            return Ok(None);
+        }
+        packet.src[..4].copy_from_slice(&h[12..16]);
+        packet.dst[..4].copy_from_slice(&h[16..20]);
         packet.family = AF_INET;
-        u32::from(network) + u32::from(version_ihl & 0x0f) * 4
+        network + u32::from(h[0] & 0x0f) * 4
     } else {
-        let [version, _]: [u8; 2] = read_kernel(ip)?;
-        let [next]: [u8; 1] = read_kernel(ip + 6)?;
-        if version >> 4 != 6 || u16::from(next) != IPPROTO_TCP {
+        if network + 40 > tail {
             return Ok(None);
         }
-        packet.src = read_kernel(ip + 8)?;
-        packet.dst = read_kernel(ip + 24)?;
+        let h: [u8; 40] = read_kernel(ip)?;
+        if h[0] >> 4 != 6 || u16::from(h[6]) != IPPROTO_TCP {
+            return Ok(None);
+        }
+        packet.src.copy_from_slice(&h[8..24]);
+        packet.dst.copy_from_slice(&h[24..40]);
         packet.family = AF_INET6;
-        u32::from(network) + 40
+        network + 40
     };
     // The TCP header's ports and flags: its first 14 bytes.
     if transport + 14 > tail {
         return Ok(None);
     }
-    let tcp = head + u64::from(transport);
-    let ports: [u8; 4] = read_kernel(tcp)?;
-    let [flags]: [u8; 1] = read_kernel(tcp + 13)?;
-    packet.sport = u16::from_be_bytes([ports[0], ports[1]]);
-    packet.dport = u16::from_be_bytes([ports[2], ports[3]]);
+    let tcp: [u8; 14] = read_kernel(head + u64::from(transport))?;
+    packet.sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+    packet.dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+    let flags = tcp[13];
     packet.kind = match flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) {
         TCP_SYN => drop_packet::SYN,
         f if f == TCP_SYN | TCP_ACK => drop_packet::SYN_ACK,

@@ -156,9 +156,14 @@ pub fn attempt_tuple(attempt: &AttemptRecord, local_port: u16) -> AttemptTuple {
 
 /// Remembers an attempt by its tuple, when drop reasons are on.
 #[inline(always)]
-pub fn remember_tuple(attempt: &AttemptRecord, local_port: u16) {
-    if policy().drop_reasons != 0 {
-        let _ = ATTEMPT_TUPLES.insert(&attempt_tuple(attempt, local_port), &attempt.sock, 0);
+pub fn remember_tuple(attempt: &mut AttemptRecord, local_port: u16) {
+    if policy().drop_reasons != 0
+        && ATTEMPT_TUPLES
+            .insert(&attempt_tuple(attempt, local_port), &attempt.sock, 0)
+            .is_ok()
+        && local_port != 0
+    {
+        attempt.flags |= attempt_flags::TUPLE_KNOWN;
     }
 }
 
@@ -169,7 +174,7 @@ pub fn forget_tuples(attempt: &AttemptRecord) {
     if policy().drop_reasons == 0 {
         return;
     }
-    if attempt.sport != 0 {
+    if attempt.flags & attempt_flags::TUPLE_KNOWN != 0 {
         let _ = ATTEMPT_TUPLES.remove(&attempt_tuple(attempt, attempt.sport));
     }
     let unported = attempt_tuple(attempt, 0);

@@ -134,6 +134,8 @@ pub mod attempt_flags {
     /// `connect()` failed before the socket reached SYN_SENT (no route, say): no SYN was
     /// sent, `error` is the errno and `end_state` is 0.
     pub const NEVER_STARTED: u8 = 1 << 5;
+    /// The attempt's full tuple, local port included, is in `ATTEMPT_TUPLES`.
+    pub const TUPLE_KNOWN: u8 = 1 << 6;
 }
 
 /// One connect attempt, from SYN_SENT to the moment the socket left it.
