@@ -353,6 +353,51 @@ mod tests {
         r
     }
 
+    /// Ten SYNs dropped on egress, one a second from the start: eight kept with their own
+    /// time, the last two summed up in one that stands for both.
+    #[test]
+    fn drops_past_the_kept_ones_are_summed_up_in_the_last() {
+        let mut r = timed_out_v4();
+        let drop = |i: u32| DropRecord {
+            location: 0xffff_ffff_8100_0000 + u64::from(i),
+            reason: 12,
+            at_us: i * 1_000_000,
+        };
+        for i in 0..MAX_DROPS as u32 {
+            r.drops[i as usize] = drop(i);
+            r.drop_packets[i as usize] = drop_packet::SYN;
+        }
+        r.drop_packets[1] = drop_packet::SYN_ACK | drop_packet::INGRESS;
+        r.last_drop = drop(9);
+        r.last_drop_packet = drop_packet::SYN;
+        r.drop_count = 10;
+        let clock = WallClock::from_offset(0);
+        let a = Attempt::decode(&r, &clock).unwrap();
+        assert_eq!(a.drop_count, 10);
+        assert_eq!(a.drops.len(), MAX_DROPS + 1);
+        assert_eq!((a.drops[0].packet, a.drops[0].direction), ("SYN", "egress"));
+        assert_eq!((a.drops[1].packet, a.drops[1].direction), ("SYN-ACK", "ingress"));
+        assert!(a.drops[..MAX_DROPS].iter().all(|d| d.count == 1));
+        let last = a.drops.last().unwrap();
+        assert_eq!((last.count, last.location), (2, drop(9).location));
+        assert_eq!(last.time, clock.to_system_time(r.start_ns + 9_000_000_000));
+        // In time order with the retransmits: drop 0 at the start, then the retransmit and
+        // the drop of the same instant, the retransmit first (the sort is stable).
+        let kinds: Vec<EventKind> = a.events.iter().take(3).map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                EventKind::PacketDropped(0),
+                EventKind::SynRetransmit(1),
+                EventKind::PacketDropped(1)
+            ]
+        );
+        assert_eq!(a.drops[0].reason_text(), "reason 12");
+
+        r.drop_count = 0;
+        assert!(Attempt::decode(&r, &clock).unwrap().drops.is_empty());
+    }
+
     #[test]
     fn decodes_bytes_and_fields() {
         let r = timed_out_v4();
