@@ -24,8 +24,8 @@ use crate::{
     helpers::{now_ns, read_event, read_kernel_at, read_sock_field},
     maps::{
         ALLOW_CGROUPS, ALLOW_DESTS, ALLOW_PIDS, ALLOW_PORTS, COLLISION_WATCH, CONNECT_CALLS, IN_FLIGHT,
-        NOTED, PROCESS_NOTES, STACKS, WATCH_SINCE, WATCH_WINDOW_NS, count, in_flight, layout, local_endpoint,
-        policy, record_error, scratch_attempt, send,
+        NOTED, PROCESS_NOTES, STACKS, WATCH_SINCE, WATCH_WINDOW_NS, count, forget_tuples, in_flight, layout,
+        local_endpoint, policy, record_error, remember_tuple, scratch_attempt, send, track_live,
     },
 };
 
@@ -290,6 +290,9 @@ fn start<C: StateChange>(ctx: &C, sock: u64) -> Result<(), i32> {
     if policy.stacks != 0 {
         caller::record_stacks(ctx, attempt, call.is_some());
     }
+    // The port is 0 here unless the socket was bound: the drop program then finds the
+    // attempt's packets by this entry and the socket's port (see `drop.rs`).
+    remember_tuple(attempt, attempt.sport);
     // BPF_NOEXIST first: an entry already there means the kernel reused the socket address
     // before we saw the old attempt end. That attempt is lost; the new one must not merge
     // into it.
@@ -302,6 +305,8 @@ fn start<C: StateChange>(ctx: &C, sock: u64) -> Result<(), i32> {
             count(counter::TRACK_FAILED);
             return Ok(());
         }
+    } else {
+        track_live(true);
     }
     count(counter::STARTED);
     note_process(attempt);
@@ -395,7 +400,10 @@ fn finish<C: StateChange>(ctx: &C, sock: u64, end_state: u8) -> Result<(), i32> 
     if attempt.flags & attempt_flags::RST_SENT != 0 {
         let _ = COLLISION_WATCH.remove(&local_endpoint(attempt));
     }
-    let _ = IN_FLIGHT.remove(&sock);
+    forget_tuples(attempt);
+    if IN_FLIGHT.remove(&sock).is_ok() {
+        track_live(false);
+    }
     Ok(())
 }
 

@@ -16,6 +16,7 @@
 mod attempt;
 mod caller;
 mod connect;
+mod drop;
 mod error_report;
 mod helpers;
 mod maps;

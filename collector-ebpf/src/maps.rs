@@ -9,7 +9,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace, lpm_trie::LpmTrie},
 };
 use synspan_shared::{
-    AttemptRecord, ConnectCall, Endpoint, KernelLayout, MAX_FILTER_ENTRIES, Policy, attempt_flags, counter,
+    AttemptRecord, AttemptTuple, ConnectCall, Endpoint, KernelLayout, MAX_FILTER_ENTRIES, Policy,
+    attempt_flags, counter,
 };
 
 use crate::helpers::read_sock_field;
@@ -17,6 +18,19 @@ use crate::helpers::read_sock_field;
 /// Attempts in flight, keyed by socket address. The agent sizes it at load time.
 #[map]
 pub static IN_FLIGHT: LruHashMap<u64, AttemptRecord> = LruHashMap::with_max_entries(16384, 0);
+
+/// Attempts in flight by their tuple, for finding the attempt a packet without its socket
+/// belongs to (see `drop.rs`): two entries per attempt, one without the local port (made at
+/// SYN_SENT, when the kernel has not picked it yet) and one with it (made once it is known).
+/// Only kept with drop reasons on. LRU: an entry left behind by a lost end is pushed out.
+#[map]
+pub static ATTEMPT_TUPLES: LruHashMap<AttemptTuple, u64> = LruHashMap::with_max_entries(32768, 0);
+
+/// Attempts in the in-flight map, as far as inserts and removes tell: an attempt evicted from
+/// it is never taken off, so this can only be too high, never too low. The drop program
+/// leaves at once when it is 0.
+#[map]
+pub static LIVE: Array<u64> = Array::with_max_entries(1, 0);
 
 /// One finished attempt per record. The agent sizes it at load time.
 #[map]
@@ -94,16 +108,79 @@ pub fn policy() -> Policy {
 
 #[inline(always)]
 pub fn count(slot: u32) {
+    // Per-CPU slot, so no other CPU writes it; but a program here may be interrupted by
+    // another of ours (a softirq's state change inside a connect() hook) that counts too.
     if let Some(value) = COUNTERS.get_ptr_mut(slot) {
-        // Per-CPU slot, so no other CPU writes it; but a program here may be interrupted by
-        // another of ours (a softirq's state change inside a connect() hook) that counts too.
-        // core has no atomic read-modify-write for the bpf target: BPF_ATOMIC_ADD by hand.
-        // SAFETY: `value` is this CPU's 8-byte slot, aligned, from a successful lookup in a
-        // map that outlives the program run; the instruction adds to it atomically and
-        // touches nothing else.
-        unsafe {
-            core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) value, v = in(reg) 1u64);
-        }
+        atomic_add(value, 1);
+    }
+}
+
+/// Adds `delta` (wrapping: `u64::MAX` subtracts one) to the map value at `value`, atomically.
+/// core has no atomic read-modify-write for the bpf target: BPF_ATOMIC_ADD by hand.
+#[inline(always)]
+fn atomic_add(value: *mut u64, delta: u64) {
+    // SAFETY: callers pass an aligned 8-byte slot from a successful map lookup, in a map
+    // that outlives the program run; the instruction adds to it atomically and touches
+    // nothing else.
+    unsafe {
+        core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) value, v = in(reg) delta);
+    }
+}
+
+/// One more (`true`) or one fewer attempt in the in-flight map; see [`LIVE`].
+#[inline(always)]
+pub fn track_live(added: bool) {
+    if let Some(value) = LIVE.get_ptr_mut(0) {
+        atomic_add(value, if added { 1 } else { u64::MAX });
+    }
+}
+
+/// Whether any attempt may be in flight.
+#[inline(always)]
+pub fn any_live() -> bool {
+    LIVE.get(0).is_some_and(|&n| n != 0)
+}
+
+/// An attempt's tuple for [`ATTEMPT_TUPLES`], with the local port it has (0 until known).
+#[inline(always)]
+pub fn attempt_tuple(attempt: &AttemptRecord, local_port: u16) -> AttemptTuple {
+    AttemptTuple {
+        local: attempt.saddr,
+        peer: attempt.daddr,
+        local_port,
+        peer_port: attempt.dport,
+        family: attempt.family,
+        _pad: 0,
+    }
+}
+
+/// Remembers an attempt by its tuple, when drop reasons are on.
+#[inline(always)]
+pub fn remember_tuple(attempt: &mut AttemptRecord, local_port: u16) {
+    if policy().drop_reasons != 0
+        && ATTEMPT_TUPLES
+            .insert(&attempt_tuple(attempt, local_port), &attempt.sock, 0)
+            .is_ok()
+        && local_port != 0
+    {
+        attempt.flags |= attempt_flags::TUPLE_KNOWN;
+    }
+}
+
+/// Forgets a finished attempt's tuples. The entry without the port may already name a newer
+/// attempt to the same peer from the same address: that one is left.
+#[inline(always)]
+pub fn forget_tuples(attempt: &AttemptRecord) {
+    if policy().drop_reasons == 0 {
+        return;
+    }
+    if attempt.flags & attempt_flags::TUPLE_KNOWN != 0 {
+        let _ = ATTEMPT_TUPLES.remove(&attempt_tuple(attempt, attempt.sport));
+    }
+    let unported = attempt_tuple(attempt, 0);
+    // SAFETY: the value is copied at once.
+    if unsafe { ATTEMPT_TUPLES.get(&unported) }.copied() == Some(attempt.sock) {
+        let _ = ATTEMPT_TUPLES.remove(&unported);
     }
 }
 

@@ -6,7 +6,7 @@ use synspan_shared::{MAX_RETRANSMIT_TIMES, attempt_flags, tcp_state};
 
 use crate::{
     helpers::{now_ns, read_event},
-    maps::{in_flight, layout, note_error},
+    maps::{in_flight, layout, note_error, remember_tuple},
 };
 
 #[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
@@ -35,8 +35,11 @@ fn on_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
     }
     attempt.retransmits += 1;
     note_error(attempt, sock, now);
-    if let Ok(sport) = read_event::<u16>(ctx, fields.sport) {
+    if let Ok(sport) = read_event::<u16>(ctx, fields.sport)
+        && sport != attempt.sport
+    {
         attempt.sport = sport;
+        remember_tuple(attempt, sport);
     }
     Ok(())
 }

@@ -5,7 +5,11 @@ use std::{
     time::SystemTime,
 };
 
-use synspan_shared::{AF_INET, AF_INET6, AttemptRecord, MAX_RETRANSMIT_TIMES, attempt_flags};
+use std::sync::Arc;
+
+use synspan_shared::{
+    AF_INET, AF_INET6, AttemptRecord, DropRecord, MAX_DROPS, MAX_RETRANSMIT_TIMES, attempt_flags, drop_packet,
+};
 
 use crate::{
     clock::WallClock,
@@ -37,6 +41,70 @@ pub(crate) struct Attempt {
     /// `connect()` failed before the socket reached SYN_SENT: no SYN was sent, and the
     /// local endpoint is unknown.
     pub(crate) never_started: bool,
+    /// Handshake packets the kernel dropped, in order: the first [`MAX_DROPS`], then one that
+    /// stands for the rest ([`PacketDrop::count`]).
+    pub(crate) drops: Vec<PacketDrop>,
+    /// Every handshake packet the kernel dropped.
+    pub(crate) drop_count: u32,
+}
+
+/// A handshake packet of the attempt that the kernel dropped, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct PacketDrop {
+    pub(crate) time: SystemTime,
+    /// `SYN`, `SYN-ACK`, `ACK`, `RST`.
+    pub(crate) packet: &'static str,
+    /// `ingress` (it had been received on an interface) or `egress`.
+    pub(crate) direction: &'static str,
+    /// `enum skb_drop_reason`, as this kernel numbers it.
+    pub(crate) reason: u32,
+    pub(crate) location: u64,
+    /// The drops this one stands for: 1, or for the last, every drop past the ones kept.
+    pub(crate) count: u32,
+    /// Named by the enrichment worker: `NETFILTER_DROP`, and the function `nf_hook_slow`.
+    pub(crate) reason_name: Option<Arc<str>>,
+    pub(crate) function: Option<Arc<str>>,
+}
+
+impl PacketDrop {
+    /// The reason's name, or its number when it has none.
+    pub(crate) fn reason_text(&self) -> String {
+        match &self.reason_name {
+            Some(name) => name.to_string(),
+            None => format!("reason {}", self.reason),
+        }
+    }
+
+    /// The function that dropped it, or its address.
+    pub(crate) fn location_text(&self) -> String {
+        match &self.function {
+            Some(name) => name.to_string(),
+            None => format!("{:#x}", self.location),
+        }
+    }
+
+    fn decode(record: &AttemptRecord, drop: &DropRecord, packet: u8, count: u32, clock: &WallClock) -> Self {
+        Self {
+            time: clock.to_system_time(record.start_ns + u64::from(drop.at_us) * 1000),
+            packet: match packet & drop_packet::KIND {
+                drop_packet::SYN => "SYN",
+                drop_packet::SYN_ACK => "SYN-ACK",
+                drop_packet::ACK => "ACK",
+                drop_packet::RST => "RST",
+                _ => "unknown",
+            },
+            direction: if packet & drop_packet::INGRESS != 0 {
+                "ingress"
+            } else {
+                "egress"
+            },
+            reason: drop.reason,
+            location: drop.location,
+            count,
+            reason_name: None,
+            function: None,
+        }
+    }
 }
 
 /// A lingering connection that answered this attempt's SYN, caught as it closed.
@@ -89,6 +157,8 @@ pub(crate) enum EventKind {
     IcmpError(i32),
     /// The existing connection the SYN met closed (on this attempt's RST).
     Collision,
+    /// The kernel dropped a handshake packet: the n-th of [`Attempt::drops`].
+    PacketDropped(usize),
 }
 
 impl EventKind {
@@ -99,6 +169,7 @@ impl EventKind {
             EventKind::RstSent => "rst_sent",
             EventKind::IcmpError(_) => "icmp_error",
             EventKind::Collision => "collision",
+            EventKind::PacketDropped(_) => "packet_dropped",
         }
     }
 }
@@ -127,6 +198,27 @@ fn ip(family: u16, bytes: &[u8; 16]) -> Result<IpAddr, DecodeError> {
         AF_INET6 => Ok(IpAddr::V6(Ipv6Addr::from(*bytes))),
         other => Err(DecodeError::Family(other)),
     }
+}
+
+/// The drops the record keeps, and the last one for those past them.
+fn drops(record: &AttemptRecord, clock: &WallClock) -> Vec<PacketDrop> {
+    let kept = (record.drop_count as usize).min(MAX_DROPS);
+    let mut drops: Vec<PacketDrop> = record.drops[..kept]
+        .iter()
+        .zip(record.drop_packets)
+        .map(|(drop, packet)| PacketDrop::decode(record, drop, packet, 1, clock))
+        .collect();
+    let rest = record.drop_count.saturating_sub(MAX_DROPS as u32);
+    if rest > 0 {
+        drops.push(PacketDrop::decode(
+            record,
+            &record.last_drop,
+            record.last_drop_packet,
+            rest,
+            clock,
+        ));
+    }
+    drops
 }
 
 fn stack_id(id: i32) -> Option<u32> {
@@ -189,6 +281,12 @@ impl Attempt {
         } else {
             None
         };
+        let drops = drops(record, clock);
+        events.extend(drops.iter().enumerate().map(|(i, d)| AttemptEvent {
+            time: d.time,
+            kind: EventKind::PacketDropped(i),
+        }));
+        // Stable: a drop and the retransmit it caused can share a microsecond.
         events.sort_by_key(|e| e.time);
         let outcome = classify(record);
         // A soft error the application read and acted on is the errno it saw.
@@ -216,6 +314,8 @@ impl Attempt {
             end_kernel_stack_id: stack_id(record.end_kernel_stack_id),
             collision,
             never_started: record.flags & attempt_flags::NEVER_STARTED != 0,
+            drops,
+            drop_count: record.drop_count,
         })
     }
 
@@ -251,6 +351,51 @@ mod tests {
         r.retransmit_ns[1] = 3_000_000_000;
         r.kernel_stack_id = 7;
         r
+    }
+
+    /// Ten SYNs dropped on egress, one a second from the start: eight kept with their own
+    /// time, the last two summed up in one that stands for both.
+    #[test]
+    fn drops_past_the_kept_ones_are_summed_up_in_the_last() {
+        let mut r = timed_out_v4();
+        let drop = |i: u32| DropRecord {
+            location: 0xffff_ffff_8100_0000 + u64::from(i),
+            reason: 12,
+            at_us: i * 1_000_000,
+        };
+        for i in 0..MAX_DROPS as u32 {
+            r.drops[i as usize] = drop(i);
+            r.drop_packets[i as usize] = drop_packet::SYN;
+        }
+        r.drop_packets[1] = drop_packet::SYN_ACK | drop_packet::INGRESS;
+        r.last_drop = drop(9);
+        r.last_drop_packet = drop_packet::SYN;
+        r.drop_count = 10;
+        let clock = WallClock::from_offset(0);
+        let a = Attempt::decode(&r, &clock).unwrap();
+        assert_eq!(a.drop_count, 10);
+        assert_eq!(a.drops.len(), MAX_DROPS + 1);
+        assert_eq!((a.drops[0].packet, a.drops[0].direction), ("SYN", "egress"));
+        assert_eq!((a.drops[1].packet, a.drops[1].direction), ("SYN-ACK", "ingress"));
+        assert!(a.drops[..MAX_DROPS].iter().all(|d| d.count == 1));
+        let last = a.drops.last().unwrap();
+        assert_eq!((last.count, last.location), (2, drop(9).location));
+        assert_eq!(last.time, clock.to_system_time(r.start_ns + 9_000_000_000));
+        // In time order with the retransmits: drop 0 at the start, then the retransmit and
+        // the drop of the same instant, the retransmit first (the sort is stable).
+        let kinds: Vec<EventKind> = a.events.iter().take(3).map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                EventKind::PacketDropped(0),
+                EventKind::SynRetransmit(1),
+                EventKind::PacketDropped(1)
+            ]
+        );
+        assert_eq!(a.drops[0].reason_text(), "reason 12");
+
+        r.drop_count = 0;
+        assert!(Attempt::decode(&r, &clock).unwrap().drops.is_empty());
     }
 
     #[test]

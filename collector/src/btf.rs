@@ -226,6 +226,30 @@ impl<'a> Btf<'a> {
         })
     }
 
+    /// The constants of `enum name` (32 or 64 bits), as (name, value); `None` if there is no
+    /// such enum. Names that are not UTF-8 are left out.
+    pub(crate) fn enum_values(&self, name: &str) -> Option<Vec<(&'a str, u64)>> {
+        let t = (1..=self.types.len() as u32).find_map(|id| {
+            let t = self.header(id)?;
+            (matches!(t.kind, kind::ENUM | kind::ENUM64) && self.string(t.name) == name.as_bytes())
+                .then_some(t)
+        })?;
+        let width = if t.kind == kind::ENUM { 8 } else { 12 };
+        let values = (0..t.vlen)
+            .filter_map(|i| {
+                let at = t.body + width * i;
+                let low = u64::from(self.u32_at(at + 4));
+                let value = if t.kind == kind::ENUM {
+                    low
+                } else {
+                    low | u64::from(self.u32_at(at + 8)) << 32
+                };
+                Some((std::str::from_utf8(self.string(self.u32_at(at))).ok()?, value))
+            })
+            .collect();
+        Some(values)
+    }
+
     fn find_member(&self, st: &TypeHeader, member: &[u8], base_bits: u32, depth: u32) -> Option<u32> {
         // Anonymous members nest a few levels deep; more is a loop in a broken file.
         if depth > 8 {
@@ -389,6 +413,21 @@ mod tests {
             KernelBtf::open(Path::new("/nonexistent/btf")),
             Err(BtfError::Read { .. })
         ));
+    }
+
+    #[test]
+    fn drop_reasons_of_this_kernel() {
+        if !Path::new(VMLINUX).exists() {
+            eprintln!("skipped: this kernel has no {VMLINUX}");
+            return;
+        }
+        let vmlinux = KernelBtf::from_sys_fs().unwrap();
+        let btf = vmlinux.types().unwrap();
+        let reasons = btf.enum_values("skb_drop_reason").unwrap();
+        let value = |n: &str| reasons.iter().find(|(name, _)| *name == n).map(|(_, v)| *v);
+        assert_eq!(value("SKB_NOT_DROPPED_YET"), Some(0));
+        assert!(value("SKB_DROP_REASON_NETFILTER_DROP").is_some(), "{reasons:?}");
+        assert!(btf.enum_values("no_such_enum").is_none());
     }
 
     #[test]

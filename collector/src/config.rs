@@ -7,7 +7,7 @@
 use std::{num::NonZeroU32, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
-use synspan_shared::{Policy, filter};
+use synspan_shared::{MAX_ANSWERED_REASONS, Policy, filter};
 
 use crate::{
     otlp::{self, parse_endpoint, settings::Env},
@@ -139,6 +139,11 @@ pub(crate) struct Cli {
     /// Do not capture kernel and user stacks: the lowest overhead.
     #[arg(long)]
     pub(crate) no_stacks: bool,
+
+    /// Do not watch the kernel's packet drops (skb:kfree_skb) for the attempts' handshake
+    /// packets: spans no longer say where a SYN or SYN-ACK died and why.
+    #[arg(long)]
+    pub(crate) no_drop_reasons: bool,
 
     /// Trace attempts with classic tracepoints even where BTF tracepoints work: what a
     /// kernel without BTF gets. For testing that path.
@@ -285,7 +290,10 @@ impl Cli {
             .filter(|(on, _)| *on)
             .fold(0, |bits, (_, bit)| bits | bit),
             agent_tgid,
-            reserved: 0,
+            drop_reasons: u8::from(!self.no_drop_reasons),
+            reserved: [0; 3],
+            // Set by the agent, which knows this kernel's numbers.
+            answered_reasons: [0; MAX_ANSWERED_REASONS],
         }
     }
 }
@@ -306,6 +314,7 @@ mod tests {
             c.policy(7),
             Policy {
                 agent_tgid: 7,
+                drop_reasons: 1,
                 ..Policy::ALL
             }
         );

@@ -7,8 +7,8 @@ use std::{
 };
 
 use synspan_shared::{
-    ConnectFields, FdPathFields, KernelLayout, ResetFields, RetransmitFields, SetStateFields, SockFields,
-    SockTupleFields, names::program,
+    ConnectFields, FdPathFields, KernelLayout, ResetFields, RetransmitFields, SetStateFields, SkbFields,
+    SockFields, SockTupleFields, names::program,
 };
 
 use crate::btf::{Btf, BtfError, KernelBtf};
@@ -170,6 +170,13 @@ pub(crate) fn resolve(vmlinux: Result<&KernelBtf, &BtfError>) -> Result<Resolved
     let sock = btf.as_ref().map(sock_fields).unwrap_or_default();
     let tuple = btf.as_ref().and_then(tuple_fields).unwrap_or_default();
     let fd_path = btf.as_ref().map(fd_path_fields).unwrap_or_default();
+    let skb = btf.as_ref().and_then(skb_fields).unwrap_or_default();
+    if skb.known == 0 {
+        unavailable.push((
+            "kfree_skb",
+            "no struct sk_buff header offsets in kernel BTF".into(),
+        ));
+    }
     if fd_path.sock_protocol == 0 {
         unavailable.push((
             program::SYS_ENTER_CONNECT,
@@ -208,6 +215,7 @@ pub(crate) fn resolve(vmlinux: Result<&KernelBtf, &BtfError>) -> Result<Resolved
                 ret: exit,
             },
             fd_path,
+            skb,
         },
         unavailable,
     })
@@ -294,6 +302,21 @@ fn fd_path_fields(btf: &Btf) -> FdPathFields {
         })
     };
     fields().unwrap_or_default()
+}
+
+/// Where `struct sk_buff` keeps what a dropped packet's headers are read from; `None` if any
+/// member is missing.
+fn skb_fields(btf: &Btf) -> Option<SkbFields> {
+    let offset = |member: &str| u16::try_from(btf.member_offset("sk_buff", member)?).ok();
+    Some(SkbFields {
+        known: 1,
+        sk: offset("sk")?,
+        head: offset("head")?,
+        tail: offset("tail")?,
+        network_header: offset("network_header")?,
+        protocol: offset("protocol")?,
+        skb_iif: offset("skb_iif")?,
+    })
 }
 
 #[cfg(test)]

@@ -219,6 +219,23 @@ impl MetricsRequests {
                     .map(|(reason, n)| point(n, vec![string_attribute("synspan.drop.reason", reason)]))
                     .collect(),
             ),
+            counter(
+                "synspan.packet_drops",
+                "TCP handshake packets the kernel dropped while attempts were in flight, by \
+                 whether they belonged to one",
+                [
+                    ("matched", a.kernel.packet_drops_matched),
+                    ("unmatched", a.kernel.packet_drops_unmatched),
+                ]
+                .into_iter()
+                .map(|(attribution, n)| {
+                    point(
+                        n,
+                        vec![string_attribute("synspan.packet_drop.attribution", attribution)],
+                    )
+                })
+                .collect(),
+            ),
             Metric {
                 name: "synspan.attempts.in_flight".into(),
                 description: "Attempts waiting in SYN_SENT".into(),
@@ -254,6 +271,10 @@ mod tests {
             exported: 5,
             in_flight: 2,
             export_failed: 1,
+            kernel: crate::loader::KernelCounters {
+                packet_drops_unmatched: 3,
+                ..Default::default()
+            },
             ..Default::default()
         };
         let request =
@@ -297,5 +318,12 @@ mod tests {
             value(&sum("synspan.attempts.seen").data_points[0]),
             a.seen() as i64
         );
+        let packet_drops = sum("synspan.packet_drops");
+        let unmatched = packet_drops
+            .data_points
+            .iter()
+            .find(|p| p.attributes == [string_attribute("synspan.packet_drop.attribution", "unmatched")])
+            .unwrap();
+        assert_eq!(value(unmatched), 3);
     }
 }

@@ -20,7 +20,7 @@ use opentelemetry_sdk::{
 };
 
 use crate::{
-    attempt::{Attempt, EventKind},
+    attempt::{Attempt, EventKind, PacketDrop},
     enrich::identity::Identity,
     evidence::Evidence,
 };
@@ -64,6 +64,13 @@ pub(crate) mod key {
     pub(crate) const COLLISION_PEER_ADDRESS: &str = "synspan.collision.peer.address";
     pub(crate) const COLLISION_PEER_PORT: &str = "synspan.collision.peer.port";
     pub(crate) const COLLISION_STATE: &str = "synspan.collision.state";
+    /// Handshake packets the kernel dropped: on the span, how many and the last reason; on
+    /// each `packet_dropped` event, the packet, where and why.
+    pub(crate) const PACKET_DROP_COUNT: &str = "synspan.packet_drop.count";
+    pub(crate) const PACKET_DROP_REASON: &str = "synspan.packet_drop.reason";
+    pub(crate) const PACKET_DROP_PACKET: &str = "synspan.packet_drop.packet";
+    pub(crate) const PACKET_DROP_DIRECTION: &str = "synspan.packet_drop.direction";
+    pub(crate) const PACKET_DROP_LOCATION: &str = "synspan.packet_drop.location";
     /// On events.
     pub(crate) const RETRANSMIT_NUMBER: &str = "synspan.retransmit.number";
     pub(crate) const ELAPSED_MS: &str = "synspan.elapsed_ms";
@@ -249,6 +256,12 @@ fn attributes(a: &Attempt, identity: &Identity, evidence: &Evidence) -> Vec<KeyV
     if a.never_started {
         attrs.push(KeyValue::new(key::NEVER_STARTED, true));
     }
+    if let Some(last) = a.drops.last() {
+        attrs.extend([
+            KeyValue::new(key::PACKET_DROP_COUNT, i64::from(a.drop_count)),
+            KeyValue::new(key::PACKET_DROP_REASON, last.reason_text()),
+        ]);
+    }
     if let Some(t) = &evidence.nat {
         attrs.extend([
             KeyValue::new(key::NAT_PEER_ADDRESS, t.reply_src.ip().to_string()),
@@ -316,6 +329,16 @@ fn collision_attributes(c: &crate::attempt::Collision) -> [KeyValue; 5] {
     ]
 }
 
+fn drop_attributes(d: &PacketDrop) -> [KeyValue; 5] {
+    [
+        KeyValue::new(key::PACKET_DROP_PACKET, d.packet),
+        KeyValue::new(key::PACKET_DROP_DIRECTION, d.direction),
+        KeyValue::new(key::PACKET_DROP_REASON, d.reason_text()),
+        KeyValue::new(key::PACKET_DROP_LOCATION, d.location_text()),
+        KeyValue::new(key::PACKET_DROP_COUNT, i64::from(d.count)),
+    ]
+}
+
 fn elapsed_ms(start: SystemTime, t: SystemTime) -> f64 {
     t.duration_since(start).unwrap_or_default().as_secs_f64() * 1e3
 }
@@ -337,6 +360,9 @@ fn events(a: &Attempt) -> Vec<opentelemetry::trace::Event> {
                         .into_iter()
                         .flatten(),
                 ),
+                EventKind::PacketDropped(i) => {
+                    attrs.extend(a.drops.get(i).map(drop_attributes).into_iter().flatten())
+                }
                 EventKind::RstReceived | EventKind::RstSent => {}
             }
             opentelemetry::trace::Event::new(e.kind.name(), e.time, attrs, 0)
@@ -389,6 +415,8 @@ pub(crate) mod tests {
             end_kernel_stack_id: None,
             collision: None,
             never_started: false,
+            drops: Vec::new(),
+            drop_count: 0,
         }
     }
 

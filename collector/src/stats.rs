@@ -135,6 +135,8 @@ pub(crate) struct AccountingLine {
     untracked_finish: u64,
     never_started: u64,
     kernel_skipped_runs: u64,
+    packet_drops_matched: u64,
+    packet_drops_unmatched: u64,
 }
 
 impl From<&Accounting> for AccountingLine {
@@ -159,6 +161,8 @@ impl From<&Accounting> for AccountingLine {
             untracked_finish: k.untracked_finish,
             never_started: k.never_started,
             kernel_skipped_runs: a.recursion_misses,
+            packet_drops_matched: k.packet_drops_matched,
+            packet_drops_unmatched: k.packet_drops_unmatched,
         }
     }
 }
@@ -186,7 +190,8 @@ impl fmt::Display for Accounting {
             "attempts seen={} in_flight={} exported={} pending={} dropped={} \
              (filtered={} ringbuf_full={} evicted={} replaced={} track_failed={} \
              undecodable={} enrich_queue_full={} export_queue_full={} export_failed={} unflushed={}) \
-             untracked_finish={} never_started={} kernel_skipped_runs={}",
+             untracked_finish={} never_started={} kernel_skipped_runs={} \
+             packet_drops_matched={} packet_drops_unmatched={}",
             self.seen(),
             self.in_flight,
             self.exported,
@@ -205,6 +210,8 @@ impl fmt::Display for Accounting {
             k.untracked_finish,
             k.never_started,
             self.recursion_misses,
+            k.packet_drops_matched,
+            k.packet_drops_unmatched,
         )
     }
 }
@@ -226,6 +233,8 @@ mod tests {
                 track_failed: 0,
                 not_allowed: 4,
                 never_started: 0,
+                packet_drops_matched: 6,
+                packet_drops_unmatched: 1,
             },
             recursion_misses: 0,
             in_flight: 2,

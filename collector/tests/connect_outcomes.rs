@@ -14,14 +14,8 @@ use synspan_testbed::{
 
 const SPAN_WAIT: Duration = Duration::from_secs(20);
 
-/// synspan with both outputs: JSON on stdout and OTLP to its own receiver.
 fn start(args: &[&str]) -> (Receiver, Agent) {
-    let receiver = Receiver::start().expect("start the OTLP receiver");
-    let endpoint = receiver.endpoint();
-    let mut all = vec!["--otlp-endpoint", &endpoint];
-    all.extend_from_slice(args);
-    let agent = Agent::start(&all).expect("start synspan");
-    (receiver, agent)
+    Agent::start_exporting(args).expect("start synspan and its receiver")
 }
 
 fn attr<'a>(span: &'a Value, key: &str) -> &'a Value {

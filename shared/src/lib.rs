@@ -28,6 +28,8 @@ pub mod names {
         pub const SYS_EXIT_CONNECT: &str = "sys_exit_connect";
         /// A BTF tracepoint, named after its tracepoint too.
         pub const INET_SK_ERROR_REPORT: &str = "inet_sk_error_report";
+        /// `skb:kfree_skb` as a BTF tracepoint.
+        pub const KFREE_SKB: &str = "kfree_skb";
     }
 
     /// Maps the agent sizes, fills or reads.
@@ -37,6 +39,7 @@ pub mod names {
         pub const PROCESS_NOTES: &str = "PROCESS_NOTES";
         pub const STACKS: &str = "STACKS";
         pub const COUNTERS: &str = "COUNTERS";
+        pub const ATTEMPT_TUPLES: &str = "ATTEMPT_TUPLES";
         pub const ALLOW_PIDS: &str = "ALLOW_PIDS";
         pub const ALLOW_CGROUPS: &str = "ALLOW_CGROUPS";
         pub const ALLOW_PORTS: &str = "ALLOW_PORTS";
@@ -63,6 +66,43 @@ pub const MAX_RETRANSMIT_TIMES: usize = 16;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
+
+/// Dropped packets kept per attempt with their own time, reason and place. The count goes
+/// on past this, and the last drop is always kept.
+pub const MAX_DROPS: usize = 8;
+
+/// Bits of a dropped packet's byte in [`AttemptRecord::drop_packets`]: the low bits say
+/// which handshake packet it was, the top bit where the kernel dropped it.
+pub mod drop_packet {
+    pub const SYN: u8 = 1;
+    pub const SYN_ACK: u8 = 2;
+    pub const ACK: u8 = 3;
+    pub const RST: u8 = 4;
+    /// Which packet: one of the values above.
+    pub const KIND: u8 = 0x0f;
+    /// Dropped on its way in (it had been received on an interface), else on its way out.
+    pub const INGRESS: u8 = 1 << 7;
+}
+
+/// One packet of an attempt's handshake the kernel dropped (`skb:kfree_skb`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropRecord {
+    /// The kernel code that dropped it (`nf_hook_slow+0x44`).
+    pub location: u64,
+    /// `enum skb_drop_reason`, as this kernel numbers it.
+    pub reason: u32,
+    /// Microseconds after the attempt started.
+    pub at_us: u32,
+}
+
+impl DropRecord {
+    pub const ZERO: Self = Self {
+        location: 0,
+        reason: 0,
+        at_us: 0,
+    };
+}
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
 pub mod tcp_state {
@@ -94,6 +134,8 @@ pub mod attempt_flags {
     /// `connect()` failed before the socket reached SYN_SENT (no route, say): no SYN was
     /// sent, `error` is the errno and `end_state` is 0.
     pub const NEVER_STARTED: u8 = 1 << 5;
+    /// The attempt's full tuple, local port included, is in `ATTEMPT_TUPLES`.
+    pub const TUPLE_KNOWN: u8 = 1 << 6;
 }
 
 /// One connect attempt, from SYN_SENT to the moment the socket left it.
@@ -126,6 +168,11 @@ pub struct AttemptRecord {
     /// peer is this attempt's local endpoint, as the colliding socket knew it).
     pub collision_local: [u8; 16],
     pub collision_peer: [u8; 16],
+    /// The first [`MAX_DROPS`] handshake packets the kernel dropped, and their
+    /// [`drop_packet`] bytes.
+    pub drops: [DropRecord; MAX_DROPS],
+    pub last_drop: DropRecord,
+    pub drop_packets: [u8; MAX_DROPS],
     /// Thread group id (the "pid" users know) and thread id of the caller of `connect()`.
     pub pid: u32,
     pub tid: u32,
@@ -143,6 +190,8 @@ pub struct AttemptRecord {
     pub user_stack_id: i32,
     pub kernel_stack_id: i32,
     pub end_kernel_stack_id: i32,
+    /// Handshake packets the kernel dropped, all of them.
+    pub drop_count: u32,
     pub family: u16,
     pub sport: u16,
     pub dport: u16,
@@ -153,7 +202,8 @@ pub struct AttemptRecord {
     pub flags: u8,
     /// The colliding socket's TCP state when it closed (FIN_WAIT2, CLOSE_WAIT, ...).
     pub collision_state: u8,
-    pub _pad: [u8; 7],
+    pub last_drop_packet: u8,
+    pub _pad: [u8; 2],
 }
 
 impl AttemptRecord {
@@ -172,6 +222,9 @@ impl AttemptRecord {
         comm: [0; TASK_COMM_LEN],
         collision_local: [0; 16],
         collision_peer: [0; 16],
+        drops: [DropRecord::ZERO; MAX_DROPS],
+        last_drop: DropRecord::ZERO,
+        drop_packets: [0; MAX_DROPS],
         pid: 0,
         tid: 0,
         retransmits: 0,
@@ -181,6 +234,7 @@ impl AttemptRecord {
         user_stack_id: -1,
         kernel_stack_id: -1,
         end_kernel_stack_id: -1,
+        drop_count: 0,
         family: 0,
         sport: 0,
         dport: 0,
@@ -189,7 +243,8 @@ impl AttemptRecord {
         end_state: 0,
         flags: 0,
         collision_state: 0,
-        _pad: [0; 7],
+        last_drop_packet: 0,
+        _pad: [0; 2],
     };
 }
 
@@ -284,6 +339,19 @@ pub struct SockTupleFields {
     pub v6_daddr: u16,
 }
 
+/// An attempt's tuple as a map key, oriented from the attempt: its local endpoint and its
+/// peer. `local_port` is 0 in the entry made at SYN_SENT, before the kernel picks the port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttemptTuple {
+    pub local: [u8; 16],
+    pub peer: [u8; 16],
+    pub local_port: u16,
+    pub peer_port: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+
 /// A TCP endpoint as a map key: the local endpoint of an attempt whose SYN met an existing
 /// connection, which that connection knows as its peer.
 #[repr(C)]
@@ -318,6 +386,21 @@ pub struct FdPathFields {
     pub sock_type: u16,
 }
 
+/// Offsets inside `struct sk_buff`, from BTF, for reading a dropped packet's headers.
+/// `known` says whether all were found.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SkbFields {
+    pub known: u16,
+    pub sk: u16,
+    pub head: u16,
+    /// `tail`, an offset from `head` where the kernel keeps offsets (64-bit kernels).
+    pub tail: u16,
+    pub network_header: u16,
+    pub protocol: u16,
+    pub skb_iif: u16,
+}
+
 /// Everything the programs need to know about this kernel's layouts.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -330,6 +413,7 @@ pub struct KernelLayout {
     pub tuple: SockTupleFields,
     pub connect: ConnectFields,
     pub fd_path: FdPathFields,
+    pub skb: SkbFields,
 }
 
 impl KernelLayout {
@@ -385,6 +469,15 @@ impl KernelLayout {
             sock_protocol: 0,
             sock_type: 0,
         },
+        skb: SkbFields {
+            known: 0,
+            sk: 0,
+            head: 0,
+            tail: 0,
+            network_header: 0,
+            protocol: 0,
+            skb_iif: 0,
+        },
     };
 }
 
@@ -408,9 +501,19 @@ pub struct Policy {
     /// The agent's process (tgid in the initial pid namespace): its own attempts are not
     /// traced. 0 (unknown: the agent runs in another pid namespace) excludes nothing.
     pub agent_tgid: u32,
+    /// Attribute dropped handshake packets to attempts: keep each attempt's tuple in
+    /// `ATTEMPT_TUPLES` while it is in flight.
+    pub drop_reasons: u8,
     /// Keeps the struct free of implicit padding.
-    pub reserved: u32,
+    pub reserved: [u8; 3],
+    /// Drop reasons that are the kernel's ordinary answer to a packet, not a loss: a SYN to
+    /// a closed port is "dropped" with NO_SOCKET after the RST that refuses it went out.
+    /// Numbered as this kernel numbers them, 0 for none.
+    pub answered_reasons: [u32; MAX_ANSWERED_REASONS],
 }
+
+/// Entries of [`Policy::answered_reasons`].
+pub const MAX_ANSWERED_REASONS: usize = 2;
 
 /// Bits of [`Policy::filters`]. Each set bit names an allow-list map the attempt must hit;
 /// an attempt that misses is counted as filtered at SYN_SENT and never tracked.
@@ -439,7 +542,9 @@ impl Policy {
         stacks: 1,
         filters: 0,
         agent_tgid: 0,
-        reserved: 0,
+        drop_reasons: 0,
+        reserved: [0; 3],
+        answered_reasons: [0; MAX_ANSWERED_REASONS],
     };
 }
 
@@ -471,7 +576,11 @@ pub mod counter {
     pub const NOT_ALLOWED: u32 = 7;
     /// `connect()` calls that failed before SYN_SENT (also counted in STARTED and FINISHED).
     pub const NEVER_STARTED: u32 = 8;
-    pub const LEN: u32 = 9;
+    /// Handshake packets the kernel dropped that belonged to an attempt in flight.
+    pub const DROPS_MATCHED: u32 = 9;
+    /// TCP handshake packets dropped while attempts were in flight that belonged to none.
+    pub const DROPS_UNMATCHED: u32 = 10;
+    pub const LEN: u32 = 11;
 }
 
 #[cfg(feature = "user")]

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::{
     reaped::{Reaped, Usage},
+    receiver::Receiver,
     wait_until, workspace_bin,
 };
 
@@ -65,6 +66,16 @@ impl Agent {
     /// Starts `synspan --output json ARGS` and waits until it says it is ready.
     pub fn start(args: &[&str]) -> anyhow::Result<Self> {
         Self::start_with(Output::Json, args)
+    }
+
+    /// Starts a receiver, then `synspan --output json --otlp-endpoint RECEIVER ARGS`: every
+    /// span both on stdout and as the receiver got it.
+    pub fn start_exporting(args: &[&str]) -> anyhow::Result<(Receiver, Self)> {
+        let receiver = Receiver::start().context("starting the OTLP receiver")?;
+        let endpoint = receiver.endpoint();
+        let mut all = vec!["--otlp-endpoint", &endpoint];
+        all.extend_from_slice(args);
+        Ok((receiver, Self::start(&all)?))
     }
 
     /// Starts `synspan --output OUTPUT ARGS` and waits until it says it is ready.

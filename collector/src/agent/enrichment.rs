@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     attempt::Attempt,
+    drop_reason::DropReasons,
     enrich::{Enricher, process::ReadOptions},
     evidence::{Explainer, Missed},
     privilege,
@@ -56,10 +57,13 @@ pub(super) struct Setup {
     pub(super) evidence_delay: Duration,
     pub(super) spans: SpanBuilder,
     pub(super) sinks: Sinks,
+    /// `None` with `--no-drop-reasons`.
+    pub(super) drop_reasons: Option<DropReasons>,
 }
 
 struct Worker {
     enricher: Enricher,
+    drop_reasons: DropReasons,
     explainer: Explainer,
     spans: SpanBuilder,
     sinks: Sinks,
@@ -96,7 +100,7 @@ pub(super) fn spawn(setup: Setup, work: mpsc::Receiver<Work>) -> anyhow::Result<
 
 impl Worker {
     fn new(setup: Setup) -> anyhow::Result<Self> {
-        let enricher = Enricher::new(setup.stacks, setup.read);
+        let enricher = Enricher::new(setup.stacks, setup.read, setup.drop_reasons.is_some());
         // Reading the symbol table left tens of MiB freed on the heap. Hand them back so the
         // agent's steady footprint is what it uses, not what it parsed.
         // SAFETY: plain glibc call, no pointers.
@@ -109,6 +113,7 @@ impl Worker {
             .context("starting the evidence lookup thread")?;
         Ok(Self {
             enricher,
+            drop_reasons: setup.drop_reasons.unwrap_or_default(),
             explainer,
             spans: setup.spans,
             sinks: setup.sinks,
@@ -139,7 +144,11 @@ impl Worker {
             Work::Sweep => self.enricher.sweep(),
             // An overloaded export costs no work per attempt: shed before the span is built.
             Work::Attempt(_) if self.sinks.full(batch.len()) => self.sinks.shed(),
-            Work::Attempt(attempt) => {
+            Work::Attempt(mut attempt) => {
+                for drop in &mut attempt.drops {
+                    drop.reason_name = Some(self.drop_reasons.name(drop.reason));
+                    drop.function = self.enricher.kernel_function(drop.location);
+                }
                 let identity = self.enricher.identify(&attempt);
                 let evidence = self.explainer.explain(&attempt, &identity);
                 batch.push(self.spans.build(attempt, &identity, evidence));

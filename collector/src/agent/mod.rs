@@ -21,6 +21,7 @@ use self::{
 use crate::{
     btf::KernelBtf,
     config::{Cli, Settings},
+    drop_reason::DropReasons,
     enrich::process::ReadOptions,
     kernel_layout,
     loader::{Filters, KernelObject, Limits, cgroup_id},
@@ -148,8 +149,16 @@ impl Agent {
         // the parse.
         let vmlinux = KernelBtf::from_sys_fs();
         let resolved = kernel_layout::resolve(vmlinux.as_ref())?;
+        let drop_reasons = match vmlinux.as_ref().map(KernelBtf::types) {
+            _ if cli.no_drop_reasons => None,
+            Ok(Ok(types)) => Some(DropReasons::from_btf(&types)),
+            _ => Some(DropReasons::default()),
+        };
         let btf = vmlinux.and_then(|vmlinux| vmlinux.for_aya());
-        let policy = cli.policy(privilege::host_tgid().unwrap_or(0));
+        let mut policy = cli.policy(privilege::host_tgid().unwrap_or(0));
+        if let Some(reasons) = &drop_reasons {
+            policy.answered_reasons = reasons.answered();
+        }
         if policy.agent_tgid == 0 {
             tracing::warn!(
                 "not in the host's pid namespace: synspan's own connections are traced too, and \
@@ -174,7 +183,12 @@ impl Agent {
         };
         let sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let unattached = kernel.attach(&resolved, !cli.classic_tracepoints, btf.as_ref())?;
+        let unattached = kernel.attach(
+            &resolved,
+            !cli.classic_tracepoints,
+            drop_reasons.is_some(),
+            btf.as_ref(),
+        )?;
         drop(btf);
         for (hook, why) in &unattached {
             tracing::warn!("not attached: {hook} ({why}); spans will lack what it shows");
@@ -196,6 +210,7 @@ impl Agent {
                 evidence_delay: cli.evidence_delay,
                 spans: SpanBuilder::new(host_name()),
                 sinks: Sinks::new(settings.stdout.map(StdoutSink::new), otlp, counters.clone()),
+                drop_reasons,
             },
             queue,
         )?;

@@ -90,13 +90,19 @@ fn stack_text(frames: &[String]) -> Arc<str> {
 }
 
 impl Enricher {
-    /// `stacks` is `None` with `--no-stacks`. Kernel symbols must be read before capabilities
-    /// are dropped: without CAP_SYSLOG the kernel hides the addresses.
-    pub(crate) fn new(stacks: Option<StackTraceMap<MapData>>, options: ReadOptions) -> Self {
-        let kernel = stacks.as_ref().and_then(|_| match KernelSymbols::load() {
+    /// `stacks` is `None` with `--no-stacks`. Kernel symbols are read for the stacks, and for
+    /// `drop_locations` (where dropped packets died), before capabilities are dropped: without
+    /// CAP_SYSLOG the kernel hides the addresses.
+    pub(crate) fn new(
+        stacks: Option<StackTraceMap<MapData>>,
+        options: ReadOptions,
+        drop_locations: bool,
+    ) -> Self {
+        let wanted = stacks.is_some() || drop_locations;
+        let kernel = wanted.then(KernelSymbols::load).and_then(|loaded| match loaded {
             Ok(symbols) => Some(symbols),
             Err(err) => {
-                tracing::warn!("kernel stacks will show addresses only: {err}");
+                tracing::warn!("kernel stacks and drop locations will show addresses only: {err}");
                 None
             }
         });
@@ -119,6 +125,11 @@ impl Enricher {
         if let Some(addrs) = self.stack(u32::try_from(note.user_stack_id).ok()) {
             self.normalize(note.pid, addrs);
         }
+    }
+
+    /// The kernel function `addr` is in, without the offset: `nf_hook_slow`.
+    pub(crate) fn kernel_function(&self, addr: u64) -> Option<Arc<str>> {
+        Some(self.kernel.as_ref()?.resolve(addr)?.name.into())
     }
 
     pub(crate) fn identify(&mut self, attempt: &Attempt) -> Identity {
@@ -286,7 +297,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_noted_process_is_identified_after_it_exits_until_swept() {
-        let mut enricher = Enricher::new(None, ReadOptions::default());
+        let mut enricher = Enricher::new(None, ReadOptions::default(), false);
         let child = running_cat(&[], &[("OTEL_SERVICE_NAME", "checkout")]);
         let pid = child.id();
         enricher.on_note(&ProcessNote {

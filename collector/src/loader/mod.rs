@@ -95,6 +95,8 @@ impl KernelObject {
             .override_global(global::LAYOUT, &resolved.layout, true)
             .override_global(global::POLICY, policy, true)
             .map_max_entries(map::IN_FLIGHT, limits.max_in_flight)
+            // Two entries per attempt: without its local port, and with it.
+            .map_max_entries(map::ATTEMPT_TUPLES, limits.max_in_flight.saturating_mul(2))
             .map_max_entries(map::ATTEMPTS, limits.ring_buffer_bytes)
             .load(OBJECT)
             .map_err(LoadError::Load)?;
@@ -121,7 +123,7 @@ mod tests {
             },
         },
     };
-    use synspan_shared::{AttemptRecord, KernelLayout};
+    use synspan_shared::{AttemptRecord, AttemptTuple, KernelLayout};
 
     use super::*;
 
@@ -137,7 +139,9 @@ mod tests {
             .iter()
             .map(|(name, _)| *name)
             .chain(programs::ATTEMPT_CLASSIC);
-        let btf = programs::ATTEMPT_BTF.into_iter().chain([programs::ERROR_REPORT]);
+        let btf = programs::ATTEMPT_BTF
+            .into_iter()
+            .chain([programs::ERROR_REPORT, programs::PACKET_DROP]);
         let expected: Vec<(&str, bool)> = classic
             .map(|n| (n, false))
             .chain(btf.map(|n| (n, true)))
@@ -173,12 +177,18 @@ mod tests {
         let object = object();
         // (name, type, key size, value size): what the typed map in `maps` and `statistics`
         // checks at run time.
-        let expected: [(&str, bpf_map_type, usize, usize); 9] = [
+        let expected: [(&str, bpf_map_type, usize, usize); 10] = [
             (
                 map::IN_FLIGHT,
                 BPF_MAP_TYPE_LRU_HASH,
                 8,
                 size_of::<AttemptRecord>(),
+            ),
+            (
+                map::ATTEMPT_TUPLES,
+                BPF_MAP_TYPE_LRU_HASH,
+                size_of::<AttemptTuple>(),
+                8,
             ),
             (map::ATTEMPTS, BPF_MAP_TYPE_RINGBUF, 0, 0),
             (map::PROCESS_NOTES, BPF_MAP_TYPE_RINGBUF, 0, 0),

@@ -27,8 +27,9 @@ pub(super) const CLASSIC: [(&str, &str); 5] = [
 const ATTEMPT_HOOK: &str = "inet_sock_set_state";
 pub(super) const ATTEMPT_BTF: [&str; 2] = [program::ATTEMPT_START, program::ATTEMPT_END];
 pub(super) const ATTEMPT_CLASSIC: [&str; 2] = [program::ATTEMPT_START_CLASSIC, program::ATTEMPT_END_CLASSIC];
-/// A BTF tracepoint, named after its hook.
+/// BTF tracepoints, named after their hooks.
 pub(super) const ERROR_REPORT: &str = program::INET_SK_ERROR_REPORT;
+pub(super) const PACKET_DROP: &str = program::KFREE_SKB;
 
 fn program_error(program: &'static str) -> impl Fn(ProgramError) -> LoadError {
     move |source| LoadError::Program { program, source }
@@ -37,11 +38,13 @@ fn program_error(program: &'static str) -> impl Fn(ProgramError) -> LoadError {
 impl KernelObject {
     /// Attaches every hook this kernel has. Returns the optional hooks it could not attach.
     /// `prefer_btf`: attach the attempt programs as BTF tracepoints where the kernel can.
+    /// `drop_reasons`: attach the packet drop program.
     /// `btf`: aya's parse of the kernel's BTF, whose type ids the BTF tracepoints attach by.
     pub(crate) fn attach(
         &mut self,
         resolved: &Resolved,
         prefer_btf: bool,
+        drop_reasons: bool,
         btf: Result<&Btf, &BtfError>,
     ) -> Result<Unattached, LoadError> {
         let mut unattached = resolved.unavailable.clone();
@@ -74,16 +77,17 @@ impl KernelObject {
                 unattached.push((name, err.to_string()));
             }
         }
-        if !unattached.iter().any(|(n, _)| *n == ERROR_REPORT) {
+        let btf_hooks = [(ERROR_REPORT, true), (PACKET_DROP, drop_reasons)];
+        for (name, wanted) in btf_hooks {
+            if !wanted || unattached.iter().any(|(n, _)| *n == name) {
+                continue;
+            }
             let attached = btf
                 .as_ref()
                 .map_err(|err| format!("no kernel BTF: {err}"))
-                .and_then(|btf| {
-                    self.attach_btf(ERROR_REPORT, ERROR_REPORT, btf)
-                        .map_err(|err| err.to_string())
-                });
+                .and_then(|btf| self.attach_btf(name, name, btf).map_err(|err| err.to_string()));
             if let Err(why) = attached {
-                unattached.push((ERROR_REPORT, why));
+                unattached.push((name, why));
             }
         }
         Ok(unattached)

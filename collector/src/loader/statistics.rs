@@ -20,6 +20,10 @@ pub(crate) struct KernelCounters {
     pub(crate) track_failed: u64,
     pub(crate) not_allowed: u64,
     pub(crate) never_started: u64,
+    /// Handshake packets the kernel dropped that belonged to an attempt, and TCP handshake
+    /// packets dropped while attempts were in flight that belonged to none.
+    pub(crate) packet_drops_matched: u64,
+    pub(crate) packet_drops_unmatched: u64,
 }
 
 /// `bpf_prog_info::recursion_misses` of one program, from the kernel (5.12 and later; 0 before).
@@ -64,6 +68,8 @@ impl KernelObject {
             track_failed: sum(counter::TRACK_FAILED),
             not_allowed: sum(counter::NOT_ALLOWED),
             never_started: sum(counter::NEVER_STARTED),
+            packet_drops_matched: sum(counter::DROPS_MATCHED),
+            packet_drops_unmatched: sum(counter::DROPS_UNMATCHED),
         })
     }
 

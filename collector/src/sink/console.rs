@@ -30,13 +30,26 @@ pub(crate) fn write_line(out: &mut Vec<u8>, span: &ConnectSpan) -> io::Result<()
             c.state, c.local, c.peer
         )?;
     }
+    if let Some(last) = a.drops.last() {
+        write!(
+            out,
+            "; {} dropped here {}×: {} ({})",
+            last.packet,
+            a.drop_count,
+            last.reason_text(),
+            last.location_text()
+        )?;
+    }
     writeln!(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::span::{SpanBuilder, tests::timed_out};
+    use crate::{
+        attempt::PacketDrop,
+        span::{SpanBuilder, tests::timed_out},
+    };
 
     #[test]
     fn line_shows_what_matters() {
@@ -48,6 +61,31 @@ mod tests {
             line,
             "2023-11-14T22:13:20.000Z timed_out                7100.0ms pid=42/43 nc              \
              127.0.0.1:40000 -> 127.0.0.2:80 retransmits=1\n"
+        );
+    }
+
+    #[test]
+    fn line_ends_with_the_last_drop() {
+        let mut attempt = timed_out();
+        let drop = PacketDrop {
+            time: attempt.start,
+            packet: "SYN",
+            direction: "egress",
+            reason: 12,
+            location: 0xffff_ffff_8100_0000,
+            count: 1,
+            reason_name: Some("NETFILTER_DROP".into()),
+            function: Some("nf_hook_slow".into()),
+        };
+        attempt.drops = vec![drop.clone(), drop];
+        attempt.drop_count = 6;
+        let span = SpanBuilder::new("h".into()).build(attempt, &Default::default(), Default::default());
+        let mut out = Vec::new();
+        write_line(&mut out, &span).unwrap();
+        let line = String::from_utf8(out).unwrap();
+        assert!(
+            line.ends_with("retransmits=1; SYN dropped here 6×: NETFILTER_DROP (nf_hook_slow)\n"),
+            "{line}"
         );
     }
 }
