@@ -31,28 +31,28 @@ use crate::{
 
 /// A socket enters SYN_SENT.
 #[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn attempt_start(ctx: BtfTracePointContext) -> u32 {
+pub(crate) fn attempt_start(ctx: BtfTracePointContext) -> u32 {
     let _ = on_start(&ctx);
     0
 }
 
 /// A socket leaves SYN_SENT, or a lingering connection closes.
 #[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn attempt_end(ctx: BtfTracePointContext) -> u32 {
+pub(crate) fn attempt_end(ctx: BtfTracePointContext) -> u32 {
     let _ = on_end(&ctx);
     0
 }
 
 /// `attempt_start` for kernels without BTF.
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn attempt_start_tp(ctx: TracePointContext) -> u32 {
+pub(crate) fn attempt_start_tp(ctx: TracePointContext) -> u32 {
     let _ = on_start(&ctx);
     0
 }
 
 /// `attempt_end` for kernels without BTF.
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn attempt_end_tp(ctx: TracePointContext) -> u32 {
+pub(crate) fn attempt_end_tp(ctx: TracePointContext) -> u32 {
     let _ = on_end(&ctx);
     0
 }
@@ -333,7 +333,7 @@ fn note_process(attempt: &AttemptRecord) {
 
 /// Every allow-list the policy names must contain the attempt.
 #[inline(always)]
-pub fn allowed(attempt: &AttemptRecord, filters: u8) -> bool {
+pub(crate) fn allowed(attempt: &AttemptRecord, filters: u8) -> bool {
     // SAFETY: only whether the entries exist is looked at. The agent fills the allow-lists
     // before it attaches the programs and never writes them again.
     unsafe {

@@ -14,7 +14,7 @@ use crate::maps::{STACKS, policy};
 /// The agent's own connections (to its collector) are not traced: each would be one more
 /// span to export, and the agent reports their failures itself.
 #[inline(always)]
-pub fn is_agent(pid_tgid: u64) -> bool {
+pub(crate) fn is_agent(pid_tgid: u64) -> bool {
     let agent = policy().agent_tgid;
     agent != 0 && (pid_tgid >> 32) as u32 == agent
 }
@@ -22,7 +22,7 @@ pub fn is_agent(pid_tgid: u64) -> bool {
 /// Records the caller's pid, thread, command and cgroup on `attempt`. `pid_tgid` is
 /// `bpf_get_current_pid_tgid()`, which the caller has read already.
 #[inline(always)]
-pub fn identify(attempt: &mut AttemptRecord, pid_tgid: u64) {
+pub(crate) fn identify(attempt: &mut AttemptRecord, pid_tgid: u64) {
     attempt.pid = (pid_tgid >> 32) as u32;
     attempt.tid = pid_tgid as u32;
     attempt.comm = bpf_get_current_comm().unwrap_or([0; TASK_COMM_LEN]);
@@ -34,7 +34,7 @@ pub fn identify(attempt: &mut AttemptRecord, pid_tgid: u64) {
 /// attempt starts inside `connect(2)`. A step of its own, after [`identify`]: the
 /// allow-lists need the identity, and only attempts they keep are worth the stack walks.
 #[inline(always)]
-pub fn record_stacks<C: StackIdContext>(ctx: &C, attempt: &mut AttemptRecord, in_connect: bool) {
+pub(crate) fn record_stacks<C: StackIdContext>(ctx: &C, attempt: &mut AttemptRecord, in_connect: bool) {
     let flags = BPF_F_REUSE_STACKID as u64;
     // Inside connect(2) the kernel stack is always the syscall's path down to
     // tcp_v4_connect or tcp_v6_connect, and walking it costs more than the rest of the

@@ -24,13 +24,13 @@ use crate::{
 const SOCK_STREAM: u16 = 1;
 
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
-pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+pub(crate) fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     let _ = on_enter(&ctx);
     0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_connect")]
-pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+pub(crate) fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let _ = on_exit(&ctx);
     0
 }

@@ -36,7 +36,7 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 #[btf_tracepoint(function = "kfree_skb")]
-pub fn kfree_skb(ctx: BtfTracePointContext) -> u32 {
+pub(crate) fn kfree_skb(ctx: BtfTracePointContext) -> u32 {
     if any_live() {
         let _ = on_drop(&ctx);
     }

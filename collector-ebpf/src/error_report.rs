@@ -9,7 +9,7 @@ use crate::{
 };
 
 #[btf_tracepoint(function = "inet_sk_error_report")]
-pub fn inet_sk_error_report(ctx: BtfTracePointContext) -> u32 {
+pub(crate) fn inet_sk_error_report(ctx: BtfTracePointContext) -> u32 {
     let sock: u64 = ctx.arg::<*const u8>(0) as u64;
     if let Some(attempt) = in_flight(sock) {
         note_error(attempt, sock, now_ns());

@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 
 /// Types for which every bit pattern is a value: what a probe read may fill in.
-pub trait Plain: Copy {}
+pub(crate) trait Plain: Copy {}
 impl Plain for u16 {}
 impl Plain for u32 {}
 impl Plain for i32 {}
@@ -21,7 +21,7 @@ impl<const N: usize> Plain for [u8; N] {}
 
 /// `T` at `addr` in kernel memory.
 #[inline(always)]
-pub fn read_kernel<T: Plain>(addr: u64) -> Result<T, i32> {
+pub(crate) fn read_kernel<T: Plain>(addr: u64) -> Result<T, i32> {
     // SAFETY: a probe read of size_of::<T>() bytes into a `T` that any bytes make valid; a
     // bad address fails the read (see the module's comment).
     unsafe { bpf_probe_read_kernel(addr as *const T) }
@@ -29,13 +29,13 @@ pub fn read_kernel<T: Plain>(addr: u64) -> Result<T, i32> {
 
 /// `T` at `offset` bytes into the kernel object at `base`.
 #[inline(always)]
-pub fn read_kernel_at<T: Plain>(base: u64, offset: u16) -> Result<T, i32> {
+pub(crate) fn read_kernel_at<T: Plain>(base: u64, offset: u16) -> Result<T, i32> {
     read_kernel(base.wrapping_add(u64::from(offset)))
 }
 
 /// `T` at `offset` bytes into `base` in the current task's user memory.
 #[inline(always)]
-pub fn read_user_at<T: Plain>(base: u64, offset: u16) -> Result<T, i32> {
+pub(crate) fn read_user_at<T: Plain>(base: u64, offset: u16) -> Result<T, i32> {
     let addr = base.wrapping_add(u64::from(offset));
     // SAFETY: as for `read_kernel`, in the current task's address space.
     unsafe { bpf_probe_read_user(addr as *const T) }
@@ -43,7 +43,7 @@ pub fn read_user_at<T: Plain>(base: u64, offset: u16) -> Result<T, i32> {
 
 /// The field at `offset` of a classic tracepoint's record, as tracefs gave it.
 #[inline(always)]
-pub fn read_event<T: Plain>(ctx: &TracePointContext, offset: u16) -> Result<T, i32> {
+pub(crate) fn read_event<T: Plain>(ctx: &TracePointContext, offset: u16) -> Result<T, i32> {
     // SAFETY: `read_at` probe-reads the record at `offset`: as for `read_kernel`.
     unsafe { ctx.read_at::<T>(usize::from(offset)) }
 }
@@ -51,7 +51,7 @@ pub fn read_event<T: Plain>(ctx: &TracePointContext, offset: u16) -> Result<T, i
 /// A field of `struct sock` at an offset resolved from BTF, where 0 means unknown (for
 /// members that cannot sit at 0); the default when unknown or unreadable.
 #[inline(always)]
-pub fn read_sock_field<T: Plain + Default>(sock: u64, offset: u16) -> T {
+pub(crate) fn read_sock_field<T: Plain + Default>(sock: u64, offset: u16) -> T {
     if offset == 0 {
         return T::default();
     }
@@ -60,7 +60,7 @@ pub fn read_sock_field<T: Plain + Default>(sock: u64, offset: u16) -> T {
 
 /// `CLOCK_MONOTONIC` in nanoseconds.
 #[inline(always)]
-pub fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     // SAFETY: takes no arguments and only reads the clock.
     unsafe { bpf_ktime_get_ns() }
 }

@@ -17,71 +17,71 @@ use crate::helpers::read_sock_field;
 
 /// Attempts in flight, keyed by socket address. The agent sizes it at load time.
 #[map]
-pub static IN_FLIGHT: LruHashMap<u64, AttemptRecord> = LruHashMap::with_max_entries(16384, 0);
+pub(crate) static IN_FLIGHT: LruHashMap<u64, AttemptRecord> = LruHashMap::with_max_entries(16384, 0);
 
 /// Attempts in flight by their tuple, for finding the attempt a packet without its socket
 /// belongs to (see `drop.rs`): two entries per attempt, one without the local port (made at
 /// SYN_SENT, when the kernel has not picked it yet) and one with it (made once it is known).
 /// Only kept with drop reasons on. LRU: an entry left behind by a lost end is pushed out.
 #[map]
-pub static ATTEMPT_TUPLES: LruHashMap<AttemptTuple, u64> = LruHashMap::with_max_entries(32768, 0);
+pub(crate) static ATTEMPT_TUPLES: LruHashMap<AttemptTuple, u64> = LruHashMap::with_max_entries(32768, 0);
 
 /// Attempts in the in-flight map, as far as inserts and removes tell: an attempt evicted from
 /// it is never taken off, so this can only be too high, never too low. The drop program
 /// leaves at once when it is 0.
 #[map]
-pub static LIVE: Array<u64> = Array::with_max_entries(1, 0);
+pub(crate) static LIVE: Array<u64> = Array::with_max_entries(1, 0);
 
 /// One finished attempt per record. The agent sizes it at load time.
 #[map]
-pub static ATTEMPTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
+pub(crate) static ATTEMPTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 
 /// Process notes; see `synspan_shared::ProcessNote`.
 #[map]
-pub static PROCESS_NOTES: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+pub(crate) static PROCESS_NOTES: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 /// (tgid, user stack id) pairs already noted.
 #[map]
-pub static NOTED: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
+pub(crate) static NOTED: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
 
 #[map]
-pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+pub(crate) static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 
 /// Thread id to its `connect()` call, from entry to return.
 #[map]
-pub static CONNECT_CALLS: LruHashMap<u32, ConnectCall> = LruHashMap::with_max_entries(16384, 0);
+pub(crate) static CONNECT_CALLS: LruHashMap<u32, ConnectCall> = LruHashMap::with_max_entries(16384, 0);
 
 /// Local endpoints of attempts that sent a RST in SYN_SENT, to their socket: the connection
 /// their SYN met will close on that RST, and names this endpoint as its peer when it does.
 #[map]
-pub static COLLISION_WATCH: LruHashMap<Endpoint, u64> = LruHashMap::with_max_entries(4096, 0);
+pub(crate) static COLLISION_WATCH: LruHashMap<Endpoint, u64> = LruHashMap::with_max_entries(4096, 0);
 
 /// When an attempt last started watching for a collision. Lingering closes are common and
 /// collisions rare: with no watch in the last seconds, a close need not be looked up.
 #[map]
-pub static WATCH_SINCE: Array<u64> = Array::with_max_entries(1, 0);
+pub(crate) static WATCH_SINCE: Array<u64> = Array::with_max_entries(1, 0);
 
 /// How long after the last watch began lingering closes are checked. The close comes a
 /// round trip after the RST that started the watch.
-pub const WATCH_WINDOW_NS: u64 = 5_000_000_000;
+pub(crate) const WATCH_WINDOW_NS: u64 = 5_000_000_000;
 
 /// Allow-lists, filled by the agent before attach; see `synspan_shared::filter`.
 #[map]
-pub static ALLOW_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
+pub(crate) static ALLOW_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
 #[map]
-pub static ALLOW_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
+pub(crate) static ALLOW_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
 #[map]
-pub static ALLOW_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
+pub(crate) static ALLOW_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
 #[map]
-pub static ALLOW_DESTS: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_FILTER_ENTRIES, 0);
+pub(crate) static ALLOW_DESTS: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_FILTER_ENTRIES, 0);
 
 #[map]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
 
 /// A record is larger than the 512-byte BPF stack allows comfortably, so new attempts are
 /// built here before they are copied into the in-flight map.
 #[map]
-pub static SCRATCH: PerCpuArray<AttemptRecord> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static SCRATCH: PerCpuArray<AttemptRecord> = PerCpuArray::with_max_entries(1, 0);
 
 /// Set by the agent before load: where this kernel keeps the fields we read.
 #[unsafe(no_mangle)]
@@ -92,7 +92,7 @@ static LAYOUT: KernelLayout = KernelLayout::UNKNOWN;
 static POLICY: Policy = Policy::ALL;
 
 #[inline(always)]
-pub fn layout() -> KernelLayout {
+pub(crate) fn layout() -> KernelLayout {
     // Volatile so that the compiler does not fold the zeros above into the code: the loader
     // rewrites them.
     // SAFETY: an aligned static of plain integers. The loader writes it before the programs
@@ -101,13 +101,13 @@ pub fn layout() -> KernelLayout {
 }
 
 #[inline(always)]
-pub fn policy() -> Policy {
+pub(crate) fn policy() -> Policy {
     // SAFETY: as for `layout`.
     unsafe { core::ptr::read_volatile(&POLICY) }
 }
 
 #[inline(always)]
-pub fn count(slot: u32) {
+pub(crate) fn count(slot: u32) {
     // Per-CPU slot, so no other CPU writes it; but a program here may be interrupted by
     // another of ours (a softirq's state change inside a connect() hook) that counts too.
     if let Some(value) = COUNTERS.get_ptr_mut(slot) {
@@ -129,7 +129,7 @@ fn atomic_add(value: *mut u64, delta: u64) {
 
 /// One more (`true`) or one fewer attempt in the in-flight map; see [`LIVE`].
 #[inline(always)]
-pub fn track_live(added: bool) {
+pub(crate) fn track_live(added: bool) {
     if let Some(value) = LIVE.get_ptr_mut(0) {
         atomic_add(value, if added { 1 } else { u64::MAX });
     }
@@ -137,13 +137,13 @@ pub fn track_live(added: bool) {
 
 /// Whether any attempt may be in flight.
 #[inline(always)]
-pub fn any_live() -> bool {
+pub(crate) fn any_live() -> bool {
     LIVE.get(0).is_some_and(|&n| n != 0)
 }
 
 /// An attempt's tuple for [`ATTEMPT_TUPLES`], with the local port it has (0 until known).
 #[inline(always)]
-pub fn attempt_tuple(attempt: &AttemptRecord, local_port: u16) -> AttemptTuple {
+pub(crate) fn attempt_tuple(attempt: &AttemptRecord, local_port: u16) -> AttemptTuple {
     AttemptTuple {
         local: attempt.saddr,
         peer: attempt.daddr,
@@ -156,7 +156,7 @@ pub fn attempt_tuple(attempt: &AttemptRecord, local_port: u16) -> AttemptTuple {
 
 /// Remembers an attempt by its tuple, when drop reasons are on.
 #[inline(always)]
-pub fn remember_tuple(attempt: &mut AttemptRecord, local_port: u16) {
+pub(crate) fn remember_tuple(attempt: &mut AttemptRecord, local_port: u16) {
     if policy().drop_reasons != 0
         && ATTEMPT_TUPLES
             .insert(&attempt_tuple(attempt, local_port), &attempt.sock, 0)
@@ -170,7 +170,7 @@ pub fn remember_tuple(attempt: &mut AttemptRecord, local_port: u16) {
 /// Forgets a finished attempt's tuples. The entry without the port may already name a newer
 /// attempt to the same peer from the same address: that one is left.
 #[inline(always)]
-pub fn forget_tuples(attempt: &AttemptRecord) {
+pub(crate) fn forget_tuples(attempt: &AttemptRecord) {
     if policy().drop_reasons == 0 {
         return;
     }
@@ -206,7 +206,7 @@ pub fn forget_tuples(attempt: &AttemptRecord) {
 ///   when it ends itself). It takes a full map and a race within one program run; the
 ///   accounting counts the evicted attempt, and `--max-in-flight` sizes the map.
 #[inline(always)]
-pub fn in_flight<'run>(sock: u64) -> Option<&'run mut AttemptRecord> {
+pub(crate) fn in_flight<'run>(sock: u64) -> Option<&'run mut AttemptRecord> {
     let attempt = IN_FLIGHT.get_ptr_mut(&sock)?;
     // SAFETY: see above.
     Some(unsafe { &mut *attempt })
@@ -214,7 +214,7 @@ pub fn in_flight<'run>(sock: u64) -> Option<&'run mut AttemptRecord> {
 
 /// This CPU's scratch record, zeroed, to build a new attempt in.
 #[inline(always)]
-pub fn scratch_attempt<'run>() -> Option<&'run mut AttemptRecord> {
+pub(crate) fn scratch_attempt<'run>() -> Option<&'run mut AttemptRecord> {
     let attempt = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU, preallocated memory, valid for the run. Its two users, the start of
     // an attempt and the return of a `connect()` that failed before SYN_SENT, both run in
@@ -231,7 +231,7 @@ pub fn scratch_attempt<'run>() -> Option<&'run mut AttemptRecord> {
 /// (an ICMP message while the socket was busy) are not reported by any tracepoint, so every
 /// hook that visits an attempt looks.
 #[inline(always)]
-pub fn note_error(attempt: &mut AttemptRecord, sock: u64, now_ns: u64) {
+pub(crate) fn note_error(attempt: &mut AttemptRecord, sock: u64, now_ns: u64) {
     if attempt.flags & attempt_flags::ERROR_SEEN != 0 {
         return;
     }
@@ -247,7 +247,7 @@ pub fn note_error(attempt: &mut AttemptRecord, sock: u64, now_ns: u64) {
 
 /// Keeps the first error seen, hard before soft.
 #[inline(always)]
-pub fn record_error(attempt: &mut AttemptRecord, error: i32, soft: i32, now_ns: u64) {
+pub(crate) fn record_error(attempt: &mut AttemptRecord, error: i32, soft: i32, now_ns: u64) {
     let error = if error != 0 { error } else { soft };
     if error != 0 && attempt.flags & attempt_flags::ERROR_SEEN == 0 {
         attempt.first_error = error;
@@ -258,7 +258,7 @@ pub fn record_error(attempt: &mut AttemptRecord, error: i32, soft: i32, now_ns: 
 
 /// The local endpoint of an attempt, as the peer it connects to sees it.
 #[inline(always)]
-pub fn local_endpoint(attempt: &AttemptRecord) -> Endpoint {
+pub(crate) fn local_endpoint(attempt: &AttemptRecord) -> Endpoint {
     Endpoint {
         addr: attempt.saddr,
         port: attempt.sport,
@@ -269,7 +269,7 @@ pub fn local_endpoint(attempt: &AttemptRecord) -> Endpoint {
 /// Hands a finished attempt to the agent, or counts it lost. One helper call: the kernel
 /// copies the record, rather than the program filling in a reservation.
 #[inline(always)]
-pub fn send(attempt: &AttemptRecord) {
+pub(crate) fn send(attempt: &AttemptRecord) {
     let flags = wakeup_flags(&ATTEMPTS, size_of::<AttemptRecord>() as u64);
     if ATTEMPTS.output(attempt, flags).is_err() {
         count(counter::RINGBUF_FULL);

@@ -10,7 +10,7 @@ use crate::{
 };
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
-pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+pub(crate) fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     mark(&ctx, layout().receive_reset.skaddr, attempt_flags::RST_RECEIVED);
     0
 }
@@ -18,7 +18,7 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 /// The client resets in SYN_SENT when its SYN is answered by an ACK for data it never
 /// sent: the SYN met an existing connection.
 #[tracepoint(category = "tcp", name = "tcp_send_reset")]
-pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+pub(crate) fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     mark(&ctx, layout().send_reset.skaddr, attempt_flags::RST_SENT);
     0
 }

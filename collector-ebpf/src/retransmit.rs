@@ -10,7 +10,7 @@ use crate::{
 };
 
 #[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
-pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+pub(crate) fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     let _ = on_retransmit(&ctx);
     0
 }
