@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs what the end-to-end tests use beyond the build toolchain: rotel (a real
 # OpenTelemetry collector from PyPI, the OTLP receiver) into .venv, bpftool (checks that no
-# program is left behind), stunnel and openssl (TLS in front of the receiver). Idempotent.
+# program is left behind), stunnel and openssl (TLS in front of the receiver),
+# protobuf-compiler (the test bed's Jaeger receiver, synspan-jaeger, is built on otlp-embedded).
+# Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need_apt=()
-for pkg in bpftool stunnel4 openssl util-linux; do
+for pkg in bpftool stunnel4 openssl util-linux protobuf-compiler; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
