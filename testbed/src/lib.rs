@@ -5,6 +5,7 @@ pub mod agent;
 pub mod bench;
 pub mod cgroup;
 pub mod client;
+pub mod jaeger;
 pub mod netns;
 pub mod otlp_sink;
 pub mod process_context;
