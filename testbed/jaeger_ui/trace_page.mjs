@@ -27,7 +27,10 @@ try {
   if (await more.count()) {
     await more.click();
   }
-  await page.screenshot({ path: screenshot });
+  // Down to the span's details, not the empty page below them.
+  const box = await detail.boundingBox();
+  const height = Math.min(900, Math.ceil(box.y + box.height) + 8);
+  await page.screenshot({ path: screenshot, clip: { x: 0, y: 0, width: 1400, height } });
   // The tags table scrolls the page: opened after the picture, for the text only.
   await detail.locator('.AccordianKeyValues--header', { hasText: 'Tags' }).click();
   console.log(JSON.stringify({ text: await page.locator('body').innerText() }));
