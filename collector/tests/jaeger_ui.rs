@@ -1,7 +1,8 @@
 //! End to end, where users look: synspan exports real attempts (refused, timed out by the
 //! kernel with its SYN retransmits, established) over gzip-compressed OTLP gRPC to the real
 //! Jaeger UI's backend (`synspan-jaeger`); the Jaeger query API returns them as Jaeger's UI
-//! reads them, and Chromium renders the timed-out attempt's trace page. Needs root, node and
+//! reads them, and Chromium renders the timed-out attempt's trace page. The receiver's
+//! OTLP/HTTP port gets them from a real collector's OTLP/HTTP exporter. Needs root, node and
 //! chromium (scripts/setup-test.sh).
 
 use std::{path::PathBuf, thread, time::Duration};
@@ -12,6 +13,7 @@ use synspan_testbed::{
     client::{Held, Report},
     jaeger::{Jaeger, rendered_trace_page},
     netns::Netns,
+    receiver::Receiver,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -34,7 +36,7 @@ fn hostname() -> String {
 /// The one trace of `client`'s attempt, as `/api/traces/{id}` returns it, checked for what
 /// every synspan span shows in Jaeger: name, kind, scope, outcome and the process it came
 /// from. Returns the span and the trace.
-fn trace_of(jaeger: &Jaeger, agent: &Agent, client: &Report, outcome: &str) -> (Value, Value) {
+fn trace_of(jaeger: &Jaeger, agent: &Agent, client: &Report, service: &str, outcome: &str) -> (Value, Value) {
     let spans = agent.wait_spans_of(client.pid, 1, WAIT);
     assert_eq!(spans.len(), 1, "spans of {client:?}\n{}", agent.stderr());
     let exported = &spans[0];
@@ -58,8 +60,8 @@ fn trace_of(jaeger: &Jaeger, agent: &Agent, client: &Report, outcome: &str) -> (
     assert_eq!(tag(tags, "process.pid"), client.pid, "{ctx}");
     assert_eq!(tag(tags, "network.local.port"), client.local_port, "{ctx}");
     let process = &trace["processes"][span["processID"].as_str().unwrap()];
-    assert_eq!(process["serviceName"], SERVICE, "{ctx}");
-    assert_eq!(tag(&process["tags"], "service.name"), SERVICE, "{ctx}");
+    assert_eq!(process["serviceName"], service, "{ctx}");
+    assert_eq!(tag(&process["tags"], "service.name"), service, "{ctx}");
     assert_eq!(tag(&process["tags"], "host.name"), hostname().as_str(), "{ctx}");
     if outcome == "established" {
         for derived in ["error", "otel.status_code", "otel.status_description"] {
@@ -125,14 +127,14 @@ fn attempts_in_the_jaeger_api_and_ui() {
         "{services}"
     );
 
-    let (span, _) = trace_of(&jaeger, &agent, refused, "connection_refused");
+    let (span, _) = trace_of(&jaeger, &agent, refused, SERVICE, "connection_refused");
     let logs = span["logs"].as_array().unwrap();
     assert!(
         logs.iter().any(|l| tag(&l["fields"], "event") == "rst_received"),
         "{span:#}"
     );
-    trace_of(&jaeger, &agent, established, "established");
-    let (span, trace) = trace_of(&jaeger, &agent, timed_out, "timed_out");
+    trace_of(&jaeger, &agent, established, SERVICE, "established");
+    let (span, trace) = trace_of(&jaeger, &agent, timed_out, SERVICE, "timed_out");
     let retransmits: Vec<_> = span["logs"]
         .as_array()
         .unwrap()
@@ -163,4 +165,19 @@ fn attempts_in_the_jaeger_api_and_ui() {
     }
     let png = std::fs::read(&screenshot).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "{}", screenshot.display());
+}
+
+/// synspan's gRPC export forwarded by rotel's OTLP/HTTP exporter (protobuf, gzip) to the
+/// receiver's HTTP port: the same tags reach the Jaeger API.
+#[test]
+fn otlp_http_into_the_jaeger_ui() {
+    const VIA_HTTP: &str = "checkout-via-http";
+    let jaeger = Jaeger::start().unwrap();
+    let rotel = Receiver::start_forwarding_http(&jaeger.otlp_http_endpoint()).unwrap();
+    let agent = Agent::start(&["--otlp-endpoint", &rotel.endpoint(), "--metrics-interval", "0"]).unwrap();
+    let ns = Netns::new("juih").unwrap();
+    let refused = Held::connect(&ns, &[("OTEL_SERVICE_NAME", VIA_HTTP)], "127.0.0.1:10", &[]).unwrap();
+    let listed = jaeger.wait_traces(VIA_HTTP, 1, WAIT).unwrap();
+    assert_eq!(listed.len(), 1, "{listed:#?}\nrotel:\n{}", rotel.log());
+    trace_of(&jaeger, &agent, &refused.report, VIA_HTTP, "connection_refused");
 }
