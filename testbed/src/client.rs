@@ -5,7 +5,7 @@ use std::process::{Child, Stdio};
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-use crate::{first_json_line, netns::Netns, workspace_bin};
+use crate::{first_report, netns::Netns, workspace_bin};
 
 /// What the client saw of its own attempt.
 #[derive(Clone, Debug, Deserialize)]
@@ -69,15 +69,9 @@ impl Held {
             .stdout(Stdio::piped())
             .spawn()
             .context("starting synspan-connect")?;
-        let report = first_json_line(&mut child);
-        match serde_json::from_value(report.clone()) {
-            Ok(report) => Ok(Self { child, report }),
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("synspan-connect {target} {args:?} reported {report}: {e}")
-            }
-        }
+        let report =
+            first_report(&mut child).with_context(|| format!("synspan-connect {target} {args:?}"))?;
+        Ok(Self { child, report })
     }
 }
 

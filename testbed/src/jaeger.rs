@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::{first_json_line, repo_root, wait_until, workspace_bin};
+use crate::{first_report, repo_root, wait_until, workspace_bin};
 
 /// Where the receiver listens, as it reports on its first line.
 #[derive(Deserialize)]
@@ -37,15 +37,8 @@ impl Jaeger {
             .stdout(Stdio::piped())
             .spawn()
             .context("starting synspan-jaeger")?;
-        let report = first_json_line(&mut child);
-        match serde_json::from_value(report.clone()) {
-            Ok(listening) => Ok(Self { child, listening }),
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("synspan-jaeger reported {report}: {e}")
-            }
-        }
+        let listening = first_report(&mut child).context("synspan-jaeger")?;
+        Ok(Self { child, listening })
     }
 
     /// The OTLP gRPC endpoint, as `--otlp-endpoint` takes it.
