@@ -10,6 +10,7 @@ use std::{path::PathBuf, thread, time::Duration};
 use serde_json::Value;
 use synspan_testbed::{
     agent::{Agent, Output},
+    cgroup::Cgroup,
     client::{Held, Report},
     jaeger::{Jaeger, rendered_trace_page},
     netns::Netns,
@@ -18,6 +19,7 @@ use synspan_testbed::{
 
 const WAIT: Duration = Duration::from_secs(20);
 const SERVICE: &str = "checkout-jaeger-ui";
+const CONTAINER_ID: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
 
 /// A Jaeger tag (or log field) by key: its value, `Null` when absent.
 fn tag<'a>(tags: &'a Value, key: &str) -> &'a Value {
@@ -106,12 +108,15 @@ fn attempts_in_the_jaeger_api_and_ui() {
     )
     .unwrap();
     let env = [("OTEL_SERVICE_NAME", SERVICE)];
+    // The established attempt comes from a container, as docker names its cgroup.
+    let container = Cgroup::named(&format!("docker-{CONTAINER_ID}.scope")).unwrap();
     // Clients that stay alive after their attempt: one that exits at once can lose its
     // service name (the agent reads /proc too late).
     let (timed_out, refused, established) = thread::scope(|s| {
-        let timed_out = s.spawn(|| Held::connect(&ns, &env, "127.0.0.1:9", &[]).unwrap());
-        let refused = Held::connect(&ns, &env, "127.0.0.1:10", &[]).unwrap();
-        let established = Held::connect(&ns, &env, "127.0.0.1:0", &["--listen-first"]).unwrap();
+        let timed_out = s.spawn(|| Held::connect(&ns, None, &env, "127.0.0.1:9", &[]).unwrap());
+        let refused = Held::connect(&ns, None, &env, "127.0.0.1:10", &[]).unwrap();
+        let established =
+            Held::connect(&ns, Some(&container), &env, "127.0.0.1:0", &["--listen-first"]).unwrap();
         (timed_out.join().unwrap(), refused, established)
     });
     let (timed_out, refused, established) = (&timed_out.report, &refused.report, &established.report);
@@ -133,7 +138,8 @@ fn attempts_in_the_jaeger_api_and_ui() {
         logs.iter().any(|l| tag(&l["fields"], "event") == "rst_received"),
         "{span:#}"
     );
-    trace_of(&jaeger, &agent, established, SERVICE, "established");
+    let (span, _) = trace_of(&jaeger, &agent, established, SERVICE, "established");
+    assert_eq!(tag(&span["tags"], "container.id"), CONTAINER_ID, "{span:#}");
     let (span, trace) = trace_of(&jaeger, &agent, timed_out, SERVICE, "timed_out");
     let retransmits: Vec<_> = span["logs"]
         .as_array()
@@ -176,7 +182,7 @@ fn otlp_http_into_the_jaeger_ui() {
     let rotel = Receiver::start_forwarding_http(&jaeger.otlp_http_endpoint()).unwrap();
     let agent = Agent::start(&["--otlp-endpoint", &rotel.endpoint(), "--metrics-interval", "0"]).unwrap();
     let ns = Netns::new("juih").unwrap();
-    let refused = Held::connect(&ns, &[("OTEL_SERVICE_NAME", VIA_HTTP)], "127.0.0.1:10", &[]).unwrap();
+    let refused = Held::connect(&ns, None, &[("OTEL_SERVICE_NAME", VIA_HTTP)], "127.0.0.1:10", &[]).unwrap();
     let listed = jaeger.wait_traces(VIA_HTTP, 1, WAIT).unwrap();
     assert_eq!(listed.len(), 1, "{listed:#?}\nrotel:\n{}", rotel.log());
     trace_of(&jaeger, &agent, &refused.report, VIA_HTTP, "connection_refused");

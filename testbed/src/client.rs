@@ -5,7 +5,7 @@ use std::process::{Child, Stdio};
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-use crate::{first_report, netns::Netns, workspace_bin};
+use crate::{cgroup::Cgroup, first_report, netns::Netns, workspace_bin};
 
 /// What the client saw of its own attempt.
 #[derive(Clone, Debug, Deserialize)]
@@ -58,14 +58,23 @@ pub struct Held {
 
 impl Held {
     /// `synspan-connect TARGET ARGS --hold` with `env` added to its environment
-    /// (`OTEL_SERVICE_NAME`, …); returns once it reported its attempt.
-    pub fn connect(ns: &Netns, env: &[(&str, &str)], target: &str, args: &[&str]) -> anyhow::Result<Self> {
-        let mut child = ns
-            .command(&workspace_bin("synspan-connect"))
+    /// (`OTEL_SERVICE_NAME`, …), in `cgroup` if given; returns once it reported its attempt.
+    pub fn connect(
+        ns: &Netns,
+        cgroup: Option<&Cgroup>,
+        env: &[(&str, &str)],
+        target: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut cmd = ns.command(&workspace_bin("synspan-connect"));
+        cmd.arg(target).args(args).arg("--hold");
+        let mut cmd = match cgroup {
+            Some(cgroup) => cgroup.wrap(&cmd),
+            None => cmd,
+        };
+        let mut child = cmd
             .envs(env.iter().copied())
-            .arg(target)
-            .args(args)
-            .arg("--hold")
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
             .context("starting synspan-connect")?;
