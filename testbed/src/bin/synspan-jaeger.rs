@@ -242,16 +242,20 @@ fn main() -> anyhow::Result<()> {
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let grpc = tonic::transport::Server::builder()
             .add_service(traces)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), stopped());
-        let ui = axum::serve(ui, ui_app(state, "/")).with_graceful_shutdown(stopped());
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc));
+        let ui = axum::serve(ui, ui_app(state, "/"));
         let otlp_http = axum::Router::new()
             .route("/v1/traces", axum::routing::post(http_export))
             .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
             .layer(axum::extract::Extension(service));
-        let http = axum::serve(http, otlp_http).with_graceful_shutdown(stopped());
-        let (grpc, ui, http) = tokio::join!(grpc, async { ui.await }, async { http.await });
-        grpc.context("serving OTLP gRPC")?;
-        ui.context("serving the Jaeger UI")?;
-        http.context("serving OTLP/HTTP")
+        let http = axum::serve(http, otlp_http);
+        // Traces live in memory only: nothing to finish before exiting, so a stop does not
+        // wait for the browser's or the exporter's idle connections to close.
+        tokio::select! {
+            served = grpc => served.context("serving OTLP gRPC"),
+            served = ui => served.context("serving the Jaeger UI"),
+            served = http => served.context("serving OTLP/HTTP"),
+            () = stopped() => Ok(()),
+        }
     })
 }
