@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
 # Installs what the end-to-end tests use beyond the build toolchain: rotel (a real
 # OpenTelemetry collector from PyPI, the OTLP receiver) into .venv, bpftool (checks that no
-# program is left behind), stunnel and openssl (TLS in front of the receiver). Idempotent.
+# program is left behind), stunnel and openssl (TLS in front of the receiver),
+# protobuf-compiler (the test bed's Jaeger receiver, synspan-jaeger, is built on otlp-embedded),
+# chromium and playwright-core from npm (the Jaeger UI test renders a trace page). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need_apt=()
-for pkg in bpftool stunnel4 openssl util-linux; do
+for pkg in bpftool stunnel4 openssl util-linux protobuf-compiler chromium; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+# node 20 or later (playwright-core's minimum): Debian 13's, or one installed before.
+if ! command -v npm >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+if [ ! -d testbed/jaeger_ui/node_modules/playwright-core ]; then
+    npm ci --prefix testbed/jaeger_ui --no-audit --no-fund --silent
 fi
 ROTEL_VERSION=0.0.1a15
 agent=.venv/lib/python3.11/site-packages/rotel/rotel-agent

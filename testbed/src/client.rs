@@ -1,11 +1,11 @@
 //! Runs `synspan-connect` inside a namespace and reads its report.
 
-use std::process::Stdio;
+use std::process::{Child, Stdio};
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-use crate::{netns::Netns, workspace_bin};
+use crate::{cgroup::Cgroup, first_report, netns::Netns, workspace_bin};
 
 /// What the client saw of its own attempt.
 #[derive(Clone, Debug, Deserialize)]
@@ -46,4 +46,47 @@ pub fn connect_many(ns: &Netns, target: &str, args: &[&str]) -> anyhow::Result<V
         .lines()
         .map(|line| serde_json::from_str(line).with_context(|| format!("client report {line:?}")))
         .collect()
+}
+
+/// One attempt from inside `ns` by a client that stays alive after it (`--hold`), so that
+/// the agent reads its identity (service name, stacks) however fast the attempt ended; killed
+/// by pid on drop.
+pub struct Held {
+    child: Child,
+    pub report: Report,
+}
+
+impl Held {
+    /// `synspan-connect TARGET ARGS --hold` with `env` added to its environment
+    /// (`OTEL_SERVICE_NAME`, …), in `cgroup` if given; returns once it reported its attempt.
+    pub fn connect(
+        ns: &Netns,
+        cgroup: Option<&Cgroup>,
+        env: &[(&str, &str)],
+        target: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut cmd = ns.command(&workspace_bin("synspan-connect"));
+        cmd.arg(target).args(args).arg("--hold");
+        let mut cmd = match cgroup {
+            Some(cgroup) => cgroup.wrap(&cmd),
+            None => cmd,
+        };
+        let mut child = cmd
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting synspan-connect")?;
+        let report =
+            first_report(&mut child).with_context(|| format!("synspan-connect {target} {args:?}"))?;
+        Ok(Self { child, report })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod bench;
 pub mod cgroup;
 pub mod client;
+pub mod jaeger;
 pub mod netns;
 pub mod otlp_sink;
 pub mod process_context;
@@ -75,4 +76,15 @@ pub fn first_json_line(child: &mut std::process::Child) -> serde_json::Value {
         .read_line(&mut line)
         .expect("reading the child's report");
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("the child reported {line:?}: {e}"))
+}
+
+/// The first line a child prints on its (piped) stdout, as a `T`; when it is not one, the
+/// child is killed and reaped.
+pub fn first_report<T: serde::de::DeserializeOwned>(child: &mut std::process::Child) -> anyhow::Result<T> {
+    let report = first_json_line(child);
+    serde_json::from_value(report.clone()).map_err(|e| {
+        let _ = child.kill();
+        let _ = child.wait();
+        anyhow::anyhow!("it reported {report}: {e}")
+    })
 }

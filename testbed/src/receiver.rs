@@ -19,6 +19,8 @@ pub struct Receiver {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    /// Where rotel sends what it receives, over OTLP/HTTP; nowhere when `None`.
+    forward_http: Option<String>,
 }
 
 fn agent_path() -> PathBuf {
@@ -42,12 +44,25 @@ impl Receiver {
             child: None,
             port,
             dir,
+            forward_http: None,
         })
     }
 
     /// Starts a receiver on a free loopback port.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(Self::reserve()?)
+    }
+
+    /// Starts a receiver that also exports what it receives to `endpoint` (the base URL,
+    /// `/v1/traces` is appended) over OTLP/HTTP protobuf, gzip-compressed: a real OTLP/HTTP
+    /// client for a receiver under test.
+    pub fn start_forwarding_http(endpoint: &str) -> anyhow::Result<Self> {
         let mut rx = Self::reserve()?;
+        rx.forward_http = Some(endpoint.to_owned());
+        Self::start_with(rx)
+    }
+
+    fn start_with(mut rx: Self) -> anyhow::Result<Self> {
         // Another process can take the port between our probe and rotel's bind: try again.
         for _ in 0..5 {
             rx.port = free_port()?;
@@ -72,7 +87,20 @@ impl Receiver {
                 "--otlp-grpc-endpoint",
                 &format!("127.0.0.1:{}", self.port),
             ])
-            .args(["--otlp-http-endpoint", "127.0.0.1:0", "--exporter", "blackhole"])
+            .args(["--otlp-http-endpoint", "127.0.0.1:0"])
+            .args(match &self.forward_http {
+                None => vec!["--exporter", "blackhole"],
+                Some(endpoint) => vec![
+                    "--exporter",
+                    "otlp",
+                    "--otlp-exporter-endpoint",
+                    endpoint.as_str(),
+                    "--otlp-exporter-protocol",
+                    "http",
+                    "--otlp-exporter-compression",
+                    "gzip",
+                ],
+            })
             .args([
                 "--debug-log",
                 "metrics",

@@ -1,0 +1,150 @@
+//! `synspan-jaeger` (the real Jaeger UI and query API over OTLP) as a child process, its API
+//! read as Jaeger's own clients read it, and its trace page rendered by a real browser.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::{first_report, repo_root, wait_until, workspace_bin};
+
+/// Where the receiver listens, as it reports on its first line.
+#[derive(Deserialize)]
+struct Listening {
+    grpc: SocketAddr,
+    ui: SocketAddr,
+    http: SocketAddr,
+}
+
+pub struct Jaeger {
+    child: Child,
+    listening: Listening,
+}
+
+impl Jaeger {
+    /// Starts a receiver on free ports of 127.0.0.1. It reports its ports once every one of
+    /// them accepts connections, so there is nothing to poll.
+    pub fn start() -> anyhow::Result<Self> {
+        let mut child = Command::new(workspace_bin("synspan-jaeger"))
+            .args(["127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting synspan-jaeger")?;
+        let listening = first_report(&mut child).context("synspan-jaeger")?;
+        Ok(Self { child, listening })
+    }
+
+    /// The OTLP gRPC endpoint, as `--otlp-endpoint` takes it.
+    pub fn otlp_grpc_endpoint(&self) -> String {
+        format!("http://{}", self.listening.grpc)
+    }
+
+    /// The OTLP/HTTP base endpoint (`/v1/traces` below it).
+    pub fn otlp_http_endpoint(&self) -> String {
+        format!("http://{}", self.listening.http)
+    }
+
+    /// The UI's address: `/search`, `/trace/<id>`, `/api/…`.
+    pub fn ui_url(&self) -> String {
+        format!("http://{}", self.listening.ui)
+    }
+
+    /// GET on the query API (`/api/services`, …), as JSON; `None` for a 404 (a trace not
+    /// received yet).
+    pub fn api(&self, path_and_query: &str) -> anyhow::Result<Option<Value>> {
+        let url = format!("{}{path_and_query}", self.ui_url());
+        let response = ureq::get(&url)
+            .config()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .call()
+            .with_context(|| format!("GET {url}"))?;
+        match response.status().as_u16() {
+            404 => Ok(None),
+            200 => {
+                let body = response
+                    .into_body()
+                    .read_json()
+                    .with_context(|| format!("GET {url}: not JSON"))?;
+                Ok(Some(body))
+            }
+            status => bail!("GET {url}: HTTP {status}"),
+        }
+    }
+
+    /// `/api/traces?service=SERVICE&limit=LIMIT` until it holds `n` traces or `timeout`
+    /// passes; the traces it last returned.
+    pub fn wait_traces(&self, service: &str, n: usize, timeout: Duration) -> anyhow::Result<Vec<Value>> {
+        let query = format!("/api/traces?service={service}&limit=100");
+        let read = || -> anyhow::Result<Vec<Value>> {
+            let body = self.api(&query)?.unwrap_or_default();
+            Ok(body["data"].as_array().cloned().unwrap_or_default())
+        };
+        if let Some(traces) = wait_until(timeout, || read().ok().filter(|t| t.len() >= n)) {
+            return Ok(traces);
+        }
+        read()
+    }
+
+    /// Stops it: SIGTERM, then SIGKILL.
+    pub fn stop(&mut self) {
+        // SAFETY: plain syscall on our own child's pid, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        if wait_until(Duration::from_secs(5), || self.child.try_wait().ok().flatten()).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for Jaeger {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.stop();
+        }
+    }
+}
+
+/// What Chromium rendered of a Jaeger UI trace page once its first span is expanded (tags and
+/// every log shown), with a screenshot of the page written to `screenshot`. Drives Debian's
+/// `chromium` through `testbed/jaeger_ui/trace_page.mjs` (playwright-core).
+pub fn rendered_trace_page(url: &str, screenshot: &Path) -> anyhow::Result<String> {
+    let dir = repo_root().join("testbed/jaeger_ui");
+    anyhow::ensure!(
+        dir.join("node_modules/playwright-core").exists(),
+        "{}/node_modules is missing: run scripts/setup-test.sh",
+        dir.display()
+    );
+    let out = Command::new("node")
+        .arg(dir.join("trace_page.mjs"))
+        .arg(url)
+        .arg(screenshot)
+        .stdin(Stdio::null())
+        .output()
+        .context("running node (scripts/setup-test.sh installs it)")?;
+    if !out.status.success() {
+        bail!(
+            "rendering {url} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    #[derive(Deserialize)]
+    struct Rendered {
+        text: String,
+    }
+    let rendered: Rendered = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "the page script printed {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })?;
+    Ok(rendered.text)
+}
