@@ -163,8 +163,11 @@ fn attempts_in_the_jaeger_api_and_ui() {
         format!("{SERVICE}: tcp connect"),
         "synspan.outcome\t\ntimed_out".to_owned(),
         "connect failed: Connection timed out".to_owned(),
-        "Logs (5)".to_owned(),
+        // Five retransmits, and the six SYNs the namespace's INPUT rule dropped.
+        "Logs (11)".to_owned(),
         "event=syn_retransmit".to_owned(),
+        "event=packet_dropped".to_owned(),
+        "synspan.packet_drop.reason=NETFILTER_DROP".to_owned(),
         format!("service.name={SERVICE}"),
     ] {
         assert!(text.contains(&shown), "the page does not show {shown:?}:\n{text}");
