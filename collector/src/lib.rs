@@ -12,6 +12,10 @@ mod clock;
 mod config;
 mod enrich;
 mod evidence;
+/// Parser entry points for the fuzz targets in `fuzz/`; not an interface.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod kernel_layout;
 mod launch;
 mod loader;
