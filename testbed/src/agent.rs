@@ -69,6 +69,12 @@ impl Agent {
 
     /// Starts `synspan --output OUTPUT ARGS` and waits until it says it is ready.
     pub fn start_with(output: Output, args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_env(output, args, &[])
+    }
+
+    /// As [`Agent::start_with`], with these variables added to synspan's environment
+    /// (`OTEL_EXPORTER_OTLP_TIMEOUT`, ...).
+    pub fn start_with_env(output: Output, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let (flag, stdout) = match output {
             Output::Json => ("json", Stdio::piped()),
             Output::None => ("none", Stdio::null()),
@@ -77,6 +83,7 @@ impl Agent {
             .args(["--output", flag])
             .args(args)
             .env("SYNSPAN_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(Stdio::piped())
