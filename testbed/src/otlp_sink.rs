@@ -207,3 +207,31 @@ impl Drop for OtlpSink {
         let _ = std::fs::remove_file(&self.counts);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_read_back_as_written() {
+        let ms = Duration::from_millis;
+        for answer in [
+            Answer::Accept,
+            Answer::Throttle {
+                delay: ms(1500),
+                requests: 2,
+            },
+            Answer::Exhausted,
+            Answer::Invalid,
+            Answer::Unavailable { outage: ms(5000) },
+            Answer::Slow { delay: ms(2000) },
+            Answer::Silent { requests: 1 },
+            Answer::Partial { rejected: 3 },
+        ] {
+            assert_eq!(answer.to_string().parse::<Answer>().unwrap(), answer);
+        }
+        for bad in ["", "throttle:10", "slow:x", "accept:1", "silent:-1", "teapot"] {
+            assert!(bad.parse::<Answer>().is_err(), "{bad}");
+        }
+    }
+}
