@@ -9,6 +9,8 @@ cargo fmt --all --check
 # The deployment files (compose, collector config, dashboards, Kubernetes, systemd).
 scripts/validate-deploy.sh
 cargo clippy --release --all-targets -- -D warnings
+# The parsers of hostile input, 10 s a target (scripts/fuzz.sh SECONDS runs them longer).
+scripts/fuzz.sh 10
 # The end-to-end tests run the release binaries of this workspace.
 cargo build --release --bins
 cargo test --release -- "$@"

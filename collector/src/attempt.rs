@@ -234,8 +234,10 @@ pub(crate) fn comm(bytes: &[u8]) -> String {
 impl Attempt {
     pub(crate) fn decode(record: &AttemptRecord, clock: &WallClock) -> Result<Self, DecodeError> {
         let at = |ns| clock.to_system_time(ns);
-        let mut events = Vec::with_capacity(record.retransmits as usize + 1);
+        // The count can be anything the record says; only MAX_RETRANSMIT_TIMES are timed.
         let timed = (record.retransmits as usize).min(MAX_RETRANSMIT_TIMES);
+        // The timed retransmits, and at most one of each other kind.
+        let mut events = Vec::with_capacity(timed + 4);
         for (i, &ns) in record.retransmit_ns[..timed].iter().enumerate() {
             events.push(AttemptEvent {
                 time: at(ns),
@@ -463,6 +465,18 @@ mod tests {
                 EventKind::SynRetransmit(2)
             ]
         );
+    }
+
+    #[test]
+    fn a_retransmit_count_past_the_timed_ones_allocates_only_those() {
+        // Found by fuzzing: the count sized the event list, 4 billion events' worth.
+        let mut r = timed_out_v4();
+        r.retransmits = u32::MAX;
+        r.retransmit_ns = [2_000_000_000; MAX_RETRANSMIT_TIMES];
+        let a = Attempt::decode(&r, &WallClock::from_offset(0)).unwrap();
+        assert_eq!(a.syn_retransmits, u32::MAX);
+        assert_eq!(a.events.len(), MAX_RETRANSMIT_TIMES);
+        assert!(a.events.capacity() <= MAX_RETRANSMIT_TIMES + 4);
     }
 
     #[test]

@@ -133,6 +133,11 @@ fn extra_len(kind: u32, vlen: usize) -> Option<usize> {
     })
 }
 
+/// Members one lookup may look at. `struct sock` with everything nested in it is a few hundred;
+/// a broken file can nest a struct in itself under many anonymous members, which without a
+/// bound is tens of members to the power of the nesting depth.
+const MAX_MEMBERS_VISITED: usize = 1 << 16;
+
 pub(crate) struct Btf<'a> {
     data: &'a [u8],
     /// Where the string section starts in `data`.
@@ -221,7 +226,10 @@ impl<'a> Btf<'a> {
         (1..=self.types.len() as u32).find_map(|id| {
             let t = self.header(id)?;
             (t.kind == kind::STRUCT && self.string(t.name) == name.as_bytes())
-                .then(|| self.find_member(&t, member.as_bytes(), 0, 0))
+                .then(|| {
+                    let mut budget = MAX_MEMBERS_VISITED;
+                    self.find_member(&t, member.as_bytes(), 0, 0, &mut budget)
+                })
                 .flatten()
         })
     }
@@ -250,12 +258,20 @@ impl<'a> Btf<'a> {
         Some(values)
     }
 
-    fn find_member(&self, st: &TypeHeader, member: &[u8], base_bits: u32, depth: u32) -> Option<u32> {
+    fn find_member(
+        &self,
+        st: &TypeHeader,
+        member: &[u8],
+        base_bits: u32,
+        depth: u32,
+        budget: &mut usize,
+    ) -> Option<u32> {
         // Anonymous members nest a few levels deep; more is a loop in a broken file.
         if depth > 8 {
             return None;
         }
         for i in 0..st.vlen {
+            *budget = budget.checked_sub(1)?;
             let at = st.body + 12 * i;
             let (name, ty, offset) = (self.u32_at(at), self.u32_at(at + 4), self.u32_at(at + 8));
             // With kind_flag the top byte is the bitfield size, the rest the bit offset.
@@ -272,7 +288,7 @@ impl<'a> Btf<'a> {
             if member_name.is_empty() {
                 let nested = self.resolve(ty)?;
                 if matches!(nested.kind, kind::STRUCT | kind::UNION)
-                    && let Some(found) = self.find_member(&nested, member, bits, depth + 1)
+                    && let Some(found) = self.find_member(&nested, member, bits, depth + 1, budget)
                 {
                     return Some(found);
                 }
@@ -385,6 +401,52 @@ mod tests {
             Btf::parse(&FIXTURE[..FIXTURE.len() / 2]),
             Err(BtfError::Format(_))
         ));
+    }
+
+    /// BTF of one struct `s` with `vlen` anonymous members, each of type `s` itself.
+    fn self_nesting_struct(vlen: u32) -> Vec<u8> {
+        let mut types = Vec::new();
+        // name "s" at string offset 1, kind STRUCT, vlen members, size 4.
+        for word in [1, (kind::STRUCT << 24) | vlen, 4] {
+            types.extend_from_slice(&u32::to_le_bytes(word));
+        }
+        for _ in 0..vlen {
+            // name "" (offset 0), type id 1 (the struct), bit offset 0.
+            for word in [0u32, 1, 0] {
+                types.extend_from_slice(&word.to_le_bytes());
+            }
+        }
+        let strings = b"\0s\0";
+        let mut data = Vec::new();
+        data.extend_from_slice(&MAGIC.to_le_bytes());
+        data.extend_from_slice(&[1, 0]); // version, flags
+        let header = [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ];
+        for word in header {
+            data.extend_from_slice(&word.to_le_bytes());
+        }
+        data.extend_from_slice(&types);
+        data.extend_from_slice(strings);
+        data
+    }
+
+    #[test]
+    fn a_struct_nested_in_itself_is_looked_through_in_bounded_time() {
+        let data = self_nesting_struct(64);
+        let btf = Btf::parse(&data).unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(btf.member_offset("s", "missing"), None);
+        // Unbounded, this is 64^9 member visits.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

@@ -46,7 +46,7 @@ impl WallClock {
         }
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn from_offset(offset_ns: i128) -> Self {
         Self {
             offset_ns,

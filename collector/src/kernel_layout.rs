@@ -239,7 +239,7 @@ fn optional<T: Default>(
 }
 
 /// Offsets of `struct sock` members, 0 where unknown.
-fn sock_fields(btf: &Btf) -> SockFields {
+pub(crate) fn sock_fields(btf: &Btf) -> SockFields {
     let offset = |member: &str| match btf.member_offset("sock", member) {
         Some(offset) => u16::try_from(offset).unwrap_or(0),
         None => {
@@ -266,7 +266,7 @@ fn sock_fields(btf: &Btf) -> SockFields {
 
 /// Where `struct sock` keeps the tuple; `None` if any member is missing or is a bitfield
 /// (`sk_protocol` before 5.6).
-fn tuple_fields(btf: &Btf) -> Option<SockTupleFields> {
+pub(crate) fn tuple_fields(btf: &Btf) -> Option<SockTupleFields> {
     // struct sock starts with the named struct sock_common, __sk_common.
     let common = btf.member_offset("sock", "__sk_common")?;
     let offset = |member: &str| u16::try_from(common + btf.member_offset("sock_common", member)?).ok();
@@ -285,7 +285,7 @@ fn tuple_fields(btf: &Btf) -> Option<SockTupleFields> {
 
 /// The path from a task to a socket's protocol; all zero if any step is missing, or if the
 /// protocol is a bitfield (kernels before 5.6), which a plain read cannot take.
-fn fd_path_fields(btf: &Btf) -> FdPathFields {
+pub(crate) fn fd_path_fields(btf: &Btf) -> FdPathFields {
     let offset = |name: &str, member: &str| {
         btf.member_offset(name, member)
             .and_then(|o| u16::try_from(o).ok())

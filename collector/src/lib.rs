@@ -13,6 +13,10 @@ mod config;
 mod drop_reason;
 mod enrich;
 mod evidence;
+/// Parser entry points for the fuzz targets in `fuzz/`; not an interface.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod kernel_layout;
 mod launch;
 mod loader;

@@ -50,6 +50,20 @@ struct AccountingLine {
 }
 
 impl Stopped {
+    /// The final accounting, checked to be exact: every attempt seen is exported, dropped
+    /// under a reason, or in flight, and none is pending. Panics naming what is off.
+    pub fn exact_books(&self) -> HashMap<String, u64> {
+        let a = self.accounting();
+        assert!(
+            a.contains_key("seen"),
+            "no final accounting line:\n{}",
+            self.stderr
+        );
+        assert_eq!(a["pending"], 0, "{a:?}");
+        assert_eq!(a["seen"], a["exported"] + a["dropped"] + a["in_flight"], "{a:?}");
+        a
+    }
+
     /// The counters of the final accounting, by name; empty if synspan printed none.
     pub fn accounting(&self) -> HashMap<String, u64> {
         self.stderr

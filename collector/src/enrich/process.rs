@@ -144,7 +144,7 @@ fn read_stat_from(proc_root: &Path, pid: u32) -> Result<Stat, ProcessError> {
 
 /// Parses `/proc/<pid>/stat`. The command name sits in parentheses and may itself hold spaces
 /// and parentheses, so the fields start after the last `)`.
-fn parse_stat(bytes: &[u8]) -> Option<Stat> {
+pub(crate) fn parse_stat(bytes: &[u8]) -> Option<Stat> {
     let open = bytes.iter().position(|&b| b == b'(')?;
     let close = bytes.iter().rposition(|&b| b == b')')?;
     if close < open {
@@ -354,7 +354,7 @@ fn netns_inode(link: &OsStr) -> Option<u64> {
 
 /// Each line is `hierarchy:controllers:path`: `0::/path` on cgroup v2,
 /// `4:memory:/path` or `1:name=systemd:/path` on v1.
-fn cgroup_paths(text: &str) -> Vec<String> {
+pub(crate) fn cgroup_paths(text: &str) -> Vec<String> {
     let mut paths: Vec<String> = Vec::new();
     for line in text.lines() {
         let mut fields = line.splitn(3, ':');
@@ -384,7 +384,7 @@ fn command_line(bytes: &[u8], truncated: bool) -> Option<String> {
 /// The service from a process's environment (`/proc/<pid>/environ`, NUL-separated
 /// `NAME=value` entries). `truncated`: the bytes stop at the read bound, so the last entry may
 /// be cut and is not used.
-fn service_from_environ(environ: &[u8], truncated: bool) -> Service {
+pub(crate) fn service_from_environ(environ: &[u8], truncated: bool) -> Service {
     let mut entries: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
     if truncated {
         entries.pop();
@@ -418,7 +418,7 @@ fn service_from_environ(environ: &[u8], truncated: bool) -> Service {
 /// `key1=value1,key2=value2`, W3C-baggage style: values (and keys) percent-encoded, spaces
 /// around them trimmed. An entry without `=`, with an empty key or with a bad encoding is
 /// skipped; of repeated keys the last wins.
-fn parse_resource_attributes(value: &str) -> Vec<(String, String)> {
+pub(crate) fn parse_resource_attributes(value: &str) -> Vec<(String, String)> {
     let mut attributes: Vec<(String, String)> = Vec::new();
     for entry in value.split(',') {
         let Some((key, value)) = entry.split_once('=') else {

@@ -134,9 +134,9 @@ impl KernelSymbols {
 
 /// A line of `/proc/<pid>/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Mapping {
-    start: u64,
-    end: u64,
+pub(crate) struct Mapping {
+    pub(crate) start: u64,
+    pub(crate) end: u64,
     /// Where in the file the mapping starts.
     offset: u64,
     /// The path of the file, or a name such as `[vdso]`; `None` for anonymous memory.
@@ -145,7 +145,7 @@ struct Mapping {
     deleted: bool,
 }
 
-fn parse_maps(bytes: &[u8]) -> Vec<Mapping> {
+pub(crate) fn parse_maps(bytes: &[u8]) -> Vec<Mapping> {
     bytes.split(|&b| b == b'\n').filter_map(parse_maps_line).collect()
 }
 
@@ -173,7 +173,7 @@ fn parse_maps_line(line: &[u8]) -> Option<Mapping> {
     })
 }
 
-fn mapping_of(mappings: &[Mapping], addr: u64) -> Option<&Mapping> {
+pub(crate) fn mapping_of(mappings: &[Mapping], addr: u64) -> Option<&Mapping> {
     let after = mappings.partition_point(|m| m.start <= addr);
     let mapping = mappings.get(after.checked_sub(1)?)?;
     (addr < mapping.end).then_some(mapping)

@@ -3,19 +3,22 @@
 //! (rotel with the test bed's span processor, as the end-to-end tests use) spends more CPU
 //! per span than synspan does, on the same cores as the storm it is meant to measure.
 //!
-//! usage: synspan-otlp-sink LISTEN_ADDR COUNTS_FILE
+//! usage: synspan-otlp-sink LISTEN_ADDR COUNTS_FILE [ANSWER]
 //!
+//! ANSWER is how trace requests are answered (default `accept`): see
+//! `synspan_testbed::otlp_sink::Answer`, which the tests use to make the collector push back.
 //! Prints `listening <addr>` once it accepts connections. After every request it rewrites
-//! COUNTS_FILE (JSON: `spans`, `requests`, `metric_requests`, `by_pid`), atomically, so a
-//! reader never sees half of it. Stops on SIGTERM or SIGINT.
+//! COUNTS_FILE (JSON: see `SinkCounts`), atomically, so a reader never sees half of it. Stops
+//! on SIGTERM or SIGINT.
 
 use std::{
     collections::BTreeMap,
     convert::Infallible,
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     task::{Context, Poll},
+    time::Instant,
 };
 
 use anyhow::Context as _;
@@ -26,36 +29,81 @@ use opentelemetry_proto::tonic::{
             metrics_service_server::{MetricsService, MetricsServiceServer},
         },
         trace::v1::{
-            ExportTraceServiceRequest, ExportTraceServiceResponse,
+            ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
             trace_service_server::{TraceService, TraceServiceServer},
         },
     },
     common::v1::any_value::Value,
 };
-use tonic::codegen::{BoxFuture, Service, http};
+use synspan_testbed::otlp_sink::Answer;
+use tonic::{
+    Code, Status,
+    codegen::{BoxFuture, Service, http},
+};
+use tonic_types::{ErrorDetails, StatusExt as _};
 
+/// `synspan_testbed::otlp_sink::SinkCounts`, written.
 #[derive(Default, serde::Serialize)]
 struct Counts {
     spans: u64,
     requests: u64,
     metric_requests: u64,
     by_pid: BTreeMap<i64, u64>,
+    received_spans: u64,
+    refused: u64,
+    unanswered: u64,
+    rejected_spans: u64,
+    arrivals_ms: Vec<u64>,
 }
+
+/// Arrival times kept: enough for the tests, bounded for the benchmark's millions of spans.
+const MAX_ARRIVALS: usize = 1000;
 
 struct Sink {
     counts: Mutex<Counts>,
     path: PathBuf,
+    answer: Answer,
+    first_request: OnceLock<Instant>,
 }
 
 impl Sink {
-    fn update(&self, f: impl FnOnce(&mut Counts)) -> Result<(), tonic::Status> {
+    fn update<T>(&self, f: impl FnOnce(&mut Counts) -> T) -> Result<T, Status> {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut counts);
-        let json = serde_json::to_vec(&*counts).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let value = f(&mut counts);
+        let json = serde_json::to_vec(&*counts).map_err(|e| Status::internal(e.to_string()))?;
         let tmp = self.path.with_extension("tmp");
         std::fs::write(&tmp, json)
             .and_then(|()| std::fs::rename(&tmp, &self.path))
-            .map_err(|e| tonic::Status::internal(format!("{}: {e}", self.path.display())))
+            .map_err(|e| Status::internal(format!("{}: {e}", self.path.display())))?;
+        Ok(value)
+    }
+
+    /// The error this request gets instead of an answer, if any; never returns for a request
+    /// that is not to be answered.
+    async fn push_back(&self, index: u64, arrived: Instant, first: Instant) -> Option<Status> {
+        match self.answer {
+            Answer::Throttle { delay, requests } if index < u64::from(requests) => {
+                Some(Status::with_error_details(
+                    Code::ResourceExhausted,
+                    "throttled",
+                    ErrorDetails::with_retry_info(Some(delay)),
+                ))
+            }
+            Answer::Exhausted => Some(Status::resource_exhausted("out of memory")),
+            Answer::Invalid => Some(Status::invalid_argument("malformed request")),
+            Answer::Unavailable { outage } if arrived.duration_since(first) < outage => {
+                Some(Status::unavailable("restarting"))
+            }
+            Answer::Slow { delay } => {
+                tokio::time::sleep(delay).await;
+                None
+            }
+            Answer::Silent { requests } if index < u64::from(requests) => {
+                self.update(|counts| counts.unanswered += 1).ok()?;
+                std::future::pending().await
+            }
+            _ => None,
+        }
     }
 }
 
@@ -64,7 +112,9 @@ impl TraceService for Sink {
     async fn export(
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, Status> {
+        let arrived = Instant::now();
+        let first = *self.first_request.get_or_init(|| arrived);
         let request = request.into_inner();
         let mut by_pid: BTreeMap<i64, u64> = BTreeMap::new();
         let mut spans = 0;
@@ -87,14 +137,37 @@ impl TraceService for Sink {
                 *by_pid.entry(pid).or_default() += 1;
             }
         }
-        self.update(|counts| {
+        let index = self.update(|counts| {
             counts.requests += 1;
+            counts.received_spans += spans;
+            if counts.arrivals_ms.len() < MAX_ARRIVALS {
+                let ms = arrived.duration_since(first).as_millis();
+                counts.arrivals_ms.push(u64::try_from(ms).unwrap_or(u64::MAX));
+            }
+            counts.requests - 1
+        })?;
+        if let Some(status) = self.push_back(index, arrived, first).await {
+            self.update(|counts| counts.refused += 1)?;
+            return Err(status);
+        }
+        let rejected = match self.answer {
+            Answer::Partial { rejected } => u64::from(rejected).min(spans),
+            _ => 0,
+        };
+        self.update(|counts| {
             counts.spans += spans;
+            counts.rejected_spans += rejected;
             for (pid, n) in by_pid {
                 *counts.by_pid.entry(pid).or_default() += n;
             }
         })?;
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        let partial_success = (rejected > 0).then(|| ExportTracePartialSuccess {
+            rejected_spans: i64::try_from(rejected).unwrap_or(i64::MAX),
+            error_message: "spans over the tenant's quota".into(),
+        });
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success,
+        }))
     }
 }
 
@@ -103,7 +176,7 @@ impl MetricsService for Sink {
     async fn export(
         &self,
         _request: tonic::Request<ExportMetricsServiceRequest>,
-    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, Status> {
         self.update(|counts| counts.metric_requests += 1)?;
         Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
     }
@@ -140,8 +213,10 @@ impl Service<http::Request<tonic::body::Body>> for Otlp {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [listen, path] = args.as_slice() else {
-        anyhow::bail!("usage: synspan-otlp-sink LISTEN_ADDR COUNTS_FILE");
+    let (listen, path, answer) = match args.as_slice() {
+        [listen, path] => (listen, path, Answer::Accept),
+        [listen, path, answer] => (listen, path, answer.parse()?),
+        _ => anyhow::bail!("usage: synspan-otlp-sink LISTEN_ADDR COUNTS_FILE [ANSWER]"),
     };
     let listen: SocketAddr = listen
         .parse()
@@ -149,6 +224,8 @@ fn main() -> anyhow::Result<()> {
     let sink = Arc::new(Sink {
         counts: Mutex::default(),
         path: PathBuf::from(path),
+        answer,
+        first_request: OnceLock::new(),
     });
     sink.update(|_| {})?;
     let otlp = Otlp {

@@ -1,0 +1,123 @@
+//! Entry points for the fuzz targets in `fuzz/`: one per parser of bytes that another process
+//! or the kernel hands synspan. Each takes any bytes and must neither panic nor hang; what it
+//! returns is thrown away, so each runs the parser as far as the agent would.
+
+use std::{hint::black_box, io};
+
+use crate::{
+    attempt::{Attempt, read_record},
+    btf::Btf,
+    clock::WallClock,
+    enrich::{container, process, process_context, symbols},
+    kernel_layout,
+    otlp::settings,
+};
+
+/// A ring-buffer record: copied out, then decoded into an [`Attempt`], with the wall-clock
+/// offset taken from the bytes after the record so that time conversions are fuzzed too. The
+/// offset is the clock's realtime - monotonic, which fits an `i64` of nanoseconds.
+pub fn ring_buffer_record(data: &[u8]) {
+    let Ok(record) = read_record(data) else {
+        return;
+    };
+    let rest = data
+        .get(size_of::<synspan_shared::AttemptRecord>()..)
+        .unwrap_or_default();
+    let offset = rest
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, |b| i128::from(i64::from_le_bytes(b)));
+    if let Ok(attempt) = Attempt::decode(&record, &WallClock::from_offset(offset)) {
+        black_box(attempt.duration());
+    }
+}
+
+/// The kernel's BTF: indexed, then every member lookup the kernel layout makes.
+pub fn btf(data: &[u8]) {
+    let Ok(btf) = Btf::parse(data) else {
+        return;
+    };
+    black_box(kernel_layout::sock_fields(&btf));
+    black_box(kernel_layout::tuple_fields(&btf));
+    black_box(kernel_layout::fd_path_fields(&btf));
+}
+
+/// `/proc/<pid>/stat`.
+pub fn proc_stat(data: &[u8]) {
+    black_box(process::parse_stat(data));
+}
+
+/// `/proc/<pid>/environ`, whole and as if cut at the read bound.
+pub fn proc_environ(data: &[u8]) {
+    black_box(process::service_from_environ(data, false));
+    black_box(process::service_from_environ(data, true));
+}
+
+/// `/proc/<pid>/cgroup`, then the container id and pod uid in its paths, as the agent reads
+/// them.
+pub fn proc_cgroup(data: &[u8]) {
+    let paths = process::cgroup_paths(&String::from_utf8_lossy(data));
+    black_box(container::container_id(&paths));
+    black_box(container::k8s_pod_uid(&paths));
+}
+
+/// Cgroup paths, one a line, straight to the container-id and pod-uid extraction.
+pub fn container_ids(data: &[u8]) {
+    let paths: Vec<String> = String::from_utf8_lossy(data).lines().map(str::to_owned).collect();
+    black_box(container::container_id(&paths));
+    black_box(container::k8s_pod_uid(&paths));
+}
+
+/// `/proc/<pid>/maps`: the mappings a user stack is normalized against, each looked up at its
+/// ends, and the process-context mapping.
+pub fn proc_maps(data: &[u8]) {
+    let mappings = symbols::parse_maps(data);
+    for mapping in &mappings {
+        for addr in [mapping.start, mapping.end, mapping.end.wrapping_sub(1)] {
+            black_box(symbols::mapping_of(&mappings, addr));
+        }
+    }
+    black_box(process_context::find_mapping(data));
+}
+
+/// The value of `OTEL_RESOURCE_ATTRIBUTES` in a traced process's environment.
+pub fn resource_attributes(data: &[u8]) {
+    black_box(process::parse_resource_attributes(&String::from_utf8_lossy(data)));
+}
+
+/// The value of `OTEL_EXPORTER_OTLP_HEADERS`, resolved with the rest of the export settings.
+pub fn otlp_headers(data: &[u8]) {
+    let headers = String::from_utf8_lossy(data);
+    let env = |var: &str| match var {
+        "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://127.0.0.1:4317".to_owned()),
+        "OTEL_EXPORTER_OTLP_HEADERS" => Some(headers.clone().into_owned()),
+        _ => None,
+    };
+    let _ = black_box(settings::resolve(&settings::Flags::default(), &env));
+}
+
+/// A process's memory holding its process context: the header at address 0 and whatever it
+/// points at, read with the protocol's retries.
+pub fn process_context_memory(data: &[u8]) {
+    let _ = black_box(process_context::read(&Memory(data), 0));
+}
+
+/// The protobuf payload of a process context.
+pub fn process_context_payload(data: &[u8]) {
+    let _ = black_box(process_context::decode(data, 1));
+}
+
+/// Another process's memory as bytes from address 0; reads outside it fail, as they do in a
+/// real process's unmapped pages.
+struct Memory<'a>(&'a [u8]);
+
+impl process_context::Memory for Memory<'_> {
+    fn read_exact_at(&self, buf: &mut [u8], addr: u64) -> io::Result<()> {
+        let src = usize::try_from(addr)
+            .ok()
+            .and_then(|at| self.0.get(at..at.checked_add(buf.len())?))
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
