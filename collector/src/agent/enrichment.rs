@@ -3,7 +3,13 @@
 //! `/proc` reads, symbolization and evidence lookups can be slow, and the reader, the export
 //! and the signals must never wait for them.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, StackTraceMap};
@@ -21,14 +27,12 @@ use crate::{
 };
 
 /// What the reader hands the worker, in the order it read it: a note can announce the
-/// attempt that follows it.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "nearly every item is an attempt: boxing it would add an allocation to each"
-)]
+/// attempts that follow it. Attempts come in the batches they were read in: one hand-over
+/// per batch, not per attempt, is what keeps the second thread from costing the reader more
+/// than the work it takes off it.
 pub(super) enum Work {
     Note(ProcessNote),
-    Attempt(Attempt),
+    Attempts(Vec<Attempt>),
     /// Forget processes that have exited.
     Sweep,
 }
@@ -37,6 +41,35 @@ pub(super) enum Work {
 /// `enrich_queue_full`. A decoded attempt is a few hundred bytes, so this holds about 2 MiB:
 /// a second of a storm that the worker cannot keep up with.
 pub(super) const QUEUE: usize = 8192;
+
+/// Hand-overs waiting for the worker: batches of attempts, notes, sweeps. The attempts in
+/// them are bounded by [`Backlog`]; this only bounds the messages.
+pub(super) const MESSAGES: usize = 1024;
+
+/// Attempts handed to the worker and not yet taken by it, shared by the two threads.
+#[derive(Clone, Default)]
+pub(super) struct Backlog(Arc<AtomicUsize>);
+
+impl Backlog {
+    /// Takes room for up to `n` more attempts within [`QUEUE`]; returns how many fit.
+    pub(super) fn reserve(&self, n: usize) -> usize {
+        let mut fit = 0;
+        let _ = self.0.fetch_update(Relaxed, Relaxed, |waiting| {
+            fit = n.min(QUEUE.saturating_sub(waiting));
+            Some(waiting + fit)
+        });
+        fit
+    }
+
+    /// Room for attempts the reader will wait for, past the bound (shutdown's drain).
+    pub(super) fn force(&self, n: usize) {
+        self.0.fetch_add(n, Relaxed);
+    }
+
+    pub(super) fn release(&self, n: usize) {
+        self.0.fetch_sub(n, Relaxed);
+    }
+}
 
 /// Attempts made into spans and handed to the sinks together: stacks are read from the
 /// kernel's map once per batch, and stdout is flushed once.
@@ -59,6 +92,7 @@ pub(super) struct Setup {
     pub(super) sinks: Sinks,
     /// `None` with `--no-drop-reasons`.
     pub(super) drop_reasons: Option<DropReasons>,
+    pub(super) backlog: Backlog,
 }
 
 struct Worker {
@@ -67,6 +101,7 @@ struct Worker {
     explainer: Explainer,
     spans: SpanBuilder,
     sinks: Sinks,
+    backlog: Backlog,
 }
 
 /// Starts the worker on its own thread and waits until it is ready. It runs until every
@@ -117,6 +152,7 @@ impl Worker {
             explainer,
             spans: setup.spans,
             sinks: setup.sinks,
+            backlog: setup.backlog,
         })
     }
 
@@ -142,17 +178,27 @@ impl Worker {
         match work {
             Work::Note(note) => self.enricher.on_note(&note),
             Work::Sweep => self.enricher.sweep(),
-            // An overloaded export costs no work per attempt: shed before the span is built.
-            Work::Attempt(_) if self.sinks.full(batch.len()) => self.sinks.shed(),
-            Work::Attempt(mut attempt) => {
-                for drop in &mut attempt.drops {
-                    drop.reason_name = Some(self.drop_reasons.name(drop.reason));
-                    drop.function = self.enricher.kernel_function(drop.location);
+            Work::Attempts(attempts) => {
+                self.backlog.release(attempts.len());
+                for attempt in attempts {
+                    self.make_span(attempt, batch);
                 }
-                let identity = self.enricher.identify(&attempt);
-                let evidence = self.explainer.explain(&attempt, &identity);
-                batch.push(self.spans.build(attempt, &identity, evidence));
             }
         }
+    }
+
+    fn make_span(&mut self, mut attempt: Attempt, batch: &mut Vec<ConnectSpan>) {
+        // An overloaded export costs no work per attempt: shed before the span is built.
+        if self.sinks.full(batch.len()) {
+            self.sinks.shed();
+            return;
+        }
+        for drop in &mut attempt.drops {
+            drop.reason_name = Some(self.drop_reasons.name(drop.reason));
+            drop.function = self.enricher.kernel_function(drop.location);
+        }
+        let identity = self.enricher.identify(&attempt);
+        let evidence = self.explainer.explain(&attempt, &identity);
+        batch.push(self.spans.build(attempt, &identity, evidence));
     }
 }

@@ -198,7 +198,8 @@ impl Agent {
         // never weigh on the heap together.
         // SAFETY: plain glibc call, no pointers.
         unsafe { libc::malloc_trim(0) };
-        let (work, queue) = mpsc::channel(enrichment::QUEUE);
+        let (work, queue) = mpsc::channel(enrichment::MESSAGES);
+        let backlog = enrichment::Backlog::default();
         let finished = enrichment::spawn(
             Setup {
                 stacks,
@@ -211,10 +212,11 @@ impl Agent {
                 spans: SpanBuilder::new(host_name()),
                 sinks: Sinks::new(settings.stdout.map(StdoutSink::new), otlp, counters.clone()),
                 drop_reasons,
+                backlog: backlog.clone(),
             },
             queue,
         )?;
-        let reader = Reader::new(attempts, notes, work, counters.clone())?;
+        let reader = Reader::new(attempts, notes, work, backlog.clone(), counters.clone())?;
         match privilege::drop_unneeded(!cli.no_nat) {
             Ok(()) => tracing::debug!("capabilities dropped; kept {:?}", privilege::KEPT),
             Err(err) => tracing::warn!("could not drop capabilities: {err}"),

@@ -11,7 +11,7 @@ use tokio::{
     sync::mpsc::{self, error::TrySendError},
 };
 
-use super::enrichment::Work;
+use super::enrichment::{Backlog, QUEUE, Work};
 use crate::{
     attempt::{Attempt, read_record},
     clock::WallClock,
@@ -29,6 +29,7 @@ pub(super) struct Reader {
     pub(super) notes: AsyncFd<RingBuf<MapData>>,
     clock: WallClock,
     work: mpsc::Sender<Work>,
+    backlog: Backlog,
     counters: Arc<AgentCounters>,
     last_full_warning: Option<Instant>,
 }
@@ -38,6 +39,7 @@ impl Reader {
         attempts: RingBuf<MapData>,
         notes: RingBuf<MapData>,
         work: mpsc::Sender<Work>,
+        backlog: Backlog,
         counters: Arc<AgentCounters>,
     ) -> anyhow::Result<Self> {
         // SAFETY: each ring buffer owns its map fd and keeps it open, unchanged, for as long
@@ -54,6 +56,7 @@ impl Reader {
             work,
             counters,
             last_full_warning: None,
+            backlog,
         })
     }
 
@@ -74,22 +77,38 @@ impl Reader {
         }
     }
 
-    /// Reads up to `MAX_BATCH` finished attempts; returns how many were read.
-    pub(super) fn read_attempts(&mut self) -> usize {
+    /// Up to `MAX_BATCH` decoded attempts, and how many records that took.
+    fn next_batch(&mut self) -> (Vec<Attempt>, usize) {
         let mut read = 0;
-        let mut full = 0;
+        let mut attempts = Vec::new();
         while read < MAX_BATCH {
             let Some(attempt) = self.next_attempt(&mut read) else {
                 break;
             };
-            match self.work.try_send(Work::Attempt(attempt)) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_) | TrySendError::Closed(_)) => full += 1,
-            }
+            attempts.push(attempt);
         }
         AgentCounters::add(&self.counters.received, read as u64);
-        if full > 0 {
-            self.enrichment_behind(full);
+        (attempts, read)
+    }
+
+    /// Reads up to `MAX_BATCH` finished attempts and hands them over in one batch; returns
+    /// how many records were read.
+    pub(super) fn read_attempts(&mut self) -> usize {
+        let (mut attempts, read) = self.next_batch();
+        let decoded = attempts.len();
+        let fit = self.backlog.reserve(decoded);
+        attempts.truncate(fit);
+        let mut behind = decoded - fit;
+        if fit > 0
+            && let Err(TrySendError::Full(work) | TrySendError::Closed(work)) =
+                self.work.try_send(Work::Attempts(attempts))
+        {
+            self.backlog.release(fit);
+            behind += fit;
+            drop(work);
+        }
+        if behind > 0 {
+            self.enrichment_behind(behind as u64);
         }
         read
     }
@@ -114,13 +133,17 @@ impl Reader {
     /// enrichment worker where it is behind instead of dropping.
     pub(super) async fn drain(&mut self) {
         self.read_notes();
-        let mut read = 0;
-        while let Some(attempt) = self.next_attempt(&mut read) {
-            if self.work.send(Work::Attempt(attempt)).await.is_err() {
-                AgentCounters::add(&self.counters.enrich_queue_full, 1);
+        loop {
+            let (attempts, read) = self.next_batch();
+            if read == 0 {
+                break;
+            }
+            let n = attempts.len();
+            self.backlog.force(n);
+            if n > 0 && self.work.send(Work::Attempts(attempts)).await.is_err() {
+                AgentCounters::add(&self.counters.enrich_queue_full, n as u64);
             }
         }
-        AgentCounters::add(&self.counters.received, read as u64);
     }
 
     /// The next decodable attempt, counting every record read and every one that is not.
@@ -151,7 +174,7 @@ impl Reader {
                 dropped = n,
                 "enrichment is {} attempts behind the kernel: dropping attempts (counted as \
                  enrich_queue_full); /proc or symbol reads are slow on this host",
-                self.work.max_capacity()
+                QUEUE
             );
         }
     }
