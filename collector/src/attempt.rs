@@ -85,7 +85,9 @@ impl PacketDrop {
 
     fn decode(record: &AttemptRecord, drop: &DropRecord, packet: u8, count: u32, clock: &WallClock) -> Self {
         Self {
-            time: clock.to_system_time(record.start_ns + u64::from(drop.at_us) * 1000),
+            // Saturating: the record comes from the kernel, but a start time near the end of
+            // u64 must not make the agent panic.
+            time: clock.to_system_time(record.start_ns.saturating_add(u64::from(drop.at_us) * 1000)),
             packet: match packet & drop_packet::KIND {
                 drop_packet::SYN => "SYN",
                 drop_packet::SYN_ACK => "SYN-ACK",
@@ -477,6 +479,22 @@ mod tests {
         assert_eq!(a.syn_retransmits, u32::MAX);
         assert_eq!(a.events.len(), MAX_RETRANSMIT_TIMES);
         assert!(a.events.capacity() <= MAX_RETRANSMIT_TIMES + 4);
+    }
+
+    #[test]
+    fn a_drop_time_past_the_end_of_the_clock_saturates() {
+        // Found by fuzzing: a start time near u64::MAX plus a drop's offset overflowed.
+        let mut r = timed_out_v4();
+        r.start_ns = u64::MAX - 10;
+        r.drop_count = 1;
+        r.drops[0] = DropRecord {
+            location: 1,
+            reason: 2,
+            at_us: u32::MAX,
+        };
+        r.drop_packets[0] = drop_packet::SYN;
+        let a = Attempt::decode(&r, &WallClock::from_offset(0)).unwrap();
+        assert_eq!(a.drops.len(), 1);
     }
 
     #[test]
