@@ -36,6 +36,7 @@ pub fn main() -> ExitCode {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    keep_large_buffers_off_the_heap();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -49,5 +50,21 @@ pub fn main() -> ExitCode {
             tracing::error!("{err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Buffers this large (an encoded export request of up to a few MiB, a batch of spans) are
+/// mapped on their own and handed back to the kernel when freed. glibc's default raises this
+/// threshold to the size of the largest such buffer freed, after which they come from the
+/// heap and stay resident: under the refused storm of the benchmark that kept about 10 MiB
+/// more of the agent's anonymous memory resident (39 MiB instead of 29 MiB).
+const MMAP_THRESHOLD: libc::c_int = 256 * 1024;
+
+/// Called before any thread starts: the setting is process-wide.
+fn keep_large_buffers_off_the_heap() {
+    // SAFETY: plain glibc call with two integers; no allocation is in flight on another
+    // thread, because there is none yet.
+    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) } != 1 {
+        tracing::debug!("mallopt(M_MMAP_THRESHOLD) refused; large buffers stay on the heap");
     }
 }

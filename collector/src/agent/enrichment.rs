@@ -6,7 +6,10 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering::Relaxed},
+        atomic::{
+            AtomicBool, AtomicUsize,
+            Ordering::{Relaxed, SeqCst},
+        },
     },
     time::Duration,
 };
@@ -14,7 +17,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, StackTraceMap};
 use synspan_shared::ProcessNote;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::{
     attempt::Attempt,
@@ -37,43 +40,75 @@ pub(super) enum Work {
     Sweep,
 }
 
-/// Attempts waiting for the worker. Past this the reader drops them, counted as
-/// `enrich_queue_full`. A decoded attempt is a few hundred bytes, so this holds about 2 MiB:
-/// a second of a storm that the worker cannot keep up with.
-pub(super) const QUEUE: usize = 8192;
+/// Attempts waiting for the worker. When this many wait, the reader stops reading and leaves
+/// the rest in the kernel's ring buffer, which holds thousands more; what does not fit there
+/// is dropped by the kernel before a record is written (`ringbuf_full`). Dropping there, not
+/// here, costs no decode for an attempt that is lost anyway, and keeps what waits in the
+/// agent's heap small: a decoded attempt is a few hundred bytes, so this is about 0.6 MiB.
+pub(super) const QUEUE: usize = 2048;
 
 /// Hand-overs waiting for the worker: batches of attempts, notes, sweeps. The attempts in
-/// them are bounded by [`Backlog`]; this only bounds the messages.
+/// them are bounded by [`Backlog`]; this only bounds the messages. Past it the reader drops,
+/// counted as `enrich_queue_full`.
 pub(super) const MESSAGES: usize = 1024;
 
 /// Attempts handed to the worker and not yet taken by it, shared by the two threads.
 #[derive(Clone, Default)]
-pub(super) struct Backlog(Arc<AtomicUsize>);
+pub(super) struct Backlog(Arc<Waiting>);
+
+#[derive(Default)]
+struct Waiting {
+    attempts: AtomicUsize,
+    /// Set by a reader that found no room, so that the worker wakes it when it takes some.
+    reader_waits: AtomicBool,
+    room: Notify,
+}
 
 impl Backlog {
     /// Takes room for up to `n` more attempts within [`QUEUE`]; returns how many fit.
     pub(super) fn reserve(&self, n: usize) -> usize {
         let mut fit = 0;
-        let _ = self.0.fetch_update(Relaxed, Relaxed, |waiting| {
+        let _ = self.0.attempts.fetch_update(Relaxed, Relaxed, |waiting| {
             fit = n.min(QUEUE.saturating_sub(waiting));
             Some(waiting + fit)
         });
         fit
     }
 
+    /// How many more attempts fit now. At none, the reader is woken by [`Backlog::room`]
+    /// once the worker has taken some.
+    pub(super) fn free(&self) -> usize {
+        let free = || QUEUE.saturating_sub(self.0.attempts.load(SeqCst));
+        if free() > 0 {
+            return free();
+        }
+        self.0.reader_waits.store(true, SeqCst);
+        // The worker may have taken attempts before it could see the flag: look again.
+        free()
+    }
+
+    /// Ready once the worker has taken attempts from a backlog that had no room.
+    pub(super) async fn room(&self) {
+        self.0.room.notified().await;
+    }
+
     /// Room for attempts the reader will wait for, past the bound (shutdown's drain).
     pub(super) fn force(&self, n: usize) {
-        self.0.fetch_add(n, Relaxed);
+        self.0.attempts.fetch_add(n, Relaxed);
     }
 
     pub(super) fn release(&self, n: usize) {
-        self.0.fetch_sub(n, Relaxed);
+        self.0.attempts.fetch_sub(n, SeqCst);
+        // A permit is kept when the reader is not waiting yet, so no wake-up is lost.
+        if self.0.reader_waits.swap(false, SeqCst) {
+            self.0.room.notify_one();
+        }
     }
 }
 
 /// Attempts made into spans and handed to the sinks together: stacks are read from the
 /// kernel's map once per batch, and stdout is flushed once.
-const BATCH: usize = 4096;
+const BATCH: usize = 1024;
 
 /// What the worker leaves behind when the reader is done.
 pub(super) struct Finished {
@@ -200,5 +235,37 @@ impl Worker {
         let identity = self.enricher.identify(&attempt);
         let evidence = self.explainer.explain(&attempt, &identity);
         batch.push(self.spans.build(attempt, &identity, evidence));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_reader_without_room_is_woken_when_the_worker_takes_attempts() {
+        let backlog = Backlog::default();
+        assert_eq!(backlog.reserve(QUEUE + 5), QUEUE, "the bound holds");
+        assert_eq!(backlog.free(), 0);
+        let worker = backlog.clone();
+        std::thread::spawn(move || worker.release(100));
+        tokio::time::timeout(Duration::from_secs(10), backlog.room())
+            .await
+            .expect("the worker's release wakes the reader");
+        assert_eq!(backlog.free(), 100);
+    }
+
+    #[tokio::test]
+    async fn a_release_before_the_reader_waits_is_not_lost() {
+        let backlog = Backlog::default();
+        backlog.reserve(QUEUE);
+        assert_eq!(backlog.free(), 0);
+        // The worker takes attempts before the reader starts to wait: the permit is kept.
+        backlog.release(1);
+        tokio::time::timeout(Duration::from_secs(10), backlog.room())
+            .await
+            .expect("the permit was kept");
     }
 }

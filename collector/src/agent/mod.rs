@@ -251,6 +251,7 @@ impl Agent {
             .and_then(|_| ticker(cli.metrics_interval));
         let mut read_tick = ticker(READ_INTERVAL).context("read interval")?;
         let mut sweep_tick = ticker(SWEEP_EVERY).context("sweep interval")?;
+        let backlog = self.reader.backlog();
         loop {
             tokio::select! {
                 guard = self.reader.notes.readable_mut() => {
@@ -262,6 +263,8 @@ impl Agent {
                     guard.context("polling the ring buffer")?.clear_ready();
                     self.reader.read_batches(MAX_BATCHES_PER_TICK);
                 }
+                // The worker took attempts from a full backlog: what waited in the ring.
+                _ = backlog.room() => self.reader.read_batches(MAX_BATCHES_PER_TICK),
                 _ = self.sigint.recv() => return Ok("SIGINT"),
                 _ = self.sigterm.recv() => return Ok("SIGTERM"),
                 _ = async { stats_tick.as_mut().unwrap().tick().await }, if stats_tick.is_some() => {

@@ -11,7 +11,7 @@ use tokio::{
     sync::mpsc::{self, error::TrySendError},
 };
 
-use super::enrichment::{Backlog, QUEUE, Work};
+use super::enrichment::{Backlog, MESSAGES, Work};
 use crate::{
     attempt::{Attempt, read_record},
     clock::WallClock,
@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// Records handled per wake-up at most, so that a storm cannot starve signal handling.
-pub(super) const MAX_BATCH: usize = 4096;
+pub(super) const MAX_BATCH: usize = 1024;
 
 /// At most one "enrichment is behind" warning this often.
 const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
@@ -77,11 +77,11 @@ impl Reader {
         }
     }
 
-    /// Up to `MAX_BATCH` decoded attempts, and how many records that took.
-    fn next_batch(&mut self) -> (Vec<Attempt>, usize) {
+    /// Up to `limit` decoded attempts, and how many records that took.
+    fn next_batch(&mut self, limit: usize) -> (Vec<Attempt>, usize) {
         let mut read = 0;
         let mut attempts = Vec::new();
-        while read < MAX_BATCH {
+        while read < limit {
             let Some(attempt) = self.next_attempt(&mut read) else {
                 break;
             };
@@ -91,10 +91,16 @@ impl Reader {
         (attempts, read)
     }
 
-    /// Reads up to `MAX_BATCH` finished attempts and hands them over in one batch; returns
-    /// how many records were read.
+    /// Reads up to `MAX_BATCH` finished attempts, as many as the worker has room for, and
+    /// hands them over in one batch; returns how many records were read. With no room it
+    /// reads nothing: the records wait in the ring buffer, and [`Backlog::room`] says when to
+    /// come back.
     pub(super) fn read_attempts(&mut self) -> usize {
-        let (mut attempts, read) = self.next_batch();
+        let free = self.backlog.free();
+        if free == 0 {
+            return 0;
+        }
+        let (mut attempts, read) = self.next_batch(free.min(MAX_BATCH));
         let decoded = attempts.len();
         let fit = self.backlog.reserve(decoded);
         attempts.truncate(fit);
@@ -123,6 +129,11 @@ impl Reader {
         }
     }
 
+    /// What waits for the worker; [`Backlog::room`] says when the reader may read again.
+    pub(super) fn backlog(&self) -> Backlog {
+        self.backlog.clone()
+    }
+
     /// Asks the worker to forget processes that have exited; a sweep that does not fit now
     /// is made at the next one.
     pub(super) fn sweep(&self) {
@@ -134,7 +145,7 @@ impl Reader {
     pub(super) async fn drain(&mut self) {
         self.read_notes();
         loop {
-            let (attempts, read) = self.next_batch();
+            let (attempts, read) = self.next_batch(MAX_BATCH);
             if read == 0 {
                 break;
             }
@@ -172,9 +183,9 @@ impl Reader {
             self.last_full_warning = Some(Instant::now());
             tracing::warn!(
                 dropped = n,
-                "enrichment is {} attempts behind the kernel: dropping attempts (counted as \
+                "enrichment is {} hand-overs behind the kernel: dropping attempts (counted as \
                  enrich_queue_full); /proc or symbol reads are slow on this host",
-                QUEUE
+                MESSAGES
             );
         }
     }
