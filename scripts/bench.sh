@@ -3,7 +3,7 @@
 # (A/B pairs, four modes), synspan's CPU time and peak RSS, and its accounting. Prints the
 # table and writes BENCHMARKS.md. Needs root: it loads eBPF programs and creates (and
 # removes) a network namespace, the only place it sends traffic to.
-#   sudo scripts/bench.sh                          # 3 pairs x 4 modes x 5 s, about 5 minutes
+#   sudo scripts/bench.sh                          # 3 pairs x 4 modes x 5 s, and the peers, about 8 minutes
 #   sudo scripts/bench.sh --pairs 5 --seconds 10   # see `target/release/synspan-bench --help`
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,15 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 scripts/setup.sh
 scripts/setup-test.sh
+# The peers measured beside synspan (synspan-bench --peers).
+need_apt=()
+for pkg in bpftrace libbpf-tools; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "bench: installing ${need_apt[*]}" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
 cargo build --release --bins >&2
 # The command line BENCHMARKS.md names, quoted so that it can be run again as it is.
 SYNSPAN_BENCH_COMMAND="scripts/bench.sh"

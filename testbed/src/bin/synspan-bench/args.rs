@@ -5,6 +5,11 @@ use std::path::PathBuf;
 use clap::Parser;
 use synspan_testbed::repo_root;
 
+use crate::{
+    mode::Mode,
+    peers::{PEERS, Peer},
+};
+
 /// A/B benchmark of synspan on a loopback connect storm, inside a network namespace it
 /// creates. Prints a table and writes BENCHMARKS.md. Needs root.
 #[derive(Debug, Parser)]
@@ -34,6 +39,13 @@ pub(crate) struct Args {
     #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1,2,3,4",
           value_parser = clap::value_parser!(u8).range(1..=4))]
     pub(crate) modes: Vec<u8>,
+
+    /// Tools measured on the same storms, in the same pairs, instead of synspan: of
+    /// bpftrace-count, bpftrace-seed, tcplife, tcpstates; `none` for none. They run in the
+    /// pairs of the first mode of each storm (success, refused) that `--modes` names.
+    #[arg(long, value_name = "LIST", value_delimiter = ',',
+          default_value = "bpftrace-count,bpftrace-seed,tcplife,tcpstates", value_parser = peer_name)]
+    peers: Vec<String>,
 
     /// Reruns of a pair disturbed by other load.
     #[arg(long, value_name = "N", default_value_t = 2,
@@ -69,6 +81,20 @@ impl Args {
         self.synspan_args.split_whitespace().collect()
     }
 
+    /// The peers asked for, in order.
+    pub(crate) fn peers(&self) -> Vec<&'static Peer> {
+        self.peers.iter().filter_map(|name| Peer::by_name(name)).collect()
+    }
+
+    /// Whether the peers run in this mode's pairs: the first mode of its storm.
+    pub(crate) fn peers_run_in(&self, mode: &Mode) -> bool {
+        self.modes
+            .iter()
+            .map(|&id| Mode::by_id(usize::from(id)))
+            .find(|m| m.storm == mode.storm)
+            .is_some_and(|first| first.id == mode.id)
+    }
+
     /// Where the report goes, if anywhere.
     pub(crate) fn report_path(&self) -> Option<PathBuf> {
         if self.no_write {
@@ -79,6 +105,18 @@ impl Args {
                 .clone()
                 .unwrap_or_else(|| repo_root().join("BENCHMARKS.md")),
         )
+    }
+}
+
+fn peer_name(s: &str) -> Result<String, String> {
+    if s == "none" || Peer::by_name(s).is_some() {
+        Ok(s.to_string())
+    } else {
+        let names: Vec<&str> = PEERS.iter().map(|p| p.name).collect();
+        Err(format!(
+            "no such peer; the peers are {}, or none",
+            names.join(", ")
+        ))
     }
 }
 
@@ -110,6 +148,10 @@ mod tests {
             (3, 5.0, 5_000_000, 2, 2)
         );
         assert_eq!(a.modes, [1, 2, 3, 4]);
+        assert_eq!(a.peers().len(), PEERS.len());
+        // Success storms: mode 1 first; refused: mode 3.
+        let runs_peers: Vec<bool> = (1..=4).map(|id| a.peers_run_in(Mode::by_id(id))).collect();
+        assert_eq!(runs_peers, [true, false, true, false]);
         assert!(a.synspan_args().is_empty());
         assert!(a.report_path().is_some_and(|p| p.ends_with("BENCHMARKS.md")));
         let a = Args::try_parse_from([
@@ -119,9 +161,12 @@ mod tests {
             "--synspan-args",
             "--export-queue-size 65536",
             "--no-write",
+            "--peers",
+            "none",
         ])
         .unwrap();
         assert_eq!(a.modes, [3, 1]);
+        assert!(a.peers().is_empty());
         assert_eq!(a.synspan_args(), ["--export-queue-size", "65536"]);
         assert_eq!(a.report_path(), None);
         for bad in [
@@ -131,6 +176,7 @@ mod tests {
             &["--modes", "5"],
             &["--threads", "0"],
             &["--retries", "11"],
+            &["--peers", "perf"],
             &["--out", "x.md", "--no-write"],
         ] {
             let argv = std::iter::once("synspan-bench").chain(bad.iter().copied());

@@ -22,6 +22,7 @@ mod checks;
 mod inside;
 mod measure;
 mod mode;
+mod peers;
 mod report;
 mod runner;
 mod summary;
@@ -87,6 +88,9 @@ fn main() -> anyhow::Result<()> {
     for bin in ["synspan", "synspan-storm"] {
         workspace_bin(bin);
     }
+    for peer in args.peers() {
+        peer.check_installed()?;
+    }
     let command = command_line();
     let date = report::utc_now();
     let _stats = if args.bpf_stats {
@@ -127,6 +131,11 @@ fn main() -> anyhow::Result<()> {
     let summaries = summarize(&runs);
     println!("{}", report::table(&summaries));
     println!("{}", report::targets(&summaries, &runs));
+    let peers = summary::summarize_peers(&runs);
+    if !peers.is_empty() {
+        println!("{}", report::peer_table(&summaries, &peers));
+        println!("{}", report::peer_targets(&summaries, &peers, &runs));
+    }
     println!("{}", report::cost_table(&summaries, args.bpf_stats));
     if let Some(out) = args.report_path() {
         fs::write(&out, &doc).with_context(|| format!("writing {}", out.display()))?;
@@ -183,6 +192,25 @@ fn run_pairs(bench: &Bench, runs: &mut Vec<Run>, discarded: &mut Vec<(Run, Run)>
                 }
                 runs.push(a);
                 runs.push(b);
+                if args.peers_run_in(mode) {
+                    for peer in args.peers() {
+                        check_interrupted()?;
+                        let p = bench.peer(mode, pair, peer)?;
+                        let cost = p.peer.as_ref().expect("a peer's run has its peer");
+                        eprintln!(
+                            "synspan-bench: mode {id} pair {pair} {}: {:.0} conn/s ({} attempts; others {:.2} \
+                             CPU s); cpu={:.2}s hwm={:.1}MiB",
+                            peer.name,
+                            p.storm.per_second,
+                            p.storm.attempts,
+                            p.host.others_cpu_s,
+                            cost.cpu_storm_s,
+                            cost.hwm_mib
+                        );
+                        thread::sleep(Duration::from_millis(500));
+                        runs.push(p);
+                    }
+                }
                 break;
             }
         }

@@ -8,7 +8,7 @@ use std::{
     time::SystemTime,
 };
 
-use synspan_testbed::{repo_root, workspace_bin};
+use synspan_testbed::{bench, repo_root, workspace_bin};
 
 use crate::{
     args::Args,
@@ -16,7 +16,7 @@ use crate::{
     measure::{CALM_LIMIT, OTHERS_MAX_CPU},
     mode::{MODES, Mode},
     runner::{AgentRun, QUIET, Run, SHUTDOWN_TIMEOUT_S},
-    summary::{Summary, summarize},
+    summary::{PeerSummary, Summary, summarize, summarize_peers},
 };
 
 /// Peak RSS the project sets as synspan's limit.
@@ -211,6 +211,95 @@ pub(crate) fn targets(summaries: &[Summary], runs: &[Run]) -> String {
     out
 }
 
+/// The peers beside synspan, storm by storm.
+pub(crate) fn peer_table(summaries: &[Summary], peers: &[PeerSummary]) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "| storm | tool | median conn/s | ratio | tool's CPU µs/attempt | storm CPU µs/attempt | peak RSS MiB |\n\
+         |---|---|---:|---:|---:|---:|---:|\n",
+    );
+    for storm in [bench::SUCCESS, bench::REFUSED] {
+        for p in peers.iter().filter(|p| p.mode.storm == storm) {
+            let _ = writeln!(
+                out,
+                "| {storm} | {} | {} | {:.2} | {:.1} | {:.1} | {:.1} |",
+                p.peer.what,
+                thousands(p.traced),
+                p.ratio,
+                p.cpu_us,
+                p.storm_cpu_us,
+                p.rss_mib
+            );
+        }
+        for s in summaries.iter().filter(|s| s.mode.storm == storm) {
+            let _ = writeln!(
+                out,
+                "| {storm} | synspan: mode {}, {} | {} | {:.2} | {:.1} | {:.1} | {:.1} |",
+                s.mode.id,
+                s.mode.name,
+                thousands(s.traced),
+                s.ratio,
+                s.synspan_cpu_us,
+                s.storm_cpu_us_b,
+                s.rss_mib
+            );
+        }
+    }
+    out
+}
+
+/// The targets that name a peer: a synspan mode's ratio against a peer's on the same storm,
+/// some with drop reasons that must stay at zero.
+pub(crate) fn peer_targets(summaries: &[Summary], peers: &[PeerSummary], runs: &[Run]) -> String {
+    let targets: [(usize, &str, &[&str]); 3] = [
+        (2, "bpftrace-count", &[]),
+        (1, "bpftrace-seed", &["export_queue_full"]),
+        (3, "bpftrace-seed", &["ringbuf_full", "export_queue_full"]),
+    ];
+    let mut out = String::new();
+    for (mode, peer, zero) in targets {
+        let Some(s) = summaries.iter().find(|s| s.mode.id == mode) else {
+            continue;
+        };
+        let Some(p) = peers
+            .iter()
+            .find(|p| p.peer.name == peer && p.mode.storm == s.mode.storm)
+        else {
+            continue;
+        };
+        let drops: Vec<String> = zero
+            .iter()
+            .map(|reason| {
+                let n: u64 = runs
+                    .iter()
+                    .filter(|r| r.mode == mode)
+                    .filter_map(|r| r.agent.as_ref())
+                    .map(|t| t.get(reason))
+                    .sum();
+                (reason, n)
+            })
+            .filter(|&(_, n)| n > 0)
+            .map(|(reason, n)| format!("{reason} = {n}"))
+            .collect();
+        let also = if zero.is_empty() {
+            String::new()
+        } else {
+            format!(", with no {}", zero.join(" and no "))
+        };
+        let verdict = match (s.ratio >= p.ratio, drops.is_empty()) {
+            (true, true) => "**met**".to_string(),
+            (false, _) => format!("**missed** by {:.2}", p.ratio - s.ratio),
+            (true, false) => format!("**missed**: {}", drops.join(", ")),
+        };
+        let _ = writeln!(
+            out,
+            "- mode {mode} ({}) at or above `{}` ({:.2}){also}: {verdict} ({:.2}).",
+            s.mode.name, p.peer.name, p.ratio, s.ratio
+        );
+    }
+    out
+}
+
 pub(crate) fn cost_table(summaries: &[Summary], bpf_stats: bool) -> String {
     let mut out = String::new();
     out.push_str(
@@ -292,7 +381,7 @@ fn details(runs: &[Run]) -> String {
         let mode = Mode::by_id(b.mode);
         let a = runs
             .iter()
-            .find(|r| r.mode == b.mode && r.pair == b.pair && r.agent.is_none());
+            .find(|r| r.mode == b.mode && r.pair == b.pair && r.is_baseline());
         let t = b.agent.as_ref().expect("traced run");
         let e = exactness(mode, b).expect("traced run");
         let yes = |ok: bool| if ok { "yes" } else { "**no**" };
@@ -365,7 +454,11 @@ fn details(runs: &[Run]) -> String {
                 "- mode {} pair {} {}: {} of {} attempts failed: {:?}",
                 r.mode,
                 r.pair,
-                if r.agent.is_some() { "B" } else { "A" },
+                match (&r.agent, &r.peer) {
+                    (Some(_), _) => "B",
+                    (None, Some(p)) => p.peer.name,
+                    (None, None) => "A",
+                },
                 r.storm.failed,
                 r.storm.attempts,
                 r.storm.errors
@@ -451,6 +544,19 @@ pub(crate) fn document(
         table(&summaries),
         targets(&summaries, runs),
     );
+    let peers = summarize_peers(runs);
+    if !peers.is_empty() {
+        let _ = write!(
+            doc,
+            "## Peers on the same storms\n\n\
+             The tools an engineer would run instead, in the same pairs as synspan (after its B run, on \
+             the same storm) and against the same baselines. The bpftrace scripts are in `testbed/peers/`. \
+             The tool's CPU is its own process's while the storm ran (what it does in user space); its \
+             programs run inside the storm's threads, in the storm's CPU.\n\n{}\n{}\n",
+            peer_table(&summaries, &peers),
+            peer_targets(&summaries, &peers, runs)
+        );
+    }
     let _ = write!(
         doc,
         "## Where the time goes\n\n\
@@ -527,4 +633,77 @@ pub(crate) fn utc_now() -> String {
     let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     // 2026-12-01T21:40:31Z
     format!("{} {} UTC", &stamp[..10], &stamp[11..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use synspan_testbed::bench::StormReport;
+
+    use super::*;
+    use crate::{
+        peers::Peer,
+        runner::{AgentRun, PeerRun},
+    };
+
+    fn run(mode: usize, per_second: f64, agent: Option<AgentRun>, peer: Option<&'static str>) -> Run {
+        Run {
+            mode,
+            pair: 1,
+            storm: StormReport {
+                attempts: 1000,
+                per_second,
+                ..Default::default()
+            },
+            storm_cpu_s: 0.0,
+            host: Default::default(),
+            agent,
+            peer: peer.map(|name| PeerRun {
+                peer: Peer::by_name(name).unwrap(),
+                cpu_storm_s: 0.001,
+                hwm_mib: 10.0,
+            }),
+        }
+    }
+
+    fn agent(counters: &[(&str, u64)]) -> Option<AgentRun> {
+        Some(AgentRun {
+            accounting: counters.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_peer_target_needs_the_ratio_and_no_drops_under_the_named_reasons() {
+        let runs = [
+            run(3, 100.0, None, None),
+            run(3, 85.0, agent(&[("export_queue_full", 5)]), None),
+            run(3, 80.0, None, Some("bpftrace-seed")),
+            run(1, 100.0, None, None),
+            run(1, 70.0, agent(&[]), None),
+            run(1, 75.0, None, Some("bpftrace-seed")),
+        ];
+        let summaries = summarize(&runs);
+        let peers = summarize_peers(&runs);
+        assert_eq!(peers.len(), 2);
+        assert!(
+            (peers[0].ratio - 0.75).abs() < 1e-9,
+            "mode 1's peer against mode 1's baseline"
+        );
+        let text = peer_targets(&summaries, &peers, &runs);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].starts_with("- mode 1") && lines[0].contains("**missed** by 0.05"),
+            "{text}"
+        );
+        assert!(
+            lines[1].starts_with("- mode 3") && lines[1].contains("**missed**: export_queue_full = 5"),
+            "{text}"
+        );
+        let table = peer_table(&summaries, &peers);
+        assert!(
+            table.contains("| refused | bpftrace, the incident script's"),
+            "{table}"
+        );
+    }
 }

@@ -22,6 +22,7 @@ use crate::{
     args::Args,
     measure::{self, Disturbance, HostSnapshot, ProgStat},
     mode::Mode,
+    peers::Peer,
 };
 
 /// synspan gets this long to flush at SIGTERM; the benchmark waits for the export to go
@@ -93,7 +94,16 @@ impl AgentRun {
     }
 }
 
-/// One run: A (`agent` is `None`) or B.
+/// What a peer cost in one of its runs.
+#[derive(Clone, Debug)]
+pub(crate) struct PeerRun {
+    pub(crate) peer: &'static Peer,
+    /// While the storm ran.
+    pub(crate) cpu_storm_s: f64,
+    pub(crate) hwm_mib: f64,
+}
+
+/// One run: A (the storm alone), B (synspan, `agent`) or a peer's (`peer`).
 #[derive(Clone, Debug)]
 pub(crate) struct Run {
     pub(crate) mode: usize,
@@ -102,9 +112,15 @@ pub(crate) struct Run {
     pub(crate) storm_cpu_s: f64,
     pub(crate) host: Disturbance,
     pub(crate) agent: Option<AgentRun>,
+    pub(crate) peer: Option<PeerRun>,
 }
 
 impl Run {
+    /// The storm alone.
+    pub(crate) fn is_baseline(&self) -> bool {
+        self.agent.is_none() && self.peer.is_none()
+    }
+
     pub(crate) fn storm_cpu_us(&self) -> f64 {
         self.storm_cpu_s * 1e6 / self.storm.attempts.max(1) as f64
     }
@@ -126,6 +142,31 @@ impl Bench<'_> {
             storm_cpu_s: storm.cpu_s,
             host: Disturbance::between(&host, &HostSnapshot::take()),
             agent: None,
+            peer: None,
+        })
+    }
+
+    /// The storm with a peer instead of synspan.
+    pub(crate) fn peer(&self, mode: &Mode, pair: u32, peer: &'static Peer) -> anyhow::Result<Run> {
+        let running = peer.start()?;
+        let cpu_start = measure::cpu_seconds(running.pid()).unwrap_or(0.0);
+        let host = HostSnapshot::take();
+        let storm = storm(self.args, mode.storm)?;
+        let host = Disturbance::between(&host, &HostSnapshot::take());
+        let cpu_storm_s = measure::cpu_seconds(running.pid()).unwrap_or(f64::NAN) - cpu_start;
+        let stopped = running.stop()?;
+        Ok(Run {
+            mode: mode.id,
+            pair,
+            storm: storm.report,
+            storm_cpu_s: storm.cpu_s,
+            host,
+            agent: None,
+            peer: Some(PeerRun {
+                peer,
+                cpu_storm_s,
+                hwm_mib: stopped.hwm_mib,
+            }),
         })
     }
 
@@ -198,6 +239,7 @@ impl Bench<'_> {
             storm_cpu_s: storm.cpu_s,
             host,
             agent: Some(run),
+            peer: None,
         })
     }
 }

@@ -3,6 +3,7 @@
 use crate::{
     checks::exactness,
     mode::{MODES, Mode},
+    peers::{PEERS, Peer},
     runner::Run,
 };
 
@@ -31,7 +32,7 @@ pub(crate) fn summarize(runs: &[Run]) -> Vec<Summary> {
         .filter_map(|mode| {
             let a: Vec<&Run> = runs
                 .iter()
-                .filter(|r| r.mode == mode.id && r.agent.is_none())
+                .filter(|r| r.mode == mode.id && r.is_baseline())
                 .collect();
             let b: Vec<&Run> = runs
                 .iter()
@@ -71,6 +72,57 @@ pub(crate) fn summarize(runs: &[Run]) -> Vec<Summary> {
             })
         })
         .collect()
+}
+
+/// A peer on one mode's storm: its runs against the same mode's baselines.
+pub(crate) struct PeerSummary {
+    pub(crate) peer: &'static Peer,
+    pub(crate) mode: &'static Mode,
+    pub(crate) traced: f64,
+    pub(crate) ratio: f64,
+    /// The peer's own CPU while the storm ran, per attempt.
+    pub(crate) cpu_us: f64,
+    /// The storm's CPU per attempt, in which the peer's programs run.
+    pub(crate) storm_cpu_us: f64,
+    pub(crate) rss_mib: f64,
+}
+
+/// One summary per peer and mode that has both peer runs and baselines.
+pub(crate) fn summarize_peers(runs: &[Run]) -> Vec<PeerSummary> {
+    let mut out = Vec::new();
+    for mode in &MODES {
+        let base = median(
+            runs.iter()
+                .filter(|r| r.mode == mode.id && r.is_baseline())
+                .map(|r| r.storm.per_second)
+                .collect(),
+        );
+        for peer in &PEERS {
+            let p: Vec<&Run> = runs
+                .iter()
+                .filter(|r| r.mode == mode.id && r.peer.as_ref().is_some_and(|c| c.peer.name == peer.name))
+                .collect();
+            if p.is_empty() || !base.is_finite() {
+                continue;
+            }
+            let cost = |r: &Run| r.peer.clone().expect("a peer's run");
+            let traced = median(p.iter().map(|r| r.storm.per_second).collect());
+            out.push(PeerSummary {
+                peer,
+                mode,
+                traced,
+                ratio: traced / base,
+                cpu_us: median(
+                    p.iter()
+                        .map(|r| cost(r).cpu_storm_s * 1e6 / r.storm.attempts.max(1) as f64)
+                        .collect(),
+                ),
+                storm_cpu_us: median(p.iter().map(|r| r.storm_cpu_us()).collect()),
+                rss_mib: p.iter().map(|r| cost(r).hwm_mib).fold(0.0, f64::max),
+            });
+        }
+    }
+    out
 }
 
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
