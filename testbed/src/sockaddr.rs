@@ -5,7 +5,7 @@ use std::{
     io,
     mem::{size_of, zeroed},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
 /// A libc return value as a `Result`, with errno on failure.
@@ -93,6 +93,51 @@ pub fn from_raw(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
         }
         _ => None,
     }
+}
+
+/// An IPv4 TCP socket.
+pub fn tcp_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the fd is owned right away.
+    let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: the fd was just returned by socket() and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `setsockopt(2)` with a value of type `T`.
+pub fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` is a valid T for the length given.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// A socket bound to 127.0.0.1 at `port` (0: an ephemeral one); listening if `backlog` is
+/// given.
+pub fn bound_loopback(port: u16, backlog: Option<i32>) -> io::Result<(OwnedFd, SocketAddr)> {
+    let fd = tcp_socket()?;
+    setsockopt(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &1 as &libc::c_int)?;
+    let (raw, len) = to_raw(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port));
+    // SAFETY: raw/len describe a valid sockaddr_in.
+    check(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    })?;
+    if let Some(backlog) = backlog {
+        // SAFETY: plain syscall on an fd we own.
+        check(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
+    }
+    let addr = local_addr(&fd)?;
+    Ok((fd, addr))
 }
 
 #[cfg(test)]

@@ -24,12 +24,8 @@
 
 use std::{
     collections::HashMap,
-    ffi::CString,
     net::{Ipv4Addr, SocketAddr},
-    os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::{ffi::OsStrExt, process::CommandExt},
-    },
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::PathBuf,
     process::Command,
     sync::atomic::{AtomicBool, Ordering::Relaxed},
@@ -38,8 +34,9 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use synspan_testbed::{
+    cgroup::join_before_exec,
     churn::{ChurnReport, Client},
-    sockaddr::{check, to_raw},
+    sockaddr::{bound_loopback, check, setsockopt, tcp_socket, to_raw},
 };
 
 /// The whole churn gives up after this long: clients still running are waited for, no new
@@ -114,33 +111,6 @@ fn enter_netns(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn tcp_socket() -> std::io::Result<OwnedFd> {
-    // SAFETY: plain syscall; the fd is owned right away.
-    let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: the fd was just returned by socket() and is owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// 127.0.0.1:`port`, bound; listening when `listen`.
-fn bound(port: u16, listen: bool) -> anyhow::Result<OwnedFd> {
-    let fd = tcp_socket()?;
-    let (raw, len) = to_raw(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port));
-    // SAFETY: raw/len describe a valid sockaddr_in.
-    check(unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&raw as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    })
-    .with_context(|| format!("binding 127.0.0.1:{port}"))?;
-    if listen {
-        // SAFETY: plain syscall on an fd we own.
-        check(unsafe { libc::listen(fd.as_raw_fd(), 4096) })?;
-    }
-    Ok(fd)
-}
-
 /// The client: one blocking attempt per `PORT:EXPECT` (`refused` or `established`); exit
 /// status 0 when each ended so.
 fn client(targets: impl Iterator<Item = String>) -> anyhow::Result<()> {
@@ -153,16 +123,7 @@ fn client(targets: impl Iterator<Item = String>) -> anyhow::Result<()> {
             l_onoff: 1,
             l_linger: 0,
         };
-        // SAFETY: `linger` is a valid struct linger for the length given.
-        check(unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&linger as *const libc::linger).cast(),
-                size_of::<libc::linger>() as libc::socklen_t,
-            )
-        })?;
+        setsockopt(&fd, libc::SOL_SOCKET, libc::SO_LINGER, &linger)?;
         let (raw, len) = to_raw(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port));
         // SAFETY: raw/len describe a valid sockaddr_in.
         let ret = unsafe {
@@ -229,25 +190,8 @@ fn command(args: &Args, exe: &std::path::Path, i: u32, client: &mut Client) -> a
     }
     if args.cgroup_every > 0 && i % args.cgroup_every == 0 {
         let dir = &args.cgroups[(i / args.cgroup_every) as usize % args.cgroups.len()];
-        let procs = CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())?;
         client.cgroup = Some(dir.clone());
-        // SAFETY: between fork and exec the closure only makes async-signal-safe syscalls
-        // (open, write, close) on memory allocated before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // "0": the writer itself.
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if written != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            })
-        };
+        join_before_exec(&mut cmd, &dir.join("cgroup.procs"))?;
     }
     Ok(cmd)
 }
@@ -261,8 +205,10 @@ fn reap_one() -> anyhow::Result<(i32, bool)> {
 }
 
 fn churn(args: &Args) -> anyhow::Result<ChurnReport> {
-    let _refused = bound(args.refused_port, false)?;
-    let listener = bound(args.listen_port, true)?;
+    let (_refused, _) = bound_loopback(args.refused_port, None)
+        .with_context(|| format!("binding 127.0.0.1:{}", args.refused_port))?;
+    let (listener, _) = bound_loopback(args.listen_port, Some(4096))
+        .with_context(|| format!("binding 127.0.0.1:{}", args.listen_port))?;
     let stop = AtomicBool::new(false);
     let started = Instant::now();
     let deadline = started + DEADLINE;
