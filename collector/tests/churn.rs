@@ -224,7 +224,7 @@ fn twenty_thousand_short_lived_processes_are_all_exported_within_64_mib() {
         .iter()
         .filter_map(|c| {
             let got = sink.service_of_pid.get(&i64::from(c.pid))?;
-            (Some(got) != c.service.as_ref() && got != "synspan-churn").then(|| (c.pid, got))
+            (Some(got) != c.service.as_ref() && got != "synspan-churn").then_some((c.pid, got))
         })
         .take(10)
         .collect();

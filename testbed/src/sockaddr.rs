@@ -6,6 +6,8 @@ use std::{
     mem::{size_of, zeroed},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::atomic::{AtomicBool, Ordering::Relaxed},
+    time::Duration,
 };
 
 /// A libc return value as a `Result`, with errno on failure.
@@ -150,6 +152,33 @@ mod tests {
             let addr: SocketAddr = addr.parse().unwrap();
             let (raw, _) = to_raw(addr);
             assert_eq!(from_raw(&raw), Some(addr));
+        }
+    }
+}
+
+/// Accepts and closes connections until `stop` is set and the listener is shut down (which
+/// wakes a blocked accept); returns how many it accepted.
+pub fn accept_and_close(listener: &OwnedFd, stop: &AtomicBool) -> u64 {
+    let mut accepted = 0;
+    loop {
+        // SAFETY: plain syscall; a returned fd is owned and closed right away.
+        let fd = unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: accept() just returned this fd; nothing else owns it.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            accepted += 1;
+        } else if stop.load(Relaxed) {
+            return accepted;
+        } else if io::Error::last_os_error().raw_os_error() == Some(libc::EMFILE) {
+            // Out of descriptors: let the closes catch up rather than spin.
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }

@@ -25,7 +25,7 @@
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::AsRawFd,
     path::PathBuf,
     process::Command,
     sync::atomic::{AtomicBool, Ordering::Relaxed},
@@ -36,7 +36,7 @@ use anyhow::{Context, bail, ensure};
 use synspan_testbed::{
     cgroup::join_before_exec,
     churn::{ChurnReport, Client},
-    sockaddr::{bound_loopback, check, setsockopt, tcp_socket, to_raw},
+    sockaddr::{accept_and_close, bound_loopback, check, setsockopt, tcp_socket, to_raw},
 };
 
 /// The whole churn gives up after this long: clients still running are waited for, no new
@@ -151,25 +151,6 @@ fn client(targets: impl Iterator<Item = String>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Accepts and closes until `stop`, then the listener is shut down.
-fn acceptor(listener: &OwnedFd, stop: &AtomicBool) {
-    while !stop.load(Relaxed) {
-        // SAFETY: plain syscall; a returned fd is owned and closed right away.
-        let fd = unsafe {
-            libc::accept4(
-                listener.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_CLOEXEC,
-            )
-        };
-        if fd >= 0 {
-            // SAFETY: accept() just returned this fd; nothing else owns it.
-            drop(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
-    }
-}
-
 /// A client's command: its attempts, its service name, its cgroup.
 fn command(args: &Args, exe: &std::path::Path, i: u32, client: &mut Client) -> anyhow::Result<Command> {
     let refused = format!("{}:refused", args.refused_port);
@@ -215,7 +196,7 @@ fn churn(args: &Args) -> anyhow::Result<ChurnReport> {
     let mut report = ChurnReport::default();
     let exe = std::env::current_exe().context("this binary's path")?;
     std::thread::scope(|scope| -> anyhow::Result<()> {
-        scope.spawn(|| acceptor(&listener, &stop));
+        scope.spawn(|| accept_and_close(&listener, &stop));
         let mut running: HashMap<i32, Client> = HashMap::new();
         let result = (|| -> anyhow::Result<()> {
             for i in 0..args.processes {

@@ -35,7 +35,7 @@ use std::{
     collections::BTreeMap,
     io,
     net::SocketAddr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::AsRawFd,
     sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     time::{Duration, Instant},
 };
@@ -43,7 +43,7 @@ use std::{
 use anyhow::{Context, bail};
 use synspan_testbed::{
     bench::{self, StormReport},
-    sockaddr::{bound_loopback, setsockopt, tcp_socket, to_raw},
+    sockaddr::{accept_and_close, bound_loopback, setsockopt, tcp_socket, to_raw},
 };
 
 struct Args {
@@ -169,32 +169,6 @@ fn worker(
     Ok(tally)
 }
 
-/// Accepts and closes connections until `stop` is set and the listener is shut down.
-fn acceptor(listener: &OwnedFd, stop: &AtomicBool) -> u64 {
-    let mut accepted = 0;
-    loop {
-        // SAFETY: plain syscall; a returned fd is owned and closed right away.
-        let fd = unsafe {
-            libc::accept4(
-                listener.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_CLOEXEC,
-            )
-        };
-        if fd >= 0 {
-            // SAFETY: accept() just returned this fd; nothing else owns it.
-            drop(unsafe { OwnedFd::from_raw_fd(fd) });
-            accepted += 1;
-        } else if stop.load(Relaxed) {
-            return accepted;
-        } else if io::Error::last_os_error().raw_os_error() == Some(libc::EMFILE) {
-            // Out of descriptors: let the closes catch up rather than spin.
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     let success = args.mode == bench::SUCCESS;
@@ -211,7 +185,7 @@ fn main() -> anyhow::Result<()> {
     let (tallies, seconds) = std::thread::scope(|scope| {
         let acceptors: Vec<_> = if success {
             (0..args.accept_threads)
-                .map(|_| scope.spawn(|| acceptor(&holder, &stop)))
+                .map(|_| scope.spawn(|| accept_and_close(&holder, &stop)))
                 .collect()
         } else {
             Vec::new()
