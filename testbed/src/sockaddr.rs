@@ -142,20 +142,6 @@ pub fn bound_loopback(port: u16, backlog: Option<i32>) -> io::Result<(OwnedFd, S
     Ok((fd, addr))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn round_trips() {
-        for addr in ["127.0.0.1:8080", "[::1]:443"] {
-            let addr: SocketAddr = addr.parse().unwrap();
-            let (raw, _) = to_raw(addr);
-            assert_eq!(from_raw(&raw), Some(addr));
-        }
-    }
-}
-
 /// Accepts and closes connections until `stop` is set and the listener is shut down (which
 /// wakes a blocked accept); returns how many it accepted.
 pub fn accept_and_close(listener: &OwnedFd, stop: &AtomicBool) -> u64 {
@@ -179,6 +165,20 @@ pub fn accept_and_close(listener: &OwnedFd, stop: &AtomicBool) -> u64 {
         } else if io::Error::last_os_error().raw_os_error() == Some(libc::EMFILE) {
             // Out of descriptors: let the closes catch up rather than spin.
             std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        for addr in ["127.0.0.1:8080", "[::1]:443"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let (raw, _) = to_raw(addr);
+            assert_eq!(from_raw(&raw), Some(addr));
         }
     }
 }

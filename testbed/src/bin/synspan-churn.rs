@@ -164,12 +164,12 @@ fn command(args: &Args, exe: &std::path::Path, i: u32, client: &mut Client) -> a
     let mut cmd = Command::new(exe);
     cmd.arg("--client").args(targets);
     cmd.stdin(std::process::Stdio::null());
-    if args.service_every > 0 && i % args.service_every == 0 {
+    if args.service_every > 0 && i.is_multiple_of(args.service_every) {
         let name = format!("churn-{}", i % 7);
         cmd.env("OTEL_SERVICE_NAME", &name);
         client.service = Some(name);
     }
-    if args.cgroup_every > 0 && i % args.cgroup_every == 0 {
+    if args.cgroup_every > 0 && i.is_multiple_of(args.cgroup_every) {
         let dir = &args.cgroups[(i / args.cgroup_every) as usize % args.cgroups.len()];
         client.cgroup = Some(dir.clone());
         join_before_exec(&mut cmd, &dir.join("cgroup.procs"))?;
