@@ -3,12 +3,14 @@
 //!
 //! ```text
 //! synspan-churn --netns NAME --processes N [--parallel P] [--refused-port R] [--listen-port L]
-//!               [--service-every K] [--cgroup-every K --cgroup DIR...]
+//!               [--rate R] [--service-every K] [--cgroup-every K --cgroup DIR...]
 //! ```
 //! --netns         the network namespace (`ip netns add NAME`) to enter before anything else;
 //!                 entered with setns, so that the host's mounts (the cgroup v2 tree) stay
 //! --processes     how many clients to start in all
 //! --parallel      how many run at once (default 32)
+//! --rate          start at most R clients a second (default 0: as fast as they finish), so
+//!                 that a soak's load is the same on a quiet host and a busy one
 //! --refused-port  a port of 127.0.0.1 held bound, not listening: refused (default 23471)
 //! --listen-port   a port of 127.0.0.1 listened on and accepted: established (default 23472)
 //! --service-every every Kth client gets `OTEL_SERVICE_NAME=churn-K` (default 3, 0: none)
@@ -47,6 +49,7 @@ struct Args {
     netns: String,
     processes: u32,
     parallel: u32,
+    rate: u32,
     refused_port: u16,
     listen_port: u16,
     service_every: u32,
@@ -54,14 +57,16 @@ struct Args {
     cgroups: Vec<PathBuf>,
 }
 
-const USAGE: &str = "usage: synspan-churn --netns NAME --processes N [--parallel P] [--refused-port R] \
-                     [--listen-port L] [--service-every K] [--cgroup-every K --cgroup DIR...]";
+const USAGE: &str = "usage: synspan-churn --netns NAME --processes N [--parallel P] [--rate R] \
+                     [--refused-port R] [--listen-port L] [--service-every K] \
+                     [--cgroup-every K --cgroup DIR...]";
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Args> {
     let mut parsed = Args {
         netns: String::new(),
         processes: 0,
         parallel: 32,
+        rate: 0,
         refused_port: 23471,
         listen_port: 23472,
         service_every: 3,
@@ -77,6 +82,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Args> {
             "--netns" => parsed.netns = value,
             "--processes" => parsed.processes = value.parse().with_context(|| number("a count"))?,
             "--parallel" => parsed.parallel = value.parse().with_context(|| number("a count"))?,
+            "--rate" => parsed.rate = value.parse().with_context(|| number("a count"))?,
             "--refused-port" => parsed.refused_port = value.parse().with_context(|| number("a port"))?,
             "--listen-port" => parsed.listen_port = value.parse().with_context(|| number("a port"))?,
             "--service-every" => parsed.service_every = value.parse().with_context(|| number("a count"))?,
@@ -202,6 +208,10 @@ fn churn(args: &Args) -> anyhow::Result<ChurnReport> {
             for i in 0..args.processes {
                 if Instant::now() >= deadline {
                     break;
+                }
+                if args.rate > 0 {
+                    let due = started + Duration::from_secs_f64(f64::from(i) / f64::from(args.rate));
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
                 }
                 while running.len() >= args.parallel as usize {
                     let (pid, ok) = reap_one()?;

@@ -69,6 +69,14 @@ struct Sink {
 }
 
 impl Sink {
+    /// Changes the counts in memory only: the next [`Sink::update`] writes them. Every
+    /// request ends in one (accepted, refused or left unanswered), so the file is rewritten
+    /// once per request, not twice: with a pid for each of tens of thousands of processes it
+    /// is large.
+    fn note<T>(&self, f: impl FnOnce(&mut Counts) -> T) -> T {
+        f(&mut self.counts.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     fn update<T>(&self, f: impl FnOnce(&mut Counts) -> T) -> Result<T, Status> {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         let value = f(&mut counts);
@@ -149,7 +157,7 @@ impl TraceService for Sink {
                 }
             }
         }
-        let index = self.update(|counts| {
+        let index = self.note(|counts| {
             counts.requests += 1;
             counts.received_spans += spans;
             if counts.arrivals_ms.len() < MAX_ARRIVALS {
@@ -157,7 +165,7 @@ impl TraceService for Sink {
                 counts.arrivals_ms.push(u64::try_from(ms).unwrap_or(u64::MAX));
             }
             counts.requests - 1
-        })?;
+        });
         if let Some(status) = self.push_back(index, arrived, first).await {
             self.update(|counts| counts.refused += 1)?;
             return Err(status);
