@@ -59,7 +59,7 @@ impl KernelBtf {
         Self::open(Path::new(VMLINUX))
     }
 
-    fn open(path: &Path) -> Result<Self, BtfError> {
+    pub(crate) fn open(path: &Path) -> Result<Self, BtfError> {
         let error = |source| BtfError::Read {
             path: path.display().to_string(),
             source,

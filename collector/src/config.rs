@@ -10,6 +10,7 @@ use clap::{Parser, ValueEnum};
 use synspan_shared::{MAX_ANSWERED_REASONS, Policy, filter};
 
 use crate::{
+    loader::OPTIONAL_HOOKS,
     otlp::{self, parse_endpoint, settings::Env},
     sink::Format,
 };
@@ -149,6 +150,22 @@ pub(crate) struct Cli {
     /// kernel without BTF gets. For testing that path.
     #[arg(long, hide = true)]
     pub(crate) classic_tracepoints: bool,
+
+    /// Treat these optional hooks as absent from the kernel, as if attaching them had failed:
+    /// what a kernel without them gets. For testing that path.
+    #[arg(
+        long,
+        hide = true,
+        value_name = "HOOK",
+        value_delimiter = ',',
+        value_parser = clap::builder::PossibleValuesParser::new(OPTIONAL_HOOKS.map(|(hook, _)| hook))
+    )]
+    pub(crate) pretend_missing: Vec<String>,
+
+    /// Read the kernel's BTF from this file instead of /sys/kernel/btf/vmlinux: a file that
+    /// does not exist is what a kernel without BTF gets. For testing that path.
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub(crate) kernel_btf: Option<PathBuf>,
 
     /// Hold every evidence lookup (NAT, port usage) back this long: a stuck netlink peer or
     /// /proc read, made on purpose. For testing that nothing waits for one.

@@ -445,3 +445,51 @@ fn a_stuck_evidence_lookup_holds_up_neither_export_nor_sigterm() {
         stopped.stderr
     );
 }
+
+/// Two agents on one host, as in a DaemonSet rollout where the new pod starts before the old
+/// one has stopped: nothing in the kernel is shared (no pinned maps, programs attached per
+/// process), so each traces every attempt on its own, and the old one leaving takes nothing
+/// from the new one.
+#[test]
+fn two_agents_work_independently_through_a_rollout() {
+    let port = "23461";
+    let filter = ["--dest-port", port];
+    let (old_receiver, old) = Agent::start_exporting(&filter).unwrap();
+    let (new_receiver, new) = Agent::start_exporting(&filter).unwrap();
+    let ns = Netns::new("twoagents").unwrap();
+    let target = format!("127.0.0.1:{port}");
+    let during = connect_many(&ns, &target, &["--count", "10"]).unwrap();
+    let pid = u64::from(during[0].pid);
+    let of = |pid: u64| move |s: &Value| s["attributes"]["process.pid"] == pid;
+    for (receiver, agent) in [(&old_receiver, &old), (&new_receiver, &new)] {
+        let got = receiver.wait_spans(10, Duration::from_secs(20), of(pid));
+        assert_eq!(got.len(), 10, "{}", agent.stderr());
+        let ports: HashSet<u64> = got
+            .iter()
+            .map(|s| s["attributes"]["network.local.port"].as_u64().unwrap())
+            .collect();
+        let made: HashSet<u64> = during.iter().map(|r| u64::from(r.local_port)).collect();
+        assert_eq!(ports, made);
+    }
+    let old_programs = old.prog_ids();
+    let new_programs = new.prog_ids();
+    assert!(
+        old_programs.iter().all(|id| !new_programs.contains(id)),
+        "the agents share programs: {old_programs:?} {new_programs:?}"
+    );
+    let stopped = old.stop(Duration::from_secs(10)).unwrap();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    let books = stopped.exact_books();
+    assert_eq!(books["exported"], 10, "{books:?}");
+    // The old agent is gone; the new one goes on alone.
+    let after = connect_many(&ns, &target, &["--count", "10"]).unwrap();
+    let pid = u64::from(after[0].pid);
+    let got = new_receiver.wait_spans(10, Duration::from_secs(20), of(pid));
+    assert_eq!(got.len(), 10, "{}", new.stderr());
+    assert!(old_receiver.spans().iter().all(|s| !of(pid)(s)));
+    let stopped = new.stop(Duration::from_secs(10)).unwrap();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    let books = stopped.exact_books();
+    assert_eq!(books["exported"], 20, "{books:?}");
+    assert_eq!(books["seen"] - books["filtered"], 20, "{books:?}");
+}

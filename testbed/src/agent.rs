@@ -4,6 +4,7 @@
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader},
+    path::Path,
     process::{Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
     thread::{self, JoinHandle},
@@ -15,6 +16,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::{
+    cgroup::join_before_exec,
     reaped::{Reaped, Usage},
     receiver::Receiver,
     wait_until, workspace_bin,
@@ -100,20 +102,38 @@ impl Agent {
     /// Starts `synspan --output OUTPUT ARGS` with `env` added to its environment
     /// (`OTEL_EXPORTER_OTLP_*`) and waits until it says it is ready.
     pub fn start_with_env(output: Output, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::spawn(output, args, env, None)
+    }
+
+    /// Starts `synspan --output OUTPUT ARGS` inside the cgroup whose `cgroup.procs` is
+    /// `procs`, from its first instruction on, and waits until it says it is ready.
+    pub fn start_in_cgroup(procs: &Path, output: Output, args: &[&str]) -> anyhow::Result<Self> {
+        Self::spawn(output, args, &[], Some(procs))
+    }
+
+    fn spawn(
+        output: Output,
+        args: &[&str],
+        env: &[(&str, &str)],
+        cgroup_procs: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let (flag, stdout) = match output {
             Output::Json => ("json", Stdio::piped()),
             Output::None => ("none", Stdio::null()),
         };
-        let mut child = Command::new(workspace_bin("synspan"))
+        let mut command = Command::new(workspace_bin("synspan"));
+        command
             .args(["--output", flag])
             .args(args)
             .env("SYNSPAN_LOG", "info")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(stdout)
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting synspan")?;
+            .stderr(Stdio::piped());
+        if let Some(procs) = cgroup_procs {
+            join_before_exec(&mut command, procs)?;
+        }
+        let mut child = command.spawn().context("starting synspan")?;
         let spans = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut readers = Vec::new();

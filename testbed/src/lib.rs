@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod bench;
 pub mod cgroup;
+pub mod churn;
 pub mod client;
 pub mod jaeger;
 pub mod netns;

@@ -113,6 +113,9 @@ pub struct SinkCounts {
     pub requests: u64,
     pub metric_requests: u64,
     pub by_pid: BTreeMap<i64, u64>,
+    /// The `service.name` of the resource each pid's spans came under (the last one).
+    #[serde(default)]
+    pub service_of_pid: BTreeMap<i64, String>,
     /// Every span of every trace request, answered or not, retries included.
     #[serde(default)]
     pub received_spans: u64,

@@ -5,7 +5,9 @@ use std::{
     io,
     mem::{size_of, zeroed},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::atomic::{AtomicBool, Ordering::Relaxed},
+    time::Duration,
 };
 
 /// A libc return value as a `Result`, with errno on failure.
@@ -92,6 +94,78 @@ pub fn from_raw(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
             Some(SocketAddr::new(ip.into(), u16::from_be(sin6.sin6_port)))
         }
         _ => None,
+    }
+}
+
+/// An IPv4 TCP socket.
+pub fn tcp_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the fd is owned right away.
+    let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: the fd was just returned by socket() and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `setsockopt(2)` with a value of type `T`.
+pub fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` is a valid T for the length given.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// A socket bound to 127.0.0.1 at `port` (0: an ephemeral one); listening if `backlog` is
+/// given.
+pub fn bound_loopback(port: u16, backlog: Option<i32>) -> io::Result<(OwnedFd, SocketAddr)> {
+    let fd = tcp_socket()?;
+    setsockopt(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &1 as &libc::c_int)?;
+    let (raw, len) = to_raw(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port));
+    // SAFETY: raw/len describe a valid sockaddr_in.
+    check(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    })?;
+    if let Some(backlog) = backlog {
+        // SAFETY: plain syscall on an fd we own.
+        check(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
+    }
+    let addr = local_addr(&fd)?;
+    Ok((fd, addr))
+}
+
+/// Accepts and closes connections until `stop` is set and the listener is shut down (which
+/// wakes a blocked accept); returns how many it accepted.
+pub fn accept_and_close(listener: &OwnedFd, stop: &AtomicBool) -> u64 {
+    let mut accepted = 0;
+    loop {
+        // SAFETY: plain syscall; a returned fd is owned and closed right away.
+        let fd = unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: accept() just returned this fd; nothing else owns it.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            accepted += 1;
+        } else if stop.load(Relaxed) {
+            return accepted;
+        } else if io::Error::last_os_error().raw_os_error() == Some(libc::EMFILE) {
+            // Out of descriptors: let the closes catch up rather than spin.
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
 

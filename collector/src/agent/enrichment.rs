@@ -203,6 +203,7 @@ impl Worker {
             }
             self.sinks.deliver(&mut batch);
         }
+        tracing::info!("caches at exit: {}", self.enricher.cache_use());
         Finished {
             evidence_missed: self.explainer.missed(),
             sinks: self.sinks,

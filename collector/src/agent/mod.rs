@@ -24,7 +24,7 @@ use crate::{
     drop_reason::DropReasons,
     enrich::process::ReadOptions,
     kernel_layout,
-    loader::{Filters, KernelObject, Limits, cgroup_id},
+    loader::{Filters, KernelObject, Limits, cgroup_id, lacking},
     otlp::Export,
     privilege,
     self_metrics::{SelfMetrics, Snapshot},
@@ -147,7 +147,10 @@ impl Agent {
         // Mapped once: the layout reads struct members from it, and aya's parse of the same
         // bytes loads the programs and attaches the BTF tracepoints. The mapping goes with
         // the parse.
-        let vmlinux = KernelBtf::from_sys_fs();
+        let vmlinux = match &cli.kernel_btf {
+            Some(path) => KernelBtf::open(path),
+            None => KernelBtf::from_sys_fs(),
+        };
         let resolved = kernel_layout::resolve(vmlinux.as_ref())?;
         let drop_reasons = match vmlinux.as_ref().map(KernelBtf::types) {
             _ if cli.no_drop_reasons => None,
@@ -188,10 +191,11 @@ impl Agent {
             !cli.classic_tracepoints,
             drop_reasons.is_some(),
             btf.as_ref(),
+            &cli.pretend_missing,
         )?;
         drop(btf);
         for (hook, why) in &unattached {
-            tracing::warn!("not attached: {hook} ({why}); spans will lack what it shows");
+            tracing::warn!("not attached: {hook} ({why}); missing: {}", lacking(hook));
         }
         // aya's parse of the kernel's BTF is gone, the kernel's symbols come next (on the
         // worker's thread): one after the other, with the first handed back in between, they

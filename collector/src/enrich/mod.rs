@@ -154,6 +154,33 @@ impl Enricher {
         self.read_stacks.clear();
     }
 
+    /// How full each cache is, as `name=entries/capacity`, for the log.
+    pub(crate) fn cache_use(&self) -> String {
+        let caches = [
+            ("processes", self.processes.len(), self.processes.capacity()),
+            (
+                "normalized_stacks",
+                self.normalized.len(),
+                self.normalized.cap().get(),
+            ),
+            (
+                "user_stacks",
+                self.rendered_user.len(),
+                self.rendered_user.cap().get(),
+            ),
+            (
+                "kernel_stacks",
+                self.rendered_kernel.len(),
+                self.rendered_kernel.cap().get(),
+            ),
+        ];
+        caches
+            .iter()
+            .map(|(name, len, cap)| format!("{name}={len}/{cap}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// Forgets processes that have exited. Call now and then.
     pub(crate) fn sweep(&mut self) {
         self.processes.sweep();

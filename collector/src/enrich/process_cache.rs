@@ -57,9 +57,12 @@ impl ProcessCache {
         }
     }
 
-    #[cfg(test)]
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.entries.cap().get()
     }
 
     /// The process at `pid`, as remembered if it was checked within [`RECHECK`], else as

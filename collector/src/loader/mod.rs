@@ -12,6 +12,7 @@ use synspan_shared::{
 };
 
 pub(crate) use maps::{Filters, cgroup_id};
+pub(crate) use programs::{OPTIONAL_HOOKS, lacking};
 pub(crate) use statistics::KernelCounters;
 
 use crate::kernel_layout::Resolved;

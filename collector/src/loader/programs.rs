@@ -13,6 +13,44 @@ use crate::{btf::BtfError, kernel_layout::Resolved};
 /// Optional hooks that were not attached, each with why: spans lack what it shows.
 pub(crate) type Unattached = Vec<(&'static str, String)>;
 
+/// Every optional hook, by program name, with what the spans lack on a kernel without it.
+pub(crate) const OPTIONAL_HOOKS: [(&str, &str); 7] = [
+    (
+        program::TCP_RETRANSMIT_SKB,
+        "syn_retransmit events and synspan.syn_retransmits",
+    ),
+    (program::TCP_RECEIVE_RESET, "rst_received events"),
+    (
+        program::TCP_SEND_RESET,
+        "rst_sent and collision events and synspan.collision.*",
+    ),
+    (
+        program::SYS_ENTER_CONNECT,
+        "the spans of connect() calls that fail before SYN_SENT (synspan.never_started)",
+    ),
+    (
+        program::SYS_EXIT_CONNECT,
+        "the spans of connect() calls that fail before SYN_SENT, and the ICMP errors that \
+         arrive while connect() holds the socket",
+    ),
+    (
+        program::INET_SK_ERROR_REPORT,
+        "icmp_error events and the errno of errors reported before the socket closed",
+    ),
+    (
+        program::KFREE_SKB,
+        "packet_dropped events and synspan.packet_drop.*",
+    ),
+];
+
+/// What spans lack without optional hook `name`.
+pub(crate) fn lacking(name: &str) -> &'static str {
+    OPTIONAL_HOOKS
+        .iter()
+        .find(|(hook, _)| *hook == name)
+        .map_or("what it shows", |(_, lacks)| lacks)
+}
+
 /// Classic tracepoint programs, each named after its tracepoint: (name, category). Each is
 /// optional: a kernel without one loses what it shows, not the attempts.
 pub(super) const CLASSIC: [(&str, &str); 5] = [
@@ -40,14 +78,21 @@ impl KernelObject {
     /// `prefer_btf`: attach the attempt programs as BTF tracepoints where the kernel can.
     /// `drop_reasons`: attach the packet drop program.
     /// `btf`: aya's parse of the kernel's BTF, whose type ids the BTF tracepoints attach by.
+    /// `pretend_missing`: optional hooks to leave out as if attaching them had failed.
     pub(crate) fn attach(
         &mut self,
         resolved: &Resolved,
         prefer_btf: bool,
         drop_reasons: bool,
         btf: Result<&Btf, &BtfError>,
+        pretend_missing: &[String],
     ) -> Result<Unattached, LoadError> {
         let mut unattached = resolved.unavailable.clone();
+        for (name, _) in OPTIONAL_HOOKS {
+            if pretend_missing.iter().any(|n| n == name) && !unattached.iter().any(|(n, _)| *n == name) {
+                unattached.push((name, "--pretend-missing".into()));
+            }
+        }
         let btf_attach = match &btf {
             _ if !prefer_btf => Err("--classic-tracepoints".into()),
             Ok(btf) if resolved.layout.tuple.known != 0 => ATTEMPT_BTF

@@ -1,7 +1,8 @@
 //! An OTLP gRPC receiver that decodes every request and keeps count: spans in all, spans by
-//! `process.pid`, requests. The benchmark's receiver: a collector that writes spans out
-//! (rotel with the test bed's span processor, as the end-to-end tests use) spends more CPU
-//! per span than synspan does, on the same cores as the storm it is meant to measure.
+//! `process.pid` and the `service.name` they came under, requests. The benchmark's receiver:
+//! a collector that writes spans out (rotel with the test bed's span processor, as the
+//! end-to-end tests use) spends more CPU per span than synspan does, on the same cores as the
+//! storm it is meant to measure.
 //!
 //! usage: synspan-otlp-sink LISTEN_ADDR COUNTS_FILE [ANSWER]
 //!
@@ -49,6 +50,7 @@ struct Counts {
     requests: u64,
     metric_requests: u64,
     by_pid: BTreeMap<i64, u64>,
+    service_of_pid: BTreeMap<i64, String>,
     received_spans: u64,
     refused: u64,
     unanswered: u64,
@@ -67,6 +69,14 @@ struct Sink {
 }
 
 impl Sink {
+    /// Changes the counts in memory only: the next [`Sink::update`] writes them. Every
+    /// request ends in one (accepted, refused or left unanswered), so the file is rewritten
+    /// once per request, not twice: with a pid for each of tens of thousands of processes it
+    /// is large.
+    fn note<T>(&self, f: impl FnOnce(&mut Counts) -> T) -> T {
+        f(&mut self.counts.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     fn update<T>(&self, f: impl FnOnce(&mut Counts) -> T) -> Result<T, Status> {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         let value = f(&mut counts);
@@ -117,27 +127,37 @@ impl TraceService for Sink {
         let first = *self.first_request.get_or_init(|| arrived);
         let request = request.into_inner();
         let mut by_pid: BTreeMap<i64, u64> = BTreeMap::new();
+        let mut service_of_pid: BTreeMap<i64, String> = BTreeMap::new();
         let mut spans = 0;
-        for span in request
-            .resource_spans
-            .iter()
-            .flat_map(|r| &r.scope_spans)
-            .flat_map(|s| &s.spans)
-        {
-            spans += 1;
-            let pid = span
-                .attributes
+        for resource_spans in &request.resource_spans {
+            let service = resource_spans
+                .resource
                 .iter()
-                .find(|kv| kv.key == "process.pid")
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
                 .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-                    Value::IntValue(pid) => Some(*pid),
+                    Value::StringValue(name) => Some(name),
                     _ => None,
                 });
-            if let Some(pid) = pid {
-                *by_pid.entry(pid).or_default() += 1;
+            for span in resource_spans.scope_spans.iter().flat_map(|s| &s.spans) {
+                spans += 1;
+                let pid = span
+                    .attributes
+                    .iter()
+                    .find(|kv| kv.key == "process.pid")
+                    .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                        Value::IntValue(pid) => Some(*pid),
+                        _ => None,
+                    });
+                if let Some(pid) = pid {
+                    *by_pid.entry(pid).or_default() += 1;
+                    if let Some(service) = service {
+                        service_of_pid.insert(pid, service.clone());
+                    }
+                }
             }
         }
-        let index = self.update(|counts| {
+        let index = self.note(|counts| {
             counts.requests += 1;
             counts.received_spans += spans;
             if counts.arrivals_ms.len() < MAX_ARRIVALS {
@@ -145,7 +165,7 @@ impl TraceService for Sink {
                 counts.arrivals_ms.push(u64::try_from(ms).unwrap_or(u64::MAX));
             }
             counts.requests - 1
-        })?;
+        });
         if let Some(status) = self.push_back(index, arrived, first).await {
             self.update(|counts| counts.refused += 1)?;
             return Err(status);
@@ -160,6 +180,7 @@ impl TraceService for Sink {
             for (pid, n) in by_pid {
                 *counts.by_pid.entry(pid).or_default() += n;
             }
+            counts.service_of_pid.extend(service_of_pid);
         })?;
         let partial_success = (rejected > 0).then(|| ExportTracePartialSuccess {
             rejected_spans: i64::try_from(rejected).unwrap_or(i64::MAX),

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! synspan-storm success|refused [--count N] [--seconds S] [--threads T] [--accept-threads A]
+//!               [--port P]
 //! ```
 //! success   listen on 127.0.0.1 at an ephemeral port (this process, this namespace), accept
 //!           and close every connection in `--accept-threads` threads (default 1), and
@@ -11,6 +12,8 @@
 //! --count   stop after N attempts in all (default 1000000)
 //! --seconds stop after S seconds (default 5), whichever comes first
 //! --threads worker threads, each a loop of blocking socket, connect, close (default 2)
+//! --port    the port of 127.0.0.1 to listen on or hold (default: an ephemeral one), so that
+//!           an agent can be told to trace only the storm (`--dest-port`)
 //!
 //! Prints one JSON line at the end (see `synspan_testbed::bench::StormReport`):
 //! `{"mode","attempts","ok","failed","seconds","per_second","threads","errors"}`.
@@ -31,9 +34,8 @@
 use std::{
     collections::BTreeMap,
     io,
-    mem::size_of,
-    net::{Ipv4Addr, SocketAddr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    net::SocketAddr,
+    os::fd::AsRawFd,
     sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     time::{Duration, Instant},
 };
@@ -41,7 +43,7 @@ use std::{
 use anyhow::{Context, bail};
 use synspan_testbed::{
     bench::{self, StormReport},
-    sockaddr::{check, local_addr, to_raw},
+    sockaddr::{accept_and_close, bound_loopback, setsockopt, tcp_socket, to_raw},
 };
 
 struct Args {
@@ -50,10 +52,11 @@ struct Args {
     seconds: f64,
     threads: u32,
     accept_threads: u32,
+    port: u16,
 }
 
 const USAGE: &str = "usage: synspan-storm success|refused [--count N] [--seconds S] [--threads T] \
-                     [--accept-threads A]";
+                     [--accept-threads A] [--port P]";
 
 /// A blocking connect gives up after this long (SO_SNDTIMEO), so that a lost SYN cannot hold
 /// a worker past `--seconds` by more than this.
@@ -67,6 +70,7 @@ fn parse_args() -> anyhow::Result<Args> {
         seconds: 5.0,
         threads: 2,
         accept_threads: 1,
+        port: 0,
     };
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -80,6 +84,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--accept-threads" => {
                 parsed.accept_threads = value("--accept-threads")?.parse().context("--accept-threads A")?
             }
+            "--port" => parsed.port = value("--port")?.parse().context("--port P")?,
             "--mode" => parsed.mode = value("--mode")?,
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -100,48 +105,6 @@ fn parse_args() -> anyhow::Result<Args> {
         bail!("--threads must be 1..=256 and --accept-threads 1..=64");
     }
     Ok(parsed)
-}
-
-fn tcp_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall; the fd is owned right away.
-    let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: the fd was just returned by socket() and is owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
-    // SAFETY: `value` is a valid T for the length given.
-    check(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (value as *const T).cast(),
-            size_of::<T>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
-}
-
-/// A socket bound to 127.0.0.1 at an ephemeral port; listening if `backlog` is given.
-fn bound_loopback(backlog: Option<i32>) -> io::Result<(OwnedFd, SocketAddr)> {
-    let fd = tcp_socket()?;
-    setsockopt(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &1 as &libc::c_int)?;
-    let (raw, len) = to_raw(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0));
-    // SAFETY: raw/len describe a valid sockaddr_in.
-    check(unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&raw as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    })?;
-    if let Some(backlog) = backlog {
-        // SAFETY: plain syscall on an fd we own.
-        check(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
-    }
-    let addr = local_addr(&fd)?;
-    Ok((fd, addr))
 }
 
 /// One attempt: `Ok(errno)` with 0 for a connection, `Err` when no attempt could be made.
@@ -206,39 +169,14 @@ fn worker(
     Ok(tally)
 }
 
-/// Accepts and closes connections until `stop` is set and the listener is shut down.
-fn acceptor(listener: &OwnedFd, stop: &AtomicBool) -> u64 {
-    let mut accepted = 0;
-    loop {
-        // SAFETY: plain syscall; a returned fd is owned and closed right away.
-        let fd = unsafe {
-            libc::accept4(
-                listener.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_CLOEXEC,
-            )
-        };
-        if fd >= 0 {
-            // SAFETY: accept() just returned this fd; nothing else owns it.
-            drop(unsafe { OwnedFd::from_raw_fd(fd) });
-            accepted += 1;
-        } else if stop.load(Relaxed) {
-            return accepted;
-        } else if io::Error::last_os_error().raw_os_error() == Some(libc::EMFILE) {
-            // Out of descriptors: let the closes catch up rather than spin.
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     let success = args.mode == bench::SUCCESS;
     // Success: a listener with a deep backlog, so that no SYN is dropped for a full queue
     // (that would show up as 1 s SYN retransmits). Refused: a port held bound but not
     // listening, so that nothing else can start listening on it during the storm.
-    let (holder, target) = bound_loopback(success.then_some(4096)).context("binding on 127.0.0.1")?;
+    let (holder, target) =
+        bound_loopback(args.port, success.then_some(4096)).context("binding on 127.0.0.1")?;
     let expect = if success { 0 } else { libc::ECONNREFUSED };
     let stop = AtomicBool::new(false);
     let claimed = AtomicU64::new(0);
@@ -247,7 +185,7 @@ fn main() -> anyhow::Result<()> {
     let (tallies, seconds) = std::thread::scope(|scope| {
         let acceptors: Vec<_> = if success {
             (0..args.accept_threads)
-                .map(|_| scope.spawn(|| acceptor(&holder, &stop)))
+                .map(|_| scope.spawn(|| accept_and_close(&holder, &stop)))
                 .collect()
         } else {
             Vec::new()
