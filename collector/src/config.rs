@@ -160,6 +160,12 @@ pub(crate) struct Cli {
     #[arg(long, value_name = "N", default_value = "16384")]
     pub(crate) max_in_flight: NonZeroU32,
 
+    /// Connect-metric series the kernel keeps (one per process, destination and outcome).
+    /// Attempts past the bound are counted in an overflow series per outcome. 0 turns the
+    /// connect metrics off.
+    #[arg(long, value_name = "N", default_value = "4096")]
+    pub(crate) metrics_max_series: u32,
+
     /// Size of the kernel-to-agent ring buffer in bytes: a power of two, at least 4096.
     /// Records that do not fit are counted as `ringbuf_full`.
     #[arg(long, value_name = "BYTES", default_value = "4194304", value_parser = parse_ring_size)]
@@ -294,6 +300,8 @@ impl Cli {
             reserved: [0; 3],
             // Set by the agent, which knows this kernel's numbers.
             answered_reasons: [0; MAX_ANSWERED_REASONS],
+            count_series: u8::from(self.metrics_max_series > 0),
+            reserved_end: [0; 7],
         }
     }
 }
@@ -315,6 +323,7 @@ mod tests {
             Policy {
                 agent_tgid: 7,
                 drop_reasons: 1,
+                count_series: 1,
                 ..Policy::ALL
             }
         );
