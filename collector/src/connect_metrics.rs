@@ -117,6 +117,8 @@ struct Book {
     exemplars: HashMap<SeriesId, Recorded>,
     max_series: usize,
     quiet_after: Duration,
+    /// The last reading: nothing is held back any more.
+    last_reading: bool,
 }
 
 /// The shared handle.
@@ -227,7 +229,14 @@ impl ConnectMetrics {
             exemplars: HashMap::new(),
             max_series: max_series as usize,
             quiet_after: interval * QUIET_INTERVALS,
+            last_reading: false,
         })))
+    }
+
+    /// The programs are detached: the next reading is the last, and what is in it goes out
+    /// under whatever service is known by then.
+    pub(crate) fn last_reading(&self) {
+        self.book().last_reading = true;
     }
 
     fn book(&self) -> MutexGuard<'_, Book> {
@@ -285,7 +294,7 @@ impl ConnectMetrics {
                 unresolved: 0,
             });
             let service = book.services.get(&key.pid).cloned();
-            if service.is_none() && seen.unresolved < UNRESOLVED_READINGS {
+            if service.is_none() && seen.unresolved < UNRESOLVED_READINGS && !book.last_reading {
                 seen.unresolved += 1;
                 continue;
             }

@@ -335,6 +335,9 @@ impl Agent {
             std::process::exit(130);
         });
         kernel.detach();
+        if let Some(metrics) = &connect_metrics {
+            metrics.last_reading();
+        }
         // The programs are gone: whatever is in the ring buffer now is all there will be.
         let deadline = tokio::time::Instant::now() + cli.shutdown_timeout;
         let mut late = tokio::time::timeout_at(deadline, reader.drain()).await.is_err();
