@@ -24,8 +24,9 @@ use crate::{
     helpers::{now_ns, read_event, read_kernel_at, read_sock_field},
     maps::{
         ALLOW_CGROUPS, ALLOW_DESTS, ALLOW_PIDS, ALLOW_PORTS, COLLISION_WATCH, CONNECT_CALLS, IN_FLIGHT,
-        NOTED, PROCESS_NOTES, STACKS, WATCH_SINCE, WATCH_WINDOW_NS, count, count_series, forget_tuples, in_flight, layout,
-        local_endpoint, policy, record_error, remember_tuple, scratch_attempt, send, track_live,
+        NOTED, PROCESS_NOTES, STACKS, WATCH_SINCE, WATCH_WINDOW_NS, count, count_series, forget_tuples,
+        in_flight, layout, local_endpoint, policy, record_error, remember_tuple, scratch_attempt, send,
+        track_live,
     },
 };
 

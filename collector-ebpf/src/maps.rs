@@ -84,7 +84,8 @@ pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(cou
 /// lose its counts. Per CPU: a connect storm on every core would otherwise fight over the
 /// cache line of its one series.
 #[map]
-pub(crate) static CONNECT_SERIES: PerCpuHashMap<SeriesKey, SeriesValue> = PerCpuHashMap::with_max_entries(4096, 0);
+pub(crate) static CONNECT_SERIES: PerCpuHashMap<SeriesKey, SeriesValue> =
+    PerCpuHashMap::with_max_entries(4096, 0);
 
 /// Attempts whose series did not fit in [`CONNECT_SERIES`], by outcome.
 #[map]

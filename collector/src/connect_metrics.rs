@@ -280,7 +280,11 @@ impl ConnectMetrics {
 
     /// Folds a reading of the kernel's series in; takes series that went quiet out of the
     /// kernel with `forget`, which returns what they had counted by then.
-    pub(crate) fn fold(&self, reading: SeriesReading, mut forget: impl FnMut(&SeriesKey) -> Option<SeriesValue>) {
+    pub(crate) fn fold(
+        &self,
+        reading: SeriesReading,
+        mut forget: impl FnMut(&SeriesKey) -> Option<SeriesValue>,
+    ) {
         let now = Instant::now();
         let start = unix_nanos(SystemTime::now());
         let mut book = self.book();
@@ -370,7 +374,11 @@ impl ConnectMetrics {
         }
         let overflow: u64 = book.overflow.iter().map(|v| v.attempts).sum();
         if overflow > 0 {
-            let _ = write!(line, "{}overflow attempts={overflow}", if line.is_empty() { "" } else { ", " });
+            let _ = write!(
+                line,
+                "{}overflow attempts={overflow}",
+                if line.is_empty() { "" } else { ", " }
+            );
         }
         if line.is_empty() {
             line.push_str("none yet");
@@ -380,7 +388,11 @@ impl ConnectMetrics {
 
     /// The connect metrics, one resource per service, and the overflow series as metrics
     /// of synspan's own resource (`own`). Exemplars go out once.
-    pub(crate) fn resource_metrics(&self, own: &Resource, scope: &InstrumentationScope) -> Vec<ResourceMetrics> {
+    pub(crate) fn resource_metrics(
+        &self,
+        own: &Resource,
+        scope: &InstrumentationScope,
+    ) -> Vec<ResourceMetrics> {
         let now = unix_nanos(SystemTime::now());
         let mut book = self.book();
         let book = &mut *book;
@@ -414,7 +426,14 @@ impl ConnectMetrics {
                 }),
                 ..Default::default()
             }];
-            overflow.push(attributes, code as u8, total, book.overflow_start_unix_nano, now, None);
+            overflow.push(
+                attributes,
+                code as u8,
+                total,
+                book.overflow_start_unix_nano,
+                now,
+                None,
+            );
         }
         let mut out: Vec<ResourceMetrics> = by_service
             .into_values()
@@ -443,7 +462,13 @@ struct Points {
     durations: Vec<HistogramDataPoint>,
 }
 
-fn int_point(value: u64, attributes: Vec<KeyValue>, start: u64, now: u64, exemplars: Vec<Exemplar>) -> NumberDataPoint {
+fn int_point(
+    value: u64,
+    attributes: Vec<KeyValue>,
+    start: u64,
+    now: u64,
+    exemplars: Vec<Exemplar>,
+) -> NumberDataPoint {
     NumberDataPoint {
         attributes,
         start_time_unix_nano: start,
@@ -568,5 +593,157 @@ impl Points {
             }],
             schema_url: String::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(pid: u32, outcome: u8) -> SeriesKey {
+        SeriesKey {
+            daddr: [10, 1, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            pid,
+            dport: 443,
+            family: AF_INET,
+            outcome,
+            _pad: [0; 7],
+        }
+    }
+
+    fn value(attempts: u64) -> SeriesValue {
+        let mut v = SeriesValue {
+            attempts,
+            duration_ns: attempts * 1_000_000,
+            ..SeriesValue::ZERO
+        };
+        v.buckets[3] = attempts;
+        v
+    }
+
+    fn reading(series: Vec<(SeriesKey, SeriesValue)>) -> SeriesReading {
+        SeriesReading {
+            series,
+            overflow: vec![SeriesValue::ZERO; outcome::LEN as usize],
+        }
+    }
+
+    /// (service.name, attempts) of every `synspan.connect.attempts` point.
+    fn attempts(metrics: &ConnectMetrics) -> Vec<(String, i64)> {
+        let own = Resource::default();
+        let mut out = Vec::new();
+        for rm in metrics.resource_metrics(&own, &InstrumentationScope::default()) {
+            let service = rm
+                .resource
+                .unwrap()
+                .attributes
+                .into_iter()
+                .find(|kv| kv.key == key::SERVICE_NAME);
+            let service = match service.and_then(|kv| kv.value?.value) {
+                Some(any_value::Value::StringValue(s)) => s,
+                _ => String::new(),
+            };
+            for m in rm.scope_metrics.into_iter().flat_map(|s| s.metrics) {
+                if let (name::ATTEMPTS, Some(metric::Data::Sum(sum))) = (m.name.as_str(), m.data) {
+                    for p in sum.data_points {
+                        if let Some(number_data_point::Value::AsInt(v)) = p.value {
+                            out.push((service.clone(), v));
+                        }
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn checkout(metrics: &ConnectMetrics, pid: u32) {
+        let resource = opentelemetry_sdk::Resource::builder_empty()
+            .with_attribute(opentelemetry::KeyValue::new(key::SERVICE_NAME, "checkout"))
+            .build();
+        metrics.service(pid, "checkout".into(), &resource);
+    }
+
+    #[test]
+    fn processes_of_one_service_add_up_and_quiet_series_leave_the_kernel_with_their_last_counts() {
+        let metrics = ConnectMetrics::new(16, Duration::from_millis(2), "node-7");
+        checkout(&metrics, 7);
+        checkout(&metrics, 8);
+        let never = |_: &SeriesKey| panic!("nothing is quiet yet");
+        metrics.fold(reading(vec![(key(7, 0), value(3)), (key(8, 0), value(2))]), never);
+        assert_eq!(attempts(&metrics), [("checkout".into(), 5)]);
+        metrics.fold(reading(vec![(key(7, 0), value(4)), (key(8, 0), value(2))]), never);
+        assert_eq!(attempts(&metrics), [("checkout".into(), 6)]);
+        std::thread::sleep(Duration::from_millis(20));
+        let mut forgotten = Vec::new();
+        // Pid 8 counted one more attempt after this reading and before its series was taken out.
+        metrics.fold(reading(vec![(key(7, 0), value(4)), (key(8, 0), value(2))]), |k| {
+            forgotten.push(k.pid);
+            Some(value(if k.pid == 8 { 3 } else { 4 }))
+        });
+        forgotten.sort();
+        assert_eq!(forgotten, [7, 8]);
+        assert_eq!(attempts(&metrics), [("checkout".into(), 7)]);
+        // Gone from the kernel; the series here goes once it has been exported a while.
+        assert!(metrics.book().kernel.is_empty());
+        std::thread::sleep(Duration::from_millis(20));
+        metrics.fold(reading(vec![]), never);
+        assert!(attempts(&metrics).is_empty());
+    }
+
+    #[test]
+    fn a_process_not_yet_read_is_held_back_then_counted_as_unknown() {
+        let metrics = ConnectMetrics::new(16, Duration::from_secs(10), "node-7");
+        for _ in 0..UNRESOLVED_READINGS {
+            metrics.fold(reading(vec![(key(9, 1), value(2))]), |_| None);
+            assert!(attempts(&metrics).is_empty());
+        }
+        metrics.fold(reading(vec![(key(9, 1), value(2))]), |_| None);
+        assert_eq!(attempts(&metrics), [(UNKNOWN_SERVICE.into(), 2)]);
+        // Held back no more once the programs are gone.
+        metrics.last_reading();
+        metrics.fold(
+            reading(vec![(key(9, 1), value(2)), (key(10, 1), value(1))]),
+            |_| None,
+        );
+        assert_eq!(
+            attempts(&metrics),
+            [(UNKNOWN_SERVICE.into(), 1), (UNKNOWN_SERVICE.into(), 2)]
+        );
+    }
+
+    #[test]
+    fn failures_carry_error_type_and_overflow_goes_under_our_own_resource() {
+        let metrics = ConnectMetrics::new(16, Duration::from_secs(10), "node-7");
+        checkout(&metrics, 7);
+        let mut r = reading(vec![(key(7, outcome::TIMED_OUT), value(1))]);
+        r.overflow[outcome::CONNECTION_REFUSED as usize] = value(4);
+        metrics.fold(r, |_| None);
+        let own = Resource {
+            attributes: vec![string_value(key::SERVICE_NAME, "synspan")],
+            ..Default::default()
+        };
+        let all = metrics.resource_metrics(&own, &InstrumentationScope::default());
+        assert_eq!(all.len(), 2);
+        let point_attrs = |rm: &ResourceMetrics| match &rm.scope_metrics[0].metrics[0].data {
+            Some(metric::Data::Sum(sum)) => sum.data_points[0].attributes.clone(),
+            other => panic!("{other:?}"),
+        };
+        let timed_out = point_attrs(&all[0]);
+        assert!(timed_out.contains(&string_value(key::ERROR_TYPE, "timed_out")));
+        assert!(timed_out.contains(&string_value(key::SERVER_ADDRESS, "10.1.0.9")));
+        assert!(timed_out.contains(&int_value(key::SERVER_PORT, 443)));
+        assert_eq!(all[1].resource.as_ref(), Some(&own));
+        let overflow = point_attrs(&all[1]);
+        assert_eq!(overflow[0].key, OVERFLOW);
+        assert!(overflow.contains(&string_value(key::OUTCOME, "connection_refused")));
+        let histogram = match &all[0].scope_metrics[0].metrics[2].data {
+            Some(metric::Data::Histogram(h)) => h.data_points[0].clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(histogram.count, 1);
+        assert_eq!(histogram.sum, Some(0.001));
+        assert_eq!(histogram.bucket_counts[3], 1);
+        assert_eq!(histogram.explicit_bounds[3], 0.001);
     }
 }

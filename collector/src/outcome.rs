@@ -161,11 +161,23 @@ mod tests {
         }
         assert_eq!(Outcome::ALL.len(), outcome::LEN as usize);
         // The shared crate has no libc: its errno numbers must be this platform's.
-        assert_eq!(Outcome::from_errno(libc::ECONNREFUSED), Some(Outcome::ConnectionRefused));
+        assert_eq!(
+            Outcome::from_errno(libc::ECONNREFUSED),
+            Some(Outcome::ConnectionRefused)
+        );
         assert_eq!(Outcome::from_errno(libc::ETIMEDOUT), Some(Outcome::TimedOut));
-        assert_eq!(Outcome::from_errno(libc::EHOSTUNREACH), Some(Outcome::HostUnreachable));
-        assert_eq!(Outcome::from_errno(libc::ENETUNREACH), Some(Outcome::NetworkUnreachable));
-        assert_eq!(Outcome::from_errno(libc::EADDRNOTAVAIL), Some(Outcome::AddressNotAvailable));
+        assert_eq!(
+            Outcome::from_errno(libc::EHOSTUNREACH),
+            Some(Outcome::HostUnreachable)
+        );
+        assert_eq!(
+            Outcome::from_errno(libc::ENETUNREACH),
+            Some(Outcome::NetworkUnreachable)
+        );
+        assert_eq!(
+            Outcome::from_errno(libc::EADDRNOTAVAIL),
+            Some(Outcome::AddressNotAvailable)
+        );
     }
 
     #[test]

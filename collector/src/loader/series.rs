@@ -57,7 +57,7 @@ impl KernelObject {
         };
         let cpus = aya::util::nr_cpus().ok()?.get() as usize;
         // The kernel writes one value per possible CPU, each rounded up to 8 bytes.
-        const _: () = assert!(size_of::<SeriesValue>() % 8 == 0);
+        const _: () = assert!(size_of::<SeriesValue>().is_multiple_of(8));
         let mut values = vec![SeriesValue::ZERO; cpus];
         use aya_obj::generated::{bpf_attr, bpf_cmd};
         // SAFETY: a zeroed plain C union.

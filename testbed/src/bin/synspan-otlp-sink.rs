@@ -97,7 +97,11 @@ fn hex(bytes: &[u8]) -> String {
 fn connect_points(request: &ExportMetricsServiceRequest) -> Vec<ConnectPoint> {
     let mut points = Vec::new();
     for rm in &request.resource_metrics {
-        let resource = rm.resource.as_ref().map(|r| attributes(&r.attributes)).unwrap_or_default();
+        let resource = rm
+            .resource
+            .as_ref()
+            .map(|r| attributes(&r.attributes))
+            .unwrap_or_default();
         let service = resource.get("service.name").cloned().unwrap_or_default();
         for metric in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
             if !metric.name.starts_with("synspan.connect.") {
@@ -119,15 +123,17 @@ fn connect_points(request: &ExportMetricsServiceRequest) -> Vec<ConnectPoint> {
                     exemplars: exemplars(&p.exemplars),
                     ..base.clone()
                 })),
-                Some(metric::Data::Histogram(h)) => points.extend(h.data_points.iter().map(|p| ConnectPoint {
-                    attributes: attributes(&p.attributes),
-                    count: p.count,
-                    sum: p.sum.unwrap_or_default(),
-                    bounds: p.explicit_bounds.clone(),
-                    bucket_counts: p.bucket_counts.clone(),
-                    exemplars: exemplars(&p.exemplars),
-                    ..base.clone()
-                })),
+                Some(metric::Data::Histogram(h)) => {
+                    points.extend(h.data_points.iter().map(|p| ConnectPoint {
+                        attributes: attributes(&p.attributes),
+                        count: p.count,
+                        sum: p.sum.unwrap_or_default(),
+                        bounds: p.explicit_bounds.clone(),
+                        bucket_counts: p.bucket_counts.clone(),
+                        exemplars: exemplars(&p.exemplars),
+                        ..base.clone()
+                    }))
+                }
                 _ => {}
             }
         }
