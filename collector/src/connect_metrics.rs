@@ -706,10 +706,8 @@ mod tests {
             reading(vec![(key(9, 1), value(2)), (key(10, 1), value(1))]),
             |_| None,
         );
-        assert_eq!(
-            attempts(&metrics),
-            [(UNKNOWN_SERVICE.into(), 1), (UNKNOWN_SERVICE.into(), 2)]
-        );
+        // Two processes of one (unknown) service: one series.
+        assert_eq!(attempts(&metrics), [(UNKNOWN_SERVICE.into(), 3)]);
     }
 
     #[test]
