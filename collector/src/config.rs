@@ -187,13 +187,15 @@ pub(crate) struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub(crate) export_retry_timeout: Duration,
 
-    /// Print accounting counters on stderr this often (e.g. 10s). 0 turns it off; a final
-    /// summary is always printed at exit.
+    /// Print accounting counters, and the busiest destinations with their failures, on
+    /// stderr this often (e.g. 10s). 0 turns it off; a final summary is always printed at
+    /// exit.
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
     pub(crate) stats_interval: Duration,
 
-    /// Export synspan's own counters (seen, exported, dropped by reason) as OTLP metrics to
-    /// the same endpoint this often. 0 turns them off.
+    /// Export the connect metrics (every attempt, by service, destination and outcome) and
+    /// synspan's own counters (seen, exported, dropped by reason) as OTLP metrics to the same
+    /// endpoint this often. 0 turns them off.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub(crate) metrics_interval: Duration,
 
