@@ -21,7 +21,7 @@ use opentelemetry_proto::tonic::{
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     metrics::v1::{
         AggregationTemporality, Exemplar, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
-        ResourceMetrics, ScopeMetrics, Sum, exemplar, metric, number_data_point,
+        ResourceMetrics, ScopeMetrics, exemplar, metric, number_data_point,
     },
     resource::v1::Resource,
 };
@@ -31,6 +31,7 @@ use crate::{
     loader::SeriesReading,
     otlp::unix_nanos,
     outcome::Outcome,
+    self_metrics::{cumulative_counter, string_attribute},
     span::{ConnectSpan, key},
 };
 
@@ -125,16 +126,6 @@ struct Book {
 #[derive(Clone, Debug)]
 pub(crate) struct ConnectMetrics(Arc<Mutex<Book>>);
 
-fn string_value(key: &str, value: impl Into<String>) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.into())),
-        }),
-        ..Default::default()
-    }
-}
-
 fn int_value(key: &str, value: i64) -> KeyValue {
     KeyValue {
         key: key.into(),
@@ -214,8 +205,8 @@ impl ConnectMetrics {
         };
         let unknown = Resource {
             attributes: vec![
-                string_value(key::HOST_NAME, host_name),
-                string_value(key::SERVICE_NAME, UNKNOWN_SERVICE),
+                string_attribute(key::HOST_NAME, host_name),
+                string_attribute(key::SERVICE_NAME, UNKNOWN_SERVICE),
             ],
             ..Default::default()
         };
@@ -448,9 +439,9 @@ impl ConnectMetrics {
 
 fn destination_attributes(id: &SeriesId) -> Vec<KeyValue> {
     vec![
-        string_value(key::SERVER_ADDRESS, id.peer.to_string()),
+        string_attribute(key::SERVER_ADDRESS, &id.peer.to_string()),
         int_value(key::SERVER_PORT, i64::from(id.port)),
-        string_value(key::NETWORK_TYPE, if id.peer.is_ipv4() { "ipv4" } else { "ipv6" }),
+        string_attribute(key::NETWORK_TYPE, if id.peer.is_ipv4() { "ipv4" } else { "ipv6" }),
     ]
 }
 
@@ -481,20 +472,6 @@ fn int_point(
     }
 }
 
-fn counter(name: &str, unit: &str, description: &str, data_points: Vec<NumberDataPoint>) -> Metric {
-    Metric {
-        name: name.into(),
-        description: description.into(),
-        unit: unit.into(),
-        data: Some(metric::Data::Sum(Sum {
-            data_points,
-            aggregation_temporality: AggregationTemporality::Cumulative as i32,
-            is_monotonic: true,
-        })),
-        ..Default::default()
-    }
-}
-
 impl Points {
     fn is_empty(&self) -> bool {
         self.attempts.is_empty()
@@ -510,9 +487,9 @@ impl Points {
         recorded: Option<Recorded>,
     ) {
         let outcome = Outcome::from_code(code);
-        attributes.push(string_value(key::OUTCOME, outcome.as_str()));
+        attributes.push(string_attribute(key::OUTCOME, outcome.as_str()));
         if outcome.is_failure() {
-            attributes.push(string_value(key::ERROR_TYPE, outcome.as_str()));
+            attributes.push(string_attribute(key::ERROR_TYPE, outcome.as_str()));
         }
         let exemplar = |value: exemplar::Value| {
             recorded.map(|r| Exemplar {
@@ -561,13 +538,13 @@ impl Points {
 
     fn resource_metrics(self, resource: Resource, scope: &InstrumentationScope) -> ResourceMetrics {
         let metrics = vec![
-            counter(
+            cumulative_counter(
                 name::ATTEMPTS,
                 "{attempt}",
                 "TCP connect attempts that finished, exported as spans or not",
                 self.attempts,
             ),
-            counter(
+            cumulative_counter(
                 name::SYN_RETRANSMITS,
                 "{retransmit}",
                 "SYN retransmits of those attempts",
@@ -718,7 +695,7 @@ mod tests {
         r.overflow[outcome::CONNECTION_REFUSED as usize] = value(4);
         metrics.fold(r, |_| None);
         let own = Resource {
-            attributes: vec![string_value(key::SERVICE_NAME, "synspan")],
+            attributes: vec![string_attribute(key::SERVICE_NAME, "synspan")],
             ..Default::default()
         };
         let all = metrics.resource_metrics(&own, &InstrumentationScope::default());
@@ -728,13 +705,13 @@ mod tests {
             other => panic!("{other:?}"),
         };
         let timed_out = point_attrs(&all[0]);
-        assert!(timed_out.contains(&string_value(key::ERROR_TYPE, "timed_out")));
-        assert!(timed_out.contains(&string_value(key::SERVER_ADDRESS, "10.1.0.9")));
+        assert!(timed_out.contains(&string_attribute(key::ERROR_TYPE, "timed_out")));
+        assert!(timed_out.contains(&string_attribute(key::SERVER_ADDRESS, "10.1.0.9")));
         assert!(timed_out.contains(&int_value(key::SERVER_PORT, 443)));
         assert_eq!(all[1].resource.as_ref(), Some(&own));
         let overflow = point_attrs(&all[1]);
         assert_eq!(overflow[0].key, OVERFLOW);
-        assert!(overflow.contains(&string_value(key::OUTCOME, "connection_refused")));
+        assert!(overflow.contains(&string_attribute(key::OUTCOME, "connection_refused")));
         let histogram = match &all[0].scope_metrics[0].metrics[2].data {
             Some(metric::Data::Histogram(h)) => h.data_points[0].clone(),
             other => panic!("{other:?}"),

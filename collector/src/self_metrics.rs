@@ -159,12 +159,32 @@ struct MetricsRequests {
     connect: Option<ConnectMetrics>,
 }
 
-fn string_attribute(key: &str, value: &str) -> KeyValue {
+pub(crate) fn string_attribute(key: &str, value: &str) -> KeyValue {
     KeyValue {
         key: key.into(),
         value: Some(AnyValue {
             value: Some(any_value::Value::StringValue(value.into())),
         }),
+        ..Default::default()
+    }
+}
+
+/// A monotonic counter counted from when synspan started (or its series did).
+pub(crate) fn cumulative_counter(
+    name: &str,
+    unit: &str,
+    description: &str,
+    data_points: Vec<NumberDataPoint>,
+) -> Metric {
+    Metric {
+        name: name.into(),
+        description: description.into(),
+        unit: unit.into(),
+        data: Some(metric::Data::Sum(Sum {
+            data_points,
+            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+            is_monotonic: true,
+        })),
         ..Default::default()
     }
 }
@@ -201,15 +221,8 @@ impl MetricsRequests {
             )),
             ..Default::default()
         };
-        let counter = |name: &str, description: &str, data_points| Metric {
-            name: name.into(),
-            description: description.into(),
-            data: Some(metric::Data::Sum(Sum {
-                data_points,
-                aggregation_temporality: AggregationTemporality::Cumulative as i32,
-                is_monotonic: true,
-            })),
-            ..Default::default()
+        let counter = |name: &str, description: &str, data_points| {
+            cumulative_counter(name, "", description, data_points)
         };
         let metrics = vec![
             counter(

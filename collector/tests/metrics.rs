@@ -12,7 +12,7 @@ use std::{
 };
 
 use synspan_testbed::{
-    agent::{Agent, Output, Stopped},
+    agent::{Agent, Stopped},
     client::{Report, connect_many},
     netns::Netns,
     otlp_sink::{ConnectPoint, OtlpSink, SinkCounts},
@@ -68,6 +68,15 @@ fn attempts(ns: &Netns, target: &str, n: u32, extra: &[&str]) -> Vec<Report> {
     let mut args = vec!["--count", count.as_str(), "--interval", "20"];
     args.extend_from_slice(extra);
     connect_many(ns, target, &args).unwrap()
+}
+
+/// A receiver, and synspan exporting to it every second with `args`, spans also on stdout.
+fn exporting(args: &[&str]) -> (OtlpSink, Agent) {
+    let sink = OtlpSink::start().unwrap();
+    let mut all = vec!["--otlp-endpoint", sink.endpoint(), "--metrics-interval", "1s"];
+    all.extend_from_slice(args);
+    let agent = Agent::start(&all).unwrap();
+    (sink, agent)
 }
 
 fn sink_counts(sink: &OtlpSink) -> SinkCounts {
@@ -155,15 +164,7 @@ fn span_seconds(span: &serde_json::Value) -> f64 {
 
 #[test]
 fn failures_only_counts_every_attempt_and_exemplars_lead_to_failed_spans() {
-    let sink = OtlpSink::start().unwrap();
-    let agent = Agent::start(&[
-        "--otlp-endpoint",
-        sink.endpoint(),
-        "--failures-only",
-        "--metrics-interval",
-        "1s",
-    ])
-    .unwrap();
+    let (sink, agent) = exporting(&["--failures-only"]);
     let ns = Netns::new("mxfo").unwrap();
     // The kernel gives up after about 3 s.
     ns.sysctl("net.ipv4.tcp_syn_retries", "1").unwrap();
@@ -320,19 +321,7 @@ fn failures_only_counts_every_attempt_and_exemplars_lead_to_failed_spans() {
 
 #[test]
 fn sampled_successes_are_still_counted_exactly() {
-    let sink = OtlpSink::start().unwrap();
-    let agent = Agent::start_with(
-        Output::Json,
-        &[
-            "--otlp-endpoint",
-            sink.endpoint(),
-            "--sample-successes",
-            "0.1",
-            "--metrics-interval",
-            "1s",
-        ],
-    )
-    .unwrap();
+    let (sink, agent) = exporting(&["--sample-successes", "0.1"]);
     let ns = Netns::new("mxsa").unwrap();
     let (addr, port, n) = ("127.0.0.73", 47103, 60);
     let reports = {
@@ -362,17 +351,8 @@ fn sampled_successes_are_still_counted_exactly() {
 
 #[test]
 fn past_the_bound_attempts_go_to_the_overflow_series_and_totals_stay_exact() {
-    let sink = OtlpSink::start().unwrap();
     let bound = 4;
-    let agent = Agent::start(&[
-        "--otlp-endpoint",
-        sink.endpoint(),
-        "--metrics-max-series",
-        &bound.to_string(),
-        "--metrics-interval",
-        "1s",
-    ])
-    .unwrap();
+    let (sink, agent) = exporting(&["--metrics-max-series", &bound.to_string()]);
     let ns = Netns::new("mxov").unwrap();
     let destinations: Vec<String> = (0..12).map(|i| format!("127.0.0.74:{}", 47110 + i)).collect();
     for target in &destinations {
@@ -432,15 +412,7 @@ fn past_the_bound_attempts_go_to_the_overflow_series_and_totals_stay_exact() {
 
 #[test]
 fn two_services_get_their_own_resources() {
-    let sink = OtlpSink::start().unwrap();
-    let agent = Agent::start(&[
-        "--otlp-endpoint",
-        sink.endpoint(),
-        "--failures-only",
-        "--metrics-interval",
-        "1s",
-    ])
-    .unwrap();
+    let (sink, agent) = exporting(&["--failures-only"]);
     let ns = Netns::new("mxsv").unwrap();
     let (addr, port) = ("127.0.0.75", 47104);
     let target = format!("{addr}:{port}");

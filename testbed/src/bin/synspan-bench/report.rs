@@ -128,7 +128,11 @@ pub(crate) fn targets(summaries: &[Summary], runs: &[Run]) -> String {
     let ratio_of = |id: usize| summaries.iter().find(|s| s.mode.id == id).map(|s| s.ratio);
     if let (Some(on), Some(off)) = (ratio_of(2), ratio_of(5)) {
         let cost = off - on;
-        let verdict = if cost <= METRICS_COST_TARGET { "**met**" } else { "**missed**" };
+        let verdict = if cost <= METRICS_COST_TARGET {
+            "**met**"
+        } else {
+            "**missed**"
+        };
         let _ = writeln!(
             out,
             "- connect metrics with --failures-only (mode 2 against mode 5, same run): ratio {on:.2} \
