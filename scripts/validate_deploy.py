@@ -385,6 +385,37 @@ def spanmetrics_names():
     return per_metric
 
 
+CONNECT_METRICS = ROOT / "collector/src/connect_metrics.rs"
+
+
+def connect_metrics_names():
+    """The Prometheus names of synspan's connect metrics, from the instrument names in
+    collector/src/connect_metrics.rs, as the prometheus exporter shows them (dots become
+    underscores, counters get _total, the histogram its unit in seconds; the resource's
+    service.name becomes `job`), when a metrics pipeline takes OTLP to it."""
+    doc = collector()
+    pipelines = (doc.get("service") or {}).get("pipelines") or {}
+    routed = any(pid.split("/")[0] == "metrics" and "otlp" in (p.get("receivers") or [])
+                 and any(e.split("/")[0] == "prometheus" for e in p.get("exporters") or [])
+                 for pid, p in pipelines.items())
+    if not routed:
+        return {}
+    source = CONNECT_METRICS.read_text()
+    names = dict(re.findall(r'pub\(crate\) const ([A-Z_]+): &str = "(synspan\.connect\.[a-z_.]+)";', source))
+    if set(names) != {"ATTEMPTS", "DURATION", "SYN_RETRANSMITS"}:
+        raise Failed(f"{CONNECT_METRICS}: instrument names not found ({names})")
+    labels = {"job", "instance", "server_address", "server_port", "network_type",
+              "synspan_outcome", "error_type", "otel_metric_overflow"}
+    out = {}
+    for const in ("ATTEMPTS", "SYN_RETRANSMITS"):
+        out[sanitize(names[const]) + "_total"] = set(labels)
+    dur = sanitize(names["DURATION"]) + "_seconds"
+    out[dur + "_bucket"] = labels | {"le"}
+    out[dur + "_sum"] = set(labels)
+    out[dur + "_count"] = set(labels)
+    return out
+
+
 def outcomes_from_readme():
     text = (ROOT / "README.md").read_text()
     section = text.split("### Outcomes", 1)[-1].split("\n#", 1)[0]
@@ -456,13 +487,14 @@ def explore_links(dash):
     return out
 
 
-@check("Grafana dashboard queries only spanmetrics series this collector config produces")
+@check("Grafana dashboard queries only spanmetrics and connect-metric series this collector config produces")
 def dashboard_queries():
     try:
         dash = json.loads(DASHBOARD.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise Failed(f"{DASHBOARD}: {err}")
     produced = spanmetrics_names()
+    produced.update(connect_metrics_names())
     outcomes = outcomes_from_readme()
     exprs = []
     for panel in dash.get("panels", []):
@@ -497,7 +529,8 @@ def dashboard_queries():
             used.add(metric)
             if metric not in produced:
                 problems.append(f"{where}: {metric} is not a metric the spanmetrics connector "
-                                f"produces here (it makes {', '.join(sorted(produced))})")
+                                f"or synspan's connect metrics produce here (they make "
+                                f"{', '.join(sorted(produced))})")
                 continue
             for label, (op, value) in matchers.items():
                 if label not in produced[metric]:

@@ -24,8 +24,9 @@ use crate::{
     helpers::{now_ns, read_event, read_kernel_at, read_sock_field},
     maps::{
         ALLOW_CGROUPS, ALLOW_DESTS, ALLOW_PIDS, ALLOW_PORTS, COLLISION_WATCH, CONNECT_CALLS, IN_FLIGHT,
-        NOTED, PROCESS_NOTES, STACKS, WATCH_SINCE, WATCH_WINDOW_NS, count, forget_tuples, in_flight, layout,
-        local_endpoint, policy, record_error, remember_tuple, scratch_attempt, send, track_live,
+        NOTED, PROCESS_NOTES, STACKS, WATCH_SINCE, WATCH_WINDOW_NS, count, count_series, forget_tuples,
+        in_flight, layout, local_endpoint, policy, record_error, remember_tuple, scratch_attempt, send,
+        track_live,
     },
 };
 
@@ -379,6 +380,7 @@ fn finish<C: StateChange>(ctx: &C, sock: u64, end_state: u8) -> Result<(), i32> 
     attempt.error = read_sock_field(sock, sock_fields.sk_err);
     attempt.soft_error = read_sock_field(sock, sock_fields.sk_err_soft);
     record_error(attempt, attempt.error, attempt.soft_error, attempt.end_ns);
+    count_series(attempt);
 
     let policy = policy();
     if keep(attempt, &policy) {

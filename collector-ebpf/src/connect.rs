@@ -18,7 +18,9 @@ use crate::{
     attempt::allowed,
     caller,
     helpers::{now_ns, read_event, read_kernel, read_kernel_at, read_user_at},
-    maps::{CONNECT_CALLS, count, in_flight, layout, note_error, policy, scratch_attempt, send},
+    maps::{
+        CONNECT_CALLS, count, count_series, in_flight, layout, note_error, policy, scratch_attempt, send,
+    },
 };
 
 const SOCK_STREAM: u16 = 1;
@@ -150,6 +152,7 @@ fn on_exit(ctx: &TracePointContext) -> Result<(), i32> {
     count(counter::STARTED);
     count(counter::FINISHED);
     count(counter::NEVER_STARTED);
+    count_series(attempt);
     send(attempt);
     Ok(())
 }

@@ -6,11 +6,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace, lpm_trie::LpmTrie},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace, lpm_trie::LpmTrie},
 };
 use synspan_shared::{
-    AttemptRecord, AttemptTuple, ConnectCall, Endpoint, KernelLayout, MAX_FILTER_ENTRIES, Policy,
-    attempt_flags, counter,
+    AttemptRecord, AttemptTuple, ConnectCall, Endpoint, KernelLayout, MAX_FILTER_ENTRIES, Policy, SeriesKey,
+    SeriesValue, attempt_flags, counter, duration_bucket, outcome,
 };
 
 use crate::helpers::read_sock_field;
@@ -78,6 +78,22 @@ pub(crate) static ALLOW_DESTS: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
 
+/// Every finished attempt, counted by who connected where and how it ended; the agent sizes
+/// it (`--metrics-max-series`) and deletes series that went quiet. Not LRU: a full map must
+/// refuse a new series, which then goes to [`OVERFLOW_SERIES`], rather than evict one and
+/// lose its counts. Per CPU: a connect storm on every core would otherwise fight over the
+/// cache line of its one series.
+#[map]
+pub(crate) static CONNECT_SERIES: PerCpuHashMap<SeriesKey, SeriesValue> =
+    PerCpuHashMap::with_max_entries(4096, 0);
+
+/// Attempts whose series did not fit in [`CONNECT_SERIES`], by outcome.
+#[map]
+pub(crate) static OVERFLOW_SERIES: PerCpuArray<SeriesValue> = PerCpuArray::with_max_entries(outcome::LEN, 0);
+
+/// What a new series starts from: the map copies it in.
+static EMPTY_SERIES: SeriesValue = SeriesValue::ZERO;
+
 /// A record is larger than the 512-byte BPF stack allows comfortably, so new attempts are
 /// built here before they are copied into the in-flight map.
 #[map]
@@ -124,6 +140,48 @@ fn atomic_add(value: *mut u64, delta: u64) {
     // nothing else.
     unsafe {
         core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) value, v = in(reg) delta);
+    }
+}
+
+/// Counts a finished attempt in its series, or in the overflow series of its outcome when
+/// the map is full. Called once per attempt, where the policy decides its fate, so that the
+/// series add up to the attempts the accounting saw finish.
+#[inline(always)]
+pub(crate) fn count_series(attempt: &AttemptRecord) {
+    if policy().count_series == 0 {
+        return;
+    }
+    let outcome = outcome::classify(attempt);
+    let key = SeriesKey {
+        daddr: attempt.daddr,
+        pid: attempt.pid,
+        dport: attempt.dport,
+        family: attempt.family,
+        outcome,
+        _pad: [0; 7],
+    };
+    let mut value = CONNECT_SERIES.get_ptr_mut(&key);
+    if value.is_none() {
+        // Another CPU may make the same series first: then the insert fails and the lookup
+        // finds that one.
+        let _ = CONNECT_SERIES.insert(&key, &EMPTY_SERIES, aya_ebpf::bindings::BPF_NOEXIST as u64);
+        value = CONNECT_SERIES.get_ptr_mut(&key);
+    }
+    let Some(value) = value.or_else(|| OVERFLOW_SERIES.get_ptr_mut(u32::from(outcome))) else {
+        return;
+    };
+    let duration = attempt.end_ns.saturating_sub(attempt.start_ns);
+    let bucket = duration_bucket(duration);
+    // SAFETY: a value of a preallocated per-CPU map, valid for the run and written only from
+    // this CPU; the fields are aligned u64s, added to atomically because another of our
+    // programs (an attempt ending in a softirq) can interrupt this one on the same CPU.
+    unsafe {
+        atomic_add(&raw mut (*value).attempts, 1);
+        atomic_add(&raw mut (*value).syn_retransmits, u64::from(attempt.retransmits));
+        atomic_add(&raw mut (*value).duration_ns, duration);
+        if let Some(slot) = (*value).buckets.get_mut(bucket) {
+            atomic_add(slot, 1);
+        }
     }
 }
 

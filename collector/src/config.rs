@@ -177,6 +177,12 @@ pub(crate) struct Cli {
     #[arg(long, value_name = "N", default_value = "16384")]
     pub(crate) max_in_flight: NonZeroU32,
 
+    /// Connect-metric series the kernel keeps (one per process, destination and outcome).
+    /// Attempts past the bound are counted in an overflow series per outcome. 0 turns the
+    /// connect metrics off.
+    #[arg(long, value_name = "N", default_value = "4096")]
+    pub(crate) metrics_max_series: u32,
+
     /// Size of the kernel-to-agent ring buffer in bytes: a power of two, at least 4096.
     /// Records that do not fit are counted as `ringbuf_full`.
     #[arg(long, value_name = "BYTES", default_value = "4194304", value_parser = parse_ring_size)]
@@ -198,13 +204,15 @@ pub(crate) struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub(crate) export_retry_timeout: Duration,
 
-    /// Print accounting counters on stderr this often (e.g. 10s). 0 turns it off; a final
-    /// summary is always printed at exit.
+    /// Print accounting counters, and the busiest destinations with their failures, on
+    /// stderr this often (e.g. 10s). 0 turns it off; a final summary is always printed at
+    /// exit.
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
     pub(crate) stats_interval: Duration,
 
-    /// Export synspan's own counters (seen, exported, dropped by reason) as OTLP metrics to
-    /// the same endpoint this often. 0 turns them off.
+    /// Export the connect metrics (every attempt, by service, destination and outcome) and
+    /// synspan's own counters (seen, exported, dropped by reason) as OTLP metrics to the same
+    /// endpoint this often. 0 turns them off.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub(crate) metrics_interval: Duration,
 
@@ -311,6 +319,8 @@ impl Cli {
             reserved: [0; 3],
             // Set by the agent, which knows this kernel's numbers.
             answered_reasons: [0; MAX_ANSWERED_REASONS],
+            count_series: u8::from(self.metrics_max_series > 0),
+            reserved_end: [0; 7],
         }
     }
 }
@@ -332,6 +342,7 @@ mod tests {
             Policy {
                 agent_tgid: 7,
                 drop_reasons: 1,
+                count_series: 1,
                 ..Policy::ALL
             }
         );

@@ -10,6 +10,7 @@ mod attempt;
 mod btf;
 mod clock;
 mod config;
+mod connect_metrics;
 mod drop_reason;
 mod enrich;
 mod evidence;

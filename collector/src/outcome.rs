@@ -1,6 +1,8 @@
 //! Why an attempt ended, from what the kernel showed.
 
-use synspan_shared::{AttemptRecord, attempt_flags, tcp_state};
+use synspan_shared::{AttemptRecord, outcome};
+#[cfg(test)]
+use synspan_shared::{attempt_flags, tcp_state};
 
 /// How a connect attempt ended. The names are the values of `synspan.outcome` and, for
 /// failures, `error.type`.
@@ -50,13 +52,20 @@ impl Outcome {
 
     /// The outcome a `connect()` errno stands for.
     pub(crate) fn from_errno(errno: i32) -> Option<Self> {
-        match errno {
-            libc::ECONNREFUSED => Some(Outcome::ConnectionRefused),
-            libc::ETIMEDOUT => Some(Outcome::TimedOut),
-            libc::EHOSTUNREACH => Some(Outcome::HostUnreachable),
-            libc::ENETUNREACH => Some(Outcome::NetworkUnreachable),
-            libc::EADDRNOTAVAIL => Some(Outcome::AddressNotAvailable),
-            _ => None,
+        outcome::from_errno(errno).map(Self::from_code)
+    }
+
+    /// The outcome the kernel's code (`synspan_shared::outcome`) stands for.
+    pub(crate) fn from_code(code: u8) -> Self {
+        match code {
+            outcome::ESTABLISHED => Outcome::Established,
+            outcome::CONNECTION_REFUSED => Outcome::ConnectionRefused,
+            outcome::TIMED_OUT => Outcome::TimedOut,
+            outcome::HOST_UNREACHABLE => Outcome::HostUnreachable,
+            outcome::NETWORK_UNREACHABLE => Outcome::NetworkUnreachable,
+            outcome::ABORTED => Outcome::Aborted,
+            outcome::ADDRESS_NOT_AVAILABLE => Outcome::AddressNotAvailable,
+            _ => Outcome::Other,
         }
     }
 }
@@ -67,38 +76,10 @@ impl std::fmt::Display for Outcome {
     }
 }
 
-/// Classifies a finished attempt.
-///
-/// `sk_err` at the moment the socket left SYN_SENT is the errno `connect()` reports, so it
-/// decides first. It is 0 in two cases the kernel does not flag otherwise: the application
-/// closed a pending connect, and `inet_hash_connect` found no free port (then no port was
-/// ever chosen, and the socket never sent a SYN).
+/// Classifies a finished attempt, as the kernel does when it counts it
+/// (`synspan_shared::outcome::classify`).
 pub(crate) fn classify(record: &AttemptRecord) -> Outcome {
-    if record.flags & attempt_flags::NEVER_STARTED != 0 {
-        return Outcome::from_errno(record.error).unwrap_or(Outcome::Other);
-    }
-    match record.end_state {
-        tcp_state::ESTABLISHED => return Outcome::Established,
-        tcp_state::CLOSE => {}
-        _ => return Outcome::Other,
-    }
-    if record.error != 0 {
-        return Outcome::from_errno(record.error).unwrap_or(Outcome::Other);
-    }
-    if record.flags & attempt_flags::RST_RECEIVED != 0 {
-        return Outcome::ConnectionRefused;
-    }
-    if record.sport == 0 && record.retransmits == 0 {
-        return Outcome::AddressNotAvailable;
-    }
-    // The application closed the socket. If the kernel had told it why first (a soft ICMP
-    // error, which reading SO_ERROR clears), that is why the attempt ended.
-    if record.flags & attempt_flags::ERROR_SEEN != 0
-        && let Some(outcome) = Outcome::from_errno(record.first_error)
-    {
-        return outcome;
-    }
-    Outcome::Aborted
+    Outcome::from_code(outcome::classify(record))
 }
 
 #[cfg(test)]
@@ -171,6 +152,32 @@ mod tests {
     #[test]
     fn other_states() {
         assert_eq!(classify(&record(tcp_state::SYN_RECV, 0, 1)), Outcome::Other);
+    }
+
+    #[test]
+    fn kernel_codes_round_trip() {
+        for (code, o) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(Outcome::from_code(code as u8), *o);
+        }
+        assert_eq!(Outcome::ALL.len(), outcome::LEN as usize);
+        // The shared crate has no libc: its errno numbers must be this platform's.
+        assert_eq!(
+            Outcome::from_errno(libc::ECONNREFUSED),
+            Some(Outcome::ConnectionRefused)
+        );
+        assert_eq!(Outcome::from_errno(libc::ETIMEDOUT), Some(Outcome::TimedOut));
+        assert_eq!(
+            Outcome::from_errno(libc::EHOSTUNREACH),
+            Some(Outcome::HostUnreachable)
+        );
+        assert_eq!(
+            Outcome::from_errno(libc::ENETUNREACH),
+            Some(Outcome::NetworkUnreachable)
+        );
+        assert_eq!(
+            Outcome::from_errno(libc::EADDRNOTAVAIL),
+            Some(Outcome::AddressNotAvailable)
+        );
     }
 
     #[test]

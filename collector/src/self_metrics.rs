@@ -22,6 +22,7 @@ use tokio::{sync::oneshot, task::JoinHandle, time::Instant};
 use tonic::Status;
 
 use crate::{
+    connect_metrics::ConnectMetrics,
     otlp::{Client, retry::with_retry, unix_nanos},
     span::{key, scope},
     stats::Accounting,
@@ -53,9 +54,17 @@ fn drops(a: &Accounting) -> [(&'static str, u64); 10] {
 }
 
 impl SelfMetrics {
-    /// Sends a reading every `interval`, the first one an interval from now.
-    pub(crate) fn start(client: Client, host_name: &str, interval: Duration, snapshot: Snapshot) -> Self {
-        let requests = MetricsRequests::new(host_name);
+    /// Sends a reading every `interval`, the first one an interval from now, with the
+    /// connect metrics when they are on.
+    pub(crate) fn start(
+        client: Client,
+        host_name: &str,
+        interval: Duration,
+        snapshot: Snapshot,
+        connect: Option<ConnectMetrics>,
+    ) -> Self {
+        let mut requests = MetricsRequests::new(host_name);
+        requests.connect = connect;
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(export_loop(client, requests, interval, snapshot, stopped));
         Self { task, stop }
@@ -147,14 +156,35 @@ struct MetricsRequests {
     resource: Resource,
     scope: InstrumentationScope,
     start_time_unix_nano: u64,
+    connect: Option<ConnectMetrics>,
 }
 
-fn string_attribute(key: &str, value: &str) -> KeyValue {
+pub(crate) fn string_attribute(key: &str, value: &str) -> KeyValue {
     KeyValue {
         key: key.into(),
         value: Some(AnyValue {
             value: Some(any_value::Value::StringValue(value.into())),
         }),
+        ..Default::default()
+    }
+}
+
+/// A monotonic counter counted from when synspan started (or its series did).
+pub(crate) fn cumulative_counter(
+    name: &str,
+    unit: &str,
+    description: &str,
+    data_points: Vec<NumberDataPoint>,
+) -> Metric {
+    Metric {
+        name: name.into(),
+        description: description.into(),
+        unit: unit.into(),
+        data: Some(metric::Data::Sum(Sum {
+            data_points,
+            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+            is_monotonic: true,
+        })),
         ..Default::default()
     }
 }
@@ -176,6 +206,7 @@ impl MetricsRequests {
                 ..Default::default()
             },
             start_time_unix_nano: unix_nanos(SystemTime::now()),
+            connect: None,
         }
     }
 
@@ -190,15 +221,8 @@ impl MetricsRequests {
             )),
             ..Default::default()
         };
-        let counter = |name: &str, description: &str, data_points| Metric {
-            name: name.into(),
-            description: description.into(),
-            data: Some(metric::Data::Sum(Sum {
-                data_points,
-                aggregation_temporality: AggregationTemporality::Cumulative as i32,
-                is_monotonic: true,
-            })),
-            ..Default::default()
+        let counter = |name: &str, description: &str, data_points| {
+            cumulative_counter(name, "", description, data_points)
         };
         let metrics = vec![
             counter(
@@ -245,19 +269,21 @@ impl MetricsRequests {
                 ..Default::default()
             },
         ];
-        ExportMetricsServiceRequest {
-            resource_metrics: vec![ResourceMetrics {
-                resource: Some(self.resource.clone()),
-                scope_metrics: vec![ScopeMetrics {
-                    scope: Some(self.scope.clone()),
-                    metrics,
-                    schema_url: String::new(),
-                }],
+        let mut resource_metrics = vec![ResourceMetrics {
+            resource: Some(self.resource.clone()),
+            scope_metrics: vec![ScopeMetrics {
+                scope: Some(self.scope.clone()),
+                metrics,
                 schema_url: String::new(),
             }],
+            schema_url: String::new(),
+        }];
+        if let Some(connect) = &self.connect {
+            resource_metrics.extend(connect.resource_metrics(&self.resource, &self.scope));
         }
-        .encode_to_vec()
-        .into()
+        ExportMetricsServiceRequest { resource_metrics }
+            .encode_to_vec()
+            .into()
     }
 }
 

@@ -21,7 +21,7 @@ use opentelemetry_sdk::{
 
 use crate::{
     attempt::{Attempt, EventKind, PacketDrop},
-    enrich::identity::Identity,
+    enrich::identity::{Identity, Process},
     evidence::Evidence,
 };
 
@@ -170,11 +170,16 @@ impl SpanBuilder {
     /// from its environment, else its executable name; so that its connect spans sit next to
     /// its own traces.
     fn resource(&mut self, attempt: &Attempt, identity: &Identity) -> (Arc<str>, Resource) {
-        let info = identity.process.as_ref().map(|p| &p.info);
+        self.service(identity.process.as_deref(), &attempt.comm)
+    }
+
+    /// A process's service key and resource; `comm` names it when `/proc` could not be read.
+    pub(crate) fn service(&mut self, process: Option<&Process>, comm: &str) -> (Arc<str>, Resource) {
+        let info = process.map(|p| &p.info);
         let name = info
             .and_then(|i| i.service.name.as_deref())
             .or(info.map(|i| i.exe_name.as_str()))
-            .unwrap_or(&attempt.comm);
+            .unwrap_or(comm);
         let extra = info
             .map(|i| i.service.resource_attributes.as_slice())
             .unwrap_or_default();

@@ -44,6 +44,8 @@ pub mod names {
         pub const ALLOW_CGROUPS: &str = "ALLOW_CGROUPS";
         pub const ALLOW_PORTS: &str = "ALLOW_PORTS";
         pub const ALLOW_DESTS: &str = "ALLOW_DESTS";
+        pub const CONNECT_SERIES: &str = "CONNECT_SERIES";
+        pub const OVERFLOW_SERIES: &str = "OVERFLOW_SERIES";
     }
 
     /// Read-only globals the agent sets before load.
@@ -510,6 +512,10 @@ pub struct Policy {
     /// a closed port is "dropped" with NO_SOCKET after the RST that refuses it went out.
     /// Numbered as this kernel numbers them, 0 for none.
     pub answered_reasons: [u32; MAX_ANSWERED_REASONS],
+    /// Count every finished attempt in `CONNECT_SERIES` (see [`SeriesKey`]).
+    pub count_series: u8,
+    /// Keeps the struct free of implicit padding.
+    pub reserved_end: [u8; 7],
 }
 
 /// Entries of [`Policy::answered_reasons`].
@@ -545,6 +551,8 @@ impl Policy {
         drop_reasons: 0,
         reserved: [0; 3],
         answered_reasons: [0; MAX_ANSWERED_REASONS],
+        count_series: 0,
+        reserved_end: [0; 7],
     };
 }
 
@@ -583,8 +591,173 @@ pub mod counter {
     pub const LEN: u32 = 11;
 }
 
+/// How an attempt ended, as the kernel counts it in [`SeriesKey::outcome`] and the agent
+/// names it (`synspan.outcome`). Decided once, here, for both.
+pub mod outcome {
+    use crate::{AttemptRecord, attempt_flags, tcp_state};
+
+    pub const ESTABLISHED: u8 = 0;
+    pub const CONNECTION_REFUSED: u8 = 1;
+    pub const TIMED_OUT: u8 = 2;
+    pub const HOST_UNREACHABLE: u8 = 3;
+    pub const NETWORK_UNREACHABLE: u8 = 4;
+    /// The application closed the socket while it was still in SYN_SENT.
+    pub const ABORTED: u8 = 5;
+    /// No free ephemeral port: the kernel gave up before sending a SYN.
+    pub const ADDRESS_NOT_AVAILABLE: u8 = 6;
+    pub const OTHER: u8 = 7;
+    /// Outcomes in all: the slots of `OVERFLOW_SERIES`.
+    pub const LEN: u32 = 8;
+
+    const ECONNREFUSED: i32 = 111;
+    const ETIMEDOUT: i32 = 110;
+    const EHOSTUNREACH: i32 = 113;
+    const ENETUNREACH: i32 = 101;
+    const EADDRNOTAVAIL: i32 = 99;
+
+    /// The outcome a `connect()` errno stands for, if it names one.
+    #[inline(always)]
+    pub fn from_errno(errno: i32) -> Option<u8> {
+        match errno {
+            ECONNREFUSED => Some(CONNECTION_REFUSED),
+            ETIMEDOUT => Some(TIMED_OUT),
+            EHOSTUNREACH => Some(HOST_UNREACHABLE),
+            ENETUNREACH => Some(NETWORK_UNREACHABLE),
+            EADDRNOTAVAIL => Some(ADDRESS_NOT_AVAILABLE),
+            _ => None,
+        }
+    }
+
+    /// Classifies a finished attempt.
+    ///
+    /// `sk_err` at the moment the socket left SYN_SENT is the errno `connect()` reports, so
+    /// it decides first. It is 0 in two cases the kernel does not flag otherwise: the
+    /// application closed a pending connect, and `inet_hash_connect` found no free port
+    /// (then no port was ever chosen, and the socket never sent a SYN).
+    #[inline(always)]
+    pub fn classify(record: &AttemptRecord) -> u8 {
+        if record.flags & attempt_flags::NEVER_STARTED != 0 {
+            return from_errno(record.error).unwrap_or(OTHER);
+        }
+        match record.end_state {
+            tcp_state::ESTABLISHED => return ESTABLISHED,
+            tcp_state::CLOSE => {}
+            _ => return OTHER,
+        }
+        if record.error != 0 {
+            return from_errno(record.error).unwrap_or(OTHER);
+        }
+        if record.flags & attempt_flags::RST_RECEIVED != 0 {
+            return CONNECTION_REFUSED;
+        }
+        if record.sport == 0 && record.retransmits == 0 {
+            return ADDRESS_NOT_AVAILABLE;
+        }
+        // The application closed the socket. If the kernel had told it why first (a soft
+        // ICMP error, which reading SO_ERROR clears), that is why the attempt ended.
+        if record.flags & attempt_flags::ERROR_SEEN != 0
+            && let Some(outcome) = from_errno(record.first_error)
+        {
+            return outcome;
+        }
+        ABORTED
+    }
+}
+
+/// Upper bounds (inclusive) of the connect-duration histogram's buckets, in nanoseconds;
+/// one more bucket holds what is slower than the last. Decades of 1-2.5-5 from 100 µs to
+/// 1 s resolve loopback and LAN connects; powers of two from 1 s to 128 s put a kernel
+/// timeout after `tcp_syn_retries` = n (1 s, 3 s, 7 s, 15 s, 31 s, 63 s, 127 s: 2^(n+1) − 1,
+/// a little more with the round trip) alone in the bucket that ends at 2^(n+1) s, and a
+/// success after one retransmit (1 s and a round trip) in the one that ends at 2 s.
+pub const DURATION_BOUNDS_NS: [u64; 20] = [
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_000_000_000,
+    4_000_000_000,
+    8_000_000_000,
+    16_000_000_000,
+    32_000_000_000,
+    64_000_000_000,
+    128_000_000_000,
+];
+
+/// Buckets of the connect-duration histogram.
+pub const DURATION_BUCKETS: usize = DURATION_BOUNDS_NS.len() + 1;
+
+/// One series of the connect metrics: who connected where, and how it ended. The kernel
+/// counts every finished attempt under its key in `CONNECT_SERIES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeriesKey {
+    /// The destination, in network byte order (IPv4 in the first four bytes).
+    pub daddr: [u8; 16],
+    /// The traced process (tgid).
+    pub pid: u32,
+    pub dport: u16,
+    pub family: u16,
+    /// One of [`outcome`].
+    pub outcome: u8,
+    pub _pad: [u8; 7],
+}
+
+/// What the kernel counts per [`SeriesKey`], per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeriesValue {
+    pub attempts: u64,
+    pub syn_retransmits: u64,
+    /// Sum of the attempts' durations.
+    pub duration_ns: u64,
+    /// Attempts per bucket of [`DURATION_BOUNDS_NS`].
+    pub buckets: [u64; DURATION_BUCKETS],
+}
+
+impl SeriesValue {
+    pub const ZERO: Self = Self {
+        attempts: 0,
+        syn_retransmits: 0,
+        duration_ns: 0,
+        buckets: [0; DURATION_BUCKETS],
+    };
+}
+
+impl Default for SeriesValue {
+    fn default() -> Self {
+        Self::ZERO
+    }
+}
+
+/// The bucket of [`DURATION_BOUNDS_NS`] a duration falls in.
+#[inline(always)]
+pub fn duration_bucket(ns: u64) -> usize {
+    let mut i = 0;
+    while i < DURATION_BOUNDS_NS.len() {
+        if ns <= DURATION_BOUNDS_NS[i] {
+            return i;
+        }
+        i += 1;
+    }
+    DURATION_BOUNDS_NS.len()
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: as below.
+    unsafe impl aya::Pod for super::SeriesKey {}
+    // SAFETY: as below.
+    unsafe impl aya::Pod for super::SeriesValue {}
     // SAFETY: all of these are repr(C), hold only integers and arrays of integers, and have
     // no padding that the kernel would leave uninitialised.
     unsafe impl aya::Pod for super::AttemptRecord {}

@@ -131,11 +131,61 @@ pub struct SinkCounts {
     /// When each trace request arrived, in ms after the first one (the first 1000).
     #[serde(default)]
     pub arrivals_ms: Vec<u64>,
+    /// The last data point of every `synspan.connect.*` series received, by
+    /// [`ConnectPoint::key`].
+    #[serde(default)]
+    pub connect: BTreeMap<String, ConnectPoint>,
+}
+
+/// One data point of synspan's connect metrics as the sink last received it, with every
+/// exemplar the series carried in any request.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ConnectPoint {
+    pub metric: String,
+    /// The resource's `service.name`.
+    pub service: String,
+    /// The data point's attributes, values as text.
+    pub attributes: BTreeMap<String, String>,
+    /// Counters: the value.
+    pub value: i64,
+    /// Histograms: count, sum, bounds and counts per bucket.
+    pub count: u64,
+    pub sum: f64,
+    pub bounds: Vec<f64>,
+    pub bucket_counts: Vec<u64>,
+    pub exemplars: Vec<ConnectExemplar>,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ConnectExemplar {
+    pub trace_id: String,
+    pub span_id: String,
+    pub value: f64,
+}
+
+impl ConnectPoint {
+    /// What names a series: metric, service and attributes.
+    pub fn key(&self) -> String {
+        let attrs: Vec<String> = self.attributes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!("{}|{}|{}", self.metric, self.service, attrs.join(","))
+    }
+
+    pub fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes.get(key).map(String::as_str)
+    }
 }
 
 impl SinkCounts {
     pub fn of_pid(&self, pid: u32) -> u64 {
         self.by_pid.get(&i64::from(pid)).copied().unwrap_or(0)
+    }
+
+    /// The connect-metric points of `metric` whose attributes include all of `attrs`.
+    pub fn connect_points(&self, metric: &str, attrs: &[(&str, &str)]) -> Vec<&ConnectPoint> {
+        self.connect
+            .values()
+            .filter(|p| p.metric == metric && attrs.iter().all(|(k, v)| p.attribute(k) == Some(*v)))
+            .collect()
     }
 }
 

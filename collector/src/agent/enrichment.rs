@@ -21,6 +21,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::{
     attempt::Attempt,
+    connect_metrics::ConnectMetrics,
     drop_reason::DropReasons,
     enrich::{Enricher, process::ReadOptions},
     evidence::{Explainer, Missed},
@@ -128,6 +129,9 @@ pub(super) struct Setup {
     /// `None` with `--no-drop-reasons`.
     pub(super) drop_reasons: Option<DropReasons>,
     pub(super) backlog: Backlog,
+    /// Told each process's service and each attempt made a span; `None` with the connect
+    /// metrics off.
+    pub(super) metrics: Option<ConnectMetrics>,
 }
 
 struct Worker {
@@ -137,6 +141,7 @@ struct Worker {
     spans: SpanBuilder,
     sinks: Sinks,
     backlog: Backlog,
+    metrics: Option<ConnectMetrics>,
 }
 
 /// Starts the worker on its own thread and waits until it is ready. It runs until every
@@ -188,6 +193,7 @@ impl Worker {
             spans: setup.spans,
             sinks: setup.sinks,
             backlog: setup.backlog,
+            metrics: setup.metrics,
         })
     }
 
@@ -212,7 +218,17 @@ impl Worker {
 
     fn handle(&mut self, work: Work, batch: &mut Vec<ConnectSpan>) {
         match work {
-            Work::Note(note) => self.enricher.on_note(&note),
+            Work::Note(note) => {
+                self.enricher.on_note(&note);
+                // Its fast successes may never become spans: the connect metrics learn its
+                // service here, while it is alive for sure.
+                if let Some(metrics) = &self.metrics
+                    && let Some(process) = self.enricher.process(note.pid)
+                {
+                    let (service, resource) = self.spans.service(Some(&process), &process.info.exe_name);
+                    metrics.service(note.pid, service, &resource);
+                }
+            }
             Work::Sweep => self.enricher.sweep(),
             Work::Attempts(attempts) => {
                 self.backlog.release(attempts.len());
@@ -235,7 +251,11 @@ impl Worker {
         }
         let identity = self.enricher.identify(&attempt);
         let evidence = self.explainer.explain(&attempt, &identity);
-        batch.push(self.spans.build(attempt, &identity, evidence));
+        let span = self.spans.build(attempt, &identity, evidence);
+        if let Some(metrics) = &self.metrics {
+            metrics.exported(&span);
+        }
+        batch.push(span);
     }
 }
 

@@ -21,6 +21,7 @@ use self::{
 use crate::{
     btf::KernelBtf,
     config::{Cli, Settings},
+    connect_metrics::ConnectMetrics,
     drop_reason::DropReasons,
     enrich::process::ReadOptions,
     kernel_layout,
@@ -39,6 +40,9 @@ use crate::{
 /// The kernel wakes the agent only once 32 KiB of records wait (see `wakeup_flags` in the
 /// kernel programs); below that, they are picked up at this interval.
 const READ_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Destinations on the `--stats-interval` line of the busiest.
+const BUSIEST: usize = 5;
 
 /// How often processes that have exited are forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -63,6 +67,8 @@ struct Agent {
     counters: Arc<AgentCounters>,
     snapshot: Snapshot,
     self_metrics: Option<SelfMetrics>,
+    /// `None` with `--metrics-max-series 0`.
+    connect_metrics: Option<ConnectMetrics>,
     sigint: Signal,
     sigterm: Signal,
 }
@@ -93,6 +99,7 @@ fn start_export(
     export: Option<&Export>,
     counters: &Arc<AgentCounters>,
     snapshot: &Snapshot,
+    connect_metrics: Option<&ConnectMetrics>,
 ) -> anyhow::Result<(Option<OtlpSink>, Option<SelfMetrics>)> {
     let Some(clients) = export.map(Export::connect).transpose()? else {
         return Ok((None, None));
@@ -112,13 +119,26 @@ fn start_export(
             &host_name(),
             cli.metrics_interval,
             snapshot.clone(),
+            connect_metrics.cloned(),
         )
     });
     Ok((Some(spans), metrics))
 }
 
-/// One consistent reading of every counter, also handed to the self-metrics.
-fn report(kernel: &KernelObject, counters: &AgentCounters, snapshot: &Snapshot) -> Accounting {
+/// One consistent reading of every counter, also handed to the self-metrics, and the
+/// kernel's connect series folded into the connect metrics.
+fn report(
+    kernel: &mut KernelObject,
+    counters: &AgentCounters,
+    snapshot: &Snapshot,
+    connect_metrics: Option<&ConnectMetrics>,
+) -> Accounting {
+    if let Some(metrics) = connect_metrics {
+        match kernel.connect_series() {
+            Ok(reading) => metrics.fold(reading, |key| kernel.forget_series(key)),
+            Err(err) => tracing::debug!("reading the connect series: {err}"),
+        }
+    }
     let counted = kernel.counters().unwrap_or_default();
     let accounting = Accounting::read(
         counted,
@@ -171,12 +191,15 @@ impl Agent {
         let limits = Limits {
             max_in_flight: cli.max_in_flight.get(),
             ring_buffer_bytes: cli.ring_buffer_bytes,
+            max_series: cli.metrics_max_series,
         };
         let mut kernel = KernelObject::load(&resolved, &policy, &limits, btf.as_ref().ok())?;
         kernel.set_filters(&filters(cli)?)?;
         let counters = Arc::new(AgentCounters::default());
         let snapshot: Snapshot = Default::default();
-        let (otlp, self_metrics) = start_export(cli, export, &counters, &snapshot)?;
+        let connect_metrics = (cli.metrics_max_series > 0)
+            .then(|| ConnectMetrics::new(cli.metrics_max_series, cli.metrics_interval, &host_name()));
+        let (otlp, self_metrics) = start_export(cli, export, &counters, &snapshot, connect_metrics.as_ref())?;
         let attempts = kernel.take_attempts()?;
         let notes = kernel.take_process_notes()?;
         let stacks = if cli.no_stacks {
@@ -217,6 +240,7 @@ impl Agent {
                 sinks: Sinks::new(settings.stdout.map(StdoutSink::new), otlp, counters.clone()),
                 drop_reasons,
                 backlog: backlog.clone(),
+                metrics: connect_metrics.clone(),
             },
             queue,
         )?;
@@ -237,13 +261,19 @@ impl Agent {
             counters,
             snapshot,
             self_metrics,
+            connect_metrics,
             sigint,
             sigterm,
         })
     }
 
-    fn report(&self) -> Accounting {
-        report(&self.kernel, &self.counters, &self.snapshot)
+    fn report(&mut self) -> Accounting {
+        report(
+            &mut self.kernel,
+            &self.counters,
+            &self.snapshot,
+            self.connect_metrics.as_ref(),
+        )
     }
 
     /// Reads finished attempts until a signal; returns the signal's name.
@@ -273,6 +303,9 @@ impl Agent {
                 _ = self.sigterm.recv() => return Ok("SIGTERM"),
                 _ = async { stats_tick.as_mut().unwrap().tick().await }, if stats_tick.is_some() => {
                     tracing::info!("stats: {}", self.report());
+                    if let Some(metrics) = &self.connect_metrics {
+                        tracing::info!("stats: busiest destinations: {}", metrics.busiest(BUSIEST));
+                    }
                 }
                 _ = async { metrics_tick.as_mut().unwrap().tick().await }, if metrics_tick.is_some() => {
                     self.report();
@@ -296,6 +329,7 @@ impl Agent {
             counters,
             snapshot,
             self_metrics,
+            connect_metrics,
             mut sigint,
             mut sigterm,
         } = self;
@@ -308,6 +342,9 @@ impl Agent {
             std::process::exit(130);
         });
         kernel.detach();
+        if let Some(metrics) = &connect_metrics {
+            metrics.last_reading();
+        }
         // The programs are gone: whatever is in the ring buffer now is all there will be.
         let deadline = tokio::time::Instant::now() + cli.shutdown_timeout;
         let mut late = tokio::time::timeout_at(deadline, reader.drain()).await.is_err();
@@ -346,10 +383,10 @@ impl Agent {
         }
         if late {
             // What is neither exported nor dropped by now never will be.
-            let unsettled = report(&kernel, &counters, &snapshot).pending();
+            let unsettled = report(&mut kernel, &counters, &snapshot, connect_metrics.as_ref()).pending();
             AgentCounters::add(&counters.unflushed, unsettled);
         }
-        let accounting = report(&kernel, &counters, &snapshot);
+        let accounting = report(&mut kernel, &counters, &snapshot, connect_metrics.as_ref());
         tracing::info!("final: {accounting}");
         // The same counters for tools, on a line of their own outside the log format.
         eprintln!("{}", accounting.json_line());

@@ -127,6 +127,11 @@ impl Enricher {
         }
     }
 
+    /// The process at `pid`, as the cache has it.
+    pub(crate) fn process(&mut self, pid: u32) -> Option<Arc<identity::Process>> {
+        self.processes.get(pid)
+    }
+
     /// The kernel function `addr` is in, without the offset: `nf_hook_slow`.
     pub(crate) fn kernel_function(&self, addr: u64) -> Option<Arc<str>> {
         Some(self.kernel.as_ref()?.resolve(addr)?.name.into())

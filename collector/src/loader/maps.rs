@@ -66,7 +66,7 @@ impl KernelObject {
         M::try_from(map).map_err(map_error(name))
     }
 
-    fn map_mut<'a, M>(&'a mut self, name: &'static str) -> Result<M, LoadError>
+    pub(super) fn map_mut<'a, M>(&'a mut self, name: &'static str) -> Result<M, LoadError>
     where
         M: TryFrom<&'a mut Map, Error = MapError>,
     {

@@ -3,6 +3,7 @@
 
 mod maps;
 mod programs;
+mod series;
 mod statistics;
 
 use aya::{Ebpf, EbpfLoader};
@@ -13,6 +14,7 @@ use synspan_shared::{
 
 pub(crate) use maps::{Filters, cgroup_id};
 pub(crate) use programs::{OPTIONAL_HOOKS, lacking};
+pub(crate) use series::SeriesReading;
 pub(crate) use statistics::KernelCounters;
 
 use crate::kernel_layout::Resolved;
@@ -53,6 +55,8 @@ pub(crate) enum LoadError {
 pub(crate) struct Limits {
     pub(crate) max_in_flight: u32,
     pub(crate) ring_buffer_bytes: u32,
+    /// Entries of the connect-series map; 0: counting is off, and the map holds one.
+    pub(crate) max_series: u32,
 }
 
 /// The loaded object. Dropping it detaches and unloads every program.
@@ -99,6 +103,7 @@ impl KernelObject {
             // Two entries per attempt: without its local port, and with it.
             .map_max_entries(map::ATTEMPT_TUPLES, limits.max_in_flight.saturating_mul(2))
             .map_max_entries(map::ATTEMPTS, limits.ring_buffer_bytes)
+            .map_max_entries(map::CONNECT_SERIES, limits.max_series.max(1))
             .load(OBJECT)
             .map_err(LoadError::Load)?;
         Ok(Self {
@@ -120,11 +125,12 @@ mod tests {
             PERF_MAX_STACK_DEPTH,
             bpf_map_type::{
                 self, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_LRU_HASH,
-                BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_RINGBUF, BPF_MAP_TYPE_STACK_TRACE,
+                BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_RINGBUF,
+                BPF_MAP_TYPE_STACK_TRACE,
             },
         },
     };
-    use synspan_shared::{AttemptRecord, AttemptTuple, KernelLayout};
+    use synspan_shared::{AttemptRecord, AttemptTuple, KernelLayout, SeriesKey, SeriesValue};
 
     use super::*;
 
@@ -178,7 +184,7 @@ mod tests {
         let object = object();
         // (name, type, key size, value size): what the typed map in `maps` and `statistics`
         // checks at run time.
-        let expected: [(&str, bpf_map_type, usize, usize); 10] = [
+        let expected: [(&str, bpf_map_type, usize, usize); 12] = [
             (
                 map::IN_FLIGHT,
                 BPF_MAP_TYPE_LRU_HASH,
@@ -204,6 +210,18 @@ mod tests {
             (map::ALLOW_CGROUPS, BPF_MAP_TYPE_HASH, 8, 1),
             (map::ALLOW_PORTS, BPF_MAP_TYPE_HASH, 2, 1),
             (map::ALLOW_DESTS, BPF_MAP_TYPE_LPM_TRIE, 4 + 16, 1),
+            (
+                map::CONNECT_SERIES,
+                BPF_MAP_TYPE_PERCPU_HASH,
+                size_of::<SeriesKey>(),
+                size_of::<SeriesValue>(),
+            ),
+            (
+                map::OVERFLOW_SERIES,
+                BPF_MAP_TYPE_PERCPU_ARRAY,
+                4,
+                size_of::<SeriesValue>(),
+            ),
         ];
         for (name, kind, key_size, value_size) in expected {
             let found = object

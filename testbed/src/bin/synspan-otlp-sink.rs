@@ -35,8 +35,9 @@ use opentelemetry_proto::tonic::{
         },
     },
     common::v1::any_value::Value,
+    metrics::v1::{Exemplar, exemplar, metric, number_data_point},
 };
-use synspan_testbed::otlp_sink::Answer;
+use synspan_testbed::otlp_sink::{Answer, ConnectExemplar, ConnectPoint};
 use tonic::{
     Code, Status,
     codegen::{BoxFuture, Service, http},
@@ -56,6 +57,90 @@ struct Counts {
     unanswered: u64,
     rejected_spans: u64,
     arrivals_ms: Vec<u64>,
+    connect: BTreeMap<String, ConnectPoint>,
+}
+
+/// Exemplars kept per series: enough for the tests, bounded for long runs.
+const MAX_EXEMPLARS: usize = 64;
+
+fn text(value: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    match value.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::BoolValue(b)) => b.to_string(),
+        Some(Value::DoubleValue(d)) => d.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn attributes(kvs: &[opentelemetry_proto::tonic::common::v1::KeyValue]) -> BTreeMap<String, String> {
+    kvs.iter().map(|kv| (kv.key.clone(), text(&kv.value))).collect()
+}
+
+fn exemplars(list: &[Exemplar]) -> Vec<ConnectExemplar> {
+    list.iter()
+        .map(|e| ConnectExemplar {
+            trace_id: hex(&e.trace_id),
+            span_id: hex(&e.span_id),
+            value: match e.value {
+                Some(exemplar::Value::AsDouble(d)) => d,
+                Some(exemplar::Value::AsInt(i)) => i as f64,
+                None => 0.0,
+            },
+        })
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The `synspan.connect.*` data points of a request, flattened.
+fn connect_points(request: &ExportMetricsServiceRequest) -> Vec<ConnectPoint> {
+    let mut points = Vec::new();
+    for rm in &request.resource_metrics {
+        let resource = rm
+            .resource
+            .as_ref()
+            .map(|r| attributes(&r.attributes))
+            .unwrap_or_default();
+        let service = resource.get("service.name").cloned().unwrap_or_default();
+        for metric in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
+            if !metric.name.starts_with("synspan.connect.") {
+                continue;
+            }
+            let base = ConnectPoint {
+                metric: metric.name.clone(),
+                service: service.clone(),
+                ..Default::default()
+            };
+            match &metric.data {
+                Some(metric::Data::Sum(sum)) => points.extend(sum.data_points.iter().map(|p| ConnectPoint {
+                    attributes: attributes(&p.attributes),
+                    value: match p.value {
+                        Some(number_data_point::Value::AsInt(i)) => i,
+                        Some(number_data_point::Value::AsDouble(d)) => d as i64,
+                        None => 0,
+                    },
+                    exemplars: exemplars(&p.exemplars),
+                    ..base.clone()
+                })),
+                Some(metric::Data::Histogram(h)) => {
+                    points.extend(h.data_points.iter().map(|p| ConnectPoint {
+                        attributes: attributes(&p.attributes),
+                        count: p.count,
+                        sum: p.sum.unwrap_or_default(),
+                        bounds: p.explicit_bounds.clone(),
+                        bucket_counts: p.bucket_counts.clone(),
+                        exemplars: exemplars(&p.exemplars),
+                        ..base.clone()
+                    }))
+                }
+                _ => {}
+            }
+        }
+    }
+    points
 }
 
 /// Arrival times kept: enough for the tests, bounded for the benchmark's millions of spans.
@@ -196,9 +281,23 @@ impl TraceService for Sink {
 impl MetricsService for Sink {
     async fn export(
         &self,
-        _request: tonic::Request<ExportMetricsServiceRequest>,
+        request: tonic::Request<ExportMetricsServiceRequest>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, Status> {
-        self.update(|counts| counts.metric_requests += 1)?;
+        let points = connect_points(request.get_ref());
+        self.update(|counts| {
+            counts.metric_requests += 1;
+            for mut point in points {
+                let key = point.key();
+                if let Some(old) = counts.connect.remove(&key) {
+                    let mut kept = old.exemplars;
+                    kept.append(&mut point.exemplars);
+                    let excess = kept.len().saturating_sub(MAX_EXEMPLARS);
+                    kept.drain(..excess);
+                    point.exemplars = kept;
+                }
+                counts.connect.insert(key, point);
+            }
+        })?;
         Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
     }
 }

@@ -35,9 +35,10 @@ pub(crate) struct Args {
     pub(crate) threads: u32,
 
     /// Modes to run, of 1 (success, OTLP), 2 (success, --failures-only), 3 (refused, OTLP),
-    /// 4 (success, OTLP, --no-stacks).
-    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1,2,3,4",
-          value_parser = clap::value_parser!(u8).range(1..=4))]
+    /// 4 (success, OTLP, --no-stacks), 5 (success, --failures-only, connect metrics off:
+    /// mode 2 against it is what the connect metrics cost).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1,2,3,4,5",
+          value_parser = clap::value_parser!(u8).range(1..=5))]
     pub(crate) modes: Vec<u8>,
 
     /// Tools measured on the same storms, in the same pairs, instead of synspan: of
@@ -147,11 +148,11 @@ mod tests {
             (a.pairs, a.seconds, a.count, a.threads, a.retries),
             (3, 5.0, 5_000_000, 2, 2)
         );
-        assert_eq!(a.modes, [1, 2, 3, 4]);
+        assert_eq!(a.modes, [1, 2, 3, 4, 5]);
         assert_eq!(a.peers().len(), PEERS.len());
         // Success storms: mode 1 first; refused: mode 3.
-        let runs_peers: Vec<bool> = (1..=4).map(|id| a.peers_run_in(Mode::by_id(id))).collect();
-        assert_eq!(runs_peers, [true, false, true, false]);
+        let runs_peers: Vec<bool> = (1..=5).map(|id| a.peers_run_in(Mode::by_id(id))).collect();
+        assert_eq!(runs_peers, [true, false, true, false, false]);
         assert!(a.synspan_args().is_empty());
         assert!(a.report_path().is_some_and(|p| p.ends_with("BENCHMARKS.md")));
         let a = Args::try_parse_from([
@@ -173,7 +174,7 @@ mod tests {
             &["--pairs", "0"][..],
             &["--seconds", "0"],
             &["--seconds", "601"],
-            &["--modes", "5"],
+            &["--modes", "6"],
             &["--threads", "0"],
             &["--retries", "11"],
             &["--peers", "perf"],

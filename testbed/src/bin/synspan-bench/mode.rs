@@ -1,4 +1,4 @@
-//! The four modes: a storm and the flags synspan runs with during it.
+//! The five modes: a storm and the flags synspan runs with during it.
 
 use synspan_testbed::bench;
 
@@ -17,13 +17,13 @@ impl Mode {
         self.flags.contains(&"--failures-only")
     }
 
-    /// Mode `id`, as `--modes` numbers them (1 to 4, checked there).
+    /// Mode `id`, as `--modes` numbers them (1 to 5, checked there).
     pub(crate) fn by_id(id: usize) -> &'static Mode {
         &MODES[id - 1]
     }
 }
 
-pub(crate) const MODES: [Mode; 4] = [
+pub(crate) const MODES: [Mode; 5] = [
     Mode {
         id: 1,
         name: "success storm, every attempt over OTLP",
@@ -52,4 +52,17 @@ pub(crate) const MODES: [Mode; 4] = [
         flags: &["--no-stacks"],
         target: None,
     },
+    // Mode 2 without the connect metrics: what counting every attempt in the kernel costs is
+    // the difference of the two ratios.
+    Mode {
+        id: 5,
+        name: "success storm, --failures-only, connect metrics off",
+        storm: bench::SUCCESS,
+        flags: &["--failures-only", "--metrics-max-series", "0"],
+        target: None,
+    },
 ];
+
+/// The connect metrics' cost with `--failures-only`: mode 2's ratio may be at most this much
+/// below mode 5's.
+pub(crate) const METRICS_COST_TARGET: f64 = 0.02;

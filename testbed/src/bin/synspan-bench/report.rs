@@ -14,7 +14,7 @@ use crate::{
     args::Args,
     checks::exactness,
     measure::{CALM_LIMIT, OTHERS_MAX_CPU},
-    mode::{MODES, Mode},
+    mode::{METRICS_COST_TARGET, MODES, Mode},
     runner::{AgentRun, QUIET, Run, SHUTDOWN_TIMEOUT_S},
     summary::{PeerSummary, Summary, summarize, summarize_peers},
 };
@@ -125,6 +125,20 @@ pub(crate) fn table(summaries: &[Summary]) -> String {
 
 pub(crate) fn targets(summaries: &[Summary], runs: &[Run]) -> String {
     let mut out = String::new();
+    let ratio_of = |id: usize| summaries.iter().find(|s| s.mode.id == id).map(|s| s.ratio);
+    if let (Some(on), Some(off)) = (ratio_of(2), ratio_of(5)) {
+        let cost = off - on;
+        let verdict = if cost <= METRICS_COST_TARGET {
+            "**met**"
+        } else {
+            "**missed**"
+        };
+        let _ = writeln!(
+            out,
+            "- connect metrics with --failures-only (mode 2 against mode 5, same run): ratio {on:.2} \
+             with them, {off:.2} without, a cost of {cost:.2}; at most {METRICS_COST_TARGET:.2} — {verdict}."
+        );
+    }
     for s in summaries {
         let Some(t) = s.mode.target else { continue };
         if s.ratio >= t {
