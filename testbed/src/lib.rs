@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod client;
 pub mod jaeger;
 pub mod netns;
+pub mod otlp_http;
 pub mod otlp_sink;
 pub mod process_context;
 pub mod reaped;
