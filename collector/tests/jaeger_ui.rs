@@ -5,15 +5,15 @@
 //! OTLP/HTTP port gets them from a real collector's OTLP/HTTP exporter. Needs root, node and
 //! chromium (scripts/setup-test.sh).
 
-use std::{path::PathBuf, thread, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use serde_json::Value;
 use synspan_testbed::{
     agent::{Agent, Output},
-    cgroup::Cgroup,
     client::{Held, Report},
     jaeger::{Jaeger, rendered_trace_page},
     netns::Netns,
+    outcomes::three_outcomes,
     receiver::Receiver,
 };
 
@@ -89,38 +89,6 @@ fn trace_of(jaeger: &Jaeger, agent: &Agent, client: &Report, service: &str, outc
     (span, trace)
 }
 
-/// In a new namespace, as `service`: an attempt the kernel gives up on after 5 SYN
-/// retransmits (about 7 s), a refused one and an established one from a docker container's
-/// cgroup; the clients stay alive. The namespace and cgroup live as long as what is returned.
-fn three_attempts(ns_name: &str, service: &str, container_id: &str) -> (Netns, Cgroup, [Held; 3]) {
-    let ns = Netns::new(ns_name).unwrap();
-    // 5 retransmits, then the kernel gives up after about 7 s.
-    ns.sysctl("net.ipv4.tcp_syn_retries", "2").unwrap();
-    ns.iptables(
-        false,
-        &[
-            "-A", "INPUT", "-i", "lo", "-p", "tcp", "--dport", "9", "--syn", "-j", "DROP",
-        ],
-    )
-    .unwrap();
-    let env = [("OTEL_SERVICE_NAME", service)];
-    // The established attempt comes from a container, as docker names its cgroup.
-    let container = Cgroup::named(&format!("docker-{container_id}.scope")).unwrap();
-    // Clients that stay alive after their attempt: one that exits at once can lose its
-    // service name (the agent reads /proc too late).
-    let (timed_out, refused, established) = thread::scope(|s| {
-        let timed_out = s.spawn(|| Held::connect(&ns, None, &env, "127.0.0.1:9", &[]).unwrap());
-        let refused = Held::connect(&ns, None, &env, "127.0.0.1:10", &[]).unwrap();
-        let established =
-            Held::connect(&ns, Some(&container), &env, "127.0.0.1:0", &["--listen-first"]).unwrap();
-        (timed_out.join().unwrap(), refused, established)
-    });
-    assert_eq!(timed_out.report.errno, libc::ETIMEDOUT, "{:?}", timed_out.report);
-    assert_eq!(refused.report.errno, libc::ECONNREFUSED, "{:?}", refused.report);
-    assert_eq!(established.report.errno, 0, "{:?}", established.report);
-    (ns, container, [timed_out, refused, established])
-}
-
 /// The timed-out attempt's five retransmits, as Jaeger logs.
 fn retransmit_logs(span: &Value) -> Vec<Value> {
     span["logs"]
@@ -142,7 +110,8 @@ fn attempts_in_the_jaeger_api_and_ui() {
         &[("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")],
     )
     .unwrap();
-    let (_ns, _container, [timed_out, refused, established]) = three_attempts("jui", SERVICE, CONTAINER_ID);
+    let (_ns, _container, [timed_out, refused, established]) =
+        three_outcomes("jui", SERVICE, CONTAINER_ID).unwrap();
     let (timed_out, refused, established) = (&timed_out.report, &refused.report, &established.report);
 
     let listed = jaeger.wait_traces(SERVICE, 3, WAIT).unwrap();
@@ -225,7 +194,7 @@ fn synspan_over_otlp_http_into_the_jaeger_ui() {
     )
     .unwrap();
     let (_ns, _container, [timed_out, refused, established]) =
-        three_attempts("juid", OVER_HTTP, OTHER_CONTAINER_ID);
+        three_outcomes("juid", OVER_HTTP, OTHER_CONTAINER_ID).unwrap();
     let listed = jaeger.wait_traces(OVER_HTTP, 3, WAIT).unwrap();
     assert_eq!(listed.len(), 3, "{listed:#?}\n{}", agent.stderr());
     let (span, _) = trace_of(&jaeger, &agent, &refused.report, OVER_HTTP, "connection_refused");

@@ -131,8 +131,7 @@ impl HttpExport {
             .await
             .map(|collected| collected.to_bytes());
         if parts.status.is_success() {
-            let body = body.map_err(|err| ExportError::BadResponse(err.to_string()))?;
-            return R::decode(body).map_err(|err| ExportError::BadResponse(err.to_string()));
+            return Ok(accepted(&parts.headers, body.ok()));
         }
         Err(failure(
             parts.status,
@@ -140,6 +139,23 @@ impl HttpExport {
             &body.unwrap_or_default(),
             SystemTime::now(),
         ))
+    }
+}
+
+/// A 2xx: the collector took the data. Its body is the service's response when it is
+/// protobuf; some receivers answer JSON instead (otelite), which says nothing of a partial
+/// success, so it reads as a full one rather than failing an export that worked.
+fn accepted<R: prost::Message + Default>(headers: &HeaderMap, body: Option<Bytes>) -> R {
+    let protobuf = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|t| t.starts_with("application/x-protobuf"));
+    match body {
+        Some(body) if protobuf => R::decode(body).unwrap_or_else(|err| {
+            tracing::debug!("an accepted export's response is not protobuf ({err}); taken as a full success");
+            R::default()
+        }),
+        _ => R::default(),
     }
 }
 
@@ -278,6 +294,37 @@ mod tests {
             SystemTime::now(),
         );
         assert_eq!(err.to_string(), "HTTP 503 Service Unavailable: busy");
+    }
+
+    #[test]
+    fn an_accepted_export_whatever_its_body() {
+        use opentelemetry_proto::tonic::collector::trace::v1::{
+            ExportTracePartialSuccess, ExportTraceServiceResponse,
+        };
+        let partial = ExportTraceServiceResponse {
+            partial_success: Some(ExportTracePartialSuccess {
+                rejected_spans: 3,
+                error_message: "over quota".into(),
+            }),
+        };
+        let mut headers = HeaderMap::new();
+        let body = Bytes::from(prost::Message::encode_to_vec(&partial));
+        let got: ExportTraceServiceResponse = accepted(&headers, Some(body.clone()));
+        assert_eq!(got, partial, "no content type: read as protobuf");
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-protobuf"),
+        );
+        let got: ExportTraceServiceResponse = accepted(&headers, Some(body));
+        assert_eq!(got, partial);
+        let got: ExportTraceServiceResponse = accepted(&headers, Some(Bytes::from_static(b"\xff\xff")));
+        assert_eq!(got, ExportTraceServiceResponse::default());
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let json = Bytes::from_static(br#"{"accepted_spans":1,"status":"success"}"#);
+        let got: ExportTraceServiceResponse = accepted(&headers, Some(json));
+        assert_eq!(got, ExportTraceServiceResponse::default());
+        let got: ExportTraceServiceResponse = accepted(&headers, None);
+        assert_eq!(got, ExportTraceServiceResponse::default());
     }
 
     #[test]

@@ -34,8 +34,6 @@ pub(crate) enum ExportError {
     NoAnswer(Duration),
     #[error("the export's retry timeout ran out")]
     RetryTimeout,
-    #[error("undecodable export response: {0}")]
-    BadResponse(String),
 }
 
 impl From<Status> for ExportError {
@@ -63,7 +61,7 @@ pub(crate) fn classify(err: &ExportError) -> Verdict {
             _ => Verdict::Fail,
         },
         ExportError::Unreachable(_) | ExportError::NoAnswer(_) => Verdict::Retry(None),
-        ExportError::RetryTimeout | ExportError::BadResponse(_) => Verdict::Fail,
+        ExportError::RetryTimeout => Verdict::Fail,
     }
 }
 
@@ -169,7 +167,7 @@ mod tests {
         for err in retried {
             assert_eq!(classify(&err), Verdict::Retry(None), "{err}");
         }
-        assert_eq!(classify(&ExportError::BadResponse("junk".into())), Verdict::Fail);
+        assert_eq!(classify(&ExportError::RetryTimeout), Verdict::Fail);
     }
 
     #[test]
