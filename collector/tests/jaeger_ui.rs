@@ -180,19 +180,7 @@ fn otlp_http_into_the_jaeger_ui() {
 fn synspan_over_otlp_http_into_the_jaeger_ui() {
     const OVER_HTTP: &str = "checkout-over-http";
     let jaeger = Jaeger::start().unwrap();
-    let agent = Agent::start_with_env(
-        Output::Json,
-        &[
-            "--otlp-protocol",
-            "http/protobuf",
-            "--otlp-endpoint",
-            &jaeger.otlp_http_endpoint(),
-            "--metrics-interval",
-            "0",
-        ],
-        &[("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")],
-    )
-    .unwrap();
+    let agent = Agent::start_exporting_http(&jaeger.otlp_http_endpoint()).unwrap();
     let (_ns, _container, [timed_out, refused, established]) =
         three_outcomes("juid", OVER_HTTP, OTHER_CONTAINER_ID).unwrap();
     let listed = jaeger.wait_traces(OVER_HTTP, 3, WAIT).unwrap();

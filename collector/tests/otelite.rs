@@ -7,12 +7,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use synspan_testbed::{
-    agent::{Agent, Output},
-    client::Report,
-    otelite::Otelite,
-    outcomes::three_outcomes,
-};
+use synspan_testbed::{agent::Agent, client::Report, otelite::Otelite, outcomes::three_outcomes};
 
 const WAIT: Duration = Duration::from_secs(20);
 const SERVICE: &str = "checkout-otelite";
@@ -95,19 +90,7 @@ fn events(span: &Value) -> (Vec<String>, Vec<String>) {
 #[ignore = "needs otelite, which takes long to build: run sudo scripts/otelite-test.sh"]
 fn attempts_in_otelite() {
     let otelite = Otelite::start().unwrap();
-    let agent = Agent::start_with_env(
-        Output::Json,
-        &[
-            "--otlp-protocol",
-            "http/protobuf",
-            "--otlp-endpoint",
-            &otelite.otlp_http_endpoint(),
-            "--metrics-interval",
-            "0",
-        ],
-        &[("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")],
-    )
-    .unwrap();
+    let agent = Agent::start_exporting_http(&otelite.otlp_http_endpoint()).unwrap();
     let (_ns, _container, [timed_out, refused, established]) =
         three_outcomes("otel", SERVICE, CONTAINER_ID).unwrap();
 

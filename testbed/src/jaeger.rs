@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::{first_report, get_json, repo_root, wait_until, workspace_bin};
+use crate::{first_report, get_json, repo_root, terminate, wait_until, workspace_bin};
 
 /// Where the receiver listens, as it reports on its first line.
 #[derive(Deserialize)]
@@ -78,12 +78,7 @@ impl Jaeger {
 
     /// Stops it: SIGTERM, then SIGKILL.
     pub fn stop(&mut self) {
-        // SAFETY: plain syscall on our own child's pid, not yet reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        if wait_until(Duration::from_secs(5), || self.child.try_wait().ok().flatten()).is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        terminate(&mut self.child);
     }
 }
 

@@ -114,3 +114,18 @@ pub fn get_json(url: &str) -> anyhow::Result<Option<serde_json::Value>> {
         status => anyhow::bail!("GET {url}: HTTP {status}"),
     }
 }
+
+/// A free port of 127.0.0.1, for a child process to listen on.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Stops a child of ours: SIGTERM, then SIGKILL if it has not exited within 5 s.
+pub fn terminate(child: &mut std::process::Child) {
+    // SAFETY: plain syscall on our own child's pid, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    if wait_until(Duration::from_secs(5), || child.try_wait().ok().flatten()).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

@@ -4,7 +4,6 @@
 
 use std::{
     fs,
-    net::TcpListener,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -13,7 +12,7 @@ use std::{
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::{get_json, repo_root, wait_until};
+use crate::{free_port, get_json, repo_root, terminate, wait_until};
 
 pub struct Otelite {
     child: Child,
@@ -27,10 +26,6 @@ fn binary() -> PathBuf {
     std::env::var_os("SYNSPAN_OTELITE")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target/otelite/bin/otelite"))
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl Otelite {
@@ -106,12 +101,7 @@ impl Otelite {
 
     /// Stops it: SIGTERM, then SIGKILL.
     pub fn stop(&mut self) {
-        // SAFETY: plain syscall on our own child's pid, not yet reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        if wait_until(Duration::from_secs(5), || self.child.try_wait().ok().flatten()).is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        terminate(&mut self.child);
     }
 }
 

@@ -5,7 +5,6 @@
 use std::{
     fs,
     io::Read,
-    net::TcpListener,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -14,7 +13,7 @@ use std::{
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::{read_json_lines, repo_root, wait_until};
+use crate::{free_port, read_json_lines, repo_root, wait_until};
 
 pub struct Receiver {
     child: Option<Child>,
@@ -29,10 +28,6 @@ fn agent_path() -> PathBuf {
     std::env::var_os("SYNSPAN_ROTEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join(".venv/lib/python3.11/site-packages/rotel/rotel-agent"))
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl Receiver {

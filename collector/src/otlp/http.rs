@@ -28,7 +28,9 @@ const MAX_RESPONSE_BYTES: usize = 1 << 20;
 /// What of a failure's body goes into the log.
 const MAX_MESSAGE_CHARS: usize = 200;
 
-pub(crate) type Pool = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// hyper's client is a handle on shared state already, but a large one: signals and tries
+/// clone an `Arc` of it.
+pub(crate) type Pool = Arc<Client<HttpsConnector<HttpConnector>, Full<Bytes>>>;
 
 /// A client for `destination`'s TLS setting; it connects when the first request goes out.
 pub(crate) fn pool(destination: &Destination) -> Result<Pool, OtlpError> {
@@ -46,9 +48,11 @@ pub(crate) fn pool(destination: &Destination) -> Result<Pool, OtlpError> {
         .https_or_http()
         .enable_http1()
         .wrap_connector(tcp);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build(connector))
+    Ok(Arc::new(
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector),
+    ))
 }
 
 /// The same trust as the gRPC transport: a CA given on purpose is the only one trusted,
