@@ -11,7 +11,7 @@ use synspan_shared::{MAX_ANSWERED_REASONS, Policy, filter};
 
 use crate::{
     loader::OPTIONAL_HOOKS,
-    otlp::{self, parse_endpoint, settings::Env},
+    otlp::{self, parse_endpoint, parse_protocol, settings::Env},
     sink::Format,
 };
 
@@ -26,13 +26,17 @@ aborted by the application. Each attempt carries the 4-tuple the kernel chose, t
 thread and command of the caller, every SYN retransmit, and why it ended.
 
 With no flags it prints one line per finished attempt. Add --otlp-endpoint to export spans
-to an OpenTelemetry Collector; use --output json for one JSON object per attempt on stdout.
-Needs root, or CAP_BPF and CAP_PERFMON.";
+to an OpenTelemetry Collector over OTLP gRPC or HTTP; use --output json for one JSON object
+per attempt on stdout. Needs root, or CAP_BPF and CAP_PERFMON.";
 
 const AFTER_HELP: &str = "\
 Environment:
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT
-                    OTLP gRPC endpoint when --otlp-endpoint is not given (in that order)
+                    OTLP endpoint when --otlp-endpoint is not given (in that order); over
+                    http/protobuf the _TRACES_ one is the whole URL, the generic one a
+                    base that /v1/traces and /v1/metrics are appended to
+  OTEL_EXPORTER_OTLP_PROTOCOL
+                    grpc (default) or http/protobuf, when --otlp-protocol is not given
   OTEL_EXPORTER_OTLP_CERTIFICATE, OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE,
   OTEL_EXPORTER_OTLP_CLIENT_KEY
                     TLS files when the --otlp-* flags are not given
@@ -48,6 +52,7 @@ Examples:
   synspan                                   print every attempt
   synspan --failures-only                   failures, retried and slow successes only
   synspan --otlp-endpoint http://127.0.0.1:4317 --output none
+  synspan --otlp-protocol http/protobuf --otlp-endpoint http://127.0.0.1:4318
   synspan --output json | jq 'select(.attributes[\"synspan.outcome\"] != \"established\")'";
 
 /// What synspan writes to stdout.
@@ -68,9 +73,16 @@ pub(crate) struct Cli {
     #[arg(long, value_enum, default_value_t = Output::Console)]
     pub(crate) output: Output,
 
-    /// Export spans over OTLP gRPC to this collector, e.g. http://127.0.0.1:4317.
+    /// Export spans to this OpenTelemetry collector: http://127.0.0.1:4317 for gRPC; for
+    /// http/protobuf a base URL such as http://127.0.0.1:4318, to which /v1/traces and
+    /// /v1/metrics are appended.
     #[arg(long, value_name = "URL", value_parser = parse_endpoint)]
     pub(crate) otlp_endpoint: Option<http::Uri>,
+
+    /// The OTLP transport: grpc or http/protobuf. Default: grpc.
+    /// Env: OTEL_EXPORTER_OTLP_PROTOCOL (and its _TRACES_ and _METRICS_ forms).
+    #[arg(long, value_name = "PROTOCOL", value_parser = parse_protocol)]
+    pub(crate) otlp_protocol: Option<otlp::Protocol>,
 
     /// CA certificate(s), PEM, that sign the collector's certificate (https endpoints).
     /// Default: the system's roots. Env: OTEL_EXPORTER_OTLP_CERTIFICATE.
@@ -260,6 +272,7 @@ impl Settings {
     pub(crate) fn resolve(flags: Cli, env: Env) -> Result<Self, String> {
         let export = otlp::settings::resolve(
             &otlp::Flags {
+                protocol: flags.otlp_protocol,
                 endpoint: flags.otlp_endpoint.as_ref(),
                 ca_file: flags.otlp_ca_file.as_deref(),
                 client_cert: flags.otlp_client_cert.as_deref(),

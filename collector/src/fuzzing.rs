@@ -10,7 +10,7 @@ use crate::{
     clock::WallClock,
     enrich::{container, process, process_context, symbols},
     kernel_layout,
-    otlp::settings,
+    otlp::{self, settings},
 };
 
 /// A ring-buffer record: copied out, then decoded into an [`Attempt`], with the wall-clock
@@ -94,6 +94,28 @@ pub fn otlp_headers(data: &[u8]) {
         _ => None,
     };
     let _ = black_box(settings::resolve(&settings::Flags::default(), &env));
+}
+
+/// An OTLP/HTTP collector's refusal: the first two bytes pick the status code, the bytes up
+/// to the first newline are its `Retry-After`, the rest its body.
+pub fn otlp_http_answer(data: &[u8]) {
+    let (code, rest) = match data {
+        [a, b, rest @ ..] => (u16::from_le_bytes([*a, *b]), rest),
+        _ => (503, data),
+    };
+    let status =
+        http::StatusCode::from_u16(100 + code % 500).unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
+    let (retry_after, body) = match rest.iter().position(|&b| b == b'\n') {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest, &[][..]),
+    };
+    let mut headers = http::HeaderMap::new();
+    if let Ok(value) = http::HeaderValue::from_bytes(retry_after) {
+        headers.insert(http::header::RETRY_AFTER, value);
+    }
+    let err = otlp::http::failure(status, &headers, body, std::time::SystemTime::now());
+    black_box(otlp::retry::classify(&err));
+    black_box(err.to_string());
 }
 
 /// A process's memory holding its process context: the header at address 0 and whatever it

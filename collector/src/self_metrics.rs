@@ -19,11 +19,14 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message as _;
 use tokio::{sync::oneshot, task::JoinHandle, time::Instant};
-use tonic::Status;
 
 use crate::{
     connect_metrics::ConnectMetrics,
-    otlp::{Client, retry::with_retry, unix_nanos},
+    otlp::{
+        Client,
+        retry::{ExportError, with_retry},
+        unix_nanos,
+    },
     span::{key, scope},
     stats::Accounting,
 };
@@ -120,20 +123,16 @@ async fn export_loop(
 
 /// Spans report their own export failures; these only when they start and end, so that a
 /// wrong metrics endpoint is seen without a line per interval. Returns whether it failed.
-fn report(result: Result<(), Status>, failing: bool) -> bool {
+fn report(result: Result<(), ExportError>, failing: bool) -> bool {
     match &result {
         Ok(()) if failing => tracing::info!("self-metrics export works again"),
-        Err(status) if !failing => tracing::warn!(
-            "self-metrics export failed: {}: {}",
-            status.code(),
-            status.message()
-        ),
+        Err(err) if !failing => tracing::warn!("self-metrics export failed: {err}"),
         _ => {}
     }
     result.is_err()
 }
 
-async fn send(client: Client, request: Bytes, deadline: Instant) -> Result<(), Status> {
+async fn send(client: Client, request: Bytes, deadline: Instant) -> Result<(), ExportError> {
     let response = with_retry(deadline, || {
         let mut client = client.clone();
         let request = request.clone();

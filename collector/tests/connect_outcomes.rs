@@ -362,3 +362,59 @@ fn no_route_never_starts() {
     assert_eq!(attr(span, "synspan.syn_retransmits"), 0);
     assert_eq!(span["status"]["code"], "error");
 }
+
+/// The same spans over OTLP/HTTP protobuf, at rotel's HTTP port: a refusal, a kernel timeout
+/// with its five retransmit events and an established attempt arrive with the same ids,
+/// attributes, events, status and times as over gRPC; so do the self-metrics.
+#[test]
+fn outcomes_over_otlp_http() {
+    let ns = Netns::new("http").unwrap();
+    ns.sysctl("net.ipv4.tcp_syn_retries", "2").unwrap();
+    ns.iptables(
+        false,
+        &[
+            "-A", "INPUT", "-i", "lo", "-p", "tcp", "--dport", "9", "--syn", "-j", "DROP",
+        ],
+    )
+    .unwrap();
+    let receiver = Receiver::start().unwrap();
+    let agent = Agent::start(&[
+        "--otlp-protocol",
+        "http/protobuf",
+        "--otlp-endpoint",
+        &receiver.http_endpoint(),
+        "--metrics-interval",
+        "1s",
+    ])
+    .unwrap();
+    let (timed_out, refused, established) = std::thread::scope(|s| {
+        let timed_out = s.spawn(|| connect(&ns, "127.0.0.1:9", &[]).unwrap());
+        let refused = connect(&ns, "127.0.0.1:10", &[]).unwrap();
+        let established = connect(&ns, "[::1]:0", &["--listen-first"]).unwrap();
+        (timed_out.join().unwrap(), refused, established)
+    });
+    for (client, outcome, retransmits) in [
+        (&refused, "connection_refused", 0),
+        (&established, "established", 0),
+        (&timed_out, "timed_out", 5),
+    ] {
+        let span = span_for(&agent, client, outcome, retransmits);
+        check_received(&receiver, &span);
+    }
+    let metrics = synspan_testbed::wait_until(SPAN_WAIT, || {
+        receiver.log().contains("synspan.attempts.exported").then_some(())
+    });
+    assert!(
+        metrics.is_some(),
+        "no self-metrics over HTTP:\n{}",
+        receiver.log()
+    );
+    let stopped = agent.stop(Duration::from_secs(10)).unwrap();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    assert!(
+        stopped.stderr.contains("protocol=\"http/protobuf\""),
+        "{}",
+        stopped.stderr
+    );
+    assert!(!stopped.stderr.contains("export failed"), "{}", stopped.stderr);
+}

@@ -5,21 +5,23 @@
 //! OTLP/HTTP port gets them from a real collector's OTLP/HTTP exporter. Needs root, node and
 //! chromium (scripts/setup-test.sh).
 
-use std::{path::PathBuf, thread, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use serde_json::Value;
 use synspan_testbed::{
     agent::{Agent, Output},
-    cgroup::Cgroup,
     client::{Held, Report},
     jaeger::{Jaeger, rendered_trace_page},
     netns::Netns,
+    outcomes::three_outcomes,
     receiver::Receiver,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
 const SERVICE: &str = "checkout-jaeger-ui";
 const CONTAINER_ID: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
+/// Tests run at once: each makes its own container cgroup.
+const OTHER_CONTAINER_ID: &str = "1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90a";
 
 /// A Jaeger tag (or log field) by key: its value, `Null` when absent.
 fn tag<'a>(tags: &'a Value, key: &str) -> &'a Value {
@@ -87,6 +89,17 @@ fn trace_of(jaeger: &Jaeger, agent: &Agent, client: &Report, service: &str, outc
     (span, trace)
 }
 
+/// The timed-out attempt's five retransmits, as Jaeger logs.
+fn retransmit_logs(span: &Value) -> Vec<Value> {
+    span["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| tag(&l["fields"], "event") == "syn_retransmit")
+        .map(|l| tag(&l["fields"], "synspan.retransmit.number").clone())
+        .collect()
+}
+
 #[test]
 fn attempts_in_the_jaeger_api_and_ui() {
     let jaeger = Jaeger::start().unwrap();
@@ -97,32 +110,9 @@ fn attempts_in_the_jaeger_api_and_ui() {
         &[("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")],
     )
     .unwrap();
-    let ns = Netns::new("jui").unwrap();
-    // 5 retransmits, then the kernel gives up after about 7 s.
-    ns.sysctl("net.ipv4.tcp_syn_retries", "2").unwrap();
-    ns.iptables(
-        false,
-        &[
-            "-A", "INPUT", "-i", "lo", "-p", "tcp", "--dport", "9", "--syn", "-j", "DROP",
-        ],
-    )
-    .unwrap();
-    let env = [("OTEL_SERVICE_NAME", SERVICE)];
-    // The established attempt comes from a container, as docker names its cgroup.
-    let container = Cgroup::named(&format!("docker-{CONTAINER_ID}.scope")).unwrap();
-    // Clients that stay alive after their attempt: one that exits at once can lose its
-    // service name (the agent reads /proc too late).
-    let (timed_out, refused, established) = thread::scope(|s| {
-        let timed_out = s.spawn(|| Held::connect(&ns, None, &env, "127.0.0.1:9", &[]).unwrap());
-        let refused = Held::connect(&ns, None, &env, "127.0.0.1:10", &[]).unwrap();
-        let established =
-            Held::connect(&ns, Some(&container), &env, "127.0.0.1:0", &["--listen-first"]).unwrap();
-        (timed_out.join().unwrap(), refused, established)
-    });
+    let (_ns, _container, [timed_out, refused, established]) =
+        three_outcomes("jui", SERVICE, CONTAINER_ID).unwrap();
     let (timed_out, refused, established) = (&timed_out.report, &refused.report, &established.report);
-    assert_eq!(timed_out.errno, libc::ETIMEDOUT, "{timed_out:?}");
-    assert_eq!(refused.errno, libc::ECONNREFUSED, "{refused:?}");
-    assert_eq!(established.errno, 0, "{established:?}");
 
     let listed = jaeger.wait_traces(SERVICE, 3, WAIT).unwrap();
     assert_eq!(listed.len(), 3, "{listed:#?}\n{}", agent.stderr());
@@ -141,14 +131,7 @@ fn attempts_in_the_jaeger_api_and_ui() {
     let (span, _) = trace_of(&jaeger, &agent, established, SERVICE, "established");
     assert_eq!(tag(&span["tags"], "container.id"), CONTAINER_ID, "{span:#}");
     let (span, trace) = trace_of(&jaeger, &agent, timed_out, SERVICE, "timed_out");
-    let retransmits: Vec<_> = span["logs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|l| tag(&l["fields"], "event") == "syn_retransmit")
-        .map(|l| tag(&l["fields"], "synspan.retransmit.number").clone())
-        .collect();
-    assert_eq!(retransmits, [1, 2, 3, 4, 5], "{span:#}");
+    assert_eq!(retransmit_logs(&span), [1, 2, 3, 4, 5], "{span:#}");
     // The list the search page shows holds the same trace as the trace page.
     assert!(
         listed.iter().any(|t| t["traceID"] == trace["traceID"]),
@@ -189,4 +172,37 @@ fn otlp_http_into_the_jaeger_ui() {
     let listed = jaeger.wait_traces(VIA_HTTP, 1, WAIT).unwrap();
     assert_eq!(listed.len(), 1, "{listed:#?}\nrotel:\n{}", rotel.log());
     trace_of(&jaeger, &agent, &refused.report, VIA_HTTP, "connection_refused");
+}
+
+/// synspan's own OTLP/HTTP export (protobuf, gzip) straight to the receiver's HTTP port: the
+/// same three attempts reach the Jaeger API with the same tags as over gRPC.
+#[test]
+fn synspan_over_otlp_http_into_the_jaeger_ui() {
+    const OVER_HTTP: &str = "checkout-over-http";
+    let jaeger = Jaeger::start().unwrap();
+    let agent = Agent::start_exporting_http(&jaeger.otlp_http_endpoint()).unwrap();
+    let (_ns, _container, [timed_out, refused, established]) =
+        three_outcomes("juid", OVER_HTTP, OTHER_CONTAINER_ID).unwrap();
+    let listed = jaeger.wait_traces(OVER_HTTP, 3, WAIT).unwrap();
+    assert_eq!(listed.len(), 3, "{listed:#?}\n{}", agent.stderr());
+    let (span, _) = trace_of(&jaeger, &agent, &refused.report, OVER_HTTP, "connection_refused");
+    assert!(
+        span["logs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| tag(&l["fields"], "event") == "rst_received"),
+        "{span:#}"
+    );
+    let (span, _) = trace_of(&jaeger, &agent, &established.report, OVER_HTTP, "established");
+    assert_eq!(tag(&span["tags"], "container.id"), OTHER_CONTAINER_ID, "{span:#}");
+    let (span, _) = trace_of(&jaeger, &agent, &timed_out.report, OVER_HTTP, "timed_out");
+    assert_eq!(retransmit_logs(&span), [1, 2, 3, 4, 5], "{span:#}");
+    let stopped = agent.stop(Duration::from_secs(10)).unwrap();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    assert!(
+        !stopped.stderr.contains("OTLP export failed"),
+        "{}",
+        stopped.stderr
+    );
 }

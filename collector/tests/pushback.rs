@@ -42,6 +42,8 @@ struct Case<'a> {
     wait: Duration,
     /// How long synspan runs on once `done`: room for what must not happen (a retry).
     linger: Duration,
+    /// Over OTLP/HTTP instead of gRPC.
+    http: bool,
 }
 
 impl Case<'_> {
@@ -56,7 +58,13 @@ impl Case<'_> {
             env: &[],
             wait: Duration::from_secs(20),
             linger: Duration::ZERO,
+            http: false,
         }
+    }
+
+    fn over_http(mut self) -> Self {
+        self.http = true;
+        self
     }
 
     fn run(&self, done: impl Fn(&SinkCounts) -> bool) -> Run {
@@ -65,9 +73,17 @@ impl Case<'_> {
 
     /// As [`Case::run`], calling `watch` with the agent once the attempts are made.
     fn run_watching(&self, done: impl Fn(&SinkCounts) -> bool, watch: impl FnOnce(&Agent)) -> Run {
-        let sink = OtlpSink::start_answering(self.answer).unwrap();
+        let sink = if self.http {
+            OtlpSink::start_http(self.answer)
+        } else {
+            OtlpSink::start_answering(self.answer)
+        }
+        .unwrap();
         let port = self.port.to_string();
+        let protocol = if self.http { "http/protobuf" } else { "grpc" };
         let mut args = vec![
+            "--otlp-protocol",
+            protocol,
             "--otlp-endpoint",
             sink.endpoint(),
             "--dest-port",
@@ -133,9 +149,56 @@ fn throttled_with_retry_info_waits_the_delay_it_names() {
     );
 }
 
+/// 429 with `Retry-After`: the collector's seconds are waited, not the backoff's step.
+#[test]
+fn http_429_waits_its_retry_after() {
+    // 1.5 s, which the header rounds up to 2.
+    let delay = Duration::from_millis(1500);
+    let run = Case::new(Answer::Throttle { delay, requests: 1 }, 83)
+        .over_http()
+        .run(|s| s.spans >= ATTEMPTS);
+    let (books, sink) = (&run.books, &run.sink);
+    eprintln!("429 over HTTP: tries at {:?} ms", sink.arrivals_ms);
+    assert_eq!(books["exported"], ATTEMPTS, "{books:?}\n{}", run.stopped.stderr);
+    assert_eq!(books["export_failed"], 0, "{books:?}");
+    assert_eq!(sink.refused, 1, "{sink:?}");
+    let retried = last_arrival(sink);
+    assert!(
+        (2000..3000).contains(&retried),
+        "retried {retried} ms after the first request: {sink:?}"
+    );
+}
+
+/// 503 while the collector is down: retried with backoff until it is back, nothing lost.
+#[test]
+fn http_503_is_retried_until_the_collector_is_back() {
+    let outage = Duration::from_secs(2);
+    let run = Case::new(Answer::Unavailable { outage }, 89)
+        .over_http()
+        .run(|s| s.spans >= ATTEMPTS);
+    let (books, sink) = (&run.books, &run.sink);
+    eprintln!("503 over HTTP for {outage:?}: tries at {:?} ms", sink.arrivals_ms);
+    assert_eq!(books["exported"], ATTEMPTS, "{books:?}\n{}", run.stopped.stderr);
+    assert_eq!(books["export_failed"], 0, "{books:?}");
+    // Backoff steps of 0.1, 0.2, 0.4, 0.8, 1.6 s (each wait in its upper half) fit at least
+    // 4 tries into the outage.
+    assert!(sink.refused >= 4, "{sink:?}");
+    assert!(last_arrival(sink) >= 2000, "{sink:?}");
+}
+
+#[test]
+fn http_400_is_not_retried() {
+    fails_at_once_over(Answer::Invalid, 97, true);
+}
+
 /// Refusals the specification calls permanent: counted `export_failed` at once, sent once.
 fn fails_at_once(answer: Answer, port: u16) {
+    fails_at_once_over(answer, port, false);
+}
+
+fn fails_at_once_over(answer: Answer, port: u16, http: bool) {
     let mut case = Case::new(answer, port);
+    case.http = http;
     // A retry would come within 100 ms of the refusal.
     case.linger = Duration::from_millis(500);
     let run = case.run(|s| s.received_spans >= ATTEMPTS);

@@ -1,5 +1,5 @@
-//! End to end: OTLP over mutual TLS, with a CA this test makes, to the real receiver behind
-//! a real TLS terminator (stunnel). Needs root, openssl and stunnel.
+//! End to end: OTLP gRPC and OTLP/HTTP over mutual TLS, with a CA this test makes, to the
+//! real receiver behind a real TLS terminator (stunnel). Needs root, openssl and stunnel.
 
 use std::{
     path::Path,
@@ -116,9 +116,14 @@ fn stunnel(dir: &Path, port: u16, backend: u16) -> Stunnel {
     tunnel
 }
 
-#[test]
-fn exports_over_mutual_tls_with_a_private_ca() {
-    let dir = std::env::temp_dir().join(format!("synspan-tls-{}", std::process::id()));
+/// Exports one refused attempt over `protocol` through stunnel, which requires a client
+/// certificate from the test's CA, to the receiver's port for that protocol.
+fn over_mutual_tls(protocol: &str) {
+    let dir = std::env::temp_dir().join(format!(
+        "synspan-tls-{}-{}",
+        std::process::id(),
+        protocol.replace('/', "-")
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     make_pki(&dir);
     let receiver = Receiver::start().unwrap();
@@ -127,9 +132,15 @@ fn exports_over_mutual_tls_with_a_private_ca() {
         .local_addr()
         .unwrap()
         .port();
-    let _tunnel = stunnel(&dir, port, receiver.port());
+    let backend = match protocol {
+        "grpc" => receiver.port(),
+        _ => receiver.http_port(),
+    };
+    let _tunnel = stunnel(&dir, port, backend);
     let file = |name: &str| dir.join(name).display().to_string();
     let agent = Agent::start(&[
+        "--otlp-protocol",
+        protocol,
         "--otlp-endpoint",
         &format!("https://localhost:{port}"),
         "--otlp-ca-file",
@@ -140,7 +151,7 @@ fn exports_over_mutual_tls_with_a_private_ca() {
         &file("client.key"),
     ])
     .unwrap();
-    let ns = Netns::new("tls").unwrap();
+    let ns = Netns::new(if protocol == "grpc" { "tls" } else { "tlsh" }).unwrap();
     let client = connect(&ns, "127.0.0.1:9", &[]).unwrap();
     let got = receiver.wait_spans(1, Duration::from_secs(20), |s| {
         s["attributes"]["process.pid"] == client.pid
@@ -156,4 +167,14 @@ fn exports_over_mutual_tls_with_a_private_ca() {
     let stopped = agent.stop(Duration::from_secs(10)).unwrap();
     assert!(stopped.status.success());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn exports_over_mutual_tls_with_a_private_ca() {
+    over_mutual_tls("grpc");
+}
+
+#[test]
+fn exports_over_http_with_mutual_tls_and_a_private_ca() {
+    over_mutual_tls("http/protobuf");
 }

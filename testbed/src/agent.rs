@@ -94,6 +94,23 @@ impl Agent {
         Ok((receiver, Self::start(&all)?))
     }
 
+    /// Starts `synspan --output json` exporting its spans, and no self-metrics, over
+    /// gzip-compressed OTLP/HTTP to `endpoint` (a base URL: `/v1/traces` is appended).
+    pub fn start_exporting_http(endpoint: &str) -> anyhow::Result<Self> {
+        Self::start_with_env(
+            Output::Json,
+            &[
+                "--otlp-protocol",
+                "http/protobuf",
+                "--otlp-endpoint",
+                endpoint,
+                "--metrics-interval",
+                "0",
+            ],
+            &[("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")],
+        )
+    }
+
     /// Starts `synspan --output OUTPUT ARGS` and waits until it says it is ready.
     pub fn start_with(output: Output, args: &[&str]) -> anyhow::Result<Self> {
         Self::start_with_env(output, args, &[])

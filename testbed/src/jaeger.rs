@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::{first_report, repo_root, wait_until, workspace_bin};
+use crate::{first_report, get_json, repo_root, terminate, wait_until, workspace_bin};
 
 /// Where the receiver listens, as it reports on its first line.
 #[derive(Deserialize)]
@@ -59,25 +59,7 @@ impl Jaeger {
     /// GET on the query API (`/api/services`, …), as JSON; `None` for a 404 (a trace not
     /// received yet).
     pub fn api(&self, path_and_query: &str) -> anyhow::Result<Option<Value>> {
-        let url = format!("{}{path_and_query}", self.ui_url());
-        let response = ureq::get(&url)
-            .config()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(5)))
-            .build()
-            .call()
-            .with_context(|| format!("GET {url}"))?;
-        match response.status().as_u16() {
-            404 => Ok(None),
-            200 => {
-                let body = response
-                    .into_body()
-                    .read_json()
-                    .with_context(|| format!("GET {url}: not JSON"))?;
-                Ok(Some(body))
-            }
-            status => bail!("GET {url}: HTTP {status}"),
-        }
+        get_json(&format!("{}{path_and_query}", self.ui_url()))
     }
 
     /// `/api/traces?service=SERVICE&limit=LIMIT` until it holds `n` traces or `timeout`
@@ -96,12 +78,7 @@ impl Jaeger {
 
     /// Stops it: SIGTERM, then SIGKILL.
     pub fn stop(&mut self) {
-        // SAFETY: plain syscall on our own child's pid, not yet reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        if wait_until(Duration::from_secs(5), || self.child.try_wait().ok().flatten()).is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        terminate(&mut self.child);
     }
 }
 

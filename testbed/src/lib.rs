@@ -8,7 +8,10 @@ pub mod churn;
 pub mod client;
 pub mod jaeger;
 pub mod netns;
+pub mod otelite;
+pub mod otlp_http;
 pub mod otlp_sink;
+pub mod outcomes;
 pub mod process_context;
 pub mod reaped;
 pub mod receiver;
@@ -88,4 +91,42 @@ pub fn first_report<T: serde::de::DeserializeOwned>(child: &mut std::process::Ch
         let _ = child.wait();
         anyhow::anyhow!("it reported {report}: {e}")
     })
+}
+
+/// `GET url` of a JSON API on loopback: the body, `None` for a 404 (not there, or not yet).
+pub fn get_json(url: &str) -> anyhow::Result<Option<serde_json::Value>> {
+    use anyhow::Context as _;
+    let response = ureq::get(url)
+        .config()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .call()
+        .with_context(|| format!("GET {url}"))?;
+    match response.status().as_u16() {
+        404 => Ok(None),
+        200 => {
+            let body = response
+                .into_body()
+                .read_json()
+                .with_context(|| format!("GET {url}: not JSON"))?;
+            Ok(Some(body))
+        }
+        status => anyhow::bail!("GET {url}: HTTP {status}"),
+    }
+}
+
+/// A free port of 127.0.0.1, for a child process to listen on.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Stops a child of ours: SIGTERM, then SIGKILL if it has not exited within 5 s.
+pub fn terminate(child: &mut std::process::Child) {
+    // SAFETY: plain syscall on our own child's pid, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    if wait_until(Duration::from_secs(5), || child.try_wait().ok().flatten()).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }

@@ -1,6 +1,6 @@
-//! `synspan-otlp-sink`, the benchmark's OTLP receiver, as a child process: it decodes every
-//! request and counts spans by `process.pid` (see its source for why not rotel here). It can
-//! also push back the ways a collector does ([`Answer`]).
+//! `synspan-otlp-sink`, the benchmark's OTLP receiver (gRPC, or HTTP), as a child process: it
+//! decodes every request and counts spans by `process.pid` (see its source for why not rotel
+//! here). It can also push back the ways a collector does ([`Answer`]).
 
 use std::{
     collections::BTreeMap,
@@ -203,6 +203,15 @@ impl OtlpSink {
 
     /// Starts a sink that answers trace requests as `answer` says.
     pub fn start_answering(answer: Answer) -> anyhow::Result<Self> {
+        Self::start_with(answer, "grpc")
+    }
+
+    /// Starts a sink that answers OTLP/HTTP (its endpoint is the base URL) as `answer` says.
+    pub fn start_http(answer: Answer) -> anyhow::Result<Self> {
+        Self::start_with(answer, "http")
+    }
+
+    fn start_with(answer: Answer, protocol: &str) -> anyhow::Result<Self> {
         // One file per sink: tests of one process run sinks side by side.
         static SINKS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = SINKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -211,6 +220,7 @@ impl OtlpSink {
             .arg("127.0.0.1:0")
             .arg(&counts)
             .arg(answer.to_string())
+            .arg(protocol)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()

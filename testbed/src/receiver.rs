@@ -1,10 +1,10 @@
-//! rotel, a real OpenTelemetry collector, as the OTLP gRPC receiver of the tests. Its
-//! Python trace processor (`testbed/rotel_processor.py`) writes one JSON line per span.
+//! rotel, a real OpenTelemetry collector, as the OTLP receiver of the tests, on a gRPC and
+//! an HTTP port. Its Python trace processor (`testbed/rotel_processor.py`) writes one JSON
+//! line per span, whichever port it came in on.
 
 use std::{
     fs,
     io::Read,
-    net::TcpListener,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -13,11 +13,12 @@ use std::{
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::{read_json_lines, repo_root, wait_until};
+use crate::{free_port, read_json_lines, repo_root, wait_until};
 
 pub struct Receiver {
     child: Option<Child>,
     port: u16,
+    http_port: u16,
     dir: PathBuf,
     /// Where rotel sends what it receives, over OTLP/HTTP; nowhere when `None`.
     forward_http: Option<String>,
@@ -27,10 +28,6 @@ fn agent_path() -> PathBuf {
     std::env::var_os("SYNSPAN_ROTEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join(".venv/lib/python3.11/site-packages/rotel/rotel-agent"))
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl Receiver {
@@ -43,6 +40,7 @@ impl Receiver {
         Ok(Self {
             child: None,
             port,
+            http_port: free_port()?,
             dir,
             forward_http: None,
         })
@@ -66,6 +64,7 @@ impl Receiver {
         // Another process can take the port between our probe and rotel's bind: try again.
         for _ in 0..5 {
             rx.port = free_port()?;
+            rx.http_port = free_port()?;
             if rx.spawn().is_ok() {
                 return Ok(rx);
             }
@@ -87,7 +86,7 @@ impl Receiver {
                 "--otlp-grpc-endpoint",
                 &format!("127.0.0.1:{}", self.port),
             ])
-            .args(["--otlp-http-endpoint", "127.0.0.1:0"])
+            .args(["--otlp-http-endpoint", &format!("127.0.0.1:{}", self.http_port)])
             .args(match &self.forward_http {
                 None => vec!["--exporter", "blackhole"],
                 Some(endpoint) => vec![
@@ -119,14 +118,21 @@ impl Receiver {
             .with_context(|| format!("starting {}", agent.display()))?;
         self.child = Some(child);
         let up = wait_until(Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()
+            [self.port, self.http_port]
+                .iter()
+                .all(|&port| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+                .then_some(())
         });
         // A processor that fails to load makes rotel exit just after it binds.
         std::thread::sleep(Duration::from_millis(100));
         let alive = matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)));
         if up.is_none() || !alive {
             self.stop();
-            bail!("rotel is not listening on 127.0.0.1:{}", self.port);
+            bail!(
+                "rotel is not listening on 127.0.0.1:{} and :{}",
+                self.port,
+                self.http_port
+            );
         }
         Ok(())
     }
@@ -137,6 +143,15 @@ impl Receiver {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The OTLP/HTTP base URL: `/v1/traces` and `/v1/metrics` go after it.
+    pub fn http_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    pub fn http_port(&self) -> u16 {
+        self.http_port
     }
 
     fn spans_path(&self) -> PathBuf {

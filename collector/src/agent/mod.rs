@@ -249,9 +249,18 @@ impl Agent {
             Ok(()) => tracing::debug!("capabilities dropped; kept {:?}", privilege::KEPT),
             Err(err) => tracing::warn!("could not drop capabilities: {err}"),
         }
+        for warning in export
+            .into_iter()
+            .flat_map(|e| [&e.traces.settings, &e.metrics.settings])
+            .filter_map(crate::otlp::Settings::port_mismatch)
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            tracing::warn!("{warning}");
+        }
         tracing::info!(
             output = ?cli.output,
             otlp = export.map(|export| crate::otlp::redacted(&export.traces.settings.endpoint)),
+            protocol = export.map(|export| export.traces.settings.protocol.name()),
             "synspan ready: tracing TCP connect attempts"
         );
         Ok(Self {

@@ -1,28 +1,50 @@
-//! One gRPC channel per collector, shared by every signal sent there, and one export try:
-//! an already encoded request, its signal's headers and compression, bounded by its timeout.
+//! One connection per collector, shared by every signal sent there, and one export try: an
+//! already encoded request, its signal's headers and compression, bounded by its timeout,
+//! over gRPC (a tonic channel, HTTP/2) or HTTP ([`super::http`], HTTP/1.1).
 
 use std::{marker::PhantomData, time::Duration};
 
 use bytes::Bytes;
 use tonic::{
     Status,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder},
     transport::{Certificate, Channel, ClientTlsConfig, Identity},
 };
 
-use super::{Destination, OtlpError, TlsMaterial, redacted};
+use super::{
+    Destination, OtlpError, Protocol, TlsMaterial,
+    http::{self, HttpExport},
+    redacted,
+    retry::ExportError,
+    settings::Signal,
+};
 
-/// The service method each signal's requests go to.
+/// The service method each signal's requests go to over gRPC.
 pub(crate) const TRACES_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 pub(crate) const METRICS_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
 
 /// One signal's client. Clones share the connection.
 #[derive(Clone)]
 pub(crate) struct Client {
-    grpc: tonic::client::Grpc<Channel>,
-    headers: tonic::metadata::MetadataMap,
+    transport: Transport,
     timeout: Duration,
-    path: &'static str,
+}
+
+#[derive(Clone)]
+enum Transport {
+    Grpc {
+        grpc: tonic::client::Grpc<Channel>,
+        headers: tonic::metadata::MetadataMap,
+        path: &'static str,
+    },
+    Http(HttpExport),
+}
+
+/// What signals sent to the same collector share.
+#[derive(Clone)]
+enum Connection {
+    Grpc(Channel),
+    Http(http::Pool),
 }
 
 /// The clients of both signals.
@@ -34,17 +56,29 @@ pub(crate) struct Clients {
 impl Clients {
     /// Connects lazily: a collector that is down at start-up is retried like any outage.
     pub(crate) fn new(traces: &Destination, metrics: &Destination) -> Result<Self, OtlpError> {
-        let traces_channel = channel(traces)?;
-        let same_place = traces.settings.endpoint == metrics.settings.endpoint && traces.tls == metrics.tls;
-        let metrics_channel = if same_place {
-            traces_channel.clone()
+        let traces_connection = connection(traces)?;
+        let (t, m) = (&traces.settings, &metrics.settings);
+        // An HTTP pool keeps a connection per collector, so any two HTTP signals with the
+        // same trust can share one; a gRPC channel is one collector's.
+        let shared = t.protocol == m.protocol
+            && traces.tls == metrics.tls
+            && (t.protocol == Protocol::HttpProtobuf || t.endpoint == m.endpoint);
+        let metrics_connection = if shared {
+            traces_connection.clone()
         } else {
-            channel(metrics)?
+            connection(metrics)?
         };
         Ok(Self {
-            traces: Client::new(traces, traces_channel, TRACES_PATH),
-            metrics: Client::new(metrics, metrics_channel, METRICS_PATH),
+            traces: Client::new(traces, traces_connection, Signal::Traces),
+            metrics: Client::new(metrics, metrics_connection, Signal::Metrics),
         })
+    }
+}
+
+fn connection(destination: &Destination) -> Result<Connection, OtlpError> {
+    match destination.settings.protocol {
+        Protocol::Grpc => channel(destination).map(Connection::Grpc),
+        Protocol::HttpProtobuf => http::pool(destination).map(Connection::Http),
     }
 }
 
@@ -67,7 +101,7 @@ fn channel(destination: &Destination) -> Result<Channel, OtlpError> {
     Ok(endpoint.connect_lazy())
 }
 
-fn tls_config(endpoint: &http::Uri, material: &TlsMaterial) -> ClientTlsConfig {
+fn tls_config(endpoint: &::http::Uri, material: &TlsMaterial) -> ClientTlsConfig {
     // A CA given on purpose is the only one trusted; otherwise the system's roots are.
     let mut tls = match &material.ca {
         Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
@@ -86,50 +120,81 @@ fn tls_config(endpoint: &http::Uri, material: &TlsMaterial) -> ClientTlsConfig {
 }
 
 impl Client {
-    fn new(destination: &Destination, channel: Channel, path: &'static str) -> Self {
+    fn new(destination: &Destination, connection: Connection, signal: Signal) -> Self {
         let settings = &destination.settings;
-        let mut grpc = tonic::client::Grpc::new(channel);
-        if let Some(encoding) = settings.compression {
-            grpc = grpc.send_compressed(encoding);
-        }
+        let transport = match connection {
+            Connection::Grpc(channel) => {
+                let mut grpc = tonic::client::Grpc::new(channel);
+                if let Some(encoding) = settings.compression {
+                    grpc = grpc.send_compressed(encoding);
+                }
+                Transport::Grpc {
+                    grpc,
+                    headers: settings.headers.0.clone(),
+                    path: match signal {
+                        Signal::Traces => TRACES_PATH,
+                        Signal::Metrics => METRICS_PATH,
+                    },
+                }
+            }
+            Connection::Http(pool) => Transport::Http(HttpExport {
+                pool,
+                url: settings.endpoint.clone(),
+                headers: settings.headers.0.clone().into_headers(),
+                gzip: settings.compression == Some(CompressionEncoding::Gzip),
+            }),
+        };
         Self {
-            grpc,
-            headers: settings.headers.0.clone(),
+            transport,
             timeout: settings.timeout,
-            path,
         }
     }
 
     /// One try of an encoded request; `R` is the service's response. A try that outlasts the
-    /// signal's timeout, connecting included, fails with `DEADLINE_EXCEEDED`, which is retried.
-    pub(crate) async fn export<R>(&mut self, request: Bytes) -> Result<R, Status>
+    /// signal's timeout, connecting included, fails with [`ExportError::NoAnswer`], which is
+    /// retried.
+    pub(crate) async fn export<R>(&mut self, request: Bytes) -> Result<R, ExportError>
     where
         R: prost::Message + Default + Send + 'static,
     {
         let timeout = self.timeout;
-        let path = self.path;
-        let headers = self.headers.clone();
-        let grpc = &mut self.grpc;
-        let attempt = async move {
-            grpc.ready()
-                .await
-                .map_err(|err| Status::unavailable(format!("collector not reachable: {err}")))?;
-            let mut request = tonic::Request::new(request);
-            *request.metadata_mut() = headers;
-            let response = grpc
-                .unary(
-                    request,
-                    http::uri::PathAndQuery::from_static(path),
-                    EncodedCodec::<R>(PhantomData),
-                )
-                .await?;
-            Ok(response.into_inner())
+        let attempt = async {
+            match &mut self.transport {
+                Transport::Grpc { grpc, headers, path } => {
+                    grpc_export(grpc, headers.clone(), path, request).await
+                }
+                Transport::Http(http) => http.export(request).await,
+            }
         };
         match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
-            Err(_) => Err(Status::deadline_exceeded(format!("no answer within {timeout:?}"))),
+            Err(_) => Err(ExportError::NoAnswer(timeout)),
         }
     }
+}
+
+async fn grpc_export<R>(
+    grpc: &mut tonic::client::Grpc<Channel>,
+    headers: tonic::metadata::MetadataMap,
+    path: &'static str,
+    request: Bytes,
+) -> Result<R, ExportError>
+where
+    R: prost::Message + Default + Send + 'static,
+{
+    grpc.ready()
+        .await
+        .map_err(|err| ExportError::Unreachable(err.to_string()))?;
+    let mut request = tonic::Request::new(request);
+    *request.metadata_mut() = headers;
+    let response = grpc
+        .unary(
+            request,
+            ::http::uri::PathAndQuery::from_static(path),
+            EncodedCodec::<R>(PhantomData),
+        )
+        .await?;
+    Ok(response.into_inner())
 }
 
 /// Sends requests that are already encoded, and decodes the response as `R`.
@@ -314,7 +379,10 @@ mod tests {
             .export::<ExportMetricsServiceResponse>(Bytes::new())
             .await
             .unwrap_err();
-        assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+        assert!(
+            matches!(&status, ExportError::Grpc(s) if s.code() == Code::Unimplemented),
+            "{status:?}"
+        );
 
         assert_eq!(
             connections.load(Ordering::Relaxed),
@@ -347,11 +415,244 @@ mod tests {
             .export::<ExportTraceServiceResponse>(Bytes::new())
             .await
             .unwrap_err();
-        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert!(matches!(status, ExportError::NoAnswer(_)), "{status:?}");
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "{:?}",
             started.elapsed()
+        );
+    }
+
+    /// What an OTLP/HTTP collector saw of one request.
+    #[derive(Debug)]
+    struct Posted {
+        path: String,
+        content_type: Option<String>,
+        encoding: Option<String>,
+        api_key: Option<String>,
+        body: Vec<u8>,
+    }
+
+    /// An OTLP/HTTP collector on a free port of 127.0.0.1: answers request `i` with
+    /// `answers[i]` (a status and a `Retry-After`), the ones after with 200 and a partial
+    /// success rejecting 2 spans; or stalls for `stall`. Counts the connections it accepts.
+    async fn serve_http(
+        answers: Vec<(u16, Option<&'static str>)>,
+        stall: Option<Duration>,
+    ) -> (SocketAddr, Arc<Mutex<Vec<Posted>>>, Arc<AtomicUsize>) {
+        use http_body_util::BodyExt as _;
+        use hyper_util::rt::TokioIo;
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTracePartialSuccess;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let posted = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (seen, counted) = (posted.clone(), connections.clone());
+        let answers = Arc::new(answers);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::Relaxed);
+                let (seen, answers) = (seen.clone(), answers.clone());
+                let service =
+                    hyper::service::service_fn(move |request: ::http::Request<hyper::body::Incoming>| {
+                        let (seen, answers) = (seen.clone(), answers.clone());
+                        async move {
+                            let header = |name: &str| {
+                                request
+                                    .headers()
+                                    .get(name)
+                                    .and_then(|v| v.to_str().ok())
+                                    .map(String::from)
+                            };
+                            let mut post = Posted {
+                                path: request.uri().path().to_owned(),
+                                content_type: header("content-type"),
+                                encoding: header("content-encoding"),
+                                api_key: header("api-key"),
+                                body: Vec::new(),
+                            };
+                            let body = request.into_body().collect().await.unwrap().to_bytes();
+                            post.body = if post.encoding.as_deref() == Some("gzip") {
+                                let mut out = Vec::new();
+                                std::io::Read::read_to_end(
+                                    &mut flate2::read::GzDecoder::new(&body[..]),
+                                    &mut out,
+                                )
+                                .unwrap();
+                                out
+                            } else {
+                                body.to_vec()
+                            };
+                            let n = {
+                                let mut seen = seen.lock().unwrap();
+                                seen.push(post);
+                                seen.len() - 1
+                            };
+                            if let Some(stall) = stall {
+                                tokio::time::sleep(stall).await;
+                            }
+                            let mut response = ::http::Response::builder();
+                            let body = match answers.get(n) {
+                                Some(&(code, retry_after)) => {
+                                    response = response.status(code);
+                                    if let Some(value) = retry_after {
+                                        response = response.header("retry-after", value);
+                                    }
+                                    let status = tonic_types::Status {
+                                        code: 14,
+                                        message: format!("answer {n}"),
+                                        details: vec![],
+                                    };
+                                    prost::Message::encode_to_vec(&status)
+                                }
+                                None => prost::Message::encode_to_vec(&ExportTraceServiceResponse {
+                                    partial_success: Some(ExportTracePartialSuccess {
+                                        rejected_spans: 2,
+                                        error_message: "two too many".into(),
+                                    }),
+                                }),
+                            };
+                            let response = response
+                                .header("content-type", "application/x-protobuf")
+                                .body(http_body_util::Full::new(Bytes::from(body)))
+                                .unwrap();
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        (addr, posted, connections)
+    }
+
+    fn http_clients(addr: SocketAddr, vars: &[(&str, &str)]) -> Clients {
+        let mut all = vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into()),
+        ];
+        all.extend(vars.iter().map(|(k, v)| (*k, v.to_string())));
+        clients(&all)
+    }
+
+    #[tokio::test]
+    async fn http_retries_after_retry_after_with_the_signals_settings() {
+        let (addr, posted, connections) = serve_http(vec![(503, Some("1")), (429, None)], None).await;
+        let clients = http_clients(
+            addr,
+            &[
+                ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=k1"),
+                ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip"),
+            ],
+        );
+        let request = Bytes::from_static(b"\x0a\x00 an encoded request");
+        let started = Instant::now();
+        let traces = clients.traces.clone();
+        let response = with_retry(started + Duration::from_secs(20), || {
+            let mut client = traces.clone();
+            let request = request.clone();
+            async move { client.export::<ExportTraceServiceResponse>(request).await }
+        })
+        .await
+        .unwrap();
+        // 503 with Retry-After: its second was waited; 429 without: the backoff's step.
+        assert!(
+            started.elapsed() >= Duration::from_millis(1050),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(response.partial_success.unwrap().rejected_spans, 2);
+
+        let mut metrics = clients.metrics.clone();
+        metrics
+            .export::<ExportMetricsServiceResponse>(Bytes::from_static(b"metrics"))
+            .await
+            .unwrap();
+
+        let posted = posted.lock().unwrap();
+        let paths: Vec<&str> = posted.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["/v1/traces", "/v1/traces", "/v1/traces", "/v1/metrics"]);
+        for (i, post) in posted.iter().enumerate() {
+            assert_eq!(
+                post.content_type.as_deref(),
+                Some("application/x-protobuf"),
+                "{post:?}"
+            );
+            assert_eq!(post.api_key.as_deref(), Some("k1"), "{post:?}");
+            let (encoding, body) = if i < 3 {
+                (Some("gzip"), &request[..])
+            } else {
+                (None, &b"metrics"[..])
+            };
+            assert_eq!(post.encoding.as_deref(), encoding, "{post:?}");
+            assert_eq!(post.body, body, "{post:?}");
+        }
+        assert_eq!(
+            connections.load(Ordering::Relaxed),
+            1,
+            "one kept-alive connection for every request of both signals"
+        );
+    }
+
+    #[tokio::test]
+    async fn http_permanent_failures_are_not_retried() {
+        let (addr, posted, _) = serve_http(vec![(400, Some("1")), (500, None)], None).await;
+        let clients = http_clients(addr, &[]);
+        for expected in [400, 500] {
+            let traces = clients.traces.clone();
+            let err = with_retry(Instant::now() + Duration::from_secs(20), || {
+                let mut client = traces.clone();
+                async move { client.export::<ExportTraceServiceResponse>(Bytes::new()).await }
+            })
+            .await
+            .unwrap_err();
+            match &err {
+                ExportError::Http { status, message, .. } => {
+                    assert_eq!(status.as_u16(), expected);
+                    assert!(message.starts_with("answer "), "{err}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(posted.lock().unwrap().len(), 2, "one try each");
+    }
+
+    #[tokio::test]
+    async fn http_tries_end_at_the_timeout_and_a_closed_port_is_retried() {
+        let (addr, _, _) = serve_http(vec![], Some(Duration::from_secs(30))).await;
+        let mut clients = http_clients(addr, &[("OTEL_EXPORTER_OTLP_TIMEOUT", "200")]);
+        let started = Instant::now();
+        let err = clients
+            .traces
+            .export::<ExportTraceServiceResponse>(Bytes::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ExportError::NoAnswer(_)), "{err:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+
+        // Nothing listens on a port just freed.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut clients = http_clients(closed, &[]);
+        let err = clients
+            .traces
+            .export::<ExportTraceServiceResponse>(Bytes::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ExportError::Unreachable(_)), "{err:?}");
+        assert!(err.to_string().contains("onnection refused"), "{err}");
+        assert_eq!(
+            crate::otlp::retry::classify(&err),
+            crate::otlp::retry::Verdict::Retry(None)
         );
     }
 }

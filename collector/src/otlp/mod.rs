@@ -1,20 +1,22 @@
-//! The OTLP/gRPC client every signal shares: spans ([`crate::sink::otlp`]) and synspan's own
+//! The OTLP client every signal shares: spans ([`crate::sink::otlp`]) and synspan's own
 //! counters ([`crate::self_metrics`]) go out over the same connection, with the same TLS,
-//! headers, compression, timeout and retry rules.
+//! headers, compression, timeout and retry rules, over gRPC or HTTP.
 //!
-//! - [`settings`]: endpoint, headers, compression, timeout and TLS files, from the flags and
-//!   the environment as the OTLP exporter specification orders them.
+//! - [`settings`]: protocol, endpoint, headers, compression, timeout and TLS files, from the
+//!   flags and the environment as the OTLP exporter specification orders them.
 //! - [`tls`]: the TLS files read and checked.
-//! - [`client`]: one channel per endpoint, one export try.
+//! - [`client`]: one connection per collector, one export try, over either transport.
+//! - [`http`]: the OTLP/HTTP transport: a POST and how its answer reads.
 //! - [`retry`]: which failures are retried, and after how long.
 
 pub(crate) mod client;
+pub(crate) mod http;
 pub(crate) mod retry;
 pub(crate) mod settings;
 pub(crate) mod tls;
 
 pub(crate) use client::{Client, Clients};
-pub(crate) use settings::{Flags, Settings, parse_endpoint, redacted};
+pub(crate) use settings::{Flags, Protocol, Settings, parse_endpoint, parse_protocol, redacted};
 pub(crate) use tls::{TlsError, TlsFile, TlsMaterial};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +35,8 @@ pub(crate) enum OtlpError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error("OTLP endpoint {endpoint}: TLS setup: {problem}")]
+    TlsSetup { endpoint: String, problem: String },
 }
 
 /// An OTLP timestamp: nanoseconds since the Unix epoch, 0 for a time before it.

@@ -1,7 +1,9 @@
-//! Which failed exports are tried again, and when, as the OTLP specification's "OTLP/gRPC
-//! Throttling" and "Failures" sections say: a fixed set of codes is retryable;
-//! `RESOURCE_EXHAUSTED` only when the collector says it will recover (a `google.rpc.RetryInfo`
-//! in the status details); a `retry_delay` there is the wait before the next try. Otherwise
+//! Which failed exports are tried again, and when, as the OTLP specification's "Failures"
+//! and "Throttling" sections say for each transport. gRPC: a fixed set of codes is
+//! retryable; `RESOURCE_EXHAUSTED` only when the collector says it will recover (a
+//! `google.rpc.RetryInfo` in the status details); a `retry_delay` there is the wait before the
+//! next try. HTTP: 429, 502, 503 and 504 are retryable, a `Retry-After` is the wait. A
+//! collector that cannot be reached or does not answer in time is retried on both. Otherwise
 //! the wait grows exponentially, with jitter, so that requests that failed together in an
 //! outage do not all come back in the same instant.
 //!
@@ -15,6 +17,31 @@ use tokio::time::Instant;
 use tonic::{Code, Status};
 use tonic_types::StatusExt as _;
 
+/// Why an export try failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ExportError {
+    #[error("{}: {}", .0.code(), .0.message())]
+    Grpc(Status),
+    #[error("HTTP {status}: {message}")]
+    Http {
+        status: http::StatusCode,
+        retry_after: Option<Duration>,
+        message: String,
+    },
+    #[error("collector not reachable: {0}")]
+    Unreachable(String),
+    #[error("no answer within {0:?}")]
+    NoAnswer(Duration),
+    #[error("the export's retry timeout ran out")]
+    RetryTimeout,
+}
+
+impl From<Status> for ExportError {
+    fn from(status: Status) -> Self {
+        Self::Grpc(status)
+    }
+}
+
 /// What to do after a failed try.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Verdict {
@@ -24,7 +51,21 @@ pub(crate) enum Verdict {
     Retry(Option<Duration>),
 }
 
-pub(crate) fn classify(status: &Status) -> Verdict {
+pub(crate) fn classify(err: &ExportError) -> Verdict {
+    match err {
+        ExportError::Grpc(status) => classify_grpc(status),
+        ExportError::Http {
+            status, retry_after, ..
+        } => match status.as_u16() {
+            429 | 502 | 503 | 504 => Verdict::Retry(*retry_after),
+            _ => Verdict::Fail,
+        },
+        ExportError::Unreachable(_) | ExportError::NoAnswer(_) => Verdict::Retry(None),
+        ExportError::RetryTimeout => Verdict::Fail,
+    }
+}
+
+fn classify_grpc(status: &Status) -> Verdict {
     let retry_info = status.get_details_retry_info();
     let delay = retry_info
         .as_ref()
@@ -71,27 +112,27 @@ impl Backoff {
 
 /// Runs `try_once` until it succeeds, fails for good, or the next try would start after
 /// `deadline`; the last try is cut off at the deadline too. Returns the last failure.
-pub(crate) async fn with_retry<T, F, Fut>(deadline: Instant, mut try_once: F) -> Result<T, Status>
+pub(crate) async fn with_retry<T, F, Fut>(deadline: Instant, mut try_once: F) -> Result<T, ExportError>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, Status>>,
+    Fut: Future<Output = Result<T, ExportError>>,
 {
     let mut backoff = Backoff::default();
     loop {
-        let status = match tokio::time::timeout_at(deadline, try_once()).await {
+        let err = match tokio::time::timeout_at(deadline, try_once()).await {
             Ok(Ok(done)) => return Ok(done),
-            Ok(Err(status)) => status,
-            Err(_) => return Err(Status::deadline_exceeded("the export's retry timeout ran out")),
+            Ok(Err(err)) => err,
+            Err(_) => return Err(ExportError::RetryTimeout),
         };
-        let delay = match classify(&status) {
-            Verdict::Fail => return Err(status),
+        let delay = match classify(&err) {
+            Verdict::Fail => return Err(err),
             Verdict::Retry(Some(asked)) => asked,
             Verdict::Retry(None) => backoff.next_delay(),
         };
         if Instant::now() + delay > deadline {
-            return Err(status);
+            return Err(err);
         }
-        tracing::debug!("OTLP export failed ({status}); retrying in {delay:?}");
+        tracing::debug!("OTLP export failed ({err}); retrying in {delay:?}");
         tokio::time::sleep(delay).await;
     }
 }
@@ -104,6 +145,29 @@ mod tests {
 
     fn with_retry_info(code: Code, delay: Option<Duration>) -> Status {
         Status::with_error_details(code, "busy", ErrorDetails::with_retry_info(delay))
+    }
+
+    fn with_retry_info_err(code: Code, delay: Option<Duration>) -> ExportError {
+        with_retry_info(code, delay).into()
+    }
+
+    fn code(err: ExportError) -> Code {
+        match err {
+            ExportError::Grpc(status) => status.code(),
+            other => panic!("not a gRPC status: {other}"),
+        }
+    }
+
+    #[test]
+    fn unreachable_and_unanswered_are_retried() {
+        let retried = [
+            ExportError::Unreachable("connection refused".into()),
+            ExportError::NoAnswer(Duration::from_secs(10)),
+        ];
+        for err in retried {
+            assert_eq!(classify(&err), Verdict::Retry(None), "{err}");
+        }
+        assert_eq!(classify(&ExportError::RetryTimeout), Verdict::Fail);
     }
 
     #[test]
@@ -130,13 +194,17 @@ mod tests {
         ];
         for code in retryable {
             assert_eq!(
-                classify(&Status::new(code, "x")),
+                classify(&Status::new(code, "x").into()),
                 Verdict::Retry(None),
                 "{code:?}"
             );
         }
         for code in not_retryable {
-            assert_eq!(classify(&Status::new(code, "x")), Verdict::Fail, "{code:?}");
+            assert_eq!(
+                classify(&Status::new(code, "x").into()),
+                Verdict::Fail,
+                "{code:?}"
+            );
         }
         assert_eq!(retryable.len() + not_retryable.len(), 16, "every code but OK");
     }
@@ -145,27 +213,30 @@ mod tests {
     fn resource_exhausted_only_with_retry_info() {
         let delay = Duration::from_millis(1500);
         assert_eq!(
-            classify(&with_retry_info(Code::ResourceExhausted, Some(delay))),
+            classify(&with_retry_info_err(Code::ResourceExhausted, Some(delay))),
             Verdict::Retry(Some(delay))
         );
         // RetryInfo without a delay still says the collector will recover: back off.
         assert_eq!(
-            classify(&with_retry_info(Code::ResourceExhausted, None)),
+            classify(&with_retry_info_err(Code::ResourceExhausted, None)),
             Verdict::Retry(None)
         );
-        assert_eq!(classify(&Status::resource_exhausted("quota")), Verdict::Fail);
+        assert_eq!(
+            classify(&Status::resource_exhausted("quota").into()),
+            Verdict::Fail
+        );
     }
 
     #[test]
     fn throttling_delay_is_honoured() {
         let delay = Duration::from_secs(3);
         assert_eq!(
-            classify(&with_retry_info(Code::Unavailable, Some(delay))),
+            classify(&with_retry_info_err(Code::Unavailable, Some(delay))),
             Verdict::Retry(Some(delay))
         );
         // A RetryInfo does not make a permanent failure retryable.
         assert_eq!(
-            classify(&with_retry_info(Code::InvalidArgument, Some(delay))),
+            classify(&with_retry_info_err(Code::InvalidArgument, Some(delay))),
             Verdict::Fail
         );
     }
@@ -195,8 +266,8 @@ mod tests {
             let n = tries;
             async move {
                 match n {
-                    1 => Err(with_retry_info(Code::ResourceExhausted, Some(named))),
-                    2 => Err(Status::unavailable("down")),
+                    1 => Err(with_retry_info_err(Code::ResourceExhausted, Some(named))),
+                    2 => Err(Status::unavailable("down").into()),
                     _ => Ok(n),
                 }
             }
@@ -213,30 +284,34 @@ mod tests {
     async fn gives_up_at_the_deadline_or_on_a_permanent_failure() {
         let started = Instant::now();
         let deadline = started + Duration::from_millis(400);
-        let result: Result<(), _> = with_retry(deadline, || async { Err(Status::unavailable("down")) }).await;
-        assert_eq!(result.unwrap_err().code(), Code::Unavailable);
+        let result: Result<(), _> =
+            with_retry(deadline, || async { Err(Status::unavailable("down").into()) }).await;
+        assert_eq!(code(result.unwrap_err()), Code::Unavailable);
         assert!(Instant::now() <= deadline, "slept past the deadline");
         // A try still running at the deadline is cut off.
         let result: Result<(), _> = with_retry(Instant::now() + Duration::from_millis(100), || {
             std::future::pending()
         })
         .await;
-        assert_eq!(result.unwrap_err().code(), Code::DeadlineExceeded);
+        assert!(matches!(result, Err(ExportError::RetryTimeout)), "{result:?}");
         // A delay the deadline cannot fit is not waited for.
         let started = Instant::now();
         let result: Result<(), _> = with_retry(started + Duration::from_secs(60), || async {
-            Err(with_retry_info(Code::Unavailable, Some(Duration::from_secs(600))))
+            Err(with_retry_info_err(
+                Code::Unavailable,
+                Some(Duration::from_secs(600)),
+            ))
         })
         .await;
-        assert_eq!(result.unwrap_err().code(), Code::Unavailable);
+        assert_eq!(code(result.unwrap_err()), Code::Unavailable);
         assert!(started.elapsed() < Duration::from_secs(1));
         let mut tries = 0;
         let result: Result<(), _> = with_retry(started + Duration::from_secs(60), || {
             tries += 1;
-            async { Err(Status::invalid_argument("bad")) }
+            async { Err(Status::invalid_argument("bad").into()) }
         })
         .await;
-        assert_eq!(result.unwrap_err().code(), Code::InvalidArgument);
+        assert_eq!(code(result.unwrap_err()), Code::InvalidArgument);
         assert_eq!(tries, 1);
     }
 }

@@ -24,6 +24,14 @@ pub(crate) enum Signal {
 }
 
 impl Signal {
+    /// What the specification appends to a base URL for the signal over HTTP.
+    fn http_path(self) -> &'static str {
+        match self {
+            Signal::Traces => "v1/traces",
+            Signal::Metrics => "v1/metrics",
+        }
+    }
+
     /// The signal's variable for `option` first, then the generic one.
     fn vars(self, option: &str) -> [String; 2] {
         let signal = match self {
@@ -40,15 +48,56 @@ impl Signal {
 /// The command line's say, which wins over every variable. The flags apply to both signals.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Flags<'a> {
+    pub(crate) protocol: Option<Protocol>,
     pub(crate) endpoint: Option<&'a http::Uri>,
     pub(crate) ca_file: Option<&'a Path>,
     pub(crate) client_cert: Option<&'a Path>,
     pub(crate) client_key: Option<&'a Path>,
 }
 
+/// The OTLP transport, as `OTEL_EXPORTER_OTLP_PROTOCOL` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+impl Protocol {
+    /// gRPC, not the specification's `http/protobuf`: synspan exported over gRPC before it
+    /// had HTTP, and the specification lets an exporter keep the default it shipped with.
+    pub(crate) const DEFAULT: Self = Self::Grpc;
+
+    /// Where a collector listens for it by default.
+    pub(crate) fn default_port(self) -> u16 {
+        match self {
+            Self::Grpc => 4317,
+            Self::HttpProtobuf => 4318,
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::HttpProtobuf => "http/protobuf",
+        }
+    }
+}
+
+/// `grpc` or `http/protobuf`, as the specification spells them.
+pub(crate) fn parse_protocol(s: &str) -> Result<Protocol, String> {
+    match s.trim() {
+        "grpc" => Ok(Protocol::Grpc),
+        "http/protobuf" => Ok(Protocol::HttpProtobuf),
+        "http/json" => Err("http/json is not supported; use http/protobuf or grpc".into()),
+        other => Err(format!("unknown protocol `{other}`; use grpc or http/protobuf")),
+    }
+}
+
 /// How one signal is exported.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Settings {
+    pub(crate) protocol: Protocol,
+    /// gRPC: scheme and authority. HTTP: the whole URL requests are posted to.
     pub(crate) endpoint: http::Uri,
     pub(crate) headers: Headers,
     pub(crate) compression: Option<CompressionEncoding>,
@@ -100,14 +149,95 @@ pub(crate) fn resolve(flags: &Flags, env: Env) -> Result<Option<Signals>, OtlpEr
     let Some(traces) = endpoint(Signal::Traces, flags, env)? else {
         return Ok(None);
     };
-    let metrics = endpoint(Signal::Metrics, flags, env)?.unwrap_or_else(|| traces.clone());
+    let metrics = endpoint(Signal::Metrics, flags, env)?.unwrap_or_else(|| traces.follow());
+    let traces_protocol = protocol(Signal::Traces, flags, env)?;
+    let metrics_protocol = protocol(Signal::Metrics, flags, env)?;
     Ok(Some(Signals {
-        traces: settings(Signal::Traces, traces, flags, env)?,
-        metrics: settings(Signal::Metrics, metrics, flags, env)?,
+        traces: settings(
+            Signal::Traces,
+            traces_protocol,
+            traces.url(Signal::Traces, traces_protocol)?,
+            flags,
+            env,
+        )?,
+        metrics: settings(
+            Signal::Metrics,
+            metrics_protocol,
+            metrics.url(Signal::Metrics, metrics_protocol)?,
+            flags,
+            env,
+        )?,
     }))
 }
 
-fn settings(signal: Signal, endpoint: http::Uri, flags: &Flags, env: Env) -> Result<Settings, OtlpError> {
+fn protocol(signal: Signal, flags: &Flags, env: Env) -> Result<Protocol, OtlpError> {
+    if let Some(protocol) = flags.protocol {
+        return Ok(protocol);
+    }
+    lookup(signal, "PROTOCOL", env).map_or(Ok(Protocol::DEFAULT), |(var, value)| {
+        parse_protocol(&value).map_err(|problem| OtlpError::Variable { var, problem })
+    })
+}
+
+/// An endpoint as it was given, with where it came from for messages.
+#[derive(Clone, Debug)]
+struct GivenEndpoint {
+    uri: http::Uri,
+    source: String,
+    /// A signal's own variable: its URL is used as is. The flag and the generic variable
+    /// are a base that each signal's path is appended to.
+    as_is: bool,
+}
+
+impl GivenEndpoint {
+    /// The metrics' endpoint when none is given for them: the spans' collector.
+    fn follow(&self) -> Self {
+        let mut followed = self.clone();
+        if followed.as_is {
+            // A URL given for the spans names their path; the metrics' is its sibling.
+            followed.as_is = false;
+            let path = followed.uri.path();
+            let base = path.strip_suffix("v1/traces").unwrap_or(path).to_owned();
+            followed.uri = with_path(&followed.uri, &base);
+        }
+        followed
+    }
+
+    fn url(&self, signal: Signal, protocol: Protocol) -> Result<http::Uri, OtlpError> {
+        match protocol {
+            Protocol::Grpc if !matches!(self.uri.path(), "" | "/") => Err(OtlpError::Variable {
+                var: self.source.clone(),
+                problem: format!(
+                    "OTLP gRPC takes no path (got `{}`); expected a URL such as http://127.0.0.1:4317, \
+                     or use --otlp-protocol http/protobuf",
+                    self.uri.path()
+                ),
+            }),
+            Protocol::Grpc => Ok(self.uri.clone()),
+            Protocol::HttpProtobuf if self.as_is => Ok(self.uri.clone()),
+            Protocol::HttpProtobuf => {
+                let base = self.uri.path().trim_end_matches('/');
+                Ok(with_path(&self.uri, &format!("{base}/{}", signal.http_path())))
+            }
+        }
+    }
+}
+
+fn with_path(uri: &http::Uri, path: &str) -> http::Uri {
+    let mut parts = uri.clone().into_parts();
+    let path = if path.is_empty() { "/" } else { path };
+    parts.path_and_query = path.parse().ok();
+    // Only the path changed, and it came from a valid URI.
+    http::Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
+fn settings(
+    signal: Signal,
+    protocol: Protocol,
+    endpoint: http::Uri,
+    flags: &Flags,
+    env: Env,
+) -> Result<Settings, OtlpError> {
     let tls = TlsFiles {
         ca: tls_file(signal, flags.ca_file, "--otlp-ca-file", "CERTIFICATE", env),
         client_cert: tls_file(
@@ -123,6 +253,7 @@ fn settings(signal: Signal, endpoint: http::Uri, flags: &Flags, env: Env) -> Res
         return Err(TlsError::NotHttps(redacted(&endpoint)).into());
     }
     Ok(Settings {
+        protocol,
         headers: headers(signal, env)?,
         compression: compression(signal, env)?,
         timeout: timeout(signal, env)?,
@@ -139,13 +270,27 @@ fn lookup(signal: Signal, option: &str, env: Env) -> Option<(String, String)> {
         .find_map(|var| env(&var).filter(|v| !v.is_empty()).map(|v| (var, v)))
 }
 
-fn endpoint(signal: Signal, flags: &Flags, env: Env) -> Result<Option<http::Uri>, OtlpError> {
+fn endpoint(signal: Signal, flags: &Flags, env: Env) -> Result<Option<GivenEndpoint>, OtlpError> {
     if let Some(uri) = flags.endpoint {
-        return Ok(Some(uri.clone()));
+        return Ok(Some(GivenEndpoint {
+            uri: uri.clone(),
+            source: "--otlp-endpoint".into(),
+            as_is: false,
+        }));
     }
-    lookup(signal, "ENDPOINT", env)
-        .map(|(var, value)| parse_endpoint(&value).map_err(|problem| OtlpError::Variable { var, problem }))
-        .transpose()
+    let Some((var, value)) = lookup(signal, "ENDPOINT", env) else {
+        return Ok(None);
+    };
+    let uri = parse_endpoint(&value).map_err(|problem| OtlpError::Variable {
+        var: var.clone(),
+        problem,
+    })?;
+    let as_is = var != "OTEL_EXPORTER_OTLP_ENDPOINT";
+    Ok(Some(GivenEndpoint {
+        uri,
+        source: var,
+        as_is,
+    }))
 }
 
 fn tls_file(signal: Signal, flag: Option<&Path>, flag_name: &str, option: &str, env: Env) -> Option<TlsFile> {
@@ -210,7 +355,8 @@ fn timeout(signal: Signal, env: Env) -> Result<Duration, OtlpError> {
     }
 }
 
-/// An OTLP gRPC endpoint: `http://` or `https://`, a host, an optional port, no path.
+/// An OTLP endpoint: `http://` or `https://` and a host; the port and a path are optional
+/// (gRPC refuses a path once the protocol is known).
 pub(crate) fn parse_endpoint(s: &str) -> Result<http::Uri, String> {
     let hint = "expected a URL such as http://127.0.0.1:4317";
     let uri: http::Uri = s.parse().map_err(|e| format!("{e}; {hint}"))?;
@@ -222,17 +368,38 @@ pub(crate) fn parse_endpoint(s: &str) -> Result<http::Uri, String> {
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("no host; {hint}"));
     }
-    if !matches!(uri.path(), "" | "/") {
-        return Err(format!("OTLP gRPC takes no path (got `{}`); {hint}", uri.path()));
-    }
     Ok(uri)
+}
+
+impl Settings {
+    /// A warning when the endpoint's port is the other protocol's usual one: a collector
+    /// answers gRPC on 4317 and HTTP on 4318, and the wrong pairing fails every export.
+    pub(crate) fn port_mismatch(&self) -> Option<String> {
+        let other = match self.protocol {
+            Protocol::Grpc => Protocol::HttpProtobuf,
+            Protocol::HttpProtobuf => Protocol::Grpc,
+        };
+        (self.endpoint.port_u16() == Some(other.default_port())).then(|| {
+            format!(
+                "OTLP endpoint {} uses port {}, where collectors take {}; this export speaks {} \
+                 (collectors take it on {}): check --otlp-protocol and the endpoint",
+                redacted(&self.endpoint),
+                other.default_port(),
+                other.name(),
+                self.protocol.name(),
+                self.protocol.default_port()
+            )
+        })
+    }
 }
 
 /// An endpoint fit for logs: user information (a password) is cut out.
 pub(crate) fn redacted(uri: &http::Uri) -> String {
     let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
     let host = authority.rsplit('@').next().unwrap_or_default();
-    format!("{}://{host}", uri.scheme_str().unwrap_or("http"))
+    // The path says which HTTP URL is posted to; a query could hold a token.
+    let path = uri.path().trim_end_matches('/');
+    format!("{}://{host}{path}", uri.scheme_str().unwrap_or("http"))
 }
 
 #[cfg(test)]
@@ -395,18 +562,154 @@ mod tests {
                 .unwrap_err()
                 .contains("unsupported scheme")
         );
-        assert!(
-            parse_endpoint("http://x:4317/v1/traces")
-                .unwrap_err()
-                .contains("no path")
-        );
         assert!(parse_endpoint("http://:4317").is_err());
+        // A path is the protocol's business: gRPC refuses one, HTTP takes it.
+        let err = resolve_with(
+            &Flags::default(),
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://x:4317/v1/traces")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("invalid OTEL_EXPORTER_OTLP_ENDPOINT: OTLP gRPC takes no path"),
+            "{err}"
+        );
+        let flag: http::Uri = "http://x:4317/otlp".parse().unwrap();
+        let flags = Flags {
+            endpoint: Some(&flag),
+            ..Flags::default()
+        };
+        let err = resolve_with(&flags, &[]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("invalid --otlp-endpoint: OTLP gRPC takes no path"),
+            "{err}"
+        );
+    }
+
+    fn http_signals(vars: &[(&str, &str)]) -> Signals {
+        let mut vars = vars.to_vec();
+        vars.push(("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"));
+        signals(&Flags::default(), &vars)
+    }
+
+    #[test]
+    fn http_endpoints_as_the_specification_builds_them() {
+        // The generic endpoint is a base: each signal's path is appended.
+        for base in ["http://c:4318", "http://c:4318/"] {
+            let s = http_signals(&[("OTEL_EXPORTER_OTLP_ENDPOINT", base)]);
+            assert_eq!(s.traces.endpoint, "http://c:4318/v1/traces", "{base}");
+            assert_eq!(s.metrics.endpoint, "http://c:4318/v1/metrics", "{base}");
+            assert_eq!(s.traces.protocol, Protocol::HttpProtobuf);
+        }
+        let s = http_signals(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c/otlp/")]);
+        assert_eq!(s.traces.endpoint, "https://c/otlp/v1/traces");
+        assert_eq!(s.metrics.endpoint, "https://c/otlp/v1/metrics");
+        // A signal's own endpoint is used as is, without a path the root path.
+        let s = http_signals(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://generic:4318"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:4318/custom/spans"),
+            ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://m:4318"),
+        ]);
+        assert_eq!(s.traces.endpoint, "http://t:4318/custom/spans");
+        assert_eq!(s.metrics.endpoint, "http://m:4318/");
+        // Metrics without an endpoint of their own go to the spans' collector, at their path.
+        let s = http_signals(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:4318/v1/traces")]);
+        assert_eq!(s.metrics.endpoint, "http://t:4318/v1/metrics");
+        let s = http_signals(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:4318/x")]);
+        assert_eq!(s.metrics.endpoint, "http://t:4318/x/v1/metrics");
+        // The flag is a base, like the generic variable, and wins over the signals' own.
+        let flag: http::Uri = "http://flag:4318".parse().unwrap();
+        let flags = Flags {
+            endpoint: Some(&flag),
+            protocol: Some(Protocol::HttpProtobuf),
+            ..Flags::default()
+        };
+        let s = signals(
+            &flags,
+            &[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:4318/v1/traces")],
+        );
+        assert_eq!(s.traces.endpoint, "http://flag:4318/v1/traces");
+        assert_eq!(s.metrics.endpoint, "http://flag:4318/v1/metrics");
+    }
+
+    #[test]
+    fn protocol_precedence() {
+        let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318");
+        let s = signals(&Flags::default(), &[endpoint]);
+        assert_eq!(s.traces.protocol, Protocol::Grpc, "the default");
+        let vars = [
+            endpoint,
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+        ];
+        let s = signals(&Flags::default(), &vars);
+        assert_eq!(s.traces.protocol, Protocol::HttpProtobuf);
+        assert_eq!(s.traces.endpoint, "http://c:4318/v1/traces");
+        assert_eq!(s.metrics.protocol, Protocol::Grpc);
+        assert_eq!(s.metrics.endpoint, "http://c:4318/");
+        let s = signals(
+            &Flags::default(),
+            &[endpoint, ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf")],
+        );
+        assert_eq!(s.traces.protocol, Protocol::Grpc);
+        assert_eq!(s.metrics.protocol, Protocol::HttpProtobuf);
+        let flags = Flags {
+            protocol: Some(Protocol::Grpc),
+            ..Flags::default()
+        };
+        let s = signals(&flags, &vars);
+        assert_eq!(
+            (s.traces.protocol, s.metrics.protocol),
+            (Protocol::Grpc, Protocol::Grpc)
+        );
+        for (value, problem) in [
+            (
+                "http/json",
+                "http/json is not supported; use http/protobuf or grpc",
+            ),
+            ("http", "unknown protocol `http`; use grpc or http/protobuf"),
+        ] {
+            let err = resolve_with(
+                &Flags::default(),
+                &[endpoint, ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", value)],
+            )
+            .unwrap_err()
+            .to_string();
+            assert_eq!(
+                err,
+                format!("invalid OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: {problem}")
+            );
+        }
+    }
+
+    #[test]
+    fn a_port_of_the_other_protocol_is_warned_about() {
+        let grpc_on_4318 = signals(
+            &Flags::default(),
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318")],
+        );
+        let warning = grpc_on_4318.traces.port_mismatch().unwrap();
+        assert!(warning.contains("this export speaks grpc"), "{warning}");
+        let http_on_4317 = http_signals(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317")]);
+        assert!(http_on_4317.traces.port_mismatch().is_some());
+        for fine in [
+            http_signals(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318")]),
+            signals(
+                &Flags::default(),
+                &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317")],
+            ),
+            http_signals(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c")]),
+        ] {
+            assert_eq!(fine.traces.port_mismatch(), None);
+        }
     }
 
     #[test]
     fn endpoint_logs_without_password() {
         let uri = parse_endpoint("https://user:secret@collector:4317").unwrap();
         assert_eq!(redacted(&uri), "https://collector:4317");
+        let uri = parse_endpoint("https://user:secret@collector:4318/v1/traces?token=t").unwrap();
+        assert_eq!(redacted(&uri), "https://collector:4318/v1/traces");
     }
 
     #[test]

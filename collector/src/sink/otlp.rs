@@ -233,13 +233,11 @@ async fn export_with_retry(
                 tracing::info!(spans = n, "OTLP export succeeded after {:?}", started.elapsed());
             }
         }
-        Err(status) => {
+        Err(err) => {
             tracing::error!(
                 spans = n,
-                "OTLP export failed after {:?}, dropping the batch: {}: {}",
+                "OTLP export failed after {:?}, dropping the batch: {err}",
                 started.elapsed(),
-                status.code(),
-                status.message()
             );
             AgentCounters::add(&counters.export_failed, n);
         }

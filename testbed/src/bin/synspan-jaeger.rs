@@ -12,14 +12,10 @@
 //! fields when it takes OTLP in; this receiver adds the same ones before storing a span, so
 //! the UI and the API show what a user of real Jaeger sees.
 
-use std::{io::Read, net::SocketAddr};
+use std::net::SocketAddr;
 
 use anyhow::Context as _;
-use axum::{
-    body::Bytes,
-    http::{HeaderMap, StatusCode, header},
-    response::IntoResponse,
-};
+use axum::{body::Bytes, http::HeaderMap};
 use otlp_embedded::{
     Config, State, TraceService, TraceServiceImpl, TraceServiceServer,
     proto::{
@@ -29,11 +25,8 @@ use otlp_embedded::{
     },
     ui_app,
 };
-use prost::Message as _;
+use synspan_testbed::otlp_http::{self, MAX_REQUEST_BYTES};
 use tokio::net::TcpListener;
-
-/// synspan cuts its requests at 3 MiB; take anything a collector would.
-const MAX_REQUEST_BYTES: usize = 64 << 20;
 
 fn string_tag(key: &str, value: &str) -> KeyValue {
     KeyValue {
@@ -126,72 +119,16 @@ impl TraceService for Tagged {
     }
 }
 
-/// Reads a request body, gunzipped when the sender said so, never more than
-/// `MAX_REQUEST_BYTES` of it.
-fn request_body(headers: &HeaderMap, body: &[u8]) -> Result<Vec<u8>, (StatusCode, String)> {
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("identity");
-    match encoding {
-        "identity" => Ok(body.to_vec()),
-        "gzip" => {
-            let mut out = Vec::new();
-            flate2::read::GzDecoder::new(body)
-                .take(MAX_REQUEST_BYTES as u64 + 1)
-                .read_to_end(&mut out)
-                .map_err(|e| (StatusCode::BAD_REQUEST, format!("gzip: {e}")))?;
-            if out.len() > MAX_REQUEST_BYTES {
-                return Err((StatusCode::PAYLOAD_TOO_LARGE, "request too large".to_owned()));
-            }
-            Ok(out)
-        }
-        other => Err((
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("content-encoding {other} is not supported"),
-        )),
-    }
-}
-
 /// `POST /v1/traces` as the OTLP/HTTP specification says, protobuf only.
 async fn http_export(
     axum::extract::Extension(service): axum::extract::Extension<std::sync::Arc<Tagged>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> axum::response::Response {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    if content_type != "application/x-protobuf" {
-        return (
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("content-type {content_type:?}: only application/x-protobuf"),
-        )
-            .into_response();
-    }
-    let request = match request_body(&headers, &body) {
-        Ok(bytes) => bytes,
-        Err(refusal) => return refusal.into_response(),
-    };
-    let request = match ExportTraceServiceRequest::decode(request.as_slice()) {
-        Ok(request) => request,
-        Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                format!("not an ExportTraceServiceRequest: {e}"),
-            )
-                .into_response();
-        }
-    };
-    match service.export(tonic::Request::new(request)).await {
-        Ok(response) => (
-            [(header::CONTENT_TYPE, "application/x-protobuf")],
-            response.into_inner().encode_to_vec(),
-        )
-            .into_response(),
-        Err(status) => (StatusCode::INTERNAL_SERVER_ERROR, status.message().to_owned()).into_response(),
-    }
+    otlp_http::answer(&headers, &body, |request| async move {
+        service.export(tonic::Request::new(request)).await
+    })
+    .await
 }
 
 fn parse_addr(arg: &str) -> anyhow::Result<SocketAddr> {

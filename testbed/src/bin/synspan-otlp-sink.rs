@@ -1,13 +1,15 @@
-//! An OTLP gRPC receiver that decodes every request and keeps count: spans in all, spans by
-//! `process.pid` and the `service.name` they came under, requests. The benchmark's receiver:
-//! a collector that writes spans out (rotel with the test bed's span processor, as the
-//! end-to-end tests use) spends more CPU per span than synspan does, on the same cores as the
-//! storm it is meant to measure.
+//! An OTLP receiver, gRPC or HTTP, that decodes every request and keeps count: spans in all,
+//! spans by `process.pid` and the `service.name` they came under, requests. The benchmark's
+//! receiver: a collector that writes spans out (rotel with the test bed's span processor, as
+//! the end-to-end tests use) spends more CPU per span than synspan does, on the same cores as
+//! the storm it is meant to measure.
 //!
-//! usage: synspan-otlp-sink LISTEN_ADDR COUNTS_FILE [ANSWER]
+//! usage: synspan-otlp-sink LISTEN_ADDR COUNTS_FILE [ANSWER [grpc|http]]
 //!
 //! ANSWER is how trace requests are answered (default `accept`): see
 //! `synspan_testbed::otlp_sink::Answer`, which the tests use to make the collector push back.
+//! Over HTTP (`POST /v1/traces`, `/v1/metrics`) a refusal is the HTTP status a collector
+//! answers with (`synspan_testbed::otlp_http`): 503, 429 with `Retry-After`, 400, 500.
 //! Prints `listening <addr>` once it accepts connections. After every request it rewrites
 //! COUNTS_FILE (JSON: see `SinkCounts`), atomically, so a reader never sees half of it. Stops
 //! on SIGTERM or SIGINT.
@@ -37,7 +39,10 @@ use opentelemetry_proto::tonic::{
     common::v1::any_value::Value,
     metrics::v1::{Exemplar, exemplar, metric, number_data_point},
 };
-use synspan_testbed::otlp_sink::{Answer, ConnectExemplar, ConnectPoint};
+use synspan_testbed::{
+    otlp_http,
+    otlp_sink::{Answer, ConnectExemplar, ConnectPoint},
+};
 use tonic::{
     Code, Status,
     codegen::{BoxFuture, Service, http},
@@ -331,12 +336,41 @@ impl Service<http::Request<tonic::body::Body>> for Otlp {
     }
 }
 
+/// OTLP/HTTP in front of the same services.
+fn http_routes(sink: Arc<Sink>) -> axum::Router {
+    use axum::{body::Bytes, http::HeaderMap, routing::post};
+    let metrics = sink.clone();
+    axum::Router::new()
+        .route(
+            "/v1/traces",
+            post(move |headers: HeaderMap, body: Bytes| async move {
+                otlp_http::answer(&headers, &body, |request| async move {
+                    TraceService::export(&*sink, tonic::Request::new(request)).await
+                })
+                .await
+            }),
+        )
+        .route(
+            "/v1/metrics",
+            post(move |headers: HeaderMap, body: Bytes| async move {
+                otlp_http::answer(&headers, &body, |request| async move {
+                    MetricsService::export(&*metrics, tonic::Request::new(request)).await
+                })
+                .await
+            }),
+        )
+        .layer(axum::extract::DefaultBodyLimit::max(otlp_http::MAX_REQUEST_BYTES))
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (listen, path, answer) = match args.as_slice() {
-        [listen, path] => (listen, path, Answer::Accept),
-        [listen, path, answer] => (listen, path, answer.parse()?),
-        _ => anyhow::bail!("usage: synspan-otlp-sink LISTEN_ADDR COUNTS_FILE [ANSWER]"),
+    let (listen, path, answer, http) = match args.as_slice() {
+        [listen, path] => (listen, path, Answer::Accept, false),
+        [listen, path, answer] => (listen, path, answer.parse()?, false),
+        [listen, path, answer, protocol] if matches!(protocol.as_str(), "grpc" | "http") => {
+            (listen, path, answer.parse()?, protocol == "http")
+        }
+        _ => anyhow::bail!("usage: synspan-otlp-sink LISTEN_ADDR COUNTS_FILE [ANSWER [grpc|http]]"),
     };
     let listen: SocketAddr = listen
         .parse()
@@ -348,11 +382,6 @@ fn main() -> anyhow::Result<()> {
         first_request: OnceLock::new(),
     });
     sink.update(|_| {})?;
-    let otlp = Otlp {
-        // synspan cuts requests at 3 MiB; take anything a collector would.
-        traces: TraceServiceServer::from_arc(sink.clone()).max_decoding_message_size(64 << 20),
-        metrics: MetricsServiceServer::from_arc(sink),
-    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -367,6 +396,17 @@ fn main() -> anyhow::Result<()> {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
+        };
+        if http {
+            return axum::serve(listener, http_routes(sink))
+                .with_graceful_shutdown(stop)
+                .await
+                .context("serving OTLP/HTTP");
+        }
+        let otlp = Otlp {
+            // synspan cuts requests at 3 MiB; take anything a collector would.
+            traces: TraceServiceServer::from_arc(sink.clone()).max_decoding_message_size(64 << 20),
+            metrics: MetricsServiceServer::from_arc(sink),
         };
         tonic::transport::Server::builder()
             .serve_with_incoming_shutdown(
