@@ -8,8 +8,8 @@ use std::{
 use std::sync::Arc;
 
 use synspan_shared::{
-    AF_INET, AF_INET6, AttemptRecord, DropRecord, MAX_DROPS, MAX_RETRANSMIT_TIMES, USER_STACK_BYTES, attempt_flags,
-    drop_packet,
+    AF_INET, AF_INET6, AttemptRecord, DropRecord, MAX_DROPS, MAX_RETRANSMIT_TIMES, USER_STACK_BYTES,
+    attempt_flags, drop_packet,
 };
 
 use crate::{

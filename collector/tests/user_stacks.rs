@@ -53,7 +53,7 @@ fn build(dir: &Path, name: &str, flags: &[&str]) -> PathBuf {
 /// Runs the client to a refused port of a fresh namespace's loopback and waits for it to
 /// exit; returns its pid.
 fn run(ns: &Netns, binary: &Path, args: &[&str]) -> u32 {
-    let mut child = ns
+    let child = ns
         .command(binary)
         .args(["127.0.0.1", "1"])
         .args(args)
@@ -73,7 +73,10 @@ fn received(receiver: &Receiver, agent: &Agent, pid: u32) -> (Value, Vec<String>
     let spans = receiver.wait_spans(1, WAIT, |s| s["attributes"]["process.pid"] == pid);
     assert_eq!(spans.len(), 1, "pid {pid}\nstderr:\n{}", agent.stderr());
     let span = spans.into_iter().next().unwrap();
-    assert_eq!(span["attributes"]["synspan.outcome"], "connection_refused", "{span:#}");
+    assert_eq!(
+        span["attributes"]["synspan.outcome"], "connection_refused",
+        "{span:#}"
+    );
     let stack = span["attributes"]["synspan.user_stack"]
         .as_str()
         .unwrap_or_else(|| panic!("no user stack on {span:#}"))
@@ -121,14 +124,21 @@ fn the_caller_of_connect_single_and_multi_threaded() {
     let binary = build(&dir.0, "client", &["-O1", "-fno-omit-frame-pointer"]);
     let ns = Netns::new("cstk").unwrap();
     for threaded in [false, true] {
-        let args: &[&str] = if threaded { &["threaded", "hold"] } else { &["hold"] };
+        let args: &[&str] = if threaded {
+            &["threaded", "hold"]
+        } else {
+            &["hold"]
+        };
         let pid = run(&ns, &binary, args);
         let (span, stack) = received(&receiver, &agent, pid);
         assert_caller_under_connect(&stack, &binary, &span);
         // Past the caller the frame-pointer walk goes on: the thread's start or main.
         let deeper = if threaded { "attempt+0x" } else { "main+0x" };
         assert!(
-            stack.iter().skip(2).any(|f| f.starts_with(deeper) || f.contains("start_thread")),
+            stack
+                .iter()
+                .skip(2)
+                .any(|f| f.starts_with(deeper) || f.contains("start_thread")),
             "threaded={threaded}:\n{}",
             stack.join("\n")
         );
@@ -145,7 +155,11 @@ fn the_caller_of_connect_without_frame_pointers() {
     let binary = build(&dir.0, "client-nofp", &["-O2", "-fomit-frame-pointer"]);
     let ns = Netns::new("cnofp").unwrap();
     for threaded in [false, true] {
-        let args: &[&str] = if threaded { &["threaded", "hold"] } else { &["hold"] };
+        let args: &[&str] = if threaded {
+            &["threaded", "hold"]
+        } else {
+            &["hold"]
+        };
         let pid = run(&ns, &binary, args);
         let (span, stack) = received(&receiver, &agent, pid);
         assert_caller_under_connect(&stack, &binary, &span);
@@ -168,11 +182,18 @@ fn a_stripped_binary_shows_file_offsets() {
     let flags = ["-O2", "-fomit-frame-pointer"];
     let unstripped = build(&dir.0, "client-symbols", &flags);
     let binary = build(&dir.0, "client-stripped", &flags);
-    let status = Command::new("strip").arg("--strip-all").arg(&binary).status().unwrap();
+    let status = Command::new("strip")
+        .arg("--strip-all")
+        .arg(&binary)
+        .status()
+        .unwrap();
     assert!(status.success());
     let nm = Command::new("nm").arg("-S").arg(&unstripped).output().unwrap();
     let nm = String::from_utf8_lossy(&nm.stdout);
-    let line = nm.lines().find(|l| l.ends_with(CALLER)).expect("the caller in nm");
+    let line = nm
+        .lines()
+        .find(|l| l.ends_with(CALLER))
+        .expect("the caller in nm");
     let mut fields = line.split_whitespace();
     let start = u64::from_str_radix(fields.next().unwrap(), 16).unwrap();
     let size = u64::from_str_radix(fields.next().unwrap(), 16).unwrap();
@@ -193,4 +214,32 @@ fn a_stripped_binary_shows_file_offsets() {
         "{offset:#x} not in {CALLER} at {start:#x}+{size:#x}:\n{}",
         stack.join("\n")
     );
+}
+
+/// Exits at once after its refused attempt. The agent reads the process's code when the kernel
+/// notes its first attempt, racing its exit: when it wins, the stack is named as for a process
+/// that stays; when it loses, the kernel's frames are still there, as addresses. Either way the
+/// span has the command name the kernel recorded, and a stack.
+#[test]
+fn a_client_that_exits_at_once() {
+    let (receiver, agent) = start();
+    let dir = TempDir::new("exit");
+    let binary = build(&dir.0, "client-exits", &["-O2"]);
+    let ns = Netns::new("cexit").unwrap();
+    let pid = run(&ns, &binary, &[]);
+    let (span, stack) = received(&receiver, &agent, pid);
+    assert_eq!(span["attributes"]["process.command"], "client-exits", "{span:#}");
+    let read_in_time = stack.iter().any(|f| f.contains('('));
+    if read_in_time {
+        assert_caller_under_connect(&stack, &binary, &span);
+    } else {
+        assert!(
+            stack.len() >= 2
+                && stack
+                    .iter()
+                    .all(|f| f.starts_with("0x7f") || f.starts_with("0x5")),
+            "the walked frames as addresses:\n{}",
+            stack.join("\n")
+        );
+    }
 }

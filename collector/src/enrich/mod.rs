@@ -223,7 +223,9 @@ impl Enricher {
             None => self.read_image(pid),
         };
         let addrs: Arc<[u64]> = match (&image, frame) {
-            (Some(image), Some(frame)) => unwind::join(&self.unwinder.unwind(&image.unwinder, frame), &walked).into(),
+            (Some(image), Some(frame)) => {
+                unwind::join(&self.unwinder.unwind(&image.unwinder, frame), &walked).into()
+            }
             _ => walked,
         };
         let key = (pid, addrs);

@@ -99,7 +99,9 @@ impl UnwindSections {
         let (range, vaddr) = self
             .segments
             .iter()
-            .find(|(range, _)| range.start <= mapping_offset && mapping_offset < range.end.max(range.start + 1))
+            .find(|(range, _)| {
+                range.start <= mapping_offset && mapping_offset < range.end.max(range.start + 1)
+            })
             .or_else(|| self.segments.first())?;
         let linked = vaddr.checked_add(mapping_offset.checked_sub(range.start)?)?;
         mapping_start.checked_sub(linked)
@@ -107,7 +109,11 @@ impl UnwindSections {
 }
 
 /// One code mapping of a process as framehop sees it.
-fn framehop_module(mapping: &Mapping, module: &Module, sections: &UnwindSections) -> Option<framehop::Module<Arc<[u8]>>> {
+fn framehop_module(
+    mapping: &Mapping,
+    module: &Module,
+    sections: &UnwindSections,
+) -> Option<framehop::Module<Arc<[u8]>>> {
     sections.eh_frame.as_ref()?;
     let bias = sections.bias(mapping.start, mapping.offset)?;
     let info = ExplicitModuleSectionInfo {
@@ -217,30 +223,37 @@ pub(crate) fn join(unwound: &[u64], walked: &[u64]) -> Vec<u64> {
     addrs
 }
 
-/// For the fuzz target: framehop over one module whose `.eh_frame` (with `.eh_frame_hdr`
-/// when the split point falls inside) and stack bytes come from `data`, then the join.
+/// For the fuzz target: framehop over one module, then the join. `data` is the registers
+/// (ip, sp, bp), the address `.eh_frame` is linked at and its length (five little-endian
+/// words), then that `.eh_frame` and the stack bytes.
 #[cfg(feature = "fuzzing")]
 pub(crate) fn fuzz(data: &[u8]) -> Vec<u64> {
+    const HEADER: usize = 40;
     let word = |at: usize| {
         data.get(at..at + 8)
             .and_then(|b| b.try_into().ok())
             .map_or(0, u64::from_le_bytes)
     };
-    let (ip, sp, bp) = (word(0), word(8), word(16));
-    let split = (word(24) as usize).min(data.len().saturating_sub(32));
-    let rest = data.get(32..).unwrap_or_default();
-    let (eh_frame, stack) = rest.split_at(split.min(rest.len()));
+    let (ip, sp, bp, eh_frame_at) = (word(0), word(8), word(16), word(24));
+    let rest = data.get(HEADER..).unwrap_or_default();
+    let split = usize::try_from(word(32)).unwrap_or(usize::MAX).min(rest.len());
+    let (eh_frame, stack) = rest.split_at(split);
     let stack = &stack[..stack.len().min(synspan_shared::USER_STACK_BYTES)];
-    let base = 0x1000;
     let info = ExplicitModuleSectionInfo {
         base_svma: 0,
-        text_svma: Some(0x1000..0x100000),
-        eh_frame_svma: Some(0x200000..0x200000 + eh_frame.len() as u64),
+        eh_frame_svma: eh_frame_at
+            .checked_add(eh_frame.len() as u64)
+            .map(|end| eh_frame_at..end),
         eh_frame: Some(Arc::<[u8]>::from(eh_frame)),
         ..Default::default()
     };
     let mut unwinder = ProcessUnwinder::new();
-    unwinder.add_module(framehop::Module::new("fuzz".into(), base..base + 0x300000, 0, info));
+    unwinder.add_module(framehop::Module::new(
+        "fuzz".into(),
+        0..u64::from(u32::MAX),
+        0,
+        info,
+    ));
     let frame = UserFrame {
         ip,
         sp,
@@ -250,7 +263,7 @@ pub(crate) fn fuzz(data: &[u8]) -> Vec<u64> {
     let unwound = unwind_with(&unwinder, &mut CacheX86_64::new(), &frame);
     let walked: Vec<u64> = stack
         .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+        .filter_map(|c| Some(u64::from_le_bytes(c.try_into().ok()?)))
         .collect();
     join(&unwound, &walked)
 }
@@ -262,7 +275,10 @@ mod tests {
     #[test]
     fn unwound_frames_lead_and_the_walk_follows_past_the_deepest_shared_frame() {
         // The walk skipped the frameless caller 0xc1 of 0xa0.
-        assert_eq!(join(&[0xa0, 0xc1, 0xd2], &[0xa0, 0xd2, 0xe3]), [0xa0, 0xc1, 0xd2, 0xe3]);
+        assert_eq!(
+            join(&[0xa0, 0xc1, 0xd2], &[0xa0, 0xd2, 0xe3]),
+            [0xa0, 0xc1, 0xd2, 0xe3]
+        );
         // Nothing shared: the walk went deeper than the copied bytes.
         assert_eq!(join(&[0xa0, 0xc1], &[0xa0, 0xd2, 0xe3]), [0xa0, 0xc1, 0xd2, 0xe3]);
         // Nothing unwound past where the thread was: the walk as it is.
