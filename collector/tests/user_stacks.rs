@@ -35,11 +35,13 @@ impl Drop for TempDir {
     }
 }
 
-/// Builds the client into `dir` as `name` with gcc and `flags`.
+/// Builds the client into `dir` as `name` with gcc and `flags`. Each name is a build of its
+/// own, with its own build id: the agents of tests running at once see each other's clients.
 fn build(dir: &Path, name: &str, flags: &[&str]) -> PathBuf {
     let binary = dir.join(name);
     let status = Command::new("gcc")
         .args(flags)
+        .arg(format!("-DSYNSPAN_VARIANT=\"{name}\""))
         .arg("-o")
         .arg(&binary)
         .arg(repo_root().join("testbed/c/connect_caller.c"))
@@ -116,13 +118,14 @@ fn start() -> (Receiver, Agent) {
     Agent::start_exporting(&[]).expect("start synspan and its receiver")
 }
 
-#[test]
-fn the_caller_of_connect_single_and_multi_threaded() {
+/// Builds the client with `flags`, runs it single- and multi-threaded, checks that its
+/// caller is right under connect in both spans, then hands each stack to `deeper`.
+fn single_and_multi_threaded(tag: &str, flags: &[&str], deeper: impl Fn(bool, &[String])) {
     let (receiver, agent) = start();
-    let dir = TempDir::new("fp");
-    // Frame pointers in the client, none in the system's libc.
-    let binary = build(&dir.0, "client", &["-O1", "-fno-omit-frame-pointer"]);
-    let ns = Netns::new("cstk").unwrap();
+    let dir = TempDir::new(tag);
+    let name = format!("client-{tag}");
+    let binary = build(&dir.0, &name, flags);
+    let ns = Netns::new(tag).unwrap();
     for threaded in [false, true] {
         let args: &[&str] = if threaded {
             &["threaded", "hold"]
@@ -132,6 +135,15 @@ fn the_caller_of_connect_single_and_multi_threaded() {
         let pid = run(&ns, &binary, args);
         let (span, stack) = received(&receiver, &agent, pid);
         assert_caller_under_connect(&stack, &binary, &span);
+        assert_eq!(span["attributes"]["process.executable.name"], name.as_str());
+        deeper(threaded, &stack);
+    }
+}
+
+#[test]
+fn the_caller_of_connect_single_and_multi_threaded() {
+    // Frame pointers in the client, none in the system's libc.
+    single_and_multi_threaded("fp", &["-O1", "-fno-omit-frame-pointer"], |threaded, stack| {
         // Past the caller the frame-pointer walk goes on: the thread's start or main.
         let deeper = if threaded { "attempt+0x" } else { "main+0x" };
         assert!(
@@ -142,27 +154,14 @@ fn the_caller_of_connect_single_and_multi_threaded() {
             "threaded={threaded}:\n{}",
             stack.join("\n")
         );
-        assert_eq!(span["attributes"]["process.executable.name"], "client");
-    }
+    });
 }
 
 /// Built without frame pointers, `-O2`: the caller is found from `.eh_frame`, and so is the
 /// caller's caller, as far as the copied bytes reach.
 #[test]
 fn the_caller_of_connect_without_frame_pointers() {
-    let (receiver, agent) = start();
-    let dir = TempDir::new("nofp");
-    let binary = build(&dir.0, "client-nofp", &["-O2", "-fomit-frame-pointer"]);
-    let ns = Netns::new("cnofp").unwrap();
-    for threaded in [false, true] {
-        let args: &[&str] = if threaded {
-            &["threaded", "hold"]
-        } else {
-            &["hold"]
-        };
-        let pid = run(&ns, &binary, args);
-        let (span, stack) = received(&receiver, &agent, pid);
-        assert_caller_under_connect(&stack, &binary, &span);
+    single_and_multi_threaded("nofp", &["-O2", "-fomit-frame-pointer"], |threaded, stack| {
         // `attempt` is inlined into main at -O2, or called from start_thread.
         let deeper = if threaded { "start_thread" } else { "main+0x" };
         assert!(
@@ -170,7 +169,7 @@ fn the_caller_of_connect_without_frame_pointers() {
             "threaded={threaded}: the caller's caller, from CFI too:\n{}",
             stack.join("\n")
         );
-    }
+    });
 }
 
 /// Stripped of `.symtab` but keeping `.eh_frame`: the caller is still there, as an offset in
@@ -218,8 +217,9 @@ fn a_stripped_binary_shows_file_offsets() {
 
 /// Exits at once after its refused attempt. The agent reads the process's code when the kernel
 /// notes its first attempt, racing its exit: when it wins, the stack is named as for a process
-/// that stays; when it loses, the kernel's frames are still there, as addresses. Either way the
-/// span has the command name the kernel recorded, and a stack.
+/// that stays; when it loses, the kernel's walked frames are still there, as addresses (here
+/// libc's connect alone: without frame pointers the walk ends there). Either way the span has
+/// the command name the kernel recorded, and a stack.
 #[test]
 fn a_client_that_exits_at_once() {
     let (receiver, agent) = start();
@@ -234,10 +234,7 @@ fn a_client_that_exits_at_once() {
         assert_caller_under_connect(&stack, &binary, &span);
     } else {
         assert!(
-            stack.len() >= 2
-                && stack
-                    .iter()
-                    .all(|f| f.starts_with("0x7f") || f.starts_with("0x5")),
+            !stack.is_empty() && stack.iter().all(|f| f.starts_with("0x")),
             "the walked frames as addresses:\n{}",
             stack.join("\n")
         );

@@ -16,6 +16,13 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+/* Which build this is (the test names each one): two builds with the same flags would
+ * otherwise be the same bytes, with the same build id. */
+#ifndef SYNSPAN_VARIANT
+#define SYNSPAN_VARIANT "default"
+#endif
+__attribute__((used)) static const char variant[] = SYNSPAN_VARIANT;
+
 static const char *addr;
 static int port;
 

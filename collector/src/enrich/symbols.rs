@@ -561,9 +561,16 @@ impl UserSymbolizer {
     }
 
     fn find(&mut self, module: &Module, offset: u64) -> Option<Found> {
+        // A name found is shared by every file of the same build; a name not found only by
+        // the same file: a stripped copy keeps its build id, and must not hide the names of
+        // the unstripped one.
         let key = (module.key(), offset);
-        if let Some(found) = self.found.get(&key) {
-            return found.clone();
+        if let Some(Some(found)) = self.found.get(&key) {
+            return Some(found.clone());
+        }
+        let file_key = (ModuleKey::File(module.identity), offset);
+        if let Some(None) = self.found.get(&file_key) {
+            return None;
         }
         let path = self.source_path(module);
         let source = Source::Elf(Elf::new(path));
@@ -582,7 +589,10 @@ impl UserSymbolizer {
                 None
             }
         };
-        self.found.put(key, found.clone());
+        match &found {
+            Some(_) => self.found.put(key, found.clone()),
+            None => self.found.put(file_key, None),
+        };
         found
     }
 
