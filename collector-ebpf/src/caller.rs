@@ -2,14 +2,19 @@
 //! failed before it. Only that task's own context has its identity: never read it in a
 //! timer or a softirq.
 
+use core::mem::offset_of;
+
 use aya_ebpf::{
-    bindings::{BPF_F_REUSE_STACKID, BPF_F_USER_STACK},
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm},
+    bindings::{BPF_F_REUSE_STACKID, BPF_F_USER_STACK, pt_regs},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_task_btf, bpf_task_pt_regs},
     programs::tracing::StackIdContext,
 };
-use synspan_shared::{AttemptRecord, TASK_COMM_LEN};
+use synspan_shared::{AttemptRecord, TASK_COMM_LEN, USER_STACK_BYTES, UserRegs};
 
-use crate::maps::{STACKS, policy};
+use crate::{
+    helpers::{read_kernel_at, read_user_into},
+    maps::{STACKS, policy},
+};
 
 /// The agent's own connections (to its collector) are not traced: each would be one more
 /// span to export, and the agent reports their failures itself.
@@ -46,4 +51,37 @@ pub(crate) fn record_stacks<C: StackIdContext>(ctx: &C, attempt: &mut AttemptRec
     attempt.user_stack_id = ctx
         .get_stackid(&STACKS, flags | BPF_F_USER_STACK as u64)
         .map_or(-1, |id| id as i32);
+    record_user_frame(attempt);
+}
+
+/// Records the registers the task entered the kernel with, and the top of its user stack:
+/// the frame-pointer walk above cannot see through code built without frame pointers
+/// (glibc's `connect()`), and the agent unwinds those frames from these with each file's
+/// call frame information. A kernel thread has no user registers: nothing is recorded.
+#[inline(always)]
+fn record_user_frame(attempt: &mut AttemptRecord) {
+    // SAFETY: takes no arguments; returns the current task, valid for the whole run.
+    let task = unsafe { bpf_get_current_task_btf() };
+    // SAFETY: `task` is the current task as the helper above returned it, which is what this
+    // helper requires; it returns the address of the task's saved user registers.
+    let regs = unsafe { bpf_task_pt_regs(task) } as u64;
+    if regs == 0 {
+        return;
+    }
+    let read = |offset: usize| read_kernel_at::<u64>(regs, offset as u16).unwrap_or(0);
+    let user = UserRegs {
+        ip: read(offset_of!(pt_regs, rip)),
+        sp: read(offset_of!(pt_regs, rsp)),
+        bp: read(offset_of!(pt_regs, rbp)),
+    };
+    if user.ip == 0 || user.sp == 0 {
+        return;
+    }
+    attempt.user_regs = user;
+    // The read fails as a whole when the range runs past the stack's mapping, which only a
+    // stack pointer within USER_STACK_BYTES of the top of its thread's stack does: then the
+    // agent unwinds from the registers alone.
+    if read_user_into(user.sp, &mut attempt.user_stack).is_ok() {
+        attempt.user_stack_len = USER_STACK_BYTES as u32;
+    }
 }

@@ -6,7 +6,7 @@
 //! address may be read, and what is read is only ever [`Plain`] data.
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf},
     programs::TracePointContext,
 };
 
@@ -39,6 +39,13 @@ pub(crate) fn read_user_at<T: Plain>(base: u64, offset: u16) -> Result<T, i32> {
     let addr = base.wrapping_add(u64::from(offset));
     // SAFETY: as for `read_kernel`, in the current task's address space.
     unsafe { bpf_probe_read_user(addr as *const T) }
+}
+
+/// Fills `dst` from `addr` in the current task's user memory, all or nothing.
+#[inline(always)]
+pub(crate) fn read_user_into(addr: u64, dst: &mut [u8]) -> Result<(), i32> {
+    // SAFETY: as for `read_kernel`, in the current task's address space, into bytes.
+    unsafe { bpf_probe_read_user_buf(addr as *const u8, dst) }
 }
 
 /// The field at `offset` of a classic tracepoint's record, as tracefs gave it.

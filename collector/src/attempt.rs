@@ -8,7 +8,8 @@ use std::{
 use std::sync::Arc;
 
 use synspan_shared::{
-    AF_INET, AF_INET6, AttemptRecord, DropRecord, MAX_DROPS, MAX_RETRANSMIT_TIMES, attempt_flags, drop_packet,
+    AF_INET, AF_INET6, AttemptRecord, DropRecord, MAX_DROPS, MAX_RETRANSMIT_TIMES, USER_STACK_BYTES,
+    attempt_flags, drop_packet,
 };
 
 use crate::{
@@ -34,6 +35,9 @@ pub(crate) struct Attempt {
     pub(crate) syn_retransmits: u32,
     pub(crate) events: Vec<AttemptEvent>,
     pub(crate) user_stack_id: Option<u32>,
+    /// The registers and top of the user stack at SYN_SENT, for unwinding what the
+    /// frame-pointer walk of `user_stack_id` missed.
+    pub(crate) user_frame: Option<UserFrame>,
     pub(crate) kernel_stack_id: Option<u32>,
     pub(crate) end_kernel_stack_id: Option<u32>,
     /// The existing connection the SYN met instead of a listener, if it did.
@@ -46,6 +50,34 @@ pub(crate) struct Attempt {
     pub(crate) drops: Vec<PacketDrop>,
     /// Every handshake packet the kernel dropped.
     pub(crate) drop_count: u32,
+}
+
+/// The registers and stack bytes the kernel recorded at SYN_SENT.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct UserFrame {
+    pub(crate) ip: u64,
+    pub(crate) sp: u64,
+    pub(crate) bp: u64,
+    /// The stack from `sp` up, as copied: at most [`USER_STACK_BYTES`].
+    pub(crate) stack: Arc<[u8]>,
+}
+
+impl UserFrame {
+    /// What the record holds: nothing without the registers, and never more bytes than the
+    /// record has room for, whatever its length says.
+    fn decode(record: &AttemptRecord) -> Option<Self> {
+        let regs = record.user_regs;
+        if regs.ip == 0 || regs.sp == 0 {
+            return None;
+        }
+        let len = (record.user_stack_len as usize).min(USER_STACK_BYTES);
+        Some(Self {
+            ip: regs.ip,
+            sp: regs.sp,
+            bp: regs.bp,
+            stack: record.user_stack[..len].into(),
+        })
+    }
 }
 
 /// A handshake packet of the attempt that the kernel dropped, and why.
@@ -314,6 +346,7 @@ impl Attempt {
             syn_retransmits: record.retransmits,
             events,
             user_stack_id: stack_id(record.user_stack_id),
+            user_frame: UserFrame::decode(record),
             kernel_stack_id: stack_id(record.kernel_stack_id),
             end_kernel_stack_id: stack_id(record.end_kernel_stack_id),
             collision,

@@ -8,7 +8,7 @@ use crate::{
     attempt::{Attempt, read_record},
     btf::Btf,
     clock::WallClock,
-    enrich::{container, process, process_context, symbols},
+    enrich::{container, process, process_context, symbols, unwind},
     kernel_layout,
     otlp::{self, settings},
 };
@@ -142,4 +142,10 @@ impl process_context::Memory for Memory<'_> {
         buf.copy_from_slice(src);
         Ok(())
     }
+}
+
+/// The registers and stack bytes of a record with a file's `.eh_frame`: unwound by framehop,
+/// then joined to a frame-pointer walk (see `enrich::unwind::fuzz` for the layout).
+pub fn user_stack_unwind(data: &[u8]) {
+    black_box(unwind::fuzz(data));
 }

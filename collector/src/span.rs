@@ -416,6 +416,7 @@ pub(crate) mod tests {
                 kind: EventKind::SynRetransmit(1),
             }],
             user_stack_id: None,
+            user_frame: None,
             kernel_stack_id: None,
             end_kernel_stack_id: None,
             collision: None,

@@ -206,6 +206,37 @@ pub struct AttemptRecord {
     pub collision_state: u8,
     pub last_drop_packet: u8,
     pub _pad: [u8; 2],
+    /// The caller's user registers as `connect()` entered the kernel, and the top of its user
+    /// stack from `user_sp`: what the agent unwinds the innermost frames from with the call
+    /// frame information of their files, where frame pointers cannot (see
+    /// [`USER_STACK_BYTES`]). All zero when not captured.
+    pub user_regs: UserRegs,
+    /// How many bytes of `user_stack` hold the stack: [`USER_STACK_BYTES`], or 0.
+    pub user_stack_len: u32,
+    pub _pad2: u32,
+    pub user_stack: [u8; USER_STACK_BYTES],
+}
+
+/// Bytes of the user stack copied from the stack pointer at SYN_SENT. The frame that matters
+/// most is the caller of libc's `connect()` wrapper, which makes the syscall without a frame
+/// pointer of its own: its return address sits at `[sp]` (single-threaded) or `[sp+0x18]`
+/// (multi-threaded), so 32 bytes find it. The rest lets the unwinder go on through the
+/// caller's own frame (its locals, a `sockaddr` of 16 to 128 bytes, and saved registers) to
+/// its caller, where a frame-pointer walk usually takes over. Every byte is copied on every
+/// traced attempt and carried in its record, so no more than that.
+pub const USER_STACK_BYTES: usize = 256;
+
+/// User registers an unwinder starts from (x86-64: `rip`, `rsp`, `rbp`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UserRegs {
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+}
+
+impl UserRegs {
+    pub const ZERO: Self = Self { ip: 0, sp: 0, bp: 0 };
 }
 
 impl AttemptRecord {
@@ -247,6 +278,10 @@ impl AttemptRecord {
         collision_state: 0,
         last_drop_packet: 0,
         _pad: [0; 2],
+        user_regs: UserRegs::ZERO,
+        user_stack_len: 0,
+        _pad2: 0,
+        user_stack: [0; USER_STACK_BYTES],
     };
 }
 

@@ -13,6 +13,7 @@ pub(crate) mod process;
 pub(crate) mod process_cache;
 pub(crate) mod process_context;
 pub(crate) mod symbols;
+pub(crate) mod unwind;
 
 use std::{cell::RefCell, collections::HashMap, num::NonZeroUsize, path::Path, sync::Arc};
 
@@ -20,11 +21,22 @@ use aya::maps::{MapData, StackTraceMap};
 use lru::LruCache;
 use synspan_shared::ProcessNote;
 
-use crate::attempt::Attempt;
+use crate::attempt::{Attempt, UserFrame};
 use identity::Identity;
 use process::ReadOptions;
 use process_cache::{MAX_PROCESSES, ProcessCache};
-use symbols::{KernelSymbols, NormalizedFrame, StackNormalizer, UserSymbolizer};
+use symbols::{KernelSymbols, ProcessImage, StackNormalizer, UserSymbolizer};
+use unwind::{FrameUnwinder, ProcessUnwinder};
+
+/// Processes whose code is remembered: those that made attempts lately, until they are swept
+/// after they exit. Each holds its files open (shared with every other process that maps them).
+const MAX_IMAGES: NonZeroUsize = NonZeroUsize::new(4096).unwrap();
+
+/// A process's code as read while it lived, and framehop's view of it.
+struct Image {
+    code: ProcessImage,
+    unwinder: ProcessUnwinder,
+}
 
 /// Stacks remembered, normalized and rendered: as many as the kernel's stack map holds ids,
 /// so a cache holds every stack the map can report at once.
@@ -50,8 +62,10 @@ pub(crate) struct Enricher {
     read_stacks: HashMap<u32, Option<Arc<[u64]>>>,
     kernel: Option<KernelSymbols>,
     normalizer: StackNormalizer,
-    /// User stacks normalized while their process was alive.
-    normalized: LruCache<UserStackKey, Vec<NormalizedFrame>>,
+    unwinder: FrameUnwinder,
+    /// The code of processes, read while they were alive (at their notes) or at their first
+    /// attempt.
+    images: LruCache<u32, Arc<Image>>,
     rendered_user: LruCache<UserStackKey, Arc<str>>,
     rendered_kernel: LruCache<Arc<[u64]>, Arc<str>>,
 }
@@ -112,7 +126,8 @@ impl Enricher {
             read_stacks: HashMap::new(),
             kernel,
             normalizer: StackNormalizer::new(),
-            normalized: LruCache::new(MAX_STACKS),
+            unwinder: FrameUnwinder::default(),
+            images: LruCache::new(MAX_IMAGES),
             rendered_user: LruCache::new(MAX_STACKS),
             rendered_kernel: LruCache::new(MAX_STACKS),
         }
@@ -122,8 +137,9 @@ impl Enricher {
     /// might be gone by the time the attempt ends.
     pub(crate) fn on_note(&mut self, note: &ProcessNote) {
         let _ = self.processes.check(note.pid);
-        if let Some(addrs) = self.stack(u32::try_from(note.user_stack_id).ok()) {
-            self.normalize(note.pid, addrs);
+        // A new code path may run in a library loaded since the process was last read.
+        if note.user_stack_id >= 0 {
+            self.read_image(note.pid);
         }
     }
 
@@ -141,7 +157,7 @@ impl Enricher {
         let process = self.processes.get(attempt.pid);
         let user_stack = self
             .stack(attempt.user_stack_id)
-            .and_then(|addrs| self.render_user(attempt.pid, addrs));
+            .map(|addrs| self.render_user(attempt.pid, addrs, attempt.user_frame.as_ref()));
         let kernel_stack = self.stack(attempt.kernel_stack_id).map(|a| self.render_kernel(a));
         let end_kernel_stack = self
             .stack(attempt.end_kernel_stack_id)
@@ -163,11 +179,7 @@ impl Enricher {
     pub(crate) fn cache_use(&self) -> String {
         let caches = [
             ("processes", self.processes.len(), self.processes.capacity()),
-            (
-                "normalized_stacks",
-                self.normalized.len(),
-                self.normalized.cap().get(),
-            ),
+            ("process_images", self.images.len(), self.images.cap().get()),
             (
                 "user_stacks",
                 self.rendered_user.len(),
@@ -189,15 +201,15 @@ impl Enricher {
     /// Forgets processes that have exited. Call now and then.
     pub(crate) fn sweep(&mut self) {
         self.processes.sweep();
-        // Normalized frames hold the process's files open.
-        let gone: Vec<UserStackKey> = self
-            .normalized
+        // Images hold the process's files open.
+        let gone: Vec<u32> = self
+            .images
             .iter()
-            .filter(|((pid, _), _)| !Path::new("/proc").join(pid.to_string()).exists())
-            .map(|(key, _)| key.clone())
+            .filter(|(pid, _)| !Path::new("/proc").join(pid.to_string()).exists())
+            .map(|(pid, _)| *pid)
             .collect();
-        for key in &gone {
-            self.normalized.pop(key);
+        for pid in &gone {
+            self.images.pop(pid);
         }
     }
 
@@ -213,31 +225,51 @@ impl Enricher {
             .clone()
     }
 
-    fn normalize(&mut self, pid: u32, addrs: Arc<[u64]>) {
-        let key = (pid, addrs);
-        if self.normalized.contains(&key) {
-            return;
-        }
-        match self.normalizer.normalize(pid, &key.1) {
-            Ok(frames) => {
-                self.normalized.put(key, frames);
+    /// Reads the code `pid` has mapped now, in place of what was read before.
+    fn read_image(&mut self, pid: u32) -> Option<Arc<Image>> {
+        match self.normalizer.image(pid) {
+            Ok(code) => {
+                let unwinder = self.unwinder.for_process(code.code());
+                let image = Arc::new(Image { code, unwinder });
+                self.images.put(pid, image.clone());
+                Some(image)
             }
-            Err(err) => tracing::debug!("user stack of {pid}: {err}"),
+            Err(err) => {
+                tracing::debug!("user stack of {pid}: {err}");
+                None
+            }
         }
     }
 
-    fn render_user(&mut self, pid: u32, addrs: Arc<[u64]>) -> Option<Arc<str>> {
+    /// The user stack: the innermost frames unwound from the registers and stack bytes the
+    /// kernel copied, joined to its frame-pointer walk `walked`, each frame named from the
+    /// files the process had mapped when it was read (at its note, or now). A process gone
+    /// before it could be read still shows its walked frames, as addresses.
+    fn render_user(&mut self, pid: u32, walked: Arc<[u64]>, frame: Option<&UserFrame>) -> Arc<str> {
+        let image = match self.images.get(&pid) {
+            Some(image) => Some(image.clone()),
+            None => self.read_image(pid),
+        };
+        let addrs: Arc<[u64]> = match (&image, frame) {
+            (Some(image), Some(frame)) => {
+                unwind::join(&self.unwinder.unwind(&image.unwinder, frame), &walked).into()
+            }
+            _ => walked,
+        };
         let key = (pid, addrs);
         if let Some(text) = self.rendered_user.get(&key) {
-            return Some(text.clone());
+            return text.clone();
         }
-        // Normalized while the process lived (at its note), else now, if it still does.
-        self.normalize(pid, key.1.clone());
-        let frames = self.normalized.get(&key)?;
-        let lines = USER_SYMBOLIZER.with_borrow_mut(|user| user.symbolize_normalized(frames));
+        let lines = match &image {
+            Some(image) => {
+                let frames = image.code.normalize(&key.1);
+                USER_SYMBOLIZER.with_borrow_mut(|user| user.symbolize_normalized(&frames))
+            }
+            None => key.1.iter().map(|addr| format!("{addr:#x}")).collect(),
+        };
         let text = stack_text(&lines);
         self.rendered_user.put(key, text.clone());
-        Some(text)
+        text
     }
 
     fn render_kernel(&mut self, addrs: Arc<[u64]>) -> Arc<str> {

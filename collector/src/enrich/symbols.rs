@@ -24,7 +24,7 @@ use std::{
         unix::{ffi::OsStrExt, fs::MetadataExt},
     },
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Weak},
 };
 
 use blazesym::symbolize::{
@@ -138,7 +138,9 @@ pub(crate) struct Mapping {
     pub(crate) start: u64,
     pub(crate) end: u64,
     /// Where in the file the mapping starts.
-    offset: u64,
+    pub(crate) offset: u64,
+    /// Mapped executable: code, where stacks point.
+    pub(crate) executable: bool,
     /// The path of the file, or a name such as `[vdso]`; `None` for anonymous memory.
     name: Option<PathBuf>,
     /// The file was unlinked since it was mapped: its path may now name another file.
@@ -155,7 +157,7 @@ fn parse_maps_line(line: &[u8]) -> Option<Mapping> {
     let mut fields = line.splitn(6, |&b| b == b' ');
     let range = fields.next()?;
     let dash = range.iter().position(|&b| b == b'-')?;
-    let _perms = fields.next()?;
+    let perms = fields.next()?;
     let offset = hex(fields.next()?)?;
     let _dev = fields.next()?;
     let _inode = fields.next()?;
@@ -168,20 +170,26 @@ fn parse_maps_line(line: &[u8]) -> Option<Mapping> {
         start: hex(&range[..dash])?,
         end: hex(&range[dash + 1..])?,
         offset,
+        executable: perms.get(2) == Some(&b'x'),
         name: (!name.is_empty()).then(|| PathBuf::from(OsStr::from_bytes(name))),
         deleted,
     })
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn mapping_of(mappings: &[Mapping], addr: u64) -> Option<&Mapping> {
-    let after = mappings.partition_point(|m| m.start <= addr);
-    let mapping = mappings.get(after.checked_sub(1)?)?;
-    (addr < mapping.end).then_some(mapping)
+    mappings.get(mapping_index(mappings, addr)?)
+}
+
+/// Where in `mappings` (sorted by address, as the kernel lists them) `addr` is.
+fn mapping_index(mappings: &[Mapping], addr: u64) -> Option<usize> {
+    let at = mappings.partition_point(|m| m.start <= addr).checked_sub(1)?;
+    (addr < mappings.get(at)?.end).then_some(at)
 }
 
 /// What makes a file the same file: a path can be replaced, an inode number reused.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-struct FileIdentity {
+pub(crate) struct FileIdentity {
     dev: u64,
     ino: u64,
     size: u64,
@@ -220,13 +228,18 @@ fn fd_path(file: &File) -> PathBuf {
 /// The same code has the same build id in every container that ships it; a file without one
 /// is known by its identity.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
-enum ModuleKey {
+pub(crate) enum ModuleKey {
     BuildId(Arc<[u8]>),
     File(FileIdentity),
 }
 
 impl Module {
-    fn key(&self) -> ModuleKey {
+    /// The held file.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub(crate) fn key(&self) -> ModuleKey {
         match &self.build_id {
             Some(id) => ModuleKey::BuildId(id.clone()),
             None => ModuleKey::File(self.identity),
@@ -260,6 +273,64 @@ pub(crate) enum Location {
 /// the file's notes.
 const MAX_BUILD_IDS: NonZeroUsize = NonZeroUsize::new(4096).unwrap();
 
+/// Code mappings kept per process, and files held open for them. A process maps a few dozen
+/// files at most (a browser: a few hundred); the bounds are for one that maps thousands.
+const MAX_CODE_MAPPINGS: usize = 4096;
+const MAX_CODE_FILES: usize = 1024;
+
+/// The code a process had mapped when it was read, each file held open.
+#[derive(Debug)]
+pub(crate) struct ProcessImage {
+    /// Executable mappings, by address.
+    mappings: Vec<Mapping>,
+    /// The file of each mapping, when it could be opened.
+    modules: Vec<Option<Arc<Module>>>,
+}
+
+impl ProcessImage {
+    /// Where each address of a user stack lives, innermost frame first.
+    pub(crate) fn normalize(&self, addrs: &[u64]) -> Vec<NormalizedFrame> {
+        addrs
+            .iter()
+            .enumerate()
+            .map(|(i, &addr)| {
+                let lookup = lookup_address(i, addr);
+                let location = match mapping_index(&self.mappings, lookup) {
+                    Some(at) => {
+                        let mapping = &self.mappings[at];
+                        let offset = addr - mapping.start + mapping.offset;
+                        match (&self.modules[at], &mapping.name) {
+                            (Some(module), _) => Location::File {
+                                module: module.clone(),
+                                offset,
+                            },
+                            (None, Some(name)) => Location::Named {
+                                name: name.clone(),
+                                offset,
+                            },
+                            (None, None) => Location::Unknown,
+                        }
+                    }
+                    None => Location::Unknown,
+                };
+                NormalizedFrame {
+                    addr,
+                    location,
+                    return_address: lookup != addr,
+                }
+            })
+            .collect()
+    }
+
+    /// Each code mapping with its file.
+    pub(crate) fn code(&self) -> impl Iterator<Item = (&Mapping, &Arc<Module>)> {
+        self.mappings
+            .iter()
+            .zip(&self.modules)
+            .filter_map(|(mapping, module)| Some((mapping, module.as_ref()?)))
+    }
+}
+
 /// Captures, while a process lives, what symbolizing its stacks takes. It holds no blazesym
 /// state, so it can live on another thread than the [`UserSymbolizer`].
 #[derive(Debug)]
@@ -268,6 +339,8 @@ pub(crate) struct StackNormalizer {
     /// `/proc/<pid>/map_files/` needs `CAP_SYS_ADMIN` (or `CAP_CHECKPOINT_RESTORE`), which
     /// synspan drops once attached; after the first refusal it is not tried again.
     map_files_denied: bool,
+    /// Files held by some process's image or stack, by identity.
+    held: HashMap<FileIdentity, Weak<Module>>,
 }
 
 impl Default for StackNormalizer {
@@ -275,6 +348,7 @@ impl Default for StackNormalizer {
         Self {
             build_ids: LruCache::new(MAX_BUILD_IDS),
             map_files_denied: false,
+            held: HashMap::new(),
         }
     }
 }
@@ -286,7 +360,14 @@ impl StackNormalizer {
 
     /// Where each address of a user stack of `pid` lives, innermost frame first. Fails with
     /// [`SymbolError::Gone`] when the process has exited (a zombie has no memory left).
+    #[cfg(test)]
     pub(crate) fn normalize(&mut self, pid: u32, addrs: &[u64]) -> Result<Vec<NormalizedFrame>, SymbolError> {
+        Ok(self.image(pid)?.normalize(addrs))
+    }
+
+    /// The code `pid` has mapped now, each file held open: what naming and unwinding its
+    /// stacks takes, also once it has exited.
+    pub(crate) fn image(&mut self, pid: u32) -> Result<ProcessImage, SymbolError> {
         let path = PathBuf::from(format!("/proc/{pid}/maps"));
         let bytes = std::fs::read(&path).map_err(|source| {
             if matches!(source.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) {
@@ -295,55 +376,51 @@ impl StackNormalizer {
                 SymbolError::Io { path, source }
             }
         })?;
-        let mappings = parse_maps(&bytes);
+        let mut mappings = parse_maps(&bytes);
         if mappings.is_empty() {
             return Err(SymbolError::Gone(pid));
         }
+        // Stacks point into code only.
+        mappings.retain(|m| m.executable);
+        mappings.truncate(MAX_CODE_MAPPINGS);
         // A deleted file and the one now at its path can both be mapped.
-        let mut modules: HashMap<(&Path, bool), Option<Arc<Module>>> = HashMap::new();
-        let mut frames = Vec::with_capacity(addrs.len());
-        for (i, &addr) in addrs.iter().enumerate() {
-            let lookup = lookup_address(i, addr);
-            let location = match mapping_of(&mappings, lookup) {
-                Some(mapping @ Mapping { name: Some(name), .. }) => {
-                    let offset = addr - mapping.start + mapping.offset;
-                    let module = if name.is_absolute() {
-                        modules
-                            .entry((name, mapping.deleted))
-                            .or_insert_with(|| self.open_module(pid, mapping, name))
-                            .clone()
-                    } else {
-                        None
-                    };
-                    match module {
-                        Some(module) => Location::File { module, offset },
-                        None => Location::Named {
-                            name: name.clone(),
-                            offset,
-                        },
-                    }
-                }
-                _ => Location::Unknown,
+        let mut opened: HashMap<(PathBuf, bool), Option<Arc<Module>>> = HashMap::new();
+        let mut modules = Vec::with_capacity(mappings.len());
+        for mapping in &mappings {
+            let module = match &mapping.name {
+                Some(name) if name.is_absolute() && opened.len() < MAX_CODE_FILES => opened
+                    .entry((name.clone(), mapping.deleted))
+                    .or_insert_with(|| self.open_module(pid, mapping, name))
+                    .clone(),
+                Some(name) => opened.get(&(name.clone(), mapping.deleted)).cloned().flatten(),
+                None => None,
             };
-            frames.push(NormalizedFrame {
-                addr,
-                location,
-                return_address: lookup != addr,
-            });
+            modules.push(module);
         }
-        Ok(frames)
+        Ok(ProcessImage { mappings, modules })
     }
 
     fn open_module(&mut self, pid: u32, mapping: &Mapping, name: &Path) -> Option<Arc<Module>> {
         let file = self.open_mapped_file(pid, mapping, name)?;
         let identity = FileIdentity::of(&file.metadata().ok()?);
+        // One descriptor per file however many processes map it.
+        if let Some(module) = self.held.get(&identity).and_then(Weak::upgrade)
+            && module.path == name
+        {
+            return Some(module);
+        }
         let build_id = self.build_id(&file, identity);
-        Some(Arc::new(Module {
+        let module = Arc::new(Module {
             path: name.to_owned(),
             build_id,
             file,
             identity,
-        }))
+        });
+        if self.held.len() >= MAX_BUILD_IDS.get() {
+            self.held.retain(|_, module| module.strong_count() > 0);
+        }
+        self.held.insert(identity, Arc::downgrade(&module));
+        Some(module)
     }
 
     fn open_mapped_file(&mut self, pid: u32, mapping: &Mapping, name: &Path) -> Option<File> {
@@ -484,9 +561,16 @@ impl UserSymbolizer {
     }
 
     fn find(&mut self, module: &Module, offset: u64) -> Option<Found> {
+        // A name found is shared by every file of the same build; a name not found only by
+        // the same file: a stripped copy keeps its build id, and must not hide the names of
+        // the unstripped one.
         let key = (module.key(), offset);
-        if let Some(found) = self.found.get(&key) {
-            return found.clone();
+        if let Some(Some(found)) = self.found.get(&key) {
+            return Some(found.clone());
+        }
+        let file_key = (ModuleKey::File(module.identity), offset);
+        if let Some(None) = self.found.get(&file_key) {
+            return None;
         }
         let path = self.source_path(module);
         let source = Source::Elf(Elf::new(path));
@@ -505,7 +589,10 @@ impl UserSymbolizer {
                 None
             }
         };
-        self.found.put(key, found.clone());
+        match &found {
+            Some(_) => self.found.put(key, found.clone()),
+            None => self.found.put(file_key, None),
+        };
         found
     }
 
@@ -640,6 +727,7 @@ mod tests {
                 start: 0x559ab8caa000,
                 end: 0x559ab8cb0000,
                 offset: 0x2000,
+                executable: true,
                 name: Some(PathBuf::from("/usr/bin/head")),
                 deleted: false,
             }
