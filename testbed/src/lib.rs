@@ -12,6 +12,7 @@ pub mod process_context;
 pub mod reaped;
 pub mod receiver;
 pub mod sockaddr;
+pub mod traced;
 
 use std::{
     path::PathBuf,

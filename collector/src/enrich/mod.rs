@@ -13,18 +13,20 @@ pub(crate) mod process;
 pub(crate) mod process_cache;
 pub(crate) mod process_context;
 pub(crate) mod symbols;
+pub(crate) mod thread_context;
 
 use std::{cell::RefCell, collections::HashMap, num::NonZeroUsize, path::Path, sync::Arc};
 
 use aya::maps::{MapData, StackTraceMap};
 use lru::LruCache;
-use synspan_shared::ProcessNote;
+use synspan_shared::{ProcessNote, ThreadContextTls};
 
 use crate::attempt::Attempt;
 use identity::Identity;
 use process::ReadOptions;
 use process_cache::{MAX_PROCESSES, ProcessCache};
 use symbols::{KernelSymbols, NormalizedFrame, StackNormalizer, UserSymbolizer};
+use thread_context::ThreadContexts;
 
 /// Stacks remembered, normalized and rendered: as many as the kernel's stack map holds ids,
 /// so a cache holds every stack the map can report at once.
@@ -54,6 +56,8 @@ pub(crate) struct Enricher {
     normalized: LruCache<UserStackKey, Vec<NormalizedFrame>>,
     rendered_user: LruCache<UserStackKey, Arc<str>>,
     rendered_kernel: LruCache<Arc<[u64]>, Arc<str>>,
+    /// Where processes publish their thread context; `None` when it is not read.
+    thread_contexts: Option<ThreadContexts>,
 }
 
 // It may be made on one thread and run on another.
@@ -115,13 +119,23 @@ impl Enricher {
             normalized: LruCache::new(MAX_STACKS),
             rendered_user: LruCache::new(MAX_STACKS),
             rendered_kernel: LruCache::new(MAX_STACKS),
+            thread_contexts: None,
         }
+    }
+
+    /// Looks for the thread context of every process seen, and hands the kernel where each
+    /// keeps it in `map`.
+    pub(crate) fn find_thread_contexts(&mut self, map: aya::maps::HashMap<MapData, u32, ThreadContextTls>) {
+        self.thread_contexts = Some(ThreadContexts::new(map));
     }
 
     /// The kernel saw a process (or a new code path of one) start an attempt: read what
     /// might be gone by the time the attempt ends.
     pub(crate) fn on_note(&mut self, note: &ProcessNote) {
         let _ = self.processes.check(note.pid);
+        if let Some(contexts) = &mut self.thread_contexts {
+            contexts.look(note.pid);
+        }
         if let Some(addrs) = self.stack(u32::try_from(note.user_stack_id).ok()) {
             self.normalize(note.pid, addrs);
         }
@@ -134,6 +148,11 @@ impl Enricher {
 
     pub(crate) fn identify(&mut self, attempt: &Attempt) -> Identity {
         let process = self.processes.get(attempt.pid);
+        // A process not resolved yet is looked at again, at most once a RETRY: a library it
+        // loaded since, a process context it published since.
+        if let Some(contexts) = &mut self.thread_contexts {
+            contexts.look(attempt.pid);
+        }
         let user_stack = self
             .stack(attempt.user_stack_id)
             .and_then(|addrs| self.render_user(attempt.pid, addrs));
@@ -157,6 +176,9 @@ impl Enricher {
     /// Forgets processes that have exited. Call now and then.
     pub(crate) fn sweep(&mut self) {
         self.processes.sweep();
+        if let Some(contexts) = &mut self.thread_contexts {
+            contexts.sweep();
+        }
         // Normalized frames hold the process's files open.
         let gone: Vec<UserStackKey> = self
             .normalized

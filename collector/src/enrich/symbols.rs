@@ -138,11 +138,11 @@ pub(crate) struct Mapping {
     pub(crate) start: u64,
     pub(crate) end: u64,
     /// Where in the file the mapping starts.
-    offset: u64,
+    pub(crate) offset: u64,
     /// The path of the file, or a name such as `[vdso]`; `None` for anonymous memory.
-    name: Option<PathBuf>,
+    pub(crate) name: Option<PathBuf>,
     /// The file was unlinked since it was mapped: its path may now name another file.
-    deleted: bool,
+    pub(crate) deleted: bool,
 }
 
 pub(crate) fn parse_maps(bytes: &[u8]) -> Vec<Mapping> {
@@ -399,7 +399,7 @@ const MAX_FOUND: NonZeroUsize = super::MAX_STACKS.saturating_mul(NonZeroUsize::n
 struct Found {
     name: String,
     /// From the start of the symbol to the offset looked up.
-    offset: u64,
+    pub(crate) offset: u64,
     /// `file:line`, from DWARF.
     code: Option<String>,
 }
