@@ -212,6 +212,26 @@ fn no_active_span_and_no_publisher_make_root_spans() {
     assert_ne!(connect["trace_id"], reports[0].trace_id, "{connect:#}");
     assert!(connect["attributes"]["synspan.thread_context.http.route"].is_null());
 
+    // A library's dynamic TLS block that the connecting thread never touched: glibc has not
+    // allocated it, and its DTV slot says so.
+    let mut untouched = TracedApp::start(
+        "synspan-traced-dl",
+        &[
+            "--lib",
+            "gd",
+            "--otlp-endpoint",
+            &endpoint,
+            "--no-span",
+            "--targets",
+            "127.0.0.1:1",
+        ],
+    )
+    .unwrap();
+    found(&agent, &untouched);
+    let reports = untouched.connect().unwrap();
+    let connect = &spans_of(&receiver, &untouched, &reports)[0].0;
+    assert!(root(connect), "{connect:#}");
+
     let ns = Netns::new("tnone").unwrap();
     let plain = Held::connect(&ns, None, &[], "127.0.0.1:1", &[]).unwrap();
     let spans = receiver.wait_spans(1, WAIT, |s| s["attributes"]["process.pid"] == plain.report.pid);

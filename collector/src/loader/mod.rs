@@ -177,7 +177,7 @@ mod tests {
         let object = object();
         // (name, type, key size, value size): what the typed map in `maps` and `statistics`
         // checks at run time.
-        let expected: [(&str, bpf_map_type, usize, usize); 10] = [
+        let expected: [(&str, bpf_map_type, usize, usize); 11] = [
             (
                 map::IN_FLIGHT,
                 BPF_MAP_TYPE_LRU_HASH,
@@ -203,6 +203,12 @@ mod tests {
             (map::ALLOW_CGROUPS, BPF_MAP_TYPE_HASH, 8, 1),
             (map::ALLOW_PORTS, BPF_MAP_TYPE_HASH, 2, 1),
             (map::ALLOW_DESTS, BPF_MAP_TYPE_LPM_TRIE, 4 + 16, 1),
+            (
+                map::THREAD_CONTEXT_TLS,
+                BPF_MAP_TYPE_HASH,
+                4,
+                size_of::<synspan_shared::ThreadContextTls>(),
+            ),
         ];
         for (name, kind, key_size, value_size) in expected {
             let found = object
