@@ -1,5 +1,5 @@
-//! Builds the C thread-context publisher: an object linked into `synspan-traced` (static TLS
-//! in the executable) and two shared libraries for `synspan-traced-dl` to `dlopen`, one per
+//! Builds the C thread-context publisher: an object linked into `synspan-traced` and
+//! `synspan-storm` (static TLS in the executable) and two shared libraries for `synspan-traced-dl` to `dlopen`, one per
 //! TLS dialect. Their paths reach the binaries as compile-time environment variables.
 
 use std::{path::PathBuf, process::Command};
@@ -14,11 +14,14 @@ fn main() {
         .pic(true)
         .opt_level(2)
         .compile_intermediates();
-    for object in &objects {
-        println!("cargo:rustc-link-arg-bin=synspan-traced={}", object.display());
+    // The traced application, and the storm, whose threads can publish too (the benchmark).
+    for bin in ["synspan-traced", "synspan-storm"] {
+        for object in &objects {
+            println!("cargo:rustc-link-arg-bin={bin}={}", object.display());
+        }
+        // The specification: the variable in .dynsym, even in an executable.
+        println!("cargo:rustc-link-arg-bin={bin}=-Wl,--export-dynamic-symbol=otel_thread_ctx_v1");
     }
-    // The specification: the variable in .dynsym, even in an executable.
-    println!("cargo:rustc-link-arg-bin=synspan-traced=-Wl,--export-dynamic-symbol=otel_thread_ctx_v1");
     let compiler = cc::Build::new().get_compiler();
     for (name, dialect, var) in [
         ("libsynspan_tlsdesc.so", "gnu2", "SYNSPAN_TESTBED_TLSDESC_LIB"),

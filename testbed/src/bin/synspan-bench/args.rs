@@ -30,9 +30,10 @@ pub(crate) struct Args {
     pub(crate) threads: u32,
 
     /// Modes to run, of 1 (success, OTLP), 2 (success, --failures-only), 3 (refused, OTLP),
-    /// 4 (success, OTLP, --no-stacks).
-    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1,2,3,4",
-          value_parser = clap::value_parser!(u8).range(1..=4))]
+    /// 4 (success, OTLP, --no-stacks), 5 (success inside published spans, OTLP: the cost of
+    /// reading thread context, against mode 1).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1,2,3,4,5",
+          value_parser = clap::value_parser!(u8).range(1..=5))]
     pub(crate) modes: Vec<u8>,
 
     /// Reruns of a pair disturbed by other load.
@@ -109,7 +110,7 @@ mod tests {
             (a.pairs, a.seconds, a.count, a.threads, a.retries),
             (3, 5.0, 5_000_000, 2, 2)
         );
-        assert_eq!(a.modes, [1, 2, 3, 4]);
+        assert_eq!(a.modes, [1, 2, 3, 4, 5]);
         assert!(a.synspan_args().is_empty());
         assert!(a.report_path().is_some_and(|p| p.ends_with("BENCHMARKS.md")));
         let a = Args::try_parse_from([

@@ -1,4 +1,4 @@
-//! The four modes: a storm and the flags synspan runs with during it.
+//! The five modes: a storm and the flags synspan runs with during it.
 
 use synspan_testbed::bench;
 
@@ -17,13 +17,13 @@ impl Mode {
         self.flags.contains(&"--failures-only")
     }
 
-    /// Mode `id`, as `--modes` numbers them (1 to 4, checked there).
+    /// Mode `id`, as `--modes` numbers them (1 to 5, checked there).
     pub(crate) fn by_id(id: usize) -> &'static Mode {
         &MODES[id - 1]
     }
 }
 
-pub(crate) const MODES: [Mode; 4] = [
+pub(crate) const MODES: [Mode; 5] = [
     Mode {
         id: 1,
         name: "success storm, every attempt over OTLP",
@@ -50,6 +50,14 @@ pub(crate) const MODES: [Mode; 4] = [
         name: "success storm, every attempt over OTLP, --no-stacks",
         storm: bench::SUCCESS,
         flags: &["--no-stacks"],
+        target: None,
+    },
+    // Against mode 1: the cost of reading the calling thread's context at each attempt.
+    Mode {
+        id: 5,
+        name: "success storm inside published spans (thread context), every attempt over OTLP",
+        storm: bench::SUCCESS_IN_SPAN,
+        flags: &[],
         target: None,
     },
 ];
