@@ -24,6 +24,19 @@ fn found(agent: &Agent, app: &TracedApp) {
     assert!(seen.is_some(), "no {needle:?} in:\n{}", agent.stderr());
 }
 
+/// `bin ARGS --otlp-endpoint RECEIVER --targets TARGETS`, once `agent` found where it
+/// publishes (`None`: not waited for).
+fn traced(receiver: &Receiver, agent: Option<&Agent>, bin: &str, args: &[&str], targets: &str) -> TracedApp {
+    let endpoint = receiver.endpoint();
+    let mut all = args.to_vec();
+    all.extend(["--otlp-endpoint", &endpoint, "--targets", targets]);
+    let app = TracedApp::start(bin, &all).unwrap();
+    if let Some(agent) = agent {
+        found(agent, &app);
+    }
+    app
+}
+
 /// For each report, the connect span of its thread and the application's own span.
 fn spans_of(receiver: &Receiver, app: &TracedApp, reports: &[ThreadReport]) -> Vec<(Value, Value)> {
     let connects = receiver.wait_spans(reports.len(), WAIT, |s| {
@@ -93,20 +106,13 @@ fn every_outcome_is_a_child_of_the_threads_active_span() {
         ],
     )
     .unwrap();
-    let endpoint = receiver.endpoint();
-    let mut app = TracedApp::start(
+    let mut app = traced(
+        &receiver,
+        Some(&agent),
         "synspan-traced",
-        &[
-            "--otlp-endpoint",
-            &endpoint,
-            "--netns",
-            ns.name(),
-            "--targets",
-            "127.0.0.1:1,127.0.0.1:9,listen",
-        ],
-    )
-    .unwrap();
-    found(&agent, &app);
+        &["--netns", ns.name()],
+        "127.0.0.1:1,127.0.0.1:9,listen",
+    );
     let reports = app.connect().unwrap();
     let outcomes = ["connection_refused", "timed_out", "established"];
     for ((connect, own), (report, outcome)) in spans_of(&receiver, &app, &reports)
@@ -115,11 +121,13 @@ fn every_outcome_is_a_child_of_the_threads_active_span() {
     {
         assert_parented(connect, own, report);
         assert_eq!(connect["attributes"]["synspan.outcome"], outcome, "{connect:#}");
+        // What the receiver got, side by side (shown with --nocapture).
+        println!("application's span: {own}\nits connect span: {connect}");
     }
     // Each thread its own trace: three spans, three parents.
     let traces: std::collections::HashSet<&str> = reports.iter().map(|r| r.trace_id.as_str()).collect();
     assert_eq!(traces.len(), 3, "{reports:#?}");
-    // The console line of the agent's JSON twin says which trace it joined.
+    // The agent's own JSON line names the same parent.
     let json = agent.spans_of(app.pid);
     assert!(
         json.iter().any(|s| s["parent_span_id"] == reports[0].span_id),
@@ -133,18 +141,13 @@ fn every_outcome_is_a_child_of_the_threads_active_span() {
 fn two_threads_get_their_own_parents() {
     let receiver = Receiver::start().unwrap();
     let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).unwrap();
-    let endpoint = receiver.endpoint();
-    let mut app = TracedApp::start(
+    let mut app = traced(
+        &receiver,
+        Some(&agent),
         "synspan-traced",
-        &[
-            "--otlp-endpoint",
-            &endpoint,
-            "--targets",
-            "127.0.0.1:1,127.0.0.1:1",
-        ],
-    )
-    .unwrap();
-    found(&agent, &app);
+        &[],
+        "127.0.0.1:1,127.0.0.1:1",
+    );
     let reports = app.connect().unwrap();
     assert_ne!(reports[0].span_id, reports[1].span_id);
     for ((connect, own), report) in spans_of(&receiver, &app, &reports).iter().zip(&reports) {
@@ -157,20 +160,13 @@ fn two_threads_get_their_own_parents() {
 fn from_a_library(lib: &str) {
     let receiver = Receiver::start().unwrap();
     let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).unwrap();
-    let endpoint = receiver.endpoint();
-    let mut app = TracedApp::start(
+    let mut app = traced(
+        &receiver,
+        Some(&agent),
         "synspan-traced-dl",
-        &[
-            "--lib",
-            lib,
-            "--otlp-endpoint",
-            &endpoint,
-            "--targets",
-            "127.0.0.1:1,listen",
-        ],
-    )
-    .unwrap();
-    found(&agent, &app);
+        &["--lib", lib],
+        "127.0.0.1:1,listen",
+    );
     let reports = app.connect().unwrap();
     for ((connect, own), report) in spans_of(&receiver, &app, &reports).iter().zip(&reports) {
         assert_parented(connect, own, report);
@@ -193,19 +189,13 @@ fn a_dlopened_library_with_general_dynamic_tls() {
 fn no_active_span_and_no_publisher_make_root_spans() {
     let receiver = Receiver::start().unwrap();
     let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).unwrap();
-    let endpoint = receiver.endpoint();
-    let mut app = TracedApp::start(
+    let mut app = traced(
+        &receiver,
+        Some(&agent),
         "synspan-traced",
-        &[
-            "--otlp-endpoint",
-            &endpoint,
-            "--no-span",
-            "--targets",
-            "127.0.0.1:1",
-        ],
-    )
-    .unwrap();
-    found(&agent, &app);
+        &["--no-span"],
+        "127.0.0.1:1",
+    );
     let reports = app.connect().unwrap();
     let connect = &spans_of(&receiver, &app, &reports)[0].0;
     assert!(root(connect), "{connect:#}");
@@ -214,20 +204,13 @@ fn no_active_span_and_no_publisher_make_root_spans() {
 
     // A library's dynamic TLS block that the connecting thread never touched: glibc has not
     // allocated it, and its DTV slot says so.
-    let mut untouched = TracedApp::start(
+    let mut untouched = traced(
+        &receiver,
+        Some(&agent),
         "synspan-traced-dl",
-        &[
-            "--lib",
-            "gd",
-            "--otlp-endpoint",
-            &endpoint,
-            "--no-span",
-            "--targets",
-            "127.0.0.1:1",
-        ],
-    )
-    .unwrap();
-    found(&agent, &untouched);
+        &["--lib", "gd", "--no-span"],
+        "127.0.0.1:1",
+    );
     let reports = untouched.connect().unwrap();
     let connect = &spans_of(&receiver, &untouched, &reports)[0].0;
     assert!(root(connect), "{connect:#}");
@@ -247,15 +230,13 @@ fn link_and_off_make_root_spans() {
         let receiver = Receiver::start().unwrap();
         let agent =
             Agent::start(&["--trace-context", mode, "--otlp-endpoint", &receiver.endpoint()]).unwrap();
-        let endpoint = receiver.endpoint();
-        let mut app = TracedApp::start(
+        let mut app = traced(
+            &receiver,
+            linked.then_some(&agent),
             "synspan-traced",
-            &["--otlp-endpoint", &endpoint, "--targets", "127.0.0.1:1"],
-        )
-        .unwrap();
-        if linked {
-            found(&agent, &app);
-        }
+            &[],
+            "127.0.0.1:1",
+        );
         let reports = app.connect().unwrap();
         let connect = &spans_of(&receiver, &app, &reports)[0].0;
         assert!(root(connect), "{mode}: {connect:#}");
