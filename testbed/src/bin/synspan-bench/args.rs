@@ -129,7 +129,7 @@ mod tests {
             &["--pairs", "0"][..],
             &["--seconds", "0"],
             &["--seconds", "601"],
-            &["--modes", "5"],
+            &["--modes", "6"],
             &["--threads", "0"],
             &["--retries", "11"],
             &["--out", "x.md", "--no-write"],
