@@ -3,7 +3,7 @@
 # (A/B pairs, five modes), synspan's CPU time and peak RSS, and its accounting. Prints the
 # table and writes BENCHMARKS.md. Needs root: it loads eBPF programs and creates (and
 # removes) a network namespace, the only place it sends traffic to.
-#   sudo scripts/bench.sh                          # 3 pairs x 5 modes x 5 s, and the peers, about 9 minutes
+#   sudo scripts/bench.sh                          # 3 pairs x 6 modes x 5 s, and the peers, about 10 minutes
 #   sudo scripts/bench.sh --pairs 5 --seconds 10   # see `target/release/synspan-bench --help`
 set -euo pipefail
 cd "$(dirname "$0")/.."

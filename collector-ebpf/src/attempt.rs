@@ -28,6 +28,7 @@ use crate::{
         in_flight, layout, local_endpoint, policy, record_error, remember_tuple, scratch_attempt, send,
         track_live,
     },
+    thread_context,
 };
 
 /// A socket enters SYN_SENT.
@@ -288,6 +289,7 @@ fn start<C: StateChange>(ctx: &C, sock: u64) -> Result<(), i32> {
         count(counter::NOT_ALLOWED);
         return Ok(());
     }
+    thread_context::read(attempt);
     if policy.stacks != 0 {
         caller::record_stacks(ctx, attempt, call.is_some());
     }

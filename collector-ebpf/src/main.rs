@@ -22,6 +22,7 @@ mod helpers;
 mod maps;
 mod reset;
 mod retransmit;
+mod thread_context;
 
 #[cfg(not(test))]
 #[panic_handler]

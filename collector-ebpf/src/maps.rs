@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use synspan_shared::{
     AttemptRecord, AttemptTuple, ConnectCall, Endpoint, KernelLayout, MAX_FILTER_ENTRIES, Policy, SeriesKey,
-    SeriesValue, attempt_flags, counter, duration_bucket, outcome,
+    SeriesValue, ThreadContextTls, attempt_flags, counter, duration_bucket, outcome,
 };
 
 use crate::helpers::read_sock_field;
@@ -74,6 +74,11 @@ pub(crate) static ALLOW_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(MA
 pub(crate) static ALLOW_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
 #[map]
 pub(crate) static ALLOW_DESTS: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_FILTER_ENTRIES, 0);
+
+/// Where each process's threads keep their OpenTelemetry thread-context pointer, by tgid;
+/// filled by the agent for processes that publish one (see `thread_context.rs`).
+#[map]
+pub(crate) static THREAD_CONTEXT_TLS: HashMap<u32, ThreadContextTls> = HashMap::with_max_entries(8192, 0);
 
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);

@@ -8,12 +8,13 @@ use std::{
 use std::sync::Arc;
 
 use synspan_shared::{
-    AF_INET, AF_INET6, AttemptRecord, DropRecord, MAX_DROPS, MAX_RETRANSMIT_TIMES, USER_STACK_BYTES,
-    attempt_flags, drop_packet,
+    AF_INET, AF_INET6, AttemptRecord, DropRecord, MAX_DROPS, MAX_RETRANSMIT_TIMES, MAX_THREAD_CONTEXT_ATTRS,
+    ThreadContextRecord, USER_STACK_BYTES, attempt_flags, drop_packet,
 };
 
 use crate::{
     clock::WallClock,
+    enrich::thread_context,
     outcome::{Outcome, classify},
 };
 
@@ -50,6 +51,39 @@ pub(crate) struct Attempt {
     pub(crate) drops: Vec<PacketDrop>,
     /// Every handshake packet the kernel dropped.
     pub(crate) drop_count: u32,
+    /// The span that was active on the calling thread at SYN_SENT, as it published it.
+    pub(crate) thread_context: Option<Box<ThreadContext>>,
+}
+
+/// An application's active span on the thread that connected (OTEP 4947 thread context).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ThreadContext {
+    pub(crate) trace_id: [u8; 16],
+    pub(crate) span_id: [u8; 8],
+    /// W3C trace flags; bit 0 is `sampled`.
+    pub(crate) trace_flags: u8,
+    /// (key index, value) pairs, the key named by the process context's key map.
+    pub(crate) attributes: Vec<(u8, String)>,
+}
+
+impl ThreadContext {
+    /// A record the kernel copied: `None` unless marked valid and holding both ids.
+    fn decode(record: &ThreadContextRecord) -> Option<Self> {
+        let ids_set = record.trace_id != [0; 16] && record.span_id != [0; 8];
+        if record.valid != 1 || !ids_set {
+            return None;
+        }
+        let size = usize::from(record.attrs_size).min(MAX_THREAD_CONTEXT_ATTRS);
+        Some(Self {
+            trace_id: record.trace_id,
+            span_id: record.span_id,
+            trace_flags: record.trace_flags,
+            attributes: thread_context::attributes(&record.attrs[..size])
+                .into_iter()
+                .map(|(k, v)| (k, v.to_owned()))
+                .collect(),
+        })
+    }
 }
 
 /// The registers and stack bytes the kernel recorded at SYN_SENT.
@@ -353,6 +387,7 @@ impl Attempt {
             never_started: record.flags & attempt_flags::NEVER_STARTED != 0,
             drops,
             drop_count: record.drop_count,
+            thread_context: ThreadContext::decode(&record.thread_context).map(Box::new),
         })
     }
 

@@ -66,6 +66,18 @@ pub(crate) enum Output {
     None,
 }
 
+/// What to do with the span an application publishes as active on the connecting thread
+/// (OpenTelemetry thread context, OTEP 4947).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum TraceContext {
+    /// The connect span joins the application's trace, as a child of its active span.
+    Parent,
+    /// The connect span is a root span with a span link to the application's span.
+    Link,
+    /// Published thread context is not read.
+    Off,
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "synspan", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
 pub(crate) struct Cli {
@@ -152,6 +164,13 @@ pub(crate) struct Cli {
     /// Do not capture kernel and user stacks: the lowest overhead.
     #[arg(long)]
     pub(crate) no_stacks: bool,
+
+    /// What a connect span does with the span the application published as active on the
+    /// connecting thread (OpenTelemetry thread context): `parent` makes it that span's
+    /// child, in the application's trace; `link` makes it a root span linked to it; `off`
+    /// reads no thread context.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = TraceContext::Parent)]
+    pub(crate) trace_context: TraceContext,
 
     /// Do not watch the kernel's packet drops (skb:kfree_skb) for the attempts' handshake
     /// packets: spans no longer say where a SYN or SYN-ACK died and why.

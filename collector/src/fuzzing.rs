@@ -8,7 +8,7 @@ use crate::{
     attempt::{Attempt, read_record},
     btf::Btf,
     clock::WallClock,
-    enrich::{container, process, process_context, symbols, unwind},
+    enrich::{container, process, process_context, symbols, thread_context, unwind},
     kernel_layout,
     otlp::{self, settings},
 };
@@ -127,6 +127,22 @@ pub fn process_context_memory(data: &[u8]) {
 /// The protobuf payload of a process context.
 pub fn process_context_payload(data: &[u8]) {
     let _ = black_box(process_context::decode(data, 1));
+}
+
+/// The attribute bytes of a thread-context record, as the kernel copied them.
+pub fn thread_context_attributes(data: &[u8]) {
+    black_box(thread_context::attributes(data));
+}
+
+/// An ELF file mapped by a traced process: the thread-context variable, its TLS segment and
+/// relocations looked up; then where it is, in the executable, and in a library whose GOT
+/// and descriptors are the same bytes read as the process's memory.
+pub fn elf_tls(data: &[u8]) {
+    let Ok(Some(symbol)) = thread_context::tls_symbol(data) else {
+        return;
+    };
+    let _ = black_box(thread_context::executable_location(&symbol));
+    let _ = black_box(thread_context::library_location(&symbol, 0, &Memory(data)));
 }
 
 /// Another process's memory as bytes from address 0; reads outside it fail, as they do in a

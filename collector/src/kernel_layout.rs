@@ -8,7 +8,7 @@ use std::{
 
 use synspan_shared::{
     ConnectFields, FdPathFields, KernelLayout, ResetFields, RetransmitFields, SetStateFields, SkbFields,
-    SockFields, SockTupleFields, names::program,
+    SockFields, SockTupleFields, TaskFields, names::program,
 };
 
 use crate::btf::{Btf, BtfError, KernelBtf};
@@ -171,6 +171,13 @@ pub(crate) fn resolve(vmlinux: Result<&KernelBtf, &BtfError>) -> Result<Resolved
     let tuple = btf.as_ref().and_then(tuple_fields).unwrap_or_default();
     let fd_path = btf.as_ref().map(fd_path_fields).unwrap_or_default();
     let skb = btf.as_ref().and_then(skb_fields).unwrap_or_default();
+    let task = btf.as_ref().and_then(task_fields).unwrap_or_default();
+    if task.fsbase == 0 {
+        tracing::warn!(
+            "no task_struct thread pointer offsets in kernel BTF: connect spans cannot join \
+             the application's traces"
+        );
+    }
     if skb.known == 0 {
         unavailable.push((
             "kfree_skb",
@@ -216,6 +223,7 @@ pub(crate) fn resolve(vmlinux: Result<&KernelBtf, &BtfError>) -> Result<Resolved
             },
             fd_path,
             skb,
+            task,
         },
         unavailable,
     })
@@ -316,6 +324,16 @@ fn skb_fields(btf: &Btf) -> Option<SkbFields> {
         network_header: offset("network_header")?,
         protocol: offset("protocol")?,
         skb_iif: offset("skb_iif")?,
+    })
+}
+
+/// Where a task keeps its flags and its user thread pointer (`thread.fsbase`, x86-64).
+fn task_fields(btf: &Btf) -> Option<TaskFields> {
+    let thread = btf.member_offset("task_struct", "thread")?;
+    let fsbase = btf.member_offset("thread_struct", "fsbase")?;
+    Some(TaskFields {
+        flags: u16::try_from(btf.member_offset("task_struct", "flags")?).ok()?,
+        fsbase: u16::try_from(thread.checked_add(fsbase)?).ok()?,
     })
 }
 

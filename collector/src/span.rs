@@ -21,6 +21,7 @@ use opentelemetry_sdk::{
 
 use crate::{
     attempt::{Attempt, EventKind, PacketDrop},
+    config::TraceContext,
     enrich::identity::{Identity, Process},
     evidence::Evidence,
 };
@@ -71,6 +72,8 @@ pub(crate) mod key {
     pub(crate) const PACKET_DROP_PACKET: &str = "synspan.packet_drop.packet";
     pub(crate) const PACKET_DROP_DIRECTION: &str = "synspan.packet_drop.direction";
     pub(crate) const PACKET_DROP_LOCATION: &str = "synspan.packet_drop.location";
+    /// Thread-context attributes the application published, under their own names.
+    pub(crate) const THREAD_CONTEXT_PREFIX: &str = "synspan.thread_context.";
     /// On events.
     pub(crate) const RETRANSMIT_NUMBER: &str = "synspan.retransmit.number";
     pub(crate) const ELAPSED_MS: &str = "synspan.elapsed_ms";
@@ -86,6 +89,9 @@ pub(crate) struct ConnectSpan {
     pub(crate) evidence: Evidence,
     pub(crate) trace_id: TraceId,
     pub(crate) span_id: SpanId,
+    /// What the span does with the application's span active on the connecting thread
+    /// (`attempt.thread_context`), if there was one.
+    pub(crate) trace_context: TraceContext,
     /// The traced process's service, not synspan's.
     pub(crate) resource: Resource,
     /// Identifies `resource`: spans with the same one go out in one request.
@@ -118,8 +124,8 @@ impl ConnectSpan {
                 false,
                 TraceState::default(),
             ),
-            parent_span_id: SpanId::INVALID,
-            parent_span_is_remote: false,
+            parent_span_id: self.parent_span_id(),
+            parent_span_is_remote: self.parent_span_id() != SpanId::INVALID,
             span_kind: SpanKind::Client,
             name: Cow::Borrowed(SPAN_NAME),
             start_time: a.start,
@@ -127,7 +133,7 @@ impl ConnectSpan {
             attributes: self.attributes(),
             dropped_attributes_count: 0,
             events,
-            links: SpanLinks::default(),
+            links: self.links(),
             status: self.status(),
             instrumentation_scope: SCOPE.clone(),
         }
@@ -135,6 +141,42 @@ impl ConnectSpan {
 
     pub(crate) fn attributes(&self) -> Vec<KeyValue> {
         attributes(&self.attempt, &self.identity, &self.evidence)
+    }
+
+    /// The application's span: the parent with `--trace-context parent`;
+    /// [`SpanId::INVALID`] for a root span.
+    pub(crate) fn parent_span_id(&self) -> SpanId {
+        match (&self.attempt.thread_context, self.trace_context) {
+            (Some(app), TraceContext::Parent) => SpanId::from_bytes(app.span_id),
+            _ => SpanId::INVALID,
+        }
+    }
+
+    /// The application's span, with `--trace-context link`: the span links to it.
+    pub(crate) fn link(&self) -> Option<(TraceId, SpanId)> {
+        match (&self.attempt.thread_context, self.trace_context) {
+            (Some(app), TraceContext::Link) => {
+                Some((TraceId::from_bytes(app.trace_id), SpanId::from_bytes(app.span_id)))
+            }
+            _ => None,
+        }
+    }
+
+    fn links(&self) -> SpanLinks {
+        let mut links = SpanLinks::default();
+        if let Some((trace_id, span_id)) = self.link() {
+            let context = SpanContext::new(
+                trace_id,
+                span_id,
+                TraceFlags::SAMPLED,
+                true,
+                TraceState::default(),
+            );
+            links
+                .links
+                .push(opentelemetry::trace::Link::with_context(context));
+        }
+        links
     }
 
     pub(crate) fn events(&self) -> Vec<opentelemetry::trace::Event> {
@@ -149,6 +191,7 @@ impl ConnectSpan {
 /// Builds spans; owns the id generator and the per-service resources.
 pub(crate) struct SpanBuilder {
     ids: RandomIdGenerator,
+    trace_context: TraceContext,
     host_name: String,
     resources: LruCache<String, (Arc<str>, Resource)>,
 }
@@ -161,9 +204,16 @@ impl SpanBuilder {
     pub(crate) fn new(host_name: String) -> Self {
         Self {
             ids: RandomIdGenerator::default(),
+            trace_context: TraceContext::Parent,
             host_name,
             resources: LruCache::new(MAX_RESOURCES),
         }
+    }
+
+    /// What spans do with the application's active span; `parent` unless told.
+    pub(crate) fn with_trace_context(mut self, mode: TraceContext) -> Self {
+        self.trace_context = mode;
+        self
     }
 
     /// The traced process's own service: `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`
@@ -208,9 +258,16 @@ impl SpanBuilder {
 
     pub(crate) fn build(&mut self, attempt: Attempt, identity: &Identity, evidence: Evidence) -> ConnectSpan {
         let (service, resource) = self.resource(&attempt, identity);
+        // The sampled bit is not looked at: the application's tracer may publish 0 before it
+        // decides, and the connect span is kept or not by synspan's own policy.
+        let trace_id = match (&attempt.thread_context, self.trace_context) {
+            (Some(app), TraceContext::Parent) => TraceId::from_bytes(app.trace_id),
+            _ => self.ids.new_trace_id(),
+        };
         ConnectSpan {
-            trace_id: self.ids.new_trace_id(),
+            trace_id,
             span_id: self.ids.new_span_id(),
+            trace_context: self.trace_context,
             attempt,
             identity: identity.clone(),
             evidence,
@@ -310,6 +367,20 @@ fn attributes(a: &Attempt, identity: &Identity, evidence: &Evidence) -> Vec<KeyV
         }
         if let Some(uid) = &process.k8s_pod_uid {
             attrs.push(KeyValue::new(key::K8S_POD_UID, uid.clone()));
+        }
+    }
+    if let Some(context) = &a.thread_context {
+        let keys = info
+            .map(|i| i.thread_attribute_keys.as_slice())
+            .unwrap_or_default();
+        for (index, value) in &context.attributes {
+            // Indexes outside the key map are ignored, as the specification says.
+            if let Some(name) = keys.get(usize::from(*index)).filter(|k| !k.is_empty()) {
+                attrs.push(KeyValue::new(
+                    format!("{}{name}", key::THREAD_CONTEXT_PREFIX),
+                    value.clone(),
+                ));
+            }
         }
     }
     for (k, stack) in [
@@ -423,6 +494,7 @@ pub(crate) mod tests {
             never_started: false,
             drops: Vec::new(),
             drop_count: 0,
+            thread_context: None,
         }
     }
 
@@ -451,6 +523,55 @@ pub(crate) mod tests {
             .resource
             .get(&opentelemetry::Key::from_static_str(key::SERVICE_NAME));
         assert_eq!(service, Some(Value::from("nc")));
+    }
+
+    pub(crate) fn in_the_apps_span() -> Attempt {
+        let mut a = timed_out();
+        a.thread_context = Some(Box::new(crate::attempt::ThreadContext {
+            trace_id: [0xab; 16],
+            span_id: [0xcd; 8],
+            trace_flags: 1,
+            attributes: vec![(0, "/checkout".into()), (7, "unknown key".into())],
+        }));
+        a
+    }
+
+    #[test]
+    fn the_apps_span_is_the_parent_or_a_link() {
+        let parent = SpanBuilder::new("host".into()).build(
+            in_the_apps_span(),
+            &Identity::default(),
+            Evidence::default(),
+        );
+        let d = parent.span_data();
+        assert_eq!(d.span_context.trace_id(), TraceId::from_bytes([0xab; 16]));
+        assert_eq!(d.parent_span_id, SpanId::from_bytes([0xcd; 8]));
+        assert!(d.parent_span_is_remote);
+        assert!(d.links.links.is_empty());
+        // No key map: the attributes have no names, so none are put on the span.
+        assert!(
+            d.attributes
+                .iter()
+                .all(|kv| !kv.key.as_str().starts_with(key::THREAD_CONTEXT_PREFIX))
+        );
+
+        let linked = SpanBuilder::new("host".into())
+            .with_trace_context(TraceContext::Link)
+            .build(in_the_apps_span(), &Identity::default(), Evidence::default());
+        let d = linked.span_data();
+        assert_ne!(d.span_context.trace_id(), TraceId::from_bytes([0xab; 16]));
+        assert_eq!(d.parent_span_id, SpanId::INVALID);
+        assert_eq!(
+            d.links.links[0].span_context.span_id(),
+            SpanId::from_bytes([0xcd; 8])
+        );
+
+        let off = SpanBuilder::new("host".into())
+            .with_trace_context(TraceContext::Off)
+            .build(in_the_apps_span(), &Identity::default(), Evidence::default());
+        let d = off.span_data();
+        assert_eq!(d.parent_span_id, SpanId::INVALID);
+        assert!(d.links.links.is_empty());
     }
 
     #[test]

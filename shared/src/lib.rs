@@ -46,6 +46,7 @@ pub mod names {
         pub const ALLOW_DESTS: &str = "ALLOW_DESTS";
         pub const CONNECT_SERIES: &str = "CONNECT_SERIES";
         pub const OVERFLOW_SERIES: &str = "OVERFLOW_SERIES";
+        pub const THREAD_CONTEXT_TLS: &str = "THREAD_CONTEXT_TLS";
     }
 
     /// Read-only globals the agent sets before load.
@@ -215,6 +216,9 @@ pub struct AttemptRecord {
     pub user_stack_len: u32,
     pub _pad2: u32,
     pub user_stack: [u8; USER_STACK_BYTES],
+    /// The calling thread's OpenTelemetry thread context at SYN_SENT (OTEP 4947), when its
+    /// process publishes one and the agent found where; zeros otherwise.
+    pub thread_context: ThreadContextRecord,
 }
 
 /// Bytes of the user stack copied from the stack pointer at SYN_SENT. The frame that matters
@@ -237,6 +241,79 @@ pub struct UserRegs {
 
 impl UserRegs {
     pub const ZERO: Self = Self { ip: 0, sp: 0, bp: 0 };
+}
+
+/// The fixed part of an OTEP 4947 thread-context record: `trace_id[16] span_id[8] valid:u8
+/// trace_flags:u8 attrs_size:u16`.
+pub const THREAD_CONTEXT_FIXED: usize = 28;
+/// Attribute bytes read after it: the specification recommends records of at most 640 bytes.
+pub const MAX_THREAD_CONTEXT_ATTRS: usize = 640 - THREAD_CONTEXT_FIXED;
+
+/// A thread-context record as read from the application, byte for byte in its layout, with
+/// `attrs_size` cut to the bytes actually read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ThreadContextRecord {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// 1 when the record is complete; anything else means "no context".
+    pub valid: u8,
+    pub trace_flags: u8,
+    pub attrs_size: u16,
+    /// `[key_index:u8][len:u8][len bytes of UTF-8]`, repeated.
+    pub attrs: [u8; MAX_THREAD_CONTEXT_ATTRS],
+}
+
+impl ThreadContextRecord {
+    pub const ZERO: Self = Self {
+        trace_id: [0; 16],
+        span_id: [0; 8],
+        valid: 0,
+        trace_flags: 0,
+        attrs_size: 0,
+        attrs: [0; MAX_THREAD_CONTEXT_ATTRS],
+    };
+}
+
+/// How a process's threads find their `otel_thread_ctx_v1` pointer, from the thread pointer
+/// (`fsbase` on x86-64): the agent resolves it per process and keeps it in
+/// `THREAD_CONTEXT_TLS`, keyed by tgid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadContextTls {
+    /// One of [`tls_kind`].
+    pub kind: u32,
+    pub _pad: u32,
+    /// [`tls_kind::DTV`]: the module id, the index into the thread's DTV.
+    pub module: u64,
+    /// [`tls_kind::STATIC`]: the variable is at `tp + offset`. [`tls_kind::DTV`]: at
+    /// `offset` into the module's TLS block.
+    pub offset: i64,
+}
+
+/// Values of [`ThreadContextTls::kind`].
+pub mod tls_kind {
+    /// Static TLS (initial-exec, local-exec, or a TLSDESC resolved to static TLS).
+    pub const STATIC: u32 = 1;
+    /// Dynamic TLS through glibc's DTV: `tcbhead_t.dtv` at `tp + 8`, 16-byte entries, the
+    /// slot count one entry before the pointer, an unallocated block reads as `-1`.
+    pub const DTV: u32 = 2;
+}
+
+/// Offsets inside `struct task_struct`, from BTF; 0 means unknown.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskFields {
+    pub flags: u16,
+    /// `thread.fsbase`: the user thread pointer on x86-64.
+    pub fsbase: u16,
+}
+
+/// `task_struct.flags` bits of tasks whose thread pointer means nothing to an application
+/// (`include/linux/sched.h`).
+pub mod task_flags {
+    pub const PF_IO_WORKER: u32 = 0x0000_0010;
+    pub const PF_KTHREAD: u32 = 0x0020_0000;
 }
 
 impl AttemptRecord {
@@ -282,6 +359,7 @@ impl AttemptRecord {
         user_stack_len: 0,
         _pad2: 0,
         user_stack: [0; USER_STACK_BYTES],
+        thread_context: ThreadContextRecord::ZERO,
     };
 }
 
@@ -451,6 +529,7 @@ pub struct KernelLayout {
     pub connect: ConnectFields,
     pub fd_path: FdPathFields,
     pub skb: SkbFields,
+    pub task: TaskFields,
 }
 
 impl KernelLayout {
@@ -515,6 +594,7 @@ impl KernelLayout {
             protocol: 0,
             skb_iif: 0,
         },
+        task: TaskFields { flags: 0, fsbase: 0 },
     };
 }
 
@@ -806,4 +886,6 @@ mod pod {
     unsafe impl aya::Pod for super::ProcessNote {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnectCall {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ThreadContextTls {}
 }

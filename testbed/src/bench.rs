@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 /// The load generator's modes.
 pub const SUCCESS: &str = "success";
 pub const REFUSED: &str = "refused";
+/// `success`, each worker thread inside a span it publishes as OpenTelemetry thread context.
+pub const SUCCESS_IN_SPAN: &str = "success-in-span";
 
 /// The one line `synspan-storm` prints on stdout when it is done.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

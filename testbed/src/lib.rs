@@ -16,6 +16,7 @@ pub mod process_context;
 pub mod reaped;
 pub mod receiver;
 pub mod sockaddr;
+pub mod traced;
 
 use std::{
     path::PathBuf,

@@ -8,10 +8,14 @@ use std::{
 };
 
 use opentelemetry_proto::tonic::{
-    common::v1::{AnyValue, KeyValue, any_value},
+    common::v1::{AnyValue, ArrayValue, KeyValue, any_value},
     resource::v1::Resource,
 };
 use prost::Message as _;
+
+/// The thread-context attribute names the test bed's applications use, by key index
+/// (`threadlocal.attribute_key_map`).
+pub const THREAD_ATTRIBUTE_KEYS: [&str; 2] = ["http.route", "http.request.method"];
 
 const SIGNATURE: &[u8; 8] = b"OTEL_CTX";
 const HEADER_LEN: usize = 32;
@@ -78,7 +82,23 @@ fn encode(resource: &[(String, String)]) -> Vec<u8> {
             attributes: resource.iter().map(|(k, v)| string(k, v)).collect(),
             ..Default::default()
         }),
-        attributes: vec![string("threadlocal.schema_version", "tlsdesc_v1_dev")],
+        attributes: vec![
+            string("threadlocal.schema_version", "tlsdesc_v1_dev"),
+            KeyValue {
+                key: "threadlocal.attribute_key_map".into(),
+                value: Some(AnyValue {
+                    value: Some(any_value::Value::ArrayValue(ArrayValue {
+                        values: THREAD_ATTRIBUTE_KEYS
+                            .iter()
+                            .map(|k| AnyValue {
+                                value: Some(any_value::Value::StringValue((*k).into())),
+                            })
+                            .collect(),
+                    })),
+                }),
+                ..Default::default()
+            },
+        ],
     }
     .encode_to_vec()
 }

@@ -120,6 +120,8 @@ pub(super) struct Finished {
 /// Everything the worker is made of that can be made on the agent's thread.
 pub(super) struct Setup {
     pub(super) stacks: Option<StackTraceMap<MapData>>,
+    /// `None` with `--trace-context off`.
+    pub(super) thread_context_tls: Option<aya::maps::HashMap<MapData, u32, synspan_shared::ThreadContextTls>>,
     pub(super) read: ReadOptions,
     pub(super) nat: bool,
     pub(super) nat_all: bool,
@@ -175,7 +177,10 @@ pub(super) fn spawn(setup: Setup, work: mpsc::Receiver<Work>) -> anyhow::Result<
 
 impl Worker {
     fn new(setup: Setup) -> anyhow::Result<Self> {
-        let enricher = Enricher::new(setup.stacks, setup.read, setup.drop_reasons.is_some());
+        let mut enricher = Enricher::new(setup.stacks, setup.read, setup.drop_reasons.is_some());
+        if let Some(map) = setup.thread_context_tls {
+            enricher.find_thread_contexts(map);
+        }
         // Reading the symbol table left tens of MiB freed on the heap. Hand them back so the
         // agent's steady footprint is what it uses, not what it parsed.
         // SAFETY: plain glibc call, no pointers.

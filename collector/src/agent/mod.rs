@@ -20,7 +20,7 @@ use self::{
 };
 use crate::{
     btf::KernelBtf,
-    config::{Cli, Settings},
+    config::{Cli, Settings, TraceContext},
     connect_metrics::ConnectMetrics,
     drop_reason::DropReasons,
     enrich::process::ReadOptions,
@@ -207,6 +207,10 @@ impl Agent {
         } else {
             Some(kernel.take_stacks()?)
         };
+        let thread_context_tls = match cli.trace_context {
+            TraceContext::Off => None,
+            TraceContext::Parent | TraceContext::Link => Some(kernel.take_thread_context_tls()?),
+        };
         let sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let unattached = kernel.attach(
@@ -230,13 +234,14 @@ impl Agent {
         let finished = enrichment::spawn(
             Setup {
                 stacks,
+                thread_context_tls,
                 read: ReadOptions {
                     command_line: cli.capture_command_line,
                 },
                 nat: !cli.no_nat,
                 nat_all: cli.nat_all,
                 evidence_delay: cli.evidence_delay,
-                spans: SpanBuilder::new(host_name()),
+                spans: SpanBuilder::new(host_name()).with_trace_context(cli.trace_context),
                 sinks: Sinks::new(settings.stdout.map(StdoutSink::new), otlp, counters.clone()),
                 drop_reasons,
                 backlog: backlog.clone(),

@@ -13,19 +13,21 @@ pub(crate) mod process;
 pub(crate) mod process_cache;
 pub(crate) mod process_context;
 pub(crate) mod symbols;
+pub(crate) mod thread_context;
 pub(crate) mod unwind;
 
 use std::{cell::RefCell, collections::HashMap, num::NonZeroUsize, path::Path, sync::Arc};
 
 use aya::maps::{MapData, StackTraceMap};
 use lru::LruCache;
-use synspan_shared::ProcessNote;
+use synspan_shared::{ProcessNote, ThreadContextTls};
 
 use crate::attempt::{Attempt, UserFrame};
 use identity::Identity;
 use process::ReadOptions;
 use process_cache::{MAX_PROCESSES, ProcessCache};
 use symbols::{KernelSymbols, ProcessImage, StackNormalizer, UserSymbolizer};
+use thread_context::ThreadContexts;
 use unwind::{FrameUnwinder, ProcessUnwinder};
 
 /// Processes whose code is remembered: those that made attempts lately, until they are swept
@@ -68,6 +70,8 @@ pub(crate) struct Enricher {
     images: LruCache<u32, Arc<Image>>,
     rendered_user: LruCache<UserStackKey, Arc<str>>,
     rendered_kernel: LruCache<Arc<[u64]>, Arc<str>>,
+    /// Where processes publish their thread context; `None` when it is not read.
+    thread_contexts: Option<ThreadContexts>,
 }
 
 // It may be made on one thread and run on another.
@@ -130,13 +134,23 @@ impl Enricher {
             images: LruCache::new(MAX_IMAGES),
             rendered_user: LruCache::new(MAX_STACKS),
             rendered_kernel: LruCache::new(MAX_STACKS),
+            thread_contexts: None,
         }
+    }
+
+    /// Looks for the thread context of every process seen, and hands the kernel where each
+    /// keeps it in `map`.
+    pub(crate) fn find_thread_contexts(&mut self, map: aya::maps::HashMap<MapData, u32, ThreadContextTls>) {
+        self.thread_contexts = Some(ThreadContexts::new(map));
     }
 
     /// The kernel saw a process (or a new code path of one) start an attempt: read what
     /// might be gone by the time the attempt ends.
     pub(crate) fn on_note(&mut self, note: &ProcessNote) {
         let _ = self.processes.check(note.pid);
+        if let Some(contexts) = &mut self.thread_contexts {
+            contexts.look(note.pid);
+        }
         // A new code path may run in a library loaded since the process was last read.
         if note.user_stack_id >= 0 {
             self.read_image(note.pid);
@@ -155,6 +169,11 @@ impl Enricher {
 
     pub(crate) fn identify(&mut self, attempt: &Attempt) -> Identity {
         let process = self.processes.get(attempt.pid);
+        // A process not resolved yet is looked at again, at most once a RETRY: a library it
+        // loaded since, a process context it published since.
+        if let Some(contexts) = &mut self.thread_contexts {
+            contexts.look(attempt.pid);
+        }
         let user_stack = self
             .stack(attempt.user_stack_id)
             .map(|addrs| self.render_user(attempt.pid, addrs, attempt.user_frame.as_ref()));
@@ -201,6 +220,9 @@ impl Enricher {
     /// Forgets processes that have exited. Call now and then.
     pub(crate) fn sweep(&mut self) {
         self.processes.sweep();
+        if let Some(contexts) = &mut self.thread_contexts {
+            contexts.sweep();
+        }
         // Images hold the process's files open.
         let gone: Vec<u32> = self
             .images

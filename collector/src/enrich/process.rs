@@ -126,6 +126,9 @@ pub(crate) struct ProcessInfo {
     pub(crate) netns_inode: Option<u64>,
     /// The path of each line of `/proc/<pid>/cgroup`, cgroup v1 and v2, without repeats.
     pub(crate) cgroup_paths: Vec<String>,
+    /// The names of thread-context attributes by key index, from the process context's
+    /// `threadlocal.attribute_key_map`; empty when it published none.
+    pub(crate) thread_attribute_keys: Vec<String>,
 }
 
 /// Reads `/proc/<pid>/stat`.
@@ -289,14 +292,18 @@ impl ProcessInfo {
             .unwrap_or_default();
         let context = process_context::locate(proc_root, pid)
             .and_then(|addr| Ok((addr, process_context::read_process(proc_root, pid, addr)?)));
+        let mut thread_attribute_keys = Vec::new();
         let (service, published_context) = match context {
-            Ok((addr, context)) => (
-                Service::published(&context, environ),
-                Some(Published {
-                    addr,
-                    published_at_ns: context.published_at_ns,
-                }),
-            ),
+            Ok((addr, context)) => {
+                thread_attribute_keys = context.thread_attribute_keys.clone();
+                (
+                    Service::published(&context, environ),
+                    Some(Published {
+                        addr,
+                        published_at_ns: context.published_at_ns,
+                    }),
+                )
+            }
             Err(ContextError::NotPublished) => (environ, None),
             Err(err) => {
                 tracing::debug!(
@@ -331,6 +338,7 @@ impl ProcessInfo {
             published_context,
             netns_inode,
             cgroup_paths,
+            thread_attribute_keys,
         })
     }
 }

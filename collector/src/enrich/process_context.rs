@@ -38,7 +38,13 @@ pub(crate) struct ProcessContext {
     pub(crate) resource: Vec<(String, String)>,
     /// The context's own attributes (`threadlocal.*`), as text.
     pub(crate) attributes: Vec<(String, String)>,
+    /// `threadlocal.attribute_key_map`: thread-context attribute names by key index (an
+    /// entry that is not a string is kept as an empty name, so later indexes stay right).
+    pub(crate) thread_attribute_keys: Vec<String>,
 }
+
+/// Key indexes are one byte.
+const MAX_THREAD_ATTRIBUTE_KEYS: usize = 256;
 
 /// The payload message (opentelemetry-proto's `ProcessContext`, status Development).
 #[derive(Clone, PartialEq, prost::Message)]
@@ -157,10 +163,30 @@ pub(crate) fn read(memory: &impl Memory, addr: u64) -> Result<ProcessContext, Co
 pub(crate) fn decode(payload: &[u8], published_at_ns: u64) -> Result<ProcessContext, ContextError> {
     let message = Payload::decode(payload).map_err(|e| ContextError::Decode(e.to_string()))?;
     let resource = message.resource.map(|r| r.attributes).unwrap_or_default();
+    let thread_attribute_keys = message
+        .attributes
+        .iter()
+        .find(|kv| kv.key == crate::enrich::thread_context::KEY_MAP)
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            any_value::Value::ArrayValue(array) => Some(
+                array
+                    .values
+                    .iter()
+                    .take(MAX_THREAD_ATTRIBUTE_KEYS)
+                    .map(|v| match &v.value {
+                        Some(any_value::Value::StringValue(s)) => cut(s.clone()),
+                        _ => String::new(),
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .unwrap_or_default();
     Ok(ProcessContext {
         published_at_ns,
         resource: texts(resource),
         attributes: texts(message.attributes),
+        thread_attribute_keys,
     })
 }
 

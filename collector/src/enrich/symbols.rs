@@ -142,9 +142,9 @@ pub(crate) struct Mapping {
     /// Mapped executable: code, where stacks point.
     pub(crate) executable: bool,
     /// The path of the file, or a name such as `[vdso]`; `None` for anonymous memory.
-    name: Option<PathBuf>,
+    pub(crate) name: Option<PathBuf>,
     /// The file was unlinked since it was mapped: its path may now name another file.
-    deleted: bool,
+    pub(crate) deleted: bool,
 }
 
 pub(crate) fn parse_maps(bytes: &[u8]) -> Vec<Mapping> {
@@ -476,7 +476,7 @@ const MAX_FOUND: NonZeroUsize = super::MAX_STACKS.saturating_mul(NonZeroUsize::n
 struct Found {
     name: String,
     /// From the start of the symbol to the offset looked up.
-    offset: u64,
+    pub(crate) offset: u64,
     /// `file:line`, from DWARF.
     code: Option<String>,
 }

@@ -116,6 +116,12 @@ impl KernelObject {
         self.take(map::PROCESS_NOTES)
     }
 
+    pub(crate) fn take_thread_context_tls(
+        &mut self,
+    ) -> Result<HashMap<MapData, u32, synspan_shared::ThreadContextTls>, LoadError> {
+        self.take(map::THREAD_CONTEXT_TLS)
+    }
+
     pub(crate) fn take_stacks(&mut self) -> Result<StackTraceMap<MapData>, LoadError> {
         self.take(map::STACKS)
     }

@@ -184,7 +184,7 @@ mod tests {
         let object = object();
         // (name, type, key size, value size): what the typed map in `maps` and `statistics`
         // checks at run time.
-        let expected: [(&str, bpf_map_type, usize, usize); 12] = [
+        let expected: [(&str, bpf_map_type, usize, usize); 13] = [
             (
                 map::IN_FLIGHT,
                 BPF_MAP_TYPE_LRU_HASH,
@@ -221,6 +221,12 @@ mod tests {
                 BPF_MAP_TYPE_PERCPU_ARRAY,
                 4,
                 size_of::<SeriesValue>(),
+            ),
+            (
+                map::THREAD_CONTEXT_TLS,
+                BPF_MAP_TYPE_HASH,
+                4,
+                size_of::<synspan_shared::ThreadContextTls>(),
             ),
         ];
         for (name, kind, key_size, value_size) in expected {

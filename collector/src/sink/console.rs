@@ -23,6 +23,11 @@ pub(crate) fn write_line(out: &mut Vec<u8>, span: &ConnectSpan) -> io::Result<()
         a.peer,
         a.syn_retransmits,
     )?;
+    // The application's trace this attempt joined, short as trace ids are quoted.
+    if span.parent_span_id() != opentelemetry::trace::SpanId::INVALID {
+        let trace = span.trace_id.to_string();
+        write!(out, " trace={}", &trace[..8])?;
+    }
     if let Some(c) = &a.collision {
         write!(
             out,

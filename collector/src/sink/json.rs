@@ -1,6 +1,8 @@
 //! One JSON object per attempt, mirroring the span field for field:
-//! `{"trace_id", "span_id", "name", "kind", "start_time_unix_nano", "end_time_unix_nano",
-//!   "status": {"code", "message"}, "attributes", "events", "resource"}`.
+//! `{"trace_id", "span_id", "parent_span_id", "name", "kind", "start_time_unix_nano", "end_time_unix_nano",
+//!   "status": {"code", "message"}, "attributes", "events", "resource"}`, and "links" when
+//! the span links to the application's (`--trace-context link`). `parent_span_id` is empty
+//! for a root span.
 //! Attribute values keep their types: ports and counts are numbers.
 
 use std::{
@@ -8,7 +10,10 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use opentelemetry::{KeyValue, Value, trace::Status};
+use opentelemetry::{
+    KeyValue, Value,
+    trace::{SpanId, Status},
+};
 use serde_json::{Map, Value as Json, json};
 
 use crate::span::ConnectSpan;
@@ -59,9 +64,15 @@ pub(crate) fn to_json(span: &ConnectSpan) -> Json {
             })
         })
         .collect();
-    json!({
+    let parent = if d.parent_span_id == SpanId::INVALID {
+        String::new()
+    } else {
+        d.parent_span_id.to_string()
+    };
+    let mut line = json!({
         "trace_id": d.span_context.trace_id().to_string(),
         "span_id": d.span_context.span_id().to_string(),
+        "parent_span_id": parent,
         "name": d.name,
         "kind": "client",
         "start_time_unix_nano": unix_nanos(d.start_time),
@@ -70,7 +81,21 @@ pub(crate) fn to_json(span: &ConnectSpan) -> Json {
         "attributes": attributes(kv_pairs(&d.attributes)),
         "events": events,
         "resource": attributes(span.resource.iter().map(|(k, v)| (k.as_str(), v))),
-    })
+    });
+    if !d.links.links.is_empty() {
+        let links: Vec<Json> = d
+            .links
+            .iter()
+            .map(|l| {
+                json!({
+                    "trace_id": l.span_context.trace_id().to_string(),
+                    "span_id": l.span_context.span_id().to_string(),
+                })
+            })
+            .collect();
+        line["links"] = Json::Array(links);
+    }
+    line
 }
 
 pub(crate) fn write_line(out: &mut Vec<u8>, span: &ConnectSpan) -> io::Result<()> {

@@ -10,7 +10,7 @@
 
 use opentelemetry::{
     Array, InstrumentationScope, KeyValue, Value,
-    trace::{Status, TraceFlags},
+    trace::{SpanId, Status, TraceFlags},
 };
 use opentelemetry_sdk::Resource;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
@@ -23,8 +23,10 @@ use crate::{
 /// `Span.SpanKind.SPAN_KIND_CLIENT`.
 const SPAN_KIND_CLIENT: u64 = 3;
 
-/// `Span.flags`: the span says whether its parent is remote (it never has one).
+/// `Span.flags` and `Span.Link.flags`: whether the parent (the linked span) is remote is
+/// said; it is when the application's span is the parent (the link), in another process.
 const SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE: u32 = 0x100;
+const SPAN_FLAGS_CONTEXT_IS_REMOTE: u32 = 0x200;
 
 /// One export request being filled: the spans of one resource and scope.
 #[derive(Default)]
@@ -49,8 +51,8 @@ impl TraceRequest {
         self.spans.len()
     }
 
-    /// Appends the span of one attempt: a root span, no trace state, no links, nothing
-    /// dropped, so those fields stay at their defaults and are left out.
+    /// Appends the span of one attempt: no trace state, nothing dropped, so those fields
+    /// stay at their defaults and are left out; a parent and a link only when it has them.
     pub(crate) fn push(&mut self, span: &ConnectSpan) {
         let Self {
             span: buf,
@@ -61,6 +63,10 @@ impl TraceRequest {
         buf.clear();
         bytes_field(buf, 1, &span.trace_id.to_bytes());
         bytes_field(buf, 2, &span.span_id.to_bytes());
+        let has_parent = span.parent_span_id() != SpanId::INVALID;
+        if has_parent {
+            bytes_field(buf, 4, &span.parent_span_id().to_bytes());
+        }
         string_field(buf, 5, SPAN_NAME);
         varint_field(buf, 6, SPAN_KIND_CLIENT);
         fixed64_field(buf, 7, unix_nanos(span.attempt.start));
@@ -84,10 +90,25 @@ impl TraceRequest {
             Status::Ok => (1, ""),
             Status::Error { description } => (2, description.as_ref()),
         };
+        if let Some((trace_id, span_id)) = span.link() {
+            event.clear();
+            bytes_field(event, 1, &trace_id.to_bytes());
+            bytes_field(event, 2, &span_id.to_bytes());
+            let flags = u32::from(TraceFlags::SAMPLED.to_u8())
+                | SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE
+                | SPAN_FLAGS_CONTEXT_IS_REMOTE;
+            encode_key(6, WireType::ThirtyTwoBit, event);
+            event.extend_from_slice(&flags.to_le_bytes());
+            message_field(buf, 13, event);
+        }
+        event.clear();
         string_field(event, 2, message);
         varint_field(event, 3, code);
         message_field(buf, 15, event);
-        let flags = u32::from(TraceFlags::SAMPLED.to_u8()) | SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE;
+        let mut flags = u32::from(TraceFlags::SAMPLED.to_u8()) | SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE;
+        if has_parent {
+            flags |= SPAN_FLAGS_CONTEXT_IS_REMOTE;
+        }
         encode_key(16, WireType::ThirtyTwoBit, buf);
         buf.extend_from_slice(&flags.to_le_bytes());
         message_field(&mut self.spans, 2, buf);
@@ -267,7 +288,19 @@ mod tests {
         };
         let a = builder.build(timed_out, &with_stack, Default::default());
         let b = builder.build(established, &Default::default(), Default::default());
-        vec![a, b]
+        let child = builder.build(
+            crate::span::tests::in_the_apps_span(),
+            &Default::default(),
+            Default::default(),
+        );
+        let mut linking =
+            SpanBuilder::new("host".into()).with_trace_context(crate::config::TraceContext::Link);
+        let linked = linking.build(
+            crate::span::tests::in_the_apps_span(),
+            &Default::default(),
+            Default::default(),
+        );
+        vec![a, b, child, linked]
     }
 
     #[test]
@@ -277,7 +310,7 @@ mod tests {
         for span in &spans {
             request.push(span);
         }
-        assert_eq!(request.len(), 2);
+        assert_eq!(request.len(), spans.len());
         let resource = spans[0].resource.clone();
         let mut bytes = Vec::new();
         request.finish(&resource, crate::span::scope(), &mut bytes);

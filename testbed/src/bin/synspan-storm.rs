@@ -1,12 +1,15 @@
 //! A storm of TCP connect attempts on loopback, the load of synspan's benchmark.
 //!
 //! ```text
-//! synspan-storm success|refused [--count N] [--seconds S] [--threads T] [--accept-threads A]
-//!               [--port P]
+//! synspan-storm success|success-in-span|refused [--count N] [--seconds S] [--threads T]
+//!               [--accept-threads A] [--port P]
 //! ```
 //! success   listen on 127.0.0.1 at an ephemeral port (this process, this namespace), accept
 //!           and close every connection in `--accept-threads` threads (default 1), and
 //!           connect to it
+//! success-in-span  the same, each worker first publishing a thread-context record
+//!           (OTEP 4947, the variable in this executable) that stays set for the storm:
+//!           what the agent reads per attempt when the application is traced
 //! refused   connect to a port of 127.0.0.1 that is bound but not listening: every attempt
 //!           is refused with a RST
 //! --count   stop after N attempts in all (default 1000000)
@@ -44,7 +47,13 @@ use anyhow::{Context, bail};
 use synspan_testbed::{
     bench::{self, StormReport},
     sockaddr::{accept_and_close, bound_loopback, setsockopt, tcp_socket, to_raw},
+    traced::Record,
 };
+
+unsafe extern "C" {
+    /// From `thread_context.c`, linked into this binary by build.rs.
+    fn synspan_testbed_publish(record: *const std::ffi::c_void);
+}
 
 struct Args {
     mode: String,
@@ -55,8 +64,8 @@ struct Args {
     port: u16,
 }
 
-const USAGE: &str = "usage: synspan-storm success|refused [--count N] [--seconds S] [--threads T] \
-                     [--accept-threads A] [--port P]";
+const USAGE: &str = "usage: synspan-storm success|success-in-span|refused [--count N] [--seconds S] \
+                     [--threads T] [--accept-threads A] [--port P]";
 
 /// A blocking connect gives up after this long (SO_SNDTIMEO), so that a lost SYN cannot hold
 /// a worker past `--seconds` by more than this.
@@ -94,7 +103,7 @@ fn parse_args() -> anyhow::Result<Args> {
             other => bail!("unexpected argument {other}; {USAGE}"),
         }
     }
-    if parsed.mode != bench::SUCCESS && parsed.mode != bench::REFUSED {
+    if ![bench::SUCCESS, bench::SUCCESS_IN_SPAN, bench::REFUSED].contains(&parsed.mode.as_str()) {
         bail!("mode must be `success` or `refused`; {USAGE}");
     }
     if !(parsed.seconds > 0.0 && parsed.seconds <= 3600.0) {
@@ -171,7 +180,8 @@ fn worker(
 
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    let success = args.mode == bench::SUCCESS;
+    let in_span = args.mode == bench::SUCCESS_IN_SPAN;
+    let success = args.mode == bench::SUCCESS || in_span;
     // Success: a listener with a deep backlog, so that no SYN is dropped for a full queue
     // (that would show up as 1 s SYN retransmits). Refused: a port held bound but not
     // listening, so that nothing else can start listening on it during the storm.
@@ -191,7 +201,18 @@ fn main() -> anyhow::Result<()> {
             Vec::new()
         };
         let workers: Vec<_> = (0..args.threads)
-            .map(|_| scope.spawn(|| worker(target, expect, &claimed, args.count, deadline)))
+            .map(|i| {
+                let claimed = &claimed;
+                scope.spawn(move || {
+                    let record =
+                        Record::new([0x5a; 16], (u64::from(i) + 1).to_be_bytes(), 1, &[(0, "/storm")]);
+                    if in_span {
+                        // SAFETY: the record lives until the worker is done.
+                        unsafe { synspan_testbed_publish(record.as_ptr()) };
+                    }
+                    worker(target, expect, claimed, args.count, deadline)
+                })
+            })
             .collect();
         let tallies: Vec<io::Result<Tally>> = workers
             .into_iter()

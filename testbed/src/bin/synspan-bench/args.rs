@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use synspan_testbed::repo_root;
+use synspan_testbed::{bench, repo_root};
 
 use crate::{
     mode::Mode,
@@ -36,9 +36,10 @@ pub(crate) struct Args {
 
     /// Modes to run, of 1 (success, OTLP), 2 (success, --failures-only), 3 (refused, OTLP),
     /// 4 (success, OTLP, --no-stacks), 5 (success, --failures-only, connect metrics off:
-    /// mode 2 against it is what the connect metrics cost).
-    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1,2,3,4,5",
-          value_parser = clap::value_parser!(u8).range(1..=5))]
+    /// mode 2 against it is what the connect metrics cost), 6 (success inside published spans,
+    /// OTLP: the cost of reading thread context, against mode 1).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1,2,3,4,5,6",
+          value_parser = clap::value_parser!(u8).range(1..=6))]
     pub(crate) modes: Vec<u8>,
 
     /// Tools measured on the same storms, in the same pairs, instead of synspan: of
@@ -87,13 +88,16 @@ impl Args {
         self.peers.iter().filter_map(|name| Peer::by_name(name)).collect()
     }
 
-    /// Whether the peers run in this mode's pairs: the first mode of its storm.
+    /// Whether the peers run in this mode's pairs: the first mode of its storm, of the plain
+    /// success and refused storms.
     pub(crate) fn peers_run_in(&self, mode: &Mode) -> bool {
-        self.modes
-            .iter()
-            .map(|&id| Mode::by_id(usize::from(id)))
-            .find(|m| m.storm == mode.storm)
-            .is_some_and(|first| first.id == mode.id)
+        [bench::SUCCESS, bench::REFUSED].contains(&mode.storm)
+            && self
+                .modes
+                .iter()
+                .map(|&id| Mode::by_id(usize::from(id)))
+                .find(|m| m.storm == mode.storm)
+                .is_some_and(|first| first.id == mode.id)
     }
 
     /// Where the report goes, if anywhere.
@@ -148,11 +152,11 @@ mod tests {
             (a.pairs, a.seconds, a.count, a.threads, a.retries),
             (3, 5.0, 5_000_000, 2, 2)
         );
-        assert_eq!(a.modes, [1, 2, 3, 4, 5]);
+        assert_eq!(a.modes, [1, 2, 3, 4, 5, 6]);
         assert_eq!(a.peers().len(), PEERS.len());
-        // Success storms: mode 1 first; refused: mode 3.
-        let runs_peers: Vec<bool> = (1..=5).map(|id| a.peers_run_in(Mode::by_id(id))).collect();
-        assert_eq!(runs_peers, [true, false, true, false, false]);
+        // Success storms: mode 1 first; refused: mode 3. Mode 6's storm is one of its own.
+        let runs_peers: Vec<bool> = (1..=6).map(|id| a.peers_run_in(Mode::by_id(id))).collect();
+        assert_eq!(runs_peers, [true, false, true, false, false, false]);
         assert!(a.synspan_args().is_empty());
         assert!(a.report_path().is_some_and(|p| p.ends_with("BENCHMARKS.md")));
         let a = Args::try_parse_from([
@@ -174,7 +178,7 @@ mod tests {
             &["--pairs", "0"][..],
             &["--seconds", "0"],
             &["--seconds", "601"],
-            &["--modes", "6"],
+            &["--modes", "7"],
             &["--threads", "0"],
             &["--retries", "11"],
             &["--peers", "perf"],

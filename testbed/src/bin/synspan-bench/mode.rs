@@ -23,7 +23,7 @@ impl Mode {
     }
 }
 
-pub(crate) const MODES: [Mode; 5] = [
+pub(crate) const MODES: [Mode; 6] = [
     Mode {
         id: 1,
         name: "success storm, every attempt over OTLP",
@@ -59,6 +59,14 @@ pub(crate) const MODES: [Mode; 5] = [
         name: "success storm, --failures-only, connect metrics off",
         storm: bench::SUCCESS,
         flags: &["--failures-only", "--metrics-max-series", "0"],
+        target: None,
+    },
+    // Against mode 1: the cost of reading the calling thread's context at each attempt.
+    Mode {
+        id: 6,
+        name: "success storm inside published spans (thread context), every attempt over OTLP",
+        storm: bench::SUCCESS_IN_SPAN,
+        flags: &[],
         target: None,
     },
 ];
