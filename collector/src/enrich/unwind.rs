@@ -186,18 +186,26 @@ impl FrameUnwinder {
     }
 }
 
+/// The registers and stack bytes come from the process, the call frame information from its
+/// files: both are hostile input. framehop subtracts from a CFA computed from them without a
+/// check (`cfa - 8`, found by the `user_stack_unwind` fuzz target), which panics where
+/// overflow checks are on. A panic there costs the unwound frames, never the agent: the
+/// frame-pointer walk stands in.
 fn unwind_with(unwinder: &ProcessUnwinder, cache: &mut CacheX86_64, frame: &UserFrame) -> Vec<u64> {
-    let mut read = |addr| frame.read(addr);
-    let regs = UnwindRegsX86_64::new(frame.ip, frame.sp, frame.bp);
-    let mut frames = unwinder.iter_frames(frame.ip, regs, cache, &mut read);
-    let mut addrs = Vec::new();
-    while addrs.len() < MAX_UNWOUND_FRAMES {
-        match frames.next() {
-            Ok(Some(address)) => addrs.push(address.address()),
-            Ok(None) | Err(_) => break,
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut read = |addr| frame.read(addr);
+        let regs = UnwindRegsX86_64::new(frame.ip, frame.sp, frame.bp);
+        let mut frames = unwinder.iter_frames(frame.ip, regs, cache, &mut read);
+        let mut addrs = Vec::new();
+        while addrs.len() < MAX_UNWOUND_FRAMES {
+            match frames.next() {
+                Ok(Some(address)) => addrs.push(address.address()),
+                Ok(None) | Err(_) => break,
+            }
         }
-    }
-    addrs
+        addrs
+    }))
+    .unwrap_or_default()
 }
 
 /// The unwound frames, then the frame-pointer walk's past the deepest frame both have. The
