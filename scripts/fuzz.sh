@@ -11,7 +11,7 @@ seconds=${1:-20}
 nightly=$(sed -n 's/^EBPF_NIGHTLY=//p' scripts/setup.sh)
 scripts/setup-fuzz.sh
 cd fuzz
-cargo +"$nightly" fuzz build
+cargo +"$nightly" fuzz build -O
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # In CI every target makes a fixed number of runs from a fixed seed, starting from the
@@ -28,7 +28,7 @@ for target in $(cargo +"$nightly" fuzz list); do
         budget=(-max_total_time="$seconds")
     fi
     mkdir -p "$corpus"
-    if ! cargo +"$nightly" fuzz run "$target" "$corpus" "seeds/$target" -- \
+    if ! cargo +"$nightly" fuzz run -O "$target" "$corpus" "seeds/$target" -- \
         "${budget[@]}" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
         grep -E 'panicked|==ERROR|SUMMARY|Failing input' -A2 "$log" >&2 || tail -n 40 "$log" >&2
         echo "fuzz: $target failed; the input is in fuzz/artifacts/$target/" >&2
