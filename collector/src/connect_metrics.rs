@@ -594,7 +594,7 @@ mod tests {
 
     fn key(pid: u32, outcome: u8) -> SeriesKey {
         SeriesKey {
-            daddr: [10, 1, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [127, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             pid,
             dport: 443,
             family: AF_INET,
@@ -721,7 +721,7 @@ mod tests {
         };
         let timed_out = point_attrs(&all[0]);
         assert!(timed_out.contains(&string_attribute(key::ERROR_TYPE, "timed_out")));
-        assert!(timed_out.contains(&string_attribute(key::SERVER_ADDRESS, "10.1.0.9")));
+        assert!(timed_out.contains(&string_attribute(key::SERVER_ADDRESS, "127.0.0.9")));
         assert!(timed_out.contains(&int_value(key::SERVER_PORT, 443)));
         assert_eq!(all[1].resource.as_ref(), Some(&own));
         let overflow = point_attrs(&all[1]);
