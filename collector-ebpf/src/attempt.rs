@@ -26,7 +26,7 @@ use crate::{
         ALLOW_CGROUPS, ALLOW_DESTS, ALLOW_PIDS, ALLOW_PORTS, COLLISION_WATCH, CONNECT_CALLS, IN_FLIGHT,
         NOTED, PROCESS_NOTES, STACKS, WATCH_SINCE, WATCH_WINDOW_NS, count, count_series, forget_tuples,
         in_flight, layout, local_endpoint, policy, record_error, remember_tuple, scratch_attempt, send,
-        track_live,
+        series_key, track_live, within_span_rate,
     },
     thread_context,
 };
@@ -382,10 +382,15 @@ fn finish<C: StateChange>(ctx: &C, sock: u64, end_state: u8) -> Result<(), i32> 
     attempt.error = read_sock_field(sock, sock_fields.sk_err);
     attempt.soft_error = read_sock_field(sock, sock_fields.sk_err_soft);
     record_error(attempt, attempt.error, attempt.soft_error, attempt.end_ns);
-    count_series(attempt);
+    let series = series_key(attempt);
+    count_series(&series, attempt);
 
     let policy = policy();
-    if keep(attempt, &policy) {
+    if !keep(attempt, &policy) {
+        count(counter::FILTERED);
+    } else if !within_span_rate(&series, attempt.end_ns) {
+        count(counter::RATE_LIMITED);
+    } else {
         // A success always ends on the same path (the SYN-ACK arriving), and so does a
         // refusal (the RST arriving); the stack is worth its cost only for attempts that
         // ended some other way: a timer, the application, an ICMP error.
@@ -398,8 +403,6 @@ fn finish<C: StateChange>(ctx: &C, sock: u64, end_state: u8) -> Result<(), i32> 
                 .map_or(-1, |id| id as i32);
         }
         send(attempt);
-    } else {
-        count(counter::FILTERED);
     }
     if attempt.flags & attempt_flags::RST_SENT != 0 {
         let _ = COLLISION_WATCH.remove(&local_endpoint(attempt));

@@ -20,6 +20,7 @@ use crate::{
     helpers::{now_ns, read_event, read_kernel, read_kernel_at, read_user_at},
     maps::{
         CONNECT_CALLS, count, count_series, in_flight, layout, note_error, policy, scratch_attempt, send,
+        series_key, within_span_rate,
     },
 };
 
@@ -152,7 +153,12 @@ fn on_exit(ctx: &TracePointContext) -> Result<(), i32> {
     count(counter::STARTED);
     count(counter::FINISHED);
     count(counter::NEVER_STARTED);
-    count_series(attempt);
-    send(attempt);
+    let series = series_key(attempt);
+    count_series(&series, attempt);
+    if within_span_rate(&series, attempt.end_ns) {
+        send(attempt);
+    } else {
+        count(counter::RATE_LIMITED);
+    }
     Ok(())
 }

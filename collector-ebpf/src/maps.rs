@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use synspan_shared::{
     AttemptRecord, AttemptTuple, ConnectCall, Endpoint, KernelLayout, MAX_FILTER_ENTRIES, Policy, SeriesKey,
-    SeriesValue, ThreadContextTls, attempt_flags, counter, duration_bucket, outcome,
+    SeriesValue, SpanBudget, ThreadContextTls, attempt_flags, counter, duration_bucket, outcome,
 };
 
 use crate::helpers::read_sock_field;
@@ -99,6 +99,14 @@ pub(crate) static OVERFLOW_SERIES: PerCpuArray<SeriesValue> = PerCpuArray::with_
 /// What a new series starts from: the map copies it in.
 static EMPTY_SERIES: SeriesValue = SeriesValue::ZERO;
 
+/// What each series sent to the agent this second, for the span rate limit. LRU: a series
+/// that went quiet is pushed out, and starts a fresh second when it comes back. Shared by
+/// every CPU: a per-CPU budget would let through the limit times the number of CPUs.
+#[map]
+pub(crate) static SPAN_BUDGETS: LruHashMap<SeriesKey, SpanBudget> = LruHashMap::with_max_entries(16384, 0);
+
+const SECOND_NS: u64 = 1_000_000_000;
+
 /// A record is larger than the 512-byte BPF stack allows comfortably, so new attempts are
 /// built here before they are copied into the in-flight map.
 #[map]
@@ -148,31 +156,35 @@ fn atomic_add(value: *mut u64, delta: u64) {
     }
 }
 
-/// Counts a finished attempt in its series, or in the overflow series of its outcome when
-/// the map is full. Called once per attempt, where the policy decides its fate, so that the
-/// series add up to the attempts the accounting saw finish.
+/// The series an attempt is counted and rate-limited under.
 #[inline(always)]
-pub(crate) fn count_series(attempt: &AttemptRecord) {
-    if policy().count_series == 0 {
-        return;
-    }
-    let outcome = outcome::classify(attempt);
-    let key = SeriesKey {
+pub(crate) fn series_key(attempt: &AttemptRecord) -> SeriesKey {
+    SeriesKey {
         daddr: attempt.daddr,
         pid: attempt.pid,
         dport: attempt.dport,
         family: attempt.family,
-        outcome,
+        outcome: outcome::classify(attempt),
         _pad: [0; 7],
-    };
-    let mut value = CONNECT_SERIES.get_ptr_mut(&key);
+    }
+}
+
+/// Counts a finished attempt in its series, or in the overflow series of its outcome when
+/// the map is full. Called once per attempt, where the policy decides its fate, so that the
+/// series add up to the attempts the accounting saw finish.
+#[inline(always)]
+pub(crate) fn count_series(key: &SeriesKey, attempt: &AttemptRecord) {
+    if policy().count_series == 0 {
+        return;
+    }
+    let mut value = CONNECT_SERIES.get_ptr_mut(key);
     if value.is_none() {
         // Another CPU may make the same series first: then the insert fails and the lookup
         // finds that one.
-        let _ = CONNECT_SERIES.insert(&key, &EMPTY_SERIES, aya_ebpf::bindings::BPF_NOEXIST as u64);
-        value = CONNECT_SERIES.get_ptr_mut(&key);
+        let _ = CONNECT_SERIES.insert(key, &EMPTY_SERIES, aya_ebpf::bindings::BPF_NOEXIST as u64);
+        value = CONNECT_SERIES.get_ptr_mut(key);
     }
-    let Some(value) = value.or_else(|| OVERFLOW_SERIES.get_ptr_mut(u32::from(outcome))) else {
+    let Some(value) = value.or_else(|| OVERFLOW_SERIES.get_ptr_mut(u32::from(key.outcome))) else {
         return;
     };
     let duration = attempt.end_ns.saturating_sub(attempt.start_ns);
@@ -188,6 +200,47 @@ pub(crate) fn count_series(attempt: &AttemptRecord) {
             atomic_add(slot, 1);
         }
     }
+}
+
+/// Whether a kept attempt of this series may still be sent this second; counts it if so.
+/// A storm of identical attempts (a client hammering a closed port) then costs the ring
+/// buffer and the agent the limit, not the storm's rate.
+#[inline(always)]
+pub(crate) fn within_span_rate(key: &SeriesKey, now_ns: u64) -> bool {
+    let limit = u64::from(policy().span_rate_limit);
+    if limit == 0 {
+        return true;
+    }
+    let Some(budget) = SPAN_BUDGETS.get_ptr_mut(key) else {
+        // A lost insert (the map busy on another CPU) only lets this one through unbudgeted.
+        let _ = SPAN_BUDGETS.insert(
+            key,
+            &SpanBudget {
+                since_ns: now_ns,
+                sent: 1,
+            },
+            0,
+        );
+        return true;
+    };
+    // SAFETY: an element of a preallocated LRU map, valid for the run. Other CPUs update the
+    // same series at once: `sent` is added to atomically, and the unlocked check before it
+    // lets at most one attempt per CPU past the limit. Two CPUs that both see the second
+    // over both restart it, which costs nothing but a few attempts' worth of budget. An
+    // element evicted and reused meanwhile is another series' budget, which then counts one
+    // attempt too many or starts its second late.
+    unsafe {
+        if now_ns.wrapping_sub((*budget).since_ns) >= SECOND_NS {
+            (*budget).since_ns = now_ns;
+            (*budget).sent = 1;
+            return true;
+        }
+        if (*budget).sent >= limit {
+            return false;
+        }
+        atomic_add(&raw mut (*budget).sent, 1);
+    }
+    true
 }
 
 /// One more (`true`) or one fewer attempt in the in-flight map; see [`LIVE`].

@@ -15,6 +15,11 @@ use crate::{
     sink::Format,
 };
 
+/// `--span-rate-limit`'s default: more of one process's identical attempts to one
+/// destination than anyone reads as spans, few enough that a storm of them costs the agent
+/// next to nothing (benchmark mode 3).
+const DEFAULT_SPAN_RATE_LIMIT: u32 = 100;
+
 const ABOUT: &str = "Every TCP connect attempt on this host as an OpenTelemetry span.";
 
 const LONG_ABOUT: &str = "\
@@ -124,9 +129,16 @@ pub(crate) struct Cli {
     pub(crate) keep_retried: bool,
 
     /// Fraction of the remaining successes to keep, from 0 to 1. Default 1, or 0 with
-    /// --failures-only. Failures are always kept.
+    /// --failures-only. Failures are always kept (within --span-rate-limit).
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub(crate) sample_successes: Option<f64>,
+
+    /// Spans a second per process, destination and outcome; kept attempts past it are
+    /// dropped in the kernel, before the ring buffer, and counted as `rate_limited`. The
+    /// connect metrics still count every attempt. A client hammering a dead backend then
+    /// costs this many spans a second, not one per attempt. 0: no limit.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_SPAN_RATE_LIMIT)]
+    pub(crate) span_rate_limit: u32,
 
     /// Trace only attempts made by these processes (tgid). Repeat or separate with commas.
     #[arg(long = "pid", value_name = "PID", value_delimiter = ',')]
@@ -352,7 +364,8 @@ impl Cli {
             // Set by the agent, which knows this kernel's numbers.
             answered_reasons: [0; MAX_ANSWERED_REASONS],
             count_series: u8::from(self.metrics_max_series > 0),
-            reserved_end: [0; 7],
+            reserved_end: [0; 3],
+            span_rate_limit: self.span_rate_limit,
         }
     }
 }
@@ -375,6 +388,7 @@ mod tests {
                 agent_tgid: 7,
                 drop_reasons: 1,
                 count_series: 1,
+                span_rate_limit: DEFAULT_SPAN_RATE_LIMIT,
                 ..Policy::ALL
             }
         );

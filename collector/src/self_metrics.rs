@@ -40,22 +40,6 @@ pub(crate) struct SelfMetrics {
     stop: oneshot::Sender<Instant>,
 }
 
-/// (reason, count) for every way an attempt can be dropped.
-fn drops(a: &Accounting) -> [(&'static str, u64); 10] {
-    [
-        ("filtered", a.filtered()),
-        ("ringbuf_full", a.kernel.ringbuf_full),
-        ("evicted", a.evicted()),
-        ("replaced", a.kernel.replaced),
-        ("track_failed", a.kernel.track_failed),
-        ("undecodable", a.undecodable),
-        ("enrich_queue_full", a.enrich_queue_full),
-        ("export_queue_full", a.export_queue_full),
-        ("export_failed", a.export_failed),
-        ("unflushed", a.unflushed),
-    ]
-}
-
 impl SelfMetrics {
     /// Sends a reading every `interval`, the first one an interval from now, with the
     /// connect metrics when they are on.
@@ -237,7 +221,7 @@ impl MetricsRequests {
             counter(
                 "synspan.attempts.dropped",
                 "Attempts that will not be exported, by reason",
-                drops(a)
+                a.drops()
                     .into_iter()
                     .map(|(reason, n)| point(n, vec![string_attribute("synspan.drop.reason", reason)]))
                     .collect(),
@@ -327,7 +311,7 @@ mod tests {
         );
         assert_eq!(value(&exported.data_points[0]), 5);
         let dropped = sum("synspan.attempts.dropped");
-        assert_eq!(dropped.data_points.len(), drops(&a).len());
+        assert_eq!(dropped.data_points.len(), a.drops().len());
         let failed = dropped
             .data_points
             .iter()

@@ -84,19 +84,28 @@ impl Accounting {
         self.kernel.filtered + self.kernel.not_allowed
     }
 
+    /// (reason, count) for every way an attempt can be dropped, under the names of the
+    /// accounting line.
+    pub(crate) fn drops(&self) -> [(&'static str, u64); 11] {
+        let k = &self.kernel;
+        [
+            ("filtered", self.filtered()),
+            ("rate_limited", k.rate_limited),
+            ("ringbuf_full", k.ringbuf_full),
+            ("evicted", self.evicted()),
+            ("replaced", k.replaced),
+            ("track_failed", k.track_failed),
+            ("undecodable", self.undecodable),
+            ("enrich_queue_full", self.enrich_queue_full),
+            ("export_queue_full", self.export_queue_full),
+            ("export_failed", self.export_failed),
+            ("unflushed", self.unflushed),
+        ]
+    }
+
     /// Attempts that will never be exported, whatever the reason.
     pub(crate) fn dropped(&self) -> u64 {
-        let k = &self.kernel;
-        self.filtered()
-            + k.ringbuf_full
-            + k.replaced
-            + k.track_failed
-            + self.evicted()
-            + self.undecodable
-            + self.enrich_queue_full
-            + self.export_queue_full
-            + self.export_failed
-            + self.unflushed
+        self.drops().iter().map(|(_, n)| n).sum()
     }
 
     /// Attempts the kernel saw enter SYN_SENT while synspan ran.
@@ -123,6 +132,7 @@ pub(crate) struct AccountingLine {
     pending: u64,
     dropped: u64,
     filtered: u64,
+    rate_limited: u64,
     ringbuf_full: u64,
     evicted: u64,
     replaced: u64,
@@ -149,6 +159,7 @@ impl From<&Accounting> for AccountingLine {
             pending: a.pending(),
             dropped: a.dropped(),
             filtered: a.filtered(),
+            rate_limited: k.rate_limited,
             ringbuf_full: k.ringbuf_full,
             evicted: a.evicted(),
             replaced: k.replaced,
@@ -188,7 +199,7 @@ impl fmt::Display for Accounting {
         write!(
             f,
             "attempts seen={} in_flight={} exported={} pending={} dropped={} \
-             (filtered={} ringbuf_full={} evicted={} replaced={} track_failed={} \
+             (filtered={} rate_limited={} ringbuf_full={} evicted={} replaced={} track_failed={} \
              undecodable={} enrich_queue_full={} export_queue_full={} export_failed={} unflushed={}) \
              untracked_finish={} never_started={} kernel_skipped_runs={} \
              packet_drops_matched={} packet_drops_unmatched={}",
@@ -198,6 +209,7 @@ impl fmt::Display for Accounting {
             self.pending(),
             self.dropped(),
             self.filtered(),
+            k.rate_limited,
             k.ringbuf_full,
             self.evicted(),
             k.replaced,
@@ -235,21 +247,22 @@ mod tests {
                 never_started: 0,
                 packet_drops_matched: 6,
                 packet_drops_unmatched: 1,
+                rate_limited: 7,
             },
             recursion_misses: 0,
             in_flight: 2,
             received: 80,
             undecodable: 0,
             enrich_queue_full: 2,
-            exported: 70,
+            exported: 63,
             export_queue_full: 4,
             export_failed: 3,
             unflushed: 1,
         };
         assert_eq!(a.evicted(), 2);
         assert_eq!(a.seen(), 104);
-        assert_eq!(a.dropped(), 14 + 5 + 1 + 2 + 2 + 4 + 3 + 1);
-        assert_eq!(a.pending(), 104 - 70 - 32 - 2);
+        assert_eq!(a.dropped(), 14 + 7 + 5 + 1 + 2 + 2 + 4 + 3 + 1);
+        assert_eq!(a.pending(), 104 - 63 - 39 - 2);
         let line = a.to_string();
         assert!(line.contains("seen=104") && line.contains("evicted=2"), "{line}");
         let json: serde_json::Value = serde_json::from_str(&a.json_line()).unwrap();

@@ -1,6 +1,9 @@
 //! End to end: the in-kernel policy and exact accounting. Needs root.
 
-use std::{process::Stdio, time::Duration};
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
 
 use serde_json::Value;
 use synspan_testbed::{
@@ -8,7 +11,8 @@ use synspan_testbed::{
     cgroup::Cgroup,
     client::{Report, connect_many},
     netns::Netns,
-    workspace_bin,
+    otlp_sink::{OtlpSink, SinkCounts},
+    wait_until, workspace_bin,
 };
 
 fn outcomes_of(agent: &Agent, reports: &[Report]) -> Vec<String> {
@@ -145,5 +149,67 @@ fn accounting_is_exact_when_the_ring_buffer_overflows() {
     assert!(
         a["ringbuf_full"] > 0,
         "the storm was meant to overflow the ring buffer: {a:?}"
+    );
+}
+
+/// A refused storm to one destination, with a span rate limit: the kernel lets through
+/// about the limit a second and counts the rest as `rate_limited`; the connect metrics
+/// still count every attempt.
+#[test]
+fn a_storm_of_identical_failures_is_rate_limited_in_the_kernel_and_still_counted() {
+    const LIMIT: u64 = 20;
+    let sink = OtlpSink::start().unwrap();
+    let cgroup = Cgroup::new("rate").unwrap();
+    let cg = cgroup.path().display().to_string();
+    let limit = LIMIT.to_string();
+    let agent = Agent::start(&[
+        "--otlp-endpoint",
+        sink.endpoint(),
+        "--metrics-interval",
+        "1s",
+        "--span-rate-limit",
+        &limit,
+        "--cgroup",
+        &cg,
+    ])
+    .unwrap();
+    let ns = Netns::new("rate").unwrap();
+    let mut storm = ns.command(&workspace_bin("synspan-connect"));
+    storm.args(["127.0.0.1:9", "--count", "1500", "--parallel", "2"]);
+    let began = Instant::now();
+    let out = cgroup.wrap(&storm).stdout(Stdio::piped()).output().unwrap();
+    let seconds = began.elapsed().as_secs_f64();
+    assert!(out.status.success());
+    let made = String::from_utf8_lossy(&out.stdout).lines().count() as u64;
+    assert_eq!(made, 3000);
+    let refused = |c: &SinkCounts| {
+        c.connect_points(
+            "synspan.connect.attempts",
+            &[("server.address", "127.0.0.1"), ("server.port", "9")],
+        )
+        .iter()
+        .map(|p| p.value as u64)
+        .sum::<u64>()
+    };
+    let counts = wait_until(Duration::from_secs(30), || {
+        sink.counts().ok().filter(|c| refused(c) == made)
+    });
+    assert!(
+        counts.is_some(),
+        "the metrics never counted {made}: {:?}",
+        sink.counts()
+    );
+    let stopped = agent.stop(Duration::from_secs(20)).unwrap();
+    let a = stopped.exact_books();
+    let exported = sink.counts().unwrap().spans;
+    assert_eq!(a["exported"], exported, "{a:?}");
+    assert_eq!(a["seen"] - a["filtered"], made, "{a:?}");
+    assert_eq!(exported + a["rate_limited"], made, "{a:?}");
+    // One budget per started second of the storm; two CPUs may each pass one attempt past a
+    // budget that the other is about to fill.
+    let windows = seconds.ceil() as u64 + 1;
+    assert!(
+        (LIMIT..=windows * (LIMIT + 2)).contains(&exported),
+        "{exported} spans in {seconds:.2} s with a limit of {LIMIT}/s: {a:?}"
     );
 }

@@ -630,7 +630,11 @@ pub struct Policy {
     /// Count every finished attempt in `CONNECT_SERIES` (see [`SeriesKey`]).
     pub count_series: u8,
     /// Keeps the struct free of implicit padding.
-    pub reserved_end: [u8; 7],
+    pub reserved_end: [u8; 3],
+    /// Kept attempts sent to the agent per series ([`SeriesKey`]: process, destination,
+    /// outcome) and second; the rest are counted as [`counter::RATE_LIMITED`] and dropped in
+    /// the kernel. 0: no limit.
+    pub span_rate_limit: u32,
 }
 
 /// Entries of [`Policy::answered_reasons`].
@@ -667,7 +671,8 @@ impl Policy {
         reserved: [0; 3],
         answered_reasons: [0; MAX_ANSWERED_REASONS],
         count_series: 0,
-        reserved_end: [0; 7],
+        reserved_end: [0; 3],
+        span_rate_limit: 0,
     };
 }
 
@@ -703,7 +708,10 @@ pub mod counter {
     pub const DROPS_MATCHED: u32 = 9;
     /// TCP handshake packets dropped while attempts were in flight that belonged to none.
     pub const DROPS_UNMATCHED: u32 = 10;
-    pub const LEN: u32 = 11;
+    /// Kept attempts over their series' span rate limit ([`crate::Policy::span_rate_limit`]),
+    /// dropped before the ring buffer. Their series still count them.
+    pub const RATE_LIMITED: u32 = 11;
+    pub const LEN: u32 = 12;
 }
 
 /// How an attempt ended, as the kernel counts it in [`SeriesKey::outcome`] and the agent
@@ -825,6 +833,17 @@ pub struct SeriesKey {
     /// One of [`outcome`].
     pub outcome: u8,
     pub _pad: [u8; 7],
+}
+
+/// What a series has sent to the agent in its current second (`SPAN_BUDGETS`); see
+/// [`Policy::span_rate_limit`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpanBudget {
+    /// When the second began.
+    pub since_ns: u64,
+    /// Attempts sent since then.
+    pub sent: u64,
 }
 
 /// What the kernel counts per [`SeriesKey`], per CPU.

@@ -24,6 +24,7 @@ pub(crate) struct KernelCounters {
     /// packets dropped while attempts were in flight that belonged to none.
     pub(crate) packet_drops_matched: u64,
     pub(crate) packet_drops_unmatched: u64,
+    pub(crate) rate_limited: u64,
 }
 
 /// `bpf_prog_info::recursion_misses` of one program, from the kernel (5.12 and later; 0 before).
@@ -70,6 +71,7 @@ impl KernelObject {
             never_started: sum(counter::NEVER_STARTED),
             packet_drops_matched: sum(counter::DROPS_MATCHED),
             packet_drops_unmatched: sum(counter::DROPS_UNMATCHED),
+            rate_limited: sum(counter::RATE_LIMITED),
         })
     }
 

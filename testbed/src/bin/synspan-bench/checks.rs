@@ -50,6 +50,7 @@ pub(crate) fn exactness(mode: &Mode, run: &Run) -> Option<Exactness> {
         ));
     }
     for key in [
+        "rate_limited",
         "ringbuf_full",
         "evicted",
         "replaced",

@@ -1,4 +1,4 @@
-//! The five modes: a storm and the flags synspan runs with during it.
+//! The modes: a storm and the flags synspan runs with during it.
 
 use synspan_testbed::bench;
 
@@ -17,7 +17,7 @@ impl Mode {
         self.flags.contains(&"--failures-only")
     }
 
-    /// Mode `id`, as `--modes` numbers them (1 to 5, checked there).
+    /// Mode `id`, as `--modes` numbers them (checked there).
     pub(crate) fn by_id(id: usize) -> &'static Mode {
         &MODES[id - 1]
     }
@@ -28,7 +28,7 @@ pub(crate) const MODES: [Mode; 6] = [
         id: 1,
         name: "success storm, every attempt over OTLP",
         storm: bench::SUCCESS,
-        flags: &[],
+        flags: &["--span-rate-limit", "0"],
         target: Some(0.85),
     },
     Mode {
@@ -40,7 +40,7 @@ pub(crate) const MODES: [Mode; 6] = [
     },
     Mode {
         id: 3,
-        name: "refused storm, every failure over OTLP",
+        name: "refused storm, every failure kept, default span rate limit",
         storm: bench::REFUSED,
         flags: &[],
         target: Some(0.75),
@@ -49,7 +49,7 @@ pub(crate) const MODES: [Mode; 6] = [
         id: 4,
         name: "success storm, every attempt over OTLP, --no-stacks",
         storm: bench::SUCCESS,
-        flags: &["--no-stacks"],
+        flags: &["--no-stacks", "--span-rate-limit", "0"],
         target: None,
     },
     // Mode 2 without the connect metrics: what counting every attempt in the kernel costs is
@@ -66,7 +66,7 @@ pub(crate) const MODES: [Mode; 6] = [
         id: 6,
         name: "success storm inside published spans (thread context), every attempt over OTLP",
         storm: bench::SUCCESS_IN_SPAN,
-        flags: &[],
+        flags: &["--span-rate-limit", "0"],
         target: None,
     },
 ];
