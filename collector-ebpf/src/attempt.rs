@@ -16,7 +16,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext, tracing::StackIdContext},
 };
 use synspan_shared::{
-    AF_INET, AttemptRecord, Endpoint, IPPROTO_TCP, ProcessNote, attempt_flags, counter, filter, tcp_state,
+    AF_INET, AttemptRecord, Endpoint, IPPROTO_TCP, ProcessNote, attempt_flags, counter, filter, handoff,
+    tcp_state,
 };
 
 use crate::{
@@ -25,8 +26,8 @@ use crate::{
     maps::{
         ALLOW_CGROUPS, ALLOW_DESTS, ALLOW_PIDS, ALLOW_PORTS, COLLISION_WATCH, CONNECT_CALLS, IN_FLIGHT,
         NOTED, PROCESS_NOTES, STACKS, WATCH_SINCE, WATCH_WINDOW_NS, count, count_series, forget_tuples,
-        in_flight, layout, local_endpoint, policy, record_error, remember_tuple, scratch_attempt, send,
-        series_key, track_live, within_span_rate,
+        handoff_set, in_flight, layout, local_endpoint, policy, record_error, remember_tuple,
+        scratch_attempt, send, series_key, track_live, within_span_rate,
     },
     thread_context,
 };
@@ -291,7 +292,14 @@ fn start<C: StateChange>(ctx: &C, sock: u64) -> Result<(), i32> {
     }
     thread_context::read(attempt);
     if policy.stacks != 0 {
-        caller::record_stacks(ctx, attempt, call.is_some());
+        if call.is_some() {
+            // Walked when the call returns, if the attempt is still worth it then: see
+            // `handoff`. Fast successes dropped by the policy never pay for it.
+            attempt.user_stack_id = -1;
+            attempt.handoff = handoff::STACKS_PENDING;
+        } else {
+            caller::record_stacks(ctx, attempt, false);
+        }
     }
     // The port is 0 here unless the socket was bound: the drop program then finds the
     // attempt's packets by this entry and the socket's port (see `drop.rs`).
@@ -312,6 +320,8 @@ fn start<C: StateChange>(ctx: &C, sock: u64) -> Result<(), i32> {
         track_live(true);
     }
     count(counter::STARTED);
+    // With the stack still to come, the note is the process's alone: its identity, read
+    // while it is surely alive. The code path follows when the stack is taken.
     note_process(attempt);
     Ok(())
 }
@@ -319,7 +329,7 @@ fn start<C: StateChange>(ctx: &C, sock: u64) -> Result<(), i32> {
 /// Tells the agent about a process (and user stack) it has not heard of, while the process
 /// is alive for sure. A lost note only costs enrichment, so its loss is not counted.
 #[inline(always)]
-fn note_process(attempt: &AttemptRecord) {
+pub(crate) fn note_process(attempt: &AttemptRecord) {
     let key = (u64::from(attempt.pid) << 32) | u64::from(attempt.user_stack_id as u32);
     // SAFETY: only whether the entry exists is looked at, not the value.
     if unsafe { NOTED.get(&key) }.is_some() {
@@ -386,6 +396,7 @@ fn finish<C: StateChange>(ctx: &C, sock: u64, end_state: u8) -> Result<(), i32> 
     count_series(&series, attempt);
 
     let policy = policy();
+    let mut parked = false;
     if !keep(attempt, &policy) {
         count(counter::FILTERED);
     } else if !within_span_rate(&series, attempt.end_ns) {
@@ -402,13 +413,19 @@ fn finish<C: StateChange>(ctx: &C, sock: u64, end_state: u8) -> Result<(), i32> 
                 .get_stackid(&STACKS, BPF_F_REUSE_STACKID as u64)
                 .map_or(-1, |id| id as i32);
         }
-        send(attempt);
+        // Still inside its `connect()`, which takes the user stack on its way out: the
+        // return sends the attempt. Unless it has just done so on another CPU.
+        parked = attempt.handoff & handoff::STACKS_PENDING != 0
+            && handoff_set(attempt, handoff::PARKED) & handoff::STACKS_PENDING != 0;
+        if !parked {
+            send(attempt);
+        }
     }
     if attempt.flags & attempt_flags::RST_SENT != 0 {
         let _ = COLLISION_WATCH.remove(&local_endpoint(attempt));
     }
     forget_tuples(attempt);
-    if IN_FLIGHT.remove(&sock).is_ok() {
+    if !parked && IN_FLIGHT.remove(&sock).is_ok() {
         track_live(false);
     }
     Ok(())

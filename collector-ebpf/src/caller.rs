@@ -82,6 +82,6 @@ fn record_user_frame(attempt: &mut AttemptRecord) {
     // stack pointer within USER_STACK_BYTES of the top of its thread's stack does: then the
     // agent unwinds from the registers alone.
     if read_user_into(user.sp, &mut attempt.user_stack).is_ok() {
-        attempt.user_stack_len = USER_STACK_BYTES as u32;
+        attempt.user_stack_len = USER_STACK_BYTES as u16;
     }
 }

@@ -12,15 +12,17 @@ use aya_ebpf::{
     macros::tracepoint,
     programs::TracePointContext,
 };
-use synspan_shared::{AF_INET, AF_INET6, AttemptRecord, ConnectCall, IPPROTO_TCP, attempt_flags, counter};
+use synspan_shared::{
+    AF_INET, AF_INET6, AttemptRecord, ConnectCall, IPPROTO_TCP, attempt_flags, counter, handoff,
+};
 
 use crate::{
-    attempt::allowed,
+    attempt::{allowed, note_process},
     caller,
     helpers::{now_ns, read_event, read_kernel, read_kernel_at, read_user_at},
     maps::{
-        CONNECT_CALLS, count, count_series, in_flight, layout, note_error, policy, scratch_attempt, send,
-        series_key, within_span_rate,
+        CONNECT_CALLS, IN_FLIGHT, count, count_series, handoff_clear, in_flight, layout, note_error, policy,
+        scratch_attempt, send, series_key, track_live, within_span_rate,
     },
 };
 
@@ -98,6 +100,21 @@ fn tcp_destination(call: &ConnectCall, attempt: &mut AttemptRecord) -> Result<bo
     Ok(true)
 }
 
+/// The user stack of an attempt that started inside this call: the thread's registers and
+/// stack are what they were at SYN_SENT, since it has not left the call. An attempt that
+/// ended and was kept meanwhile waits for this (`PARKED`), and is sent from here.
+#[inline(always)]
+fn take_stacks(ctx: &TracePointContext, attempt: &mut AttemptRecord, sock: u64) {
+    caller::record_stacks(ctx, attempt, true);
+    note_process(attempt);
+    if handoff_clear(attempt, handoff::STACKS_PENDING) & handoff::PARKED != 0 {
+        send(attempt);
+        if IN_FLIGHT.remove(&sock).is_ok() {
+            track_live(false);
+        }
+    }
+}
+
 /// Errors that mean the call was not an attempt, or not a failed one.
 #[inline(always)]
 fn is_attempt_failure(errno: i32) -> bool {
@@ -127,6 +144,9 @@ fn on_exit(ctx: &TracePointContext) -> Result<(), i32> {
     if call.sock != 0 {
         if let Some(attempt) = in_flight(call.sock) {
             note_error(attempt, call.sock, now_ns());
+            if attempt.handoff & handoff::STACKS_PENDING != 0 {
+                take_stacks(ctx, attempt, call.sock);
+            }
         }
         return Ok(());
     }

@@ -169,6 +169,33 @@ pub(crate) fn series_key(attempt: &AttemptRecord) -> SeriesKey {
     }
 }
 
+/// Sets `bits` in the attempt's [`handoff`](synspan_shared::handoff) word, atomically;
+/// returns the bits that were set before.
+#[inline(always)]
+pub(crate) fn handoff_set(attempt: &mut AttemptRecord, bits: u64) -> u64 {
+    let word = &raw mut attempt.handoff;
+    let mut old = bits;
+    // SAFETY: an aligned u64 of a record that outlives the run (see `in_flight`); while the
+    // attempt is in the in-flight map every access to it is one of these two instructions.
+    // BPF has atomic read-modify-write only as instructions, not as core::sync::atomic.
+    unsafe {
+        core::arch::asm!("{v} = atomic_fetch_or((u64 *)({p} + 0), {v})", p = in(reg) word, v = inout(reg) old);
+    }
+    old
+}
+
+/// Clears `bits` in the attempt's handoff word, atomically; returns the bits set before.
+#[inline(always)]
+pub(crate) fn handoff_clear(attempt: &mut AttemptRecord, bits: u64) -> u64 {
+    let word = &raw mut attempt.handoff;
+    let mut old = !bits;
+    // SAFETY: as for `handoff_set`.
+    unsafe {
+        core::arch::asm!("{v} = atomic_fetch_and((u64 *)({p} + 0), {v})", p = in(reg) word, v = inout(reg) old);
+    }
+    old
+}
+
 /// Counts a finished attempt in its series, or in the overflow series of its outcome when
 /// the map is full. Called once per attempt, where the policy decides its fate, so that the
 /// series add up to the attempts the accounting saw finish.

@@ -58,6 +58,19 @@ pub mod names {
     }
 }
 
+/// Bits of [`AttemptRecord::handoff`]. An attempt that starts inside `connect()` has the
+/// same user stack when the call returns, in the same thread, and most attempts (fast
+/// successes under `--failures-only`) are dropped by then: the stack is walked only for an
+/// attempt still in flight or kept when the call returns. Set and cleared atomically: with a
+/// non-blocking `connect()`, the attempt can end on another CPU while the call returns.
+pub mod handoff {
+    /// The user stack is to be taken when the `connect()` call returns.
+    pub const STACKS_PENDING: u64 = 1 << 0;
+    /// The attempt ended, was kept, and waits in the in-flight map for its stack: whichever
+    /// of the end and the call's return comes second sends it.
+    pub const PARKED: u64 = 1 << 1;
+}
+
 /// Length of `task_struct::comm`, NUL included.
 pub const TASK_COMM_LEN: usize = 16;
 
@@ -206,15 +219,17 @@ pub struct AttemptRecord {
     /// The colliding socket's TCP state when it closed (FIN_WAIT2, CLOSE_WAIT, ...).
     pub collision_state: u8,
     pub last_drop_packet: u8,
-    pub _pad: [u8; 2],
+    /// How many bytes of `user_stack` hold the stack: [`USER_STACK_BYTES`], or 0.
+    pub user_stack_len: u16,
     /// The caller's user registers as `connect()` entered the kernel, and the top of its user
     /// stack from `user_sp`: what the agent unwinds the innermost frames from with the call
     /// frame information of their files, where frame pointers cannot (see
     /// [`USER_STACK_BYTES`]). All zero when not captured.
     pub user_regs: UserRegs,
-    /// How many bytes of `user_stack` hold the stack: [`USER_STACK_BYTES`], or 0.
-    pub user_stack_len: u32,
-    pub _pad2: u32,
+    /// Bits of [`handoff`]: an attempt started inside `connect()` whose user stack is taken
+    /// when the call returns. Kernel-side only; the agent ignores it. 64 bits: the only
+    /// width BPF's atomic operations have on every kernel.
+    pub handoff: u64,
     pub user_stack: [u8; USER_STACK_BYTES],
     /// The calling thread's OpenTelemetry thread context at SYN_SENT (OTEP 4947), when its
     /// process publishes one and the agent found where; zeros otherwise.
@@ -354,10 +369,9 @@ impl AttemptRecord {
         flags: 0,
         collision_state: 0,
         last_drop_packet: 0,
-        _pad: [0; 2],
-        user_regs: UserRegs::ZERO,
         user_stack_len: 0,
-        _pad2: 0,
+        user_regs: UserRegs::ZERO,
+        handoff: 0,
         user_stack: [0; USER_STACK_BYTES],
         thread_context: ThreadContextRecord::ZERO,
     };

@@ -111,6 +111,13 @@ impl Agent {
         )
     }
 
+    /// Starts `synspan --output OUTPUT ARGS` with synspan's own defaults, as a user would run
+    /// it (the other starts turn the span rate limit off unless `args` set it), and waits
+    /// until it says it is ready.
+    pub fn start_as_shipped(output: Output, args: &[&str]) -> anyhow::Result<Self> {
+        Self::spawn(output, args, &[], None, true)
+    }
+
     /// Starts `synspan --output OUTPUT ARGS` and waits until it says it is ready.
     pub fn start_with(output: Output, args: &[&str]) -> anyhow::Result<Self> {
         Self::start_with_env(output, args, &[])
@@ -119,13 +126,13 @@ impl Agent {
     /// Starts `synspan --output OUTPUT ARGS` with `env` added to its environment
     /// (`OTEL_EXPORTER_OTLP_*`) and waits until it says it is ready.
     pub fn start_with_env(output: Output, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        Self::spawn(output, args, env, None)
+        Self::spawn(output, args, env, None, false)
     }
 
     /// Starts `synspan --output OUTPUT ARGS` inside the cgroup whose `cgroup.procs` is
     /// `procs`, from its first instruction on, and waits until it says it is ready.
     pub fn start_in_cgroup(procs: &Path, output: Output, args: &[&str]) -> anyhow::Result<Self> {
-        Self::spawn(output, args, &[], Some(procs))
+        Self::spawn(output, args, &[], Some(procs), false)
     }
 
     fn spawn(
@@ -133,6 +140,7 @@ impl Agent {
         args: &[&str],
         env: &[(&str, &str)],
         cgroup_procs: Option<&Path>,
+        as_shipped: bool,
     ) -> anyhow::Result<Self> {
         let (flag, stdout) = match output {
             Output::Json => ("json", Stdio::piped()),
@@ -141,7 +149,7 @@ impl Agent {
         let mut command = Command::new(workspace_bin("synspan"));
         command.args(["--output", flag]);
         // The tests count every span of their storms; the rate limit's own tests set it.
-        if !args.iter().any(|a| a.starts_with("--span-rate-limit")) {
+        if !as_shipped && !args.iter().any(|a| a.starts_with("--span-rate-limit")) {
             command.args(["--span-rate-limit", "0"]);
         }
         command

@@ -122,6 +122,17 @@ impl KernelObject {
                 unattached.push((name, err.to_string()));
             }
         }
+        // An attempt that starts inside a `connect()` the entry saw waits for the call's return
+        // to take its user stack (see `handoff` in synspan_shared): without the return, the
+        // entry must not be seen either.
+        let exit_missing = unattached.iter().any(|(n, _)| *n == program::SYS_EXIT_CONNECT);
+        if exit_missing && !unattached.iter().any(|(n, _)| *n == program::SYS_ENTER_CONNECT) {
+            self.unload(program::SYS_ENTER_CONNECT);
+            unattached.push((
+                program::SYS_ENTER_CONNECT,
+                "sys_exit_connect is not attached".into(),
+            ));
+        }
         let btf_hooks = [(ERROR_REPORT, true), (PACKET_DROP, drop_reasons)];
         for (name, wanted) in btf_hooks {
             if !wanted || unattached.iter().any(|(n, _)| *n == name) {

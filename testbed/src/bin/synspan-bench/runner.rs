@@ -183,7 +183,7 @@ impl Bench<'_> {
         ];
         flags.extend(mode.flags);
         flags.extend(self.args.synspan_args());
-        let agent = Agent::start_with(Output::None, &flags)?;
+        let agent = Agent::start_as_shipped(Output::None, &flags)?;
         let pid = agent.pid();
         let progs_before = measure::prog_stats(&agent);
         let cpu_start = measure::cpu_seconds(pid).unwrap_or(0.0);
