@@ -175,21 +175,25 @@ const MAX_REQUEST_BYTES: usize = 3 * 1024 * 1024;
 
 /// One request per resource (the traced process's service), with its span count.
 fn encode_batch(request: &mut TraceRequest, batch: &mut Vec<ConnectSpan>) -> Vec<(Bytes, u64)> {
-    batch.sort_by(|a, b| a.service.cmp(&b.service));
+    // Sorted by reference: a span is over 600 bytes, and moving them was a tenth of the
+    // agent's time per span with every attempt exported.
+    let mut order: Vec<&ConnectSpan> = batch.iter().collect();
+    order.sort_by(|a, b| a.service.cmp(&b.service));
     let mut requests = Vec::new();
-    let mut spans = batch.drain(..).peekable();
+    let mut spans = order.into_iter().peekable();
     while let Some(first) = spans.next() {
-        request.push(&first);
+        request.push(first);
         while request.encoded_len() <= MAX_REQUEST_BYTES
             && let Some(next) = spans.next_if(|s| s.service == first.service)
         {
-            request.push(&next);
+            request.push(next);
         }
         let n = request.len() as u64;
         let mut bytes = Vec::with_capacity(request.encoded_len() + 256);
         request.finish(&first.resource, scope(), &mut bytes);
         requests.push((Bytes::from(bytes), n));
     }
+    batch.clear();
     requests
 }
 
