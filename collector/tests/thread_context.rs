@@ -12,17 +12,9 @@ use synspan_testbed::{
     netns::Netns,
     receiver::Receiver,
     traced::{ThreadReport, TracedApp},
-    wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// The agent, exporting to `receiver`, once it says it found where `app` publishes.
-fn found(agent: &Agent, app: &TracedApp) {
-    let needle = format!("process {} publishes its thread context", app.pid);
-    let seen = wait_until(WAIT, || agent.stderr().contains(&needle).then_some(()));
-    assert!(seen.is_some(), "no {needle:?} in:\n{}", agent.stderr());
-}
 
 /// `bin ARGS --otlp-endpoint RECEIVER --targets TARGETS`, once `agent` found where it
 /// publishes (`None`: not waited for).
@@ -32,7 +24,7 @@ fn traced(receiver: &Receiver, agent: Option<&Agent>, bin: &str, args: &[&str], 
     all.extend(["--otlp-endpoint", &endpoint, "--targets", targets]);
     let app = TracedApp::start(bin, &all).unwrap();
     if let Some(agent) = agent {
-        found(agent, &app);
+        app.wait_found_by(agent, WAIT).unwrap();
     }
     app
 }

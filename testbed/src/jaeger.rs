@@ -76,6 +76,23 @@ impl Jaeger {
         read()
     }
 
+    /// `/api/traces/{id}` until the trace holds `n` spans or `timeout` passes (its spans come
+    /// from more than one exporter); the trace it last returned, `Null` if none.
+    pub fn wait_trace(&self, id: &str, n: usize, timeout: Duration) -> anyhow::Result<Value> {
+        let path = format!("/api/traces/{id}");
+        let read = || -> anyhow::Result<Value> {
+            Ok(self
+                .api(&path)?
+                .map(|body| body["data"][0].clone())
+                .unwrap_or_default())
+        };
+        let spans = |trace: &Value| trace["spans"].as_array().map_or(0, Vec::len);
+        if let Some(trace) = wait_until(timeout, || read().ok().filter(|t| spans(t) >= n)) {
+            return Ok(trace);
+        }
+        read()
+    }
+
     /// Stops it: SIGTERM, then SIGKILL.
     pub fn stop(&mut self) {
         terminate(&mut self.child);
@@ -90,10 +107,31 @@ impl Drop for Jaeger {
     }
 }
 
-/// What Chromium rendered of a Jaeger UI trace page once its first span is expanded (tags and
-/// every log shown), with a screenshot of the page written to `screenshot`. Drives Debian's
-/// `chromium` through `testbed/jaeger_ui/trace_page.mjs` (playwright-core).
-pub fn rendered_trace_page(url: &str, screenshot: &Path) -> anyhow::Result<String> {
+/// One span's row in the trace view, as Chromium rendered it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct SpanRow {
+    pub service: String,
+    pub operation: String,
+    /// The spans the row is indented under, by their ids (`root` for the trace), outermost
+    /// first: the view's indent guides.
+    pub ancestors: Vec<String>,
+    /// The row has children it can collapse.
+    pub parent: bool,
+}
+
+/// A Jaeger UI trace page as Chromium rendered it.
+#[derive(Debug, Deserialize)]
+pub struct RenderedTrace {
+    /// The page's text once its first `tcp connect` span is expanded (tags and every log).
+    pub text: String,
+    /// The trace view's span rows, top to bottom.
+    pub rows: Vec<SpanRow>,
+}
+
+/// Renders a Jaeger UI trace page and expands its first `tcp connect` span, with a
+/// screenshot of the page written to `screenshot`. Drives Debian's `chromium` through
+/// `testbed/jaeger_ui/trace_page.mjs` (playwright-core).
+pub fn rendered_trace_page(url: &str, screenshot: &Path) -> anyhow::Result<RenderedTrace> {
     let dir = repo_root().join("testbed/jaeger_ui");
     anyhow::ensure!(
         dir.join("node_modules/playwright-core").exists(),
@@ -113,15 +151,10 @@ pub fn rendered_trace_page(url: &str, screenshot: &Path) -> anyhow::Result<Strin
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    #[derive(Deserialize)]
-    struct Rendered {
-        text: String,
-    }
-    let rendered: Rendered = serde_json::from_slice(&out.stdout).with_context(|| {
+    serde_json::from_slice(&out.stdout).with_context(|| {
         format!(
             "the page script printed {:?}",
             String::from_utf8_lossy(&out.stdout)
         )
-    })?;
-    Ok(rendered.text)
+    })
 }

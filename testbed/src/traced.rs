@@ -272,6 +272,14 @@ impl TracedApp {
         Ok(Self { child, stdout, pid })
     }
 
+    /// Waits until `agent` says it found where this application publishes its thread
+    /// context: an attempt before that has no parent to find.
+    pub fn wait_found_by(&self, agent: &crate::agent::Agent, timeout: Duration) -> anyhow::Result<()> {
+        let needle = format!("process {} publishes its thread context", self.pid);
+        crate::wait_until(timeout, || agent.stderr().contains(&needle).then_some(()))
+            .with_context(|| format!("no {needle:?} in:\n{}", agent.stderr()))
+    }
+
     /// Lets the threads connect; returns their reports once the application's spans are
     /// flushed to its collector.
     pub fn connect(&mut self) -> anyhow::Result<Vec<ThreadReport>> {
