@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The benchmark: connects per second of a loopback connect storm without and with synspan
-# (A/B pairs, five modes), synspan's CPU time and peak RSS, and its accounting. Prints the
+# (A/B pairs, nine modes), synspan's CPU time and peak RSS, and its accounting. Prints the
 # table and writes BENCHMARKS.md. Needs root: it loads eBPF programs and creates (and
 # removes) a network namespace, the only place it sends traffic to.
-#   sudo scripts/bench.sh                          # 3 pairs x 6 modes x 5 s, and the peers, about 10 minutes
+#   sudo scripts/bench.sh                          # 3 pairs x 9 modes x 5 s, and the peers, about 14 minutes
 #   sudo scripts/bench.sh --pairs 5 --seconds 10   # see `target/release/synspan-bench --help`
 set -euo pipefail
 cd "$(dirname "$0")/.."

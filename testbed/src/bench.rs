@@ -9,6 +9,12 @@ pub const SUCCESS: &str = "success";
 pub const REFUSED: &str = "refused";
 /// `success`, each worker thread inside a span it publishes as OpenTelemetry thread context.
 pub const SUCCESS_IN_SPAN: &str = "success-in-span";
+/// `success`, while a thread sends UDP datagrams to a closed port of 127.0.0.1 at
+/// [`UNRELATED_DROPS_PER_SECOND`]: every one is a packet the kernel drops (NO_SOCKET), so
+/// the drop-reason program runs for packets that belong to no attempt.
+pub const SUCCESS_WITH_DROPS: &str = "success-with-drops";
+/// The pace of the unrelated drops of [`SUCCESS_WITH_DROPS`].
+pub const UNRELATED_DROPS_PER_SECOND: u64 = 20_000;
 
 /// The one line `synspan-storm` prints on stdout when it is done.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -31,6 +37,9 @@ pub struct StormReport {
     /// Failed attempts by errno name (`EADDRNOTAVAIL`, ...).
     #[serde(default)]
     pub errors: BTreeMap<String, u64>,
+    /// Datagrams sent to a closed port (`success-with-drops`): packets the kernel dropped.
+    #[serde(default)]
+    pub unrelated_drops: u64,
 }
 
 /// A short name for an errno the storm may meet.

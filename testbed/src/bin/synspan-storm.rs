@@ -1,7 +1,7 @@
 //! A storm of TCP connect attempts on loopback, the load of synspan's benchmark.
 //!
 //! ```text
-//! synspan-storm success|success-in-span|refused [--count N] [--seconds S] [--threads T]
+//! synspan-storm success|success-in-span|success-with-drops|refused [--count N] [--seconds S] [--threads T]
 //!               [--accept-threads A] [--port P]
 //! ```
 //! success   listen on 127.0.0.1 at an ephemeral port (this process, this namespace), accept
@@ -10,6 +10,10 @@
 //! success-in-span  the same, each worker first publishing a thread-context record
 //!           (OTEP 4947, the variable in this executable) that stays set for the storm:
 //!           what the agent reads per attempt when the application is traced
+//! success-with-drops  the same as success, while one more thread sends UDP datagrams to
+//!           a closed port of 127.0.0.1 (20 000 a second, paced, for as long as the
+//!           connects run): a steady stream of packets the kernel drops that belong to no
+//!           attempt, what the drop-reason program meets on a busy host
 //! refused   connect to a port of 127.0.0.1 that is bound but not listening: every attempt
 //!           is refused with a RST
 //! --count   stop after N attempts in all (default 1000000)
@@ -64,7 +68,7 @@ struct Args {
     port: u16,
 }
 
-const USAGE: &str = "usage: synspan-storm success|success-in-span|refused [--count N] [--seconds S] \
+const USAGE: &str = "usage: synspan-storm success|success-in-span|success-with-drops|refused [--count N] [--seconds S] \
                      [--threads T] [--accept-threads A] [--port P]";
 
 /// A blocking connect gives up after this long (SO_SNDTIMEO), so that a lost SYN cannot hold
@@ -103,8 +107,15 @@ fn parse_args() -> anyhow::Result<Args> {
             other => bail!("unexpected argument {other}; {USAGE}"),
         }
     }
-    if ![bench::SUCCESS, bench::SUCCESS_IN_SPAN, bench::REFUSED].contains(&parsed.mode.as_str()) {
-        bail!("mode must be `success` or `refused`; {USAGE}");
+    if ![
+        bench::SUCCESS,
+        bench::SUCCESS_IN_SPAN,
+        bench::SUCCESS_WITH_DROPS,
+        bench::REFUSED,
+    ]
+    .contains(&parsed.mode.as_str())
+    {
+        bail!("mode must be `success`, `success-in-span`, `success-with-drops` or `refused`; {USAGE}");
     }
     if !(parsed.seconds > 0.0 && parsed.seconds <= 3600.0) {
         bail!("--seconds must be more than 0 and at most 3600");
@@ -178,10 +189,42 @@ fn worker(
     Ok(tally)
 }
 
+/// Port 9 (discard) of 127.0.0.1: nothing listens on it in the storm's own namespace, so
+/// every datagram is dropped by the kernel with NO_SOCKET (and answered with an ICMP port
+/// unreachable, rate-limited by the kernel).
+const CLOSED_UDP_PORT: u16 = 9;
+
+/// Datagrams per pacing slot: the sender sends a batch, then sleeps to the next slot.
+const DROP_BATCH: u64 = 200;
+
+/// Sends datagrams to a closed port at [`bench::UNRELATED_DROPS_PER_SECOND`] until `stop`;
+/// returns how many were sent.
+fn unrelated_drops(stop: &AtomicBool, deadline: Instant) -> io::Result<u64> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let target = SocketAddr::from(([127, 0, 0, 1], CLOSED_UDP_PORT));
+    let slot = Duration::from_secs_f64(DROP_BATCH as f64 / bench::UNRELATED_DROPS_PER_SECOND as f64);
+    let started = Instant::now();
+    let mut sent = 0u64;
+    // Bounded by the storm's deadline even if the workers never stop.
+    while !stop.load(Relaxed) && Instant::now() < deadline {
+        for _ in 0..DROP_BATCH {
+            // An unconnected socket without IP_RECVERR is told nothing of the ICMP answers.
+            socket.send_to(b"x", target)?;
+            sent += 1;
+        }
+        let next = started + slot.mul_f64((sent / DROP_BATCH + 1) as f64);
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    Ok(sent)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     let in_span = args.mode == bench::SUCCESS_IN_SPAN;
-    let success = args.mode == bench::SUCCESS || in_span;
+    let with_drops = args.mode == bench::SUCCESS_WITH_DROPS;
+    let success = args.mode == bench::SUCCESS || in_span || with_drops;
     // Success: a listener with a deep backlog, so that no SYN is dropped for a full queue
     // (that would show up as 1 s SYN retransmits). Refused: a port held bound but not
     // listening, so that nothing else can start listening on it during the storm.
@@ -192,7 +235,8 @@ fn main() -> anyhow::Result<()> {
     let claimed = AtomicU64::new(0);
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.seconds);
-    let (tallies, seconds) = std::thread::scope(|scope| {
+    let (tallies, seconds, dropped) = std::thread::scope(|scope| {
+        let dropper = with_drops.then(|| scope.spawn(|| unrelated_drops(&stop, deadline)));
         let acceptors: Vec<_> = if success {
             (0..args.accept_threads)
                 .map(|_| scope.spawn(|| accept_and_close(&holder, &stop)))
@@ -226,7 +270,8 @@ fn main() -> anyhow::Result<()> {
         for a in acceptors {
             let _ = a.join();
         }
-        (tallies, seconds)
+        let dropped = dropper.map(|d| d.join().expect("drop sender panicked"));
+        (tallies, seconds, dropped)
     });
     let mut report = StormReport {
         mode: args.mode.clone(),
@@ -234,6 +279,9 @@ fn main() -> anyhow::Result<()> {
         threads: args.threads,
         ..Default::default()
     };
+    if let Some(dropped) = dropped {
+        report.unrelated_drops = dropped.context("sending the unrelated drops")?;
+    }
     for tally in tallies {
         let tally = tally.context("a worker could not make an attempt")?;
         report.attempts += tally.attempts;

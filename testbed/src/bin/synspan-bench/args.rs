@@ -37,9 +37,12 @@ pub(crate) struct Args {
     /// Modes to run, of 1 (success, OTLP), 2 (success, --failures-only), 3 (refused, OTLP),
     /// 4 (success, OTLP, --no-stacks), 5 (success, --failures-only, connect metrics off:
     /// mode 2 against it is what the connect metrics cost), 6 (success inside published spans,
-    /// OTLP: the cost of reading thread context, against mode 1).
-    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1,2,3,4,5,6",
-          value_parser = clap::value_parser!(u8).range(1..=6))]
+    /// OTLP: the cost of reading thread context, against mode 1), 7 (mode 2 with
+    /// --no-drop-reasons: mode 2 against it is what the drop reasons cost), 8 and 9 (the
+    /// success storm beside a stream of unrelated drops, --failures-only, with drop reasons
+    /// and without).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1,2,3,4,5,6,7,8,9",
+          value_parser = clap::value_parser!(u8).range(1..=9))]
     pub(crate) modes: Vec<u8>,
 
     /// Tools measured on the same storms, in the same pairs, instead of synspan: of
@@ -152,11 +155,15 @@ mod tests {
             (a.pairs, a.seconds, a.count, a.threads, a.retries),
             (3, 5.0, 5_000_000, 2, 2)
         );
-        assert_eq!(a.modes, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(a.modes, [1, 2, 3, 4, 5, 6, 7, 8, 9]);
         assert_eq!(a.peers().len(), PEERS.len());
-        // Success storms: mode 1 first; refused: mode 3. Mode 6's storm is one of its own.
-        let runs_peers: Vec<bool> = (1..=6).map(|id| a.peers_run_in(Mode::by_id(id))).collect();
-        assert_eq!(runs_peers, [true, false, true, false, false, false]);
+        // Success storms: mode 1 first; refused: mode 3. Modes 6, 8 and 9 have storms of
+        // their own.
+        let runs_peers: Vec<bool> = (1..=9).map(|id| a.peers_run_in(Mode::by_id(id))).collect();
+        assert_eq!(
+            runs_peers,
+            [true, false, true, false, false, false, false, false, false]
+        );
         assert!(a.synspan_args().is_empty());
         assert!(a.report_path().is_some_and(|p| p.ends_with("BENCHMARKS.md")));
         let a = Args::try_parse_from([
@@ -178,7 +185,7 @@ mod tests {
             &["--pairs", "0"][..],
             &["--seconds", "0"],
             &["--seconds", "601"],
-            &["--modes", "7"],
+            &["--modes", "10"],
             &["--threads", "0"],
             &["--retries", "11"],
             &["--peers", "perf"],

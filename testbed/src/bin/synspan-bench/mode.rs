@@ -23,7 +23,7 @@ impl Mode {
     }
 }
 
-pub(crate) const MODES: [Mode; 6] = [
+pub(crate) const MODES: [Mode; 9] = [
     Mode {
         id: 1,
         name: "success storm, every attempt over OTLP",
@@ -69,8 +69,62 @@ pub(crate) const MODES: [Mode; 6] = [
         flags: &["--span-rate-limit", "0"],
         target: None,
     },
+    // Mode 2 without the drop-reason program: mode 2's ratio against this one is what the
+    // program costs when the host drops nothing.
+    Mode {
+        id: 7,
+        name: "success storm, --failures-only, --no-drop-reasons",
+        storm: bench::SUCCESS,
+        flags: &["--failures-only", "--no-drop-reasons"],
+        target: None,
+    },
+    // The program runs for every packet the host drops: modes 8 and 9 put a steady stream of
+    // drops that belong to no attempt beside the success storm, with it and without it.
+    Mode {
+        id: 8,
+        name: "success storm with unrelated drops, --failures-only",
+        storm: bench::SUCCESS_WITH_DROPS,
+        flags: &["--failures-only"],
+        target: None,
+    },
+    Mode {
+        id: 9,
+        name: "success storm with unrelated drops, --failures-only, --no-drop-reasons",
+        storm: bench::SUCCESS_WITH_DROPS,
+        flags: &["--failures-only", "--no-drop-reasons"],
+        target: None,
+    },
 ];
 
-/// The connect metrics' cost with `--failures-only`: mode 2's ratio may be at most this much
-/// below mode 5's.
-pub(crate) const METRICS_COST_TARGET: f64 = 0.02;
+/// A cost measured as one mode's ratio against another's of the same run, which differs
+/// from it only in what is measured.
+pub(crate) struct Cost {
+    pub(crate) what: &'static str,
+    /// The mode with it.
+    pub(crate) on: usize,
+    /// The mode without it.
+    pub(crate) off: usize,
+    /// The ratio with it may be at most this much below the ratio without it.
+    pub(crate) target: f64,
+}
+
+pub(crate) const COSTS: [Cost; 3] = [
+    Cost {
+        what: "connect metrics with --failures-only",
+        on: 2,
+        off: 5,
+        target: 0.02,
+    },
+    Cost {
+        what: "drop reasons on the success storm with --failures-only",
+        on: 2,
+        off: 7,
+        target: 0.02,
+    },
+    Cost {
+        what: "drop reasons on the success storm with unrelated drops, --failures-only",
+        on: 8,
+        off: 9,
+        target: 0.02,
+    },
+];

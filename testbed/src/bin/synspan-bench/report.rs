@@ -14,7 +14,7 @@ use crate::{
     args::Args,
     checks::exactness,
     measure::{CALM_LIMIT, OTHERS_MAX_CPU},
-    mode::{METRICS_COST_TARGET, MODES, Mode},
+    mode::{COSTS, MODES, Mode},
     runner::{AgentRun, QUIET, Run, SHUTDOWN_TIMEOUT_S},
     summary::{PeerSummary, Summary, summarize, summarize_peers},
 };
@@ -126,17 +126,17 @@ pub(crate) fn table(summaries: &[Summary]) -> String {
 pub(crate) fn targets(summaries: &[Summary], runs: &[Run]) -> String {
     let mut out = String::new();
     let ratio_of = |id: usize| summaries.iter().find(|s| s.mode.id == id).map(|s| s.ratio);
-    if let (Some(on), Some(off)) = (ratio_of(2), ratio_of(5)) {
-        let cost = off - on;
-        let verdict = if cost <= METRICS_COST_TARGET {
-            "**met**"
-        } else {
-            "**missed**"
+    for c in &COSTS {
+        let (Some(on), Some(off)) = (ratio_of(c.on), ratio_of(c.off)) else {
+            continue;
         };
+        let cost = off - on;
+        let verdict = if cost <= c.target { "**met**" } else { "**missed**" };
         let _ = writeln!(
             out,
-            "- connect metrics with --failures-only (mode 2 against mode 5, same run): ratio {on:.2} \
-             with them, {off:.2} without, a cost of {cost:.2}; at most {METRICS_COST_TARGET:.2} — {verdict}."
+            "- {} (mode {} against mode {}, same run): ratio {on:.2} with them, {off:.2} without, a \
+             cost of {cost:.2}; at most {:.2} — {verdict}.",
+            c.what, c.on, c.off, c.target
         );
     }
     for s in summaries {
@@ -623,7 +623,9 @@ pub(crate) fn document(
          two CPUs as the storm it is meant to measure.\n\
          - `synspan-storm` (testbed/src/bin/synspan-storm.rs): {} thread(s), each a loop of blocking \
          socket → connect → close. `success` connects to a listener of its own (one accept thread, backlog \
-         4096); `refused` to a port that is bound but not listening. Client sockets use SO_LINGER {{1, 0}}: \
+         4096); `refused` to a port that is bound but not listening. `success-with-drops` (modes 8 and 9) is \
+         `success` while one more thread sends {} UDP datagrams a second to a closed port of 127.0.0.1, \
+         each one a packet the kernel drops that belongs to no attempt. Client sockets use SO_LINGER {{1, 0}}: \
          close() sends a RST, so no TIME_WAIT holds ephemeral ports and no attempt fails for lack of one.\n\
          - Each pair is an A run then a B run. B: synspan starts (`--otlp-endpoint <receiver> --output none \
          --shutdown-timeout {SHUTDOWN_TIMEOUT_S}s` plus the mode's flags), the benchmark waits for `synspan \
@@ -635,6 +637,7 @@ pub(crate) fn document(
          - Before each pair the benchmark waits (up to {} s) until no other synspan runs and other \
          processes are near idle; a pair disturbed all the same is run again (up to {} times).\n",
         args.threads,
+        thousands(bench::UNRELATED_DROPS_PER_SECOND as f64),
         QUIET.as_secs_f64(),
         CALM_LIMIT.as_secs(),
         args.retries,
