@@ -155,6 +155,35 @@ fn two_threads_get_their_own_parents() {
     }
 }
 
+/// A `connect()` that fails before its socket reaches SYN_SENT (no route in a namespace with
+/// only loopback up) is an attempt of its own, seen when the call returns: in the calling
+/// thread too, so it is a child of that thread's span as well.
+#[test]
+fn a_connect_that_never_starts_is_a_child_too() {
+    let receiver = Receiver::start().unwrap();
+    let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).unwrap();
+    let ns = Netns::new("tnoroute").unwrap();
+    let mut app = traced(
+        &receiver,
+        Some(&agent),
+        "synspan-traced",
+        &["--netns", ns.name()],
+        "198.18.7.7:80",
+    );
+    let reports = app.connect().unwrap();
+    let (connect, own) = &spans_of(&receiver, &app, &reports)[0];
+    assert_parented(connect, own, &reports[0]);
+    assert_eq!(
+        connect["attributes"]["synspan.never_started"], true,
+        "{connect:#}"
+    );
+    assert_eq!(
+        connect["attributes"]["synspan.outcome"], "network_unreachable",
+        "{connect:#}"
+    );
+    println!("application's span: {own}\nits connect span: {connect}");
+}
+
 /// The variable in a shared library the application loads with `dlopen`, in each of the two
 /// dialects a tracer's native module is built with.
 fn from_a_library(lib: &str) {
