@@ -13,4 +13,5 @@ cargo clippy --release --all-targets -- -D warnings
 scripts/fuzz.sh 10
 # The end-to-end tests run the release binaries of this workspace.
 cargo build --release --bins
+scripts/build-musl.sh
 cargo test --release -- "$@"
