@@ -15,3 +15,5 @@ scripts/fuzz.sh 10
 cargo build --release --bins
 scripts/build-musl.sh
 cargo test --release -- "$@"
+# The compose demo's application publishing its context, against synspan (PyPI for its SDK).
+scripts/demo-context-test.sh
