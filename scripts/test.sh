@@ -13,4 +13,7 @@ cargo clippy --release --all-targets -- -D warnings
 scripts/fuzz.sh 10
 # The end-to-end tests run the release binaries of this workspace.
 cargo build --release --bins
+scripts/build-musl.sh
 cargo test --release -- "$@"
+# The compose demo's application publishing its context, against synspan (PyPI for its SDK).
+scripts/demo-context-test.sh

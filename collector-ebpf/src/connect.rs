@@ -2,7 +2,8 @@
 //! outside SYN_SENT.
 //!
 //! - A `connect()` that fails before its socket reaches SYN_SENT (no route: ENETUNREACH)
-//!   never shows in the socket's state changes; it becomes an attempt of its own here.
+//!   never shows in the socket's state changes; it becomes an attempt of its own here, with
+//!   the calling thread's trace context, as an attempt that starts.
 //! - An ICMP error that arrived while `connect()` held the socket was recorded only as a soft
 //!   error; a non-blocking caller may read it (`SO_ERROR`, which clears it) and close the
 //!   socket, so it is looked at when `connect()` returns.
@@ -24,6 +25,7 @@ use crate::{
         CONNECT_CALLS, IN_FLIGHT, count, count_series, handoff_clear, in_flight, layout, note_error, policy,
         scratch_attempt, send, series_key, track_live, within_span_rate,
     },
+    thread_context,
 };
 
 const SOCK_STREAM: u16 = 1;
@@ -170,6 +172,9 @@ fn on_exit(ctx: &TracePointContext) -> Result<(), i32> {
         count(counter::NOT_ALLOWED);
         return Ok(());
     }
+    // Still in the calling thread, inside its `connect()`: its active span is at hand here
+    // as at SYN_SENT, and a failure before SYN_SENT belongs to that span all the same.
+    thread_context::read(attempt);
     count(counter::STARTED);
     count(counter::FINISHED);
     count(counter::NEVER_STARTED);

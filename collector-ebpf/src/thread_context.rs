@@ -16,7 +16,10 @@ use crate::{
 
 /// glibc's DTV entries: `union dtv { size_t counter; struct { void *val; void *to_free; } }`.
 const DTV_ENTRY: u64 = 16;
-/// `tcbhead_t.dtv`, after `tcbhead_t.tcb`.
+/// musl's DTV entries: `uintptr_t`, the block's address (`DTP_OFFSET` is 0 on x86-64).
+const MUSL_DTV_ENTRY: u64 = 8;
+/// glibc's `tcbhead_t.dtv`, after `tcbhead_t.tcb`; musl's `struct pthread.dtv`, after
+/// `self`: the same place.
 const TCB_DTV: u16 = 8;
 /// What glibc leaves in a DTV slot whose block the thread has not allocated.
 const DTV_UNALLOCATED: u64 = u64::MAX;
@@ -64,6 +67,21 @@ fn read_with(attempt: &mut AttemptRecord, kind: u32, module: u64, offset: i64) -
             }
             let block: u64 = read_user_at(dtv.wrapping_add(module * DTV_ENTRY), 0)?;
             if block == 0 || block == DTV_UNALLOCATED {
+                return Ok(());
+            }
+            block.wrapping_add(offset as u64)
+        }
+        tls_kind::MUSL_DTV => {
+            if module == 0 || module >= MAX_MODULE {
+                return Ok(());
+            }
+            let dtv: u64 = read_user_at(tp, TCB_DTV)?;
+            let slots: u64 = read_user_at(dtv, 0)?;
+            if module > slots {
+                return Ok(());
+            }
+            let block: u64 = read_user_at(dtv.wrapping_add(module * MUSL_DTV_ENTRY), 0)?;
+            if block == 0 {
                 return Ok(());
             }
             block.wrapping_add(offset as u64)

@@ -134,15 +134,23 @@ pub fn thread_context_attributes(data: &[u8]) {
     black_box(thread_context::attributes(data));
 }
 
-/// An ELF file mapped by a traced process: the thread-context variable, its TLS segment and
-/// relocations looked up; then where it is, in the executable, and in a library whose GOT
+/// An ELF file mapped by a traced process: its interpreter, the thread-context variable, its
+/// TLS segment and relocations looked up; then where it is, in the executable, and in a library whose GOT
 /// and descriptors are the same bytes read as the process's memory.
 pub fn elf_tls(data: &[u8]) {
+    let loader = thread_context::interpreter(data).map_or(thread_context::Loader::Glibc, |path| {
+        thread_context::Loader::named(black_box(path))
+    });
     let Ok(Some(symbol)) = thread_context::tls_symbol(data) else {
         return;
     };
     let _ = black_box(thread_context::executable_location(&symbol));
-    let _ = black_box(thread_context::library_location(&symbol, 0, &Memory(data)));
+    let _ = black_box(thread_context::library_location(
+        &symbol,
+        0,
+        loader,
+        &Memory(data),
+    ));
 }
 
 /// Another process's memory as bytes from address 0; reads outside it fail, as they do in a

@@ -22,6 +22,7 @@ use synspan_testbed::{
     outcomes::three_outcomes,
     receiver::Receiver,
     traced::TracedApp,
+    workspace_bin,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -214,7 +215,7 @@ fn an_applications_span_with_its_connect_span_nested_in_the_jaeger_ui() {
     let agent = Agent::start(&["--otlp-endpoint", &endpoint, "--metrics-interval", "0"]).unwrap();
     // Refused on loopback: the port nothing listens on.
     let mut app = TracedApp::start(
-        "synspan-traced",
+        &workspace_bin("synspan-traced"),
         &[
             "--service",
             TRACED,

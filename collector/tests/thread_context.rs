@@ -3,22 +3,24 @@
 //! receiver got them, are children of its spans, in its traces. The application exports its
 //! own spans to the same receiver. Needs root.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use serde_json::Value;
 use synspan_testbed::{
     agent::Agent,
     client::Held,
+    musl_bin,
     netns::Netns,
     receiver::Receiver,
     traced::{ThreadReport, TracedApp},
+    workspace_bin,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
 
 /// `bin ARGS --otlp-endpoint RECEIVER --targets TARGETS`, once `agent` found where it
 /// publishes (`None`: not waited for).
-fn traced(receiver: &Receiver, agent: Option<&Agent>, bin: &str, args: &[&str], targets: &str) -> TracedApp {
+fn traced(receiver: &Receiver, agent: Option<&Agent>, bin: &Path, args: &[&str], targets: &str) -> TracedApp {
     let endpoint = receiver.endpoint();
     let mut all = args.to_vec();
     all.extend(["--otlp-endpoint", &endpoint, "--targets", targets]);
@@ -101,7 +103,7 @@ fn every_outcome_is_a_child_of_the_threads_active_span() {
     let mut app = traced(
         &receiver,
         Some(&agent),
-        "synspan-traced",
+        &workspace_bin("synspan-traced"),
         &["--netns", ns.name()],
         "127.0.0.1:1,127.0.0.1:9,listen",
     );
@@ -136,7 +138,7 @@ fn two_threads_get_their_own_parents() {
     let mut app = traced(
         &receiver,
         Some(&agent),
-        "synspan-traced",
+        &workspace_bin("synspan-traced"),
         &[],
         "127.0.0.1:1,127.0.0.1:1",
     );
@@ -147,15 +149,44 @@ fn two_threads_get_their_own_parents() {
     }
 }
 
-/// The variable in a shared library the application loads with `dlopen`, in each of the two
-/// dialects a tracer's native module is built with.
-fn from_a_library(lib: &str) {
+/// A `connect()` that fails before its socket reaches SYN_SENT (no route in a namespace with
+/// only loopback up) is an attempt of its own, seen when the call returns: in the calling
+/// thread too, so it is a child of that thread's span as well.
+#[test]
+fn a_connect_that_never_starts_is_a_child_too() {
+    let receiver = Receiver::start().unwrap();
+    let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).unwrap();
+    let ns = Netns::new("tnoroute").unwrap();
+    let mut app = traced(
+        &receiver,
+        Some(&agent),
+        &workspace_bin("synspan-traced"),
+        &["--netns", ns.name()],
+        "198.18.7.7:80",
+    );
+    let reports = app.connect().unwrap();
+    let (connect, own) = &spans_of(&receiver, &app, &reports)[0];
+    assert_parented(connect, own, &reports[0]);
+    assert_eq!(
+        connect["attributes"]["synspan.never_started"], true,
+        "{connect:#}"
+    );
+    assert_eq!(
+        connect["attributes"]["synspan.outcome"], "network_unreachable",
+        "{connect:#}"
+    );
+    println!("application's span: {own}\nits connect span: {connect}");
+}
+
+/// The variable in a shared library that `bin` loads with `dlopen`, in each of the two
+/// dialects a tracer's native module is built with. Returns the agent, to read what it said.
+fn from_a_library(bin: &Path, lib: &str) -> Agent {
     let receiver = Receiver::start().unwrap();
     let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).unwrap();
     let mut app = traced(
         &receiver,
         Some(&agent),
-        "synspan-traced-dl",
+        bin,
         &["--lib", lib],
         "127.0.0.1:1,listen",
     );
@@ -163,16 +194,66 @@ fn from_a_library(lib: &str) {
     for ((connect, own), report) in spans_of(&receiver, &app, &reports).iter().zip(&reports) {
         assert_parented(connect, own, report);
     }
+    agent
 }
 
 #[test]
 fn a_dlopened_library_with_tlsdesc() {
-    from_a_library("tlsdesc");
+    from_a_library(&workspace_bin("synspan-traced-dl"), "tlsdesc");
 }
 
 #[test]
 fn a_dlopened_library_with_general_dynamic_tls() {
-    from_a_library("gd");
+    from_a_library(&workspace_bin("synspan-traced-dl"), "gd");
+}
+
+/// The application built for musl (scripts/build-musl.sh), its spans exported by the same
+/// SDK: the variable in its executable, static TLS as musl's loader lays it out. Refused and
+/// established, from two threads at once.
+#[test]
+fn musl_executable_static_tls() {
+    let receiver = Receiver::start().unwrap();
+    let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).unwrap();
+    let mut app = traced(
+        &receiver,
+        Some(&agent),
+        &musl_bin("synspan-traced"),
+        &[],
+        "127.0.0.1:1,listen",
+    );
+    let reports = app.connect().unwrap();
+    let outcomes = ["connection_refused", "established"];
+    for ((connect, own), (report, outcome)) in spans_of(&receiver, &app, &reports)
+        .iter()
+        .zip(reports.iter().zip(outcomes))
+    {
+        assert_parented(connect, own, report);
+        assert_eq!(connect["attributes"]["synspan.outcome"], outcome, "{connect:#}");
+        println!("application's span: {own}\nits connect span: {connect}");
+    }
+    assert!(agent.stderr().contains("static TLS at tp-"), "{}", agent.stderr());
+}
+
+/// musl's `dlopen` of a library with TLS: a TLSDESC descriptor resolved to musl's dynamic
+/// resolver, and a general-dynamic module id, both through musl's DTV (8-byte entries, the
+/// count in entry 0), which it grew for every thread at once.
+fn musl_library(lib: &str) {
+    let agent = from_a_library(&musl_bin("synspan-traced-dl"), lib);
+    assert!(
+        agent.stderr().contains("dynamic TLS through musl's DTV"),
+        "{}",
+        agent.stderr()
+    );
+}
+
+#[test]
+fn musl_dlopened_library_with_tlsdesc() {
+    musl_library("tlsdesc");
+}
+
+#[test]
+fn musl_dlopened_library_with_general_dynamic_tls() {
+    musl_library("gd");
 }
 
 /// A connect with no active span (the pointer NULL) in a process that publishes, and one
@@ -184,7 +265,7 @@ fn no_active_span_and_no_publisher_make_root_spans() {
     let mut app = traced(
         &receiver,
         Some(&agent),
-        "synspan-traced",
+        &workspace_bin("synspan-traced"),
         &["--no-span"],
         "127.0.0.1:1",
     );
@@ -199,7 +280,7 @@ fn no_active_span_and_no_publisher_make_root_spans() {
     let mut untouched = traced(
         &receiver,
         Some(&agent),
-        "synspan-traced-dl",
+        &workspace_bin("synspan-traced-dl"),
         &["--lib", "gd", "--no-span"],
         "127.0.0.1:1",
     );
@@ -225,7 +306,7 @@ fn link_and_off_make_root_spans() {
         let mut app = traced(
             &receiver,
             linked.then_some(&agent),
-            "synspan-traced",
+            &workspace_bin("synspan-traced"),
             &[],
             "127.0.0.1:1",
         );

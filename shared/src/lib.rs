@@ -299,10 +299,11 @@ pub struct ThreadContextTls {
     /// One of [`tls_kind`].
     pub kind: u32,
     pub _pad: u32,
-    /// [`tls_kind::DTV`]: the module id, the index into the thread's DTV.
+    /// [`tls_kind::DTV`], [`tls_kind::MUSL_DTV`]: the module id, the index into the
+    /// thread's DTV.
     pub module: u64,
-    /// [`tls_kind::STATIC`]: the variable is at `tp + offset`. [`tls_kind::DTV`]: at
-    /// `offset` into the module's TLS block.
+    /// [`tls_kind::STATIC`]: the variable is at `tp + offset`. The DTV kinds: at `offset`
+    /// into the module's TLS block.
     pub offset: i64,
 }
 
@@ -313,6 +314,10 @@ pub mod tls_kind {
     /// Dynamic TLS through glibc's DTV: `tcbhead_t.dtv` at `tp + 8`, 16-byte entries, the
     /// slot count one entry before the pointer, an unallocated block reads as `-1`.
     pub const DTV: u32 = 2;
+    /// Dynamic TLS through musl's DTV: `struct pthread.dtv` at `tp + 8` as well, but 8-byte
+    /// entries (block addresses), the slot count in entry 0. musl's `dlopen` gives every
+    /// thread its block at once: no slot of a module it counts is unallocated.
+    pub const MUSL_DTV: u32 = 3;
 }
 
 /// Offsets inside `struct task_struct`, from BTF; 0 means unknown.

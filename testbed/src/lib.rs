@@ -40,6 +40,26 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     path
 }
 
+/// The target the test bed's applications are also built for, with musl as their C library
+/// (`scripts/build-musl.sh`).
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// A binary of this workspace built for [`MUSL_TARGET`]: `target/<MUSL_TARGET>/<profile>/`,
+/// the profile the running test was built with.
+pub fn musl_bin(name: &str) -> PathBuf {
+    let glibc = workspace_bin(name);
+    let profile_dir = glibc.parent().expect("profile dir");
+    let profile = profile_dir.file_name().expect("profile name");
+    let target = profile_dir.parent().expect("target dir");
+    let path = target.join(MUSL_TARGET).join(profile).join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the musl binaries first (scripts/build-musl.sh, as scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
 /// The repository root (for `.venv` and the receiver's processor script).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

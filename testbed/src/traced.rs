@@ -254,20 +254,20 @@ pub struct ThreadReport {
 }
 
 impl TracedApp {
-    /// Starts `bin` (`synspan-traced` or `synspan-traced-dl`) with `args`; returns once it is
-    /// ready (it made its first connect, outside any span).
-    pub fn start(bin: &str, args: &[&str]) -> anyhow::Result<Self> {
-        let mut child = std::process::Command::new(crate::workspace_bin(bin))
+    /// Starts `bin` (a build of `synspan-traced` or `synspan-traced-dl`) with `args`; returns
+    /// once it is ready (it made its first connect, outside any span).
+    pub fn start(bin: &std::path::Path, args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = std::process::Command::new(bin)
             .args(args)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {bin}"))?;
+            .with_context(|| format!("starting {}", bin.display()))?;
         let mut stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
         let mut line = String::new();
         stdout.read_line(&mut line)?;
         let ready: serde_json::Value =
-            serde_json::from_str(&line).with_context(|| format!("{bin} said {line:?}"))?;
+            serde_json::from_str(&line).with_context(|| format!("{} said {line:?}", bin.display()))?;
         let pid = ready["pid"].as_u64().context("no pid")? as u32;
         Ok(Self { child, stdout, pid })
     }

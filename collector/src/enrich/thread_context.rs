@@ -13,7 +13,12 @@
 //!   argument is either a static-TLS offset from the thread pointer or a pointer to a
 //!   (module id, offset) pair; a module id and offset (`R_X86_64_DTPMOD64`/`DTPOFF64`, the
 //!   legacy general-dynamic model); or a thread-pointer offset (`R_X86_64_TPOFF64`,
-//!   initial-exec in a library). A module id goes through glibc's DTV in the kernel.
+//!   initial-exec in a library). A module id goes through the thread's DTV in the kernel.
+//!
+//! glibc and musl agree on all of this on x86-64 (TLS variant II, the DTV pointer at
+//! `tp + 8`, a dynamic TLSDESC argument pointing at {module id, offset}) except the DTV's
+//! shape, so the process's dynamic loader is told apart: musl's when the executable's
+//! `PT_INTERP` (or the executable itself, run through it) is `ld-musl-*`.
 //!
 //! ELF files, the GOT and the record all come from another process: hostile input. Every
 //! size is bounded, every read checked, nothing here panics.
@@ -174,10 +179,58 @@ const MAX_MODULE: u64 = 1 << 16;
 /// A static-TLS offset lies within the static block, well within this of the thread pointer.
 const MAX_STATIC_OFFSET: i64 = 1 << 32;
 
-/// The variable in a shared library loaded at `bias`: what the loader wrote into the GOT.
+/// The C library whose dynamic loader laid out a process's TLS: it decides the DTV's shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Loader {
+    Glibc,
+    Musl,
+}
+
+impl Loader {
+    /// The loader named by `path`: musl's is `ld-musl-<arch>.so.1`, everything else is
+    /// taken for glibc's.
+    pub(crate) fn named(path: &[u8]) -> Self {
+        let name = path.rsplit(|b| *b == b'/').next().unwrap_or(path);
+        if name.starts_with(b"ld-musl-") {
+            Self::Musl
+        } else {
+            Self::Glibc
+        }
+    }
+
+    fn dtv_kind(self) -> u32 {
+        match self {
+            Self::Glibc => tls_kind::DTV,
+            Self::Musl => tls_kind::MUSL_DTV,
+        }
+    }
+}
+
+/// Longest `PT_INTERP` looked at: a path.
+const MAX_INTERP: u64 = 4096;
+
+/// An ELF file's `PT_INTERP`, the path of its dynamic loader without the NUL; `None` for a
+/// static executable, a library, or a file this reader does not know.
+pub(crate) fn interpreter(data: &[u8]) -> Option<&[u8]> {
+    let header = elf::FileHeader64::<object::Endianness>::parse(data).ok()?;
+    let endian = header.endian().ok()?;
+    let interp = header
+        .program_headers(endian, data)
+        .ok()?
+        .iter()
+        .find(|ph| ph.p_type(endian) == elf::PT_INTERP)?;
+    let size = interp.p_filesz(endian).min(MAX_INTERP);
+    let start = usize::try_from(interp.p_offset(endian)).ok()?;
+    let bytes = data.get(start..start.checked_add(usize::try_from(size).ok()?)?)?;
+    Some(bytes.split(|b| *b == 0).next().unwrap_or(bytes))
+}
+
+/// The variable in a shared library loaded at `bias` by `loader`: what the loader wrote
+/// into the GOT.
 pub(crate) fn library_location(
     symbol: &TlsSymbol,
     bias: u64,
+    loader: Loader,
     memory: &impl Memory,
 ) -> Result<ThreadContextTls, TlsError> {
     let read = |addr: u64| -> Result<u64, TlsError> {
@@ -204,7 +257,7 @@ pub(crate) fn library_location(
             return Err(TlsError::Unresolved);
         }
         Ok(ThreadContextTls {
-            kind: tls_kind::DTV,
+            kind: loader.dtv_kind(),
             _pad: 0,
             module,
             offset: offset as i64,
@@ -214,7 +267,8 @@ pub(crate) fn library_location(
     if let Some(&(_, at, _)) = find(R_X86_64_TLSDESC) {
         // { entry, argument }: the argument is the offset from the thread pointer when the
         // loader resolved it to static TLS (negative, variant II), else a pointer to the
-        // (module id, offset) pair its dynamic resolver takes.
+        // (module id, offset) pair its dynamic resolver takes (glibc's `tlsdesc_dynamic_arg`
+        // and musl's `td_index` both begin with it).
         let argument = read(got(at).wrapping_add(8))?;
         if (argument as i64) < 0 {
             return statically(argument as i64);
@@ -365,7 +419,8 @@ impl ThreadContexts {
                 executable_location(&symbol)?
             } else {
                 let memory = File::open(root.join("mem")).map_err(|_| TlsError::Unreadable)?;
-                library_location(&symbol, start.wrapping_sub(symbol.first_load), &memory)?
+                let loader = loader_of(&root, exe.as_deref());
+                library_location(&symbol, start.wrapping_sub(symbol.first_load), loader, &memory)?
             };
             return Ok(Some((path.clone(), location)));
         }
@@ -401,12 +456,37 @@ impl ThreadContexts {
     }
 }
 
+/// The dynamic loader of the process whose `/proc` directory is `root`: the executable's
+/// `PT_INTERP`, or the executable itself when it is the loader (`ld-musl-x86_64.so.1 PROGRAM`).
+fn loader_of(root: &Path, exe: Option<&Path>) -> Loader {
+    if let Some(exe) = exe
+        && Loader::named(exe.as_os_str().as_encoded_bytes()) == Loader::Musl
+    {
+        return Loader::Musl;
+    }
+    let Ok(file) = File::open(root.join("exe")) else {
+        return Loader::Glibc;
+    };
+    if file.metadata().map_or(true, |m| m.len() > MAX_ELF_BYTES) {
+        return Loader::Glibc;
+    }
+    // SAFETY: read-only private mapping of a file, as in `symbol_of`.
+    let Ok(data) = (unsafe { memmap2::Mmap::map(&file) }) else {
+        return Loader::Glibc;
+    };
+    interpreter(&data).map_or(Loader::Glibc, Loader::named)
+}
+
 fn describe(location: &ThreadContextTls) -> String {
     match location.kind {
         tls_kind::STATIC if location.offset < 0 => {
             format!("static TLS at tp-{:#x}", location.offset.unsigned_abs())
         }
         tls_kind::STATIC => format!("static TLS at tp+{:#x}", location.offset),
+        tls_kind::MUSL_DTV => format!(
+            "dynamic TLS through musl's DTV, module {} offset {:#x}",
+            location.module, location.offset
+        ),
         _ => format!(
             "dynamic TLS, module {} offset {:#x}",
             location.module, location.offset
@@ -514,7 +594,7 @@ mod tests {
             (0x5555_1000, u64::MAX),
             (0x5555_1008, 0),
         ])));
-        let at = |relocations| library_location(&with(relocations), bias, &memory);
+        let at = |relocations| library_location(&with(relocations), bias, Loader::Glibc, &memory);
         let l = at(vec![(R_X86_64_TLSDESC, 0x4000, 0)]).unwrap();
         assert_eq!((l.kind, l.offset), (tls_kind::STATIC, -0x80));
         let l = at(vec![(R_X86_64_TLSDESC, 0x5000, 0)]).unwrap();
@@ -528,6 +608,28 @@ mod tests {
         assert_eq!(at(vec![(R_X86_64_TLSDESC, 0x7000, 0)]), Err(TlsError::Unresolved));
         assert_eq!(at(vec![(R_X86_64_TLSDESC, 0x9000, 0)]), Err(TlsError::Unreadable));
         assert_eq!(at(vec![]), Err(TlsError::Unresolved));
+        // musl: the same GOT, its own DTV; static TLS is static TLS.
+        let musl = |relocations| library_location(&with(relocations), bias, Loader::Musl, &memory);
+        let l = musl(vec![(R_X86_64_TLSDESC, 0x5000, 0)]).unwrap();
+        assert_eq!((l.kind, l.module, l.offset), (tls_kind::MUSL_DTV, 3, 0x10));
+        let l = musl(vec![(R_X86_64_TLSDESC, 0x4000, 0)]).unwrap();
+        assert_eq!((l.kind, l.offset), (tls_kind::STATIC, -0x80));
+    }
+
+    #[test]
+    fn the_loader_is_named_by_the_interpreter() {
+        assert_eq!(Loader::named(b"/lib/ld-musl-x86_64.so.1"), Loader::Musl);
+        assert_eq!(Loader::named(b"ld-musl-aarch64.so.1"), Loader::Musl);
+        assert_eq!(Loader::named(b"/lib64/ld-linux-x86-64.so.2"), Loader::Glibc);
+        assert_eq!(Loader::named(b""), Loader::Glibc);
+        let exe = std::fs::read("/proc/self/exe").unwrap();
+        let interp = interpreter(&exe).expect("this test binary is dynamically linked");
+        assert!(
+            interp.ends_with(b".so.2"),
+            "{:?}",
+            String::from_utf8_lossy(interp)
+        );
+        assert_eq!(interpreter(b"\x7fELF garbage"), None);
     }
 
     #[test]
