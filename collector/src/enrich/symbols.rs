@@ -32,6 +32,7 @@ use blazesym::symbolize::{
     source::{Elf, Source},
 };
 use lru::LruCache;
+use synspan_shared::{BuildIdFrame, build_id_status};
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SymbolError {
@@ -341,7 +342,14 @@ pub(crate) struct StackNormalizer {
     map_files_denied: bool,
     /// Files held by some process's image or stack, by identity.
     held: HashMap<FileIdentity, Weak<Module>>,
+    /// Every file opened for some process, by build id, held open: what names the frames of
+    /// a process that exited before its maps were read.
+    by_build_id: LruCache<Arc<[u8]>, Arc<Module>>,
 }
+
+/// Files kept open by build id, past the processes that mapped them: as many as one process
+/// may hold open at once.
+const MAX_INDEXED_FILES: NonZeroUsize = NonZeroUsize::new(MAX_CODE_FILES).unwrap();
 
 impl Default for StackNormalizer {
     fn default() -> Self {
@@ -349,6 +357,7 @@ impl Default for StackNormalizer {
             build_ids: LruCache::new(MAX_BUILD_IDS),
             map_files_denied: false,
             held: HashMap::new(),
+            by_build_id: LruCache::new(MAX_INDEXED_FILES),
         }
     }
 }
@@ -407,6 +416,7 @@ impl StackNormalizer {
         if let Some(module) = self.held.get(&identity).and_then(Weak::upgrade)
             && module.path == name
         {
+            self.index(&module);
             return Some(module);
         }
         let build_id = self.build_id(&file, identity);
@@ -420,7 +430,78 @@ impl StackNormalizer {
             self.held.retain(|_, module| module.strong_count() > 0);
         }
         self.held.insert(identity, Arc::downgrade(&module));
+        self.index(&module);
         Some(module)
+    }
+
+    fn index(&mut self, module: &Arc<Module>) {
+        if let Some(id) = &module.build_id {
+            self.by_build_id.put(id.clone(), module.clone());
+        }
+    }
+
+    /// The code of a process that exited before its maps were read, as far as its stack
+    /// shows it: each frame the kernel gave with a build id and file offset (`build_ids`,
+    /// the same walk as `walked`) places its file at `walked[i] - offset`, the file's load
+    /// bias, which also places the unwound frames of that file. A file never indexed is
+    /// named by its build id.
+    pub(crate) fn image_from_build_ids(
+        &mut self,
+        walked: &[u64],
+        build_ids: &[BuildIdFrame],
+    ) -> ProcessImage {
+        let mut placed: Vec<(Mapping, Option<Arc<Module>>)> = Vec::new();
+        for (&addr, frame) in walked.iter().zip(build_ids) {
+            if frame.status != build_id_status::VALID {
+                continue;
+            }
+            let Some(start) = addr.checked_sub(frame.offset_or_ip) else {
+                continue;
+            };
+            if placed.iter().any(|(m, _)| m.start <= addr && addr < m.end) {
+                continue;
+            }
+            let id: Arc<[u8]> = Arc::from(&frame.build_id[..build_id_len(&frame.build_id)]);
+            let module = self.by_build_id.get(&id).cloned();
+            // An unindexed file's length is unknown: it covers its frame alone (a return
+            // address is looked up a byte before it).
+            let (start, end, offset, name) = match &module {
+                Some(module) => {
+                    let len = module.file.metadata().map_or(0, |m| m.len());
+                    let end = start.saturating_add(len).max(addr.saturating_add(1));
+                    (start, end, 0, module.path.clone())
+                }
+                None => (
+                    addr.saturating_sub(1),
+                    addr.saturating_add(1),
+                    frame.offset_or_ip.saturating_sub(1),
+                    PathBuf::from(hex(&id)),
+                ),
+            };
+            placed.push((
+                Mapping {
+                    start,
+                    end,
+                    offset,
+                    executable: true,
+                    name: Some(name),
+                    deleted: false,
+                },
+                module,
+            ));
+        }
+        placed.sort_by_key(|(m, _)| m.start);
+        // Files placed from inconsistent frames would overlap: the later one is dropped.
+        let mut mappings: Vec<Mapping> = Vec::with_capacity(placed.len());
+        let mut modules = Vec::with_capacity(placed.len());
+        for (mapping, module) in placed {
+            if mappings.last().is_some_and(|last| mapping.start < last.end) {
+                continue;
+            }
+            mappings.push(mapping);
+            modules.push(module);
+        }
+        ProcessImage { mappings, modules }
     }
 
     fn open_mapped_file(&mut self, pid: u32, mapping: &Mapping, name: &Path) -> Option<File> {
@@ -461,6 +542,17 @@ impl StackNormalizer {
         self.build_ids.put(identity, build_id.clone());
         build_id
     }
+}
+
+/// The kernel pads a build id shorter than 20 bytes (an MD5 or UUID one, 16) with zeros.
+fn build_id_len(id: &[u8; 20]) -> usize {
+    id.iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |last| if last < 16 { 16 } else { 20 })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Files blazesym holds open and parsed (symbols, DWARF): the few hundred libraries and
