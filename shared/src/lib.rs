@@ -444,6 +444,19 @@ pub struct VanishingProcess {
     pub frames: [BuildIdFrame; MAX_BUILD_ID_FRAMES],
 }
 
+impl VanishingProcess {
+    pub const EMPTY: Self = Self {
+        exe_name: [0; EXE_NAME_LEN],
+        frame_count: 0,
+        _pad: 0,
+        frames: [BuildIdFrame {
+            status: build_id_status::EMPTY,
+            build_id: [0; 20],
+            offset_or_ip: 0,
+        }; MAX_BUILD_ID_FRAMES],
+    };
+}
+
 /// Byte offsets of the tracepoint fields the programs read.
 ///
 /// Tracepoint formats are stable in spirit but do grow fields between kernels, so the agent

@@ -461,6 +461,7 @@ pub(crate) mod tests {
         enricher.on_note(&ProcessNote {
             pid,
             user_stack_id: -1,
+            vanishing: VanishingProcess::EMPTY,
         });
         reap(child);
         let mut attempt = crate::span::tests::timed_out();
@@ -471,5 +472,40 @@ pub(crate) mod tests {
         assert!(identity.user_stack.is_none() && identity.kernel_stack.is_none());
         enricher.sweep();
         assert!(enricher.identify(&attempt).process.is_none());
+    }
+
+    #[test]
+    fn a_process_gone_before_its_note_keeps_the_kernels_name_for_it() {
+        let mut enricher = Enricher::new(None, ReadOptions::default(), false);
+        let child = running_cat(&[], &[]);
+        let pid = child.id();
+        reap(child);
+        let mut vanishing = VanishingProcess::EMPTY;
+        // Unterminated: the name is bounded by its array.
+        vanishing.exe_name = [b'x'; synspan_shared::EXE_NAME_LEN];
+        vanishing.exe_name[..6].copy_from_slice(b"client");
+        // More frames than the array holds are not read past it.
+        vanishing.frame_count = u32::MAX;
+        enricher.on_note(&ProcessNote {
+            pid,
+            user_stack_id: 7,
+            vanishing,
+        });
+        let mut attempt = crate::span::tests::timed_out();
+        attempt.pid = pid;
+        let identity = enricher.identify(&attempt);
+        assert!(identity.process.is_none());
+        let name = identity.exe_name.expect("the kernel's name");
+        assert!(
+            name.starts_with("client") && name.len() == synspan_shared::EXE_NAME_LEN,
+            "{name}"
+        );
+        vanishing.exe_name = [0; synspan_shared::EXE_NAME_LEN];
+        enricher.on_note(&ProcessNote {
+            pid,
+            user_stack_id: 7,
+            vanishing,
+        });
+        assert!(enricher.identify(&attempt).exe_name.is_none());
     }
 }

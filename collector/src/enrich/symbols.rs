@@ -868,6 +868,70 @@ mod tests {
         assert!(lines[0].starts_with("synspan_symbol_probe+0x3 ("), "{lines:?}");
     }
 
+    /// What names the frames of a process gone before its maps were read: the build id and
+    /// file offset of each walked frame, against the files indexed from other processes.
+    #[test]
+    fn frames_named_by_build_id_and_offset() {
+        let mut normalizer = StackNormalizer::new();
+        let addr = probe_addr() + 3;
+        let frames = normalizer.normalize(std::process::id(), &[addr]).unwrap();
+        let Location::File { module, offset } = &frames[0].location else {
+            panic!("{frames:?}");
+        };
+        let mut build_id = [0; 20];
+        let id = module
+            .build_id
+            .as_deref()
+            .expect("the test binary has a build id");
+        build_id[..id.len()].copy_from_slice(id);
+        let unknown = 0x1000_0000;
+        let walked = [addr, unknown, 0x10];
+        let kernel_frames = [
+            BuildIdFrame {
+                status: build_id_status::VALID,
+                build_id,
+                offset_or_ip: *offset,
+            },
+            BuildIdFrame {
+                status: build_id_status::VALID,
+                build_id: [0xab; 20],
+                offset_or_ip: 0x1234,
+            },
+            // The kernel could not read this frame's file: the address alone.
+            BuildIdFrame {
+                status: build_id_status::IP,
+                build_id: [0; 20],
+                offset_or_ip: 0x10,
+            },
+        ];
+        let image = normalizer.image_from_build_ids(&walked, &kernel_frames);
+        let lines = UserSymbolizer::new().symbolize_normalized(&image.normalize(&walked));
+        assert!(lines[0].starts_with("synspan_symbol_probe+0x3 ("), "{lines:?}");
+        assert_eq!(lines[1], format!("{unknown:#x} ({}+0x1234)", "ab".repeat(20)));
+        assert_eq!(lines[2], "0x10");
+        // The file placed from one frame also places the other addresses in it.
+        let lines = UserSymbolizer::new().symbolize_normalized(&image.normalize(&[probe_addr()]));
+        assert!(lines[0].starts_with("synspan_symbol_probe+0x0 ("), "{lines:?}");
+    }
+
+    /// Frames that place files over each other, or below address 0, are not trusted.
+    #[test]
+    fn inconsistent_build_id_frames_place_nothing() {
+        let mut normalizer = StackNormalizer::new();
+        let frame = |offset_or_ip| BuildIdFrame {
+            status: build_id_status::VALID,
+            build_id: [0xcd; 20],
+            offset_or_ip,
+        };
+        let image = normalizer.image_from_build_ids(
+            &[0x100, 0x2000, 0x2000],
+            &[frame(0x200), frame(0x10), frame(0x11)],
+        );
+        let lines = UserSymbolizer::new().symbolize_normalized(&image.normalize(&[0x100, 0x2000]));
+        assert_eq!(lines[0], "0x100");
+        assert_eq!(lines[1], format!("0x2000 ({}+0x10)", "cd".repeat(20)));
+    }
+
     #[test]
     fn vdso_and_unknown_addresses() {
         let maps = std::fs::read("/proc/self/maps").unwrap();
@@ -1038,9 +1102,18 @@ int main(void) { synspan_c_probe(); return 0; }\n";
 
         let (theirs, ours, again) = (theirs.unwrap(), ours.unwrap(), again.unwrap());
         assert!(theirs[0].starts_with("synspan_c_probe+0x4 ("), "{theirs:?}");
-        assert_eq!(held_while_needed, 1, "blazesym holds the file it read");
+        // The normalizer holds its own descriptor on the file, by build id, for the frames of
+        // processes that exit before they are read; bounded apart from blazesym's.
+        let indexed = symbolizer
+            .normalizer
+            .by_build_id
+            .iter()
+            .filter(|(_, module)| module.path == binary)
+            .count();
+        assert_eq!(indexed, 1);
+        assert_eq!(held_while_needed, 1 + indexed, "blazesym holds the file it read");
         assert!(ours[0].starts_with("synspan_symbol_probe+0x0 ("), "{ours:?}");
-        assert_eq!(held_when_pushed_out, 0, "pushed out, yet still open");
+        assert_eq!(held_when_pushed_out, indexed, "pushed out, yet still open");
         assert!(again[0].starts_with("synspan_c_probe+0x5 ("), "{again:?}");
         assert_eq!(symbolizer.sources.len(), 1);
     }
