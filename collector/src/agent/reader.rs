@@ -71,7 +71,7 @@ impl Reader {
             // SAFETY: ProcessNote is plain old data and the length was checked.
             let note = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ProcessNote>()) };
             drop(item);
-            if self.work.try_send(Work::Note(note)).is_err() {
+            if self.work.try_send(Work::Note(Box::new(note))).is_err() {
                 tracing::debug!(pid = note.pid, "process note dropped: enrichment is behind");
             }
         }
