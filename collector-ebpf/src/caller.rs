@@ -96,7 +96,9 @@ fn record_user_frame(attempt: &mut AttemptRecord) {
 /// again with each frame's file as a build id and offset (the kernel looks the build id up in
 /// the page cache of each frame's file), so that a process gone before the agent read its
 /// `/proc/<pid>/maps` still has every frame named by what the agent has indexed. Both are
-/// taken only when the process is noted, never in steady state.
+/// taken only when the process is noted, never in steady state: measured with bpf_stats, a
+/// noted attempt's start then costs about 5 µs more than with `--no-stacks` (README, "User
+/// stacks"), against about 0.7 µs for the plain walk every attempt pays.
 ///
 /// `bpf_get_stack` rather than a second stack trace map with `BPF_F_STACK_BUILD_ID`: the
 /// frames travel in the note the agent reads anyway, with no map to look up, and aya's stack

@@ -44,16 +44,26 @@ struct Image {
 /// recorded of them: a churn of short-lived clients puts one here each, about 1.1 KiB.
 const MAX_VANISHED: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
 
+/// A process note as the kernel wrote it into its ring buffer; `None` if it is too short.
+pub(crate) fn read_note(bytes: &[u8]) -> Option<ProcessNote> {
+    if bytes.len() < size_of::<ProcessNote>() {
+        return None;
+    }
+    // SAFETY: ProcessNote is plain old data (integers and arrays of them, any bit pattern a
+    // value) and the length was checked.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ProcessNote>()) })
+}
+
 /// What names a process and its frames once it is gone, as its note carried it.
-struct Vanished {
-    exe_name: Option<Arc<str>>,
+pub(crate) struct Vanished {
+    pub(crate) exe_name: Option<Arc<str>>,
     user_stack_id: i32,
-    frames: Vec<synspan_shared::BuildIdFrame>,
+    pub(crate) frames: Vec<synspan_shared::BuildIdFrame>,
 }
 
 impl Vanished {
     /// Bounded by the note's own arrays whatever counts the kernel wrote.
-    fn from_note(note: &ProcessNote) -> Self {
+    pub(crate) fn from_note(note: &ProcessNote) -> Self {
         let v: &VanishingProcess = &note.vanishing;
         let name = &v.exe_name[..v
             .exe_name
