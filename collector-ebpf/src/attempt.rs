@@ -9,6 +9,7 @@
 //! running inside themselves, and the start and the end are two programs.
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::BPF_F_REUSE_STACKID,
     helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32},
     macros::{btf_tracepoint, tracepoint},
@@ -322,26 +323,39 @@ fn start<C: StateChange>(ctx: &C, sock: u64) -> Result<(), i32> {
     count(counter::STARTED);
     // With the stack still to come, the note is the process's alone: its identity, read
     // while it is surely alive. The code path follows when the stack is taken.
-    note_process(attempt);
+    note_process(ctx, attempt, policy.stacks != 0);
     Ok(())
 }
 
 /// Tells the agent about a process (and user stack) it has not heard of, while the process
-/// is alive for sure. A lost note only costs enrichment, so its loss is not counted.
+/// is alive for sure. A lost note only costs enrichment, so its loss is not counted. The note
+/// also carries what names the process and its frames without `/proc`, for a process that
+/// exits before the agent reads it: only a process's first attempts from each stack pay for
+/// that, since steady state sends no notes.
 #[inline(always)]
-pub(crate) fn note_process(attempt: &AttemptRecord) {
+pub(crate) fn note_process<C: EbpfContext>(ctx: &C, attempt: &AttemptRecord, with_stack: bool) {
     let key = (u64::from(attempt.pid) << 32) | u64::from(attempt.user_stack_id as u32);
     // SAFETY: only whether the entry exists is looked at, not the value.
     if unsafe { NOTED.get(&key) }.is_some() {
         return;
     }
-    let note = ProcessNote {
-        pid: attempt.pid,
-        user_stack_id: attempt.user_stack_id,
+    let Some(mut entry) = PROCESS_NOTES.reserve::<ProcessNote>(0) else {
+        return;
     };
-    if PROCESS_NOTES.output(&note, 0).is_ok() {
-        let _ = NOTED.insert(&key, &1, 0);
+    let note = entry.as_mut_ptr();
+    // SAFETY: `note` points at the reserved entry, as large as a ProcessNote and ours until
+    // submitted; the fields are written through it, never read before they are.
+    unsafe {
+        (*note).pid = attempt.pid;
+        (*note).user_stack_id = attempt.user_stack_id;
+        caller::describe_vanishing(
+            ctx,
+            &mut (*note).vanishing,
+            with_stack && attempt.user_stack_id >= 0,
+        );
     }
+    entry.submit(0);
+    let _ = NOTED.insert(&key, &1, 0);
 }
 
 /// Every allow-list the policy names must contain the attempt.

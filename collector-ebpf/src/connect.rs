@@ -108,7 +108,7 @@ fn tcp_destination(call: &ConnectCall, attempt: &mut AttemptRecord) -> Result<bo
 #[inline(always)]
 fn take_stacks(ctx: &TracePointContext, attempt: &mut AttemptRecord, sock: u64) {
     caller::record_stacks(ctx, attempt, true);
-    note_process(attempt);
+    note_process(ctx, attempt, true);
     if handoff_clear(attempt, handoff::STACKS_PENDING) & handoff::PARKED != 0 {
         send(attempt);
         if IN_FLIGHT.remove(&sock).is_ok() {

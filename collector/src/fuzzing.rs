@@ -32,6 +32,23 @@ pub fn ring_buffer_record(data: &[u8]) {
     }
 }
 
+/// A process note: decoded, its executable name and build-id frames taken as the agent takes
+/// them, and the frames placed against the addresses in the bytes after the note.
+pub fn process_note(data: &[u8]) {
+    let Some(note) = crate::enrich::read_note(data) else {
+        return;
+    };
+    let vanished = crate::enrich::Vanished::from_note(&note);
+    black_box(&vanished.exe_name);
+    let walked: Vec<u64> = data[size_of::<synspan_shared::ProcessNote>()..]
+        .chunks_exact(8)
+        .take(synspan_shared::MAX_BUILD_ID_FRAMES)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+        .collect();
+    let image = symbols::StackNormalizer::new().image_from_build_ids(&walked, &vanished.frames);
+    black_box(image.normalize(&walked));
+}
+
 /// The kernel's BTF: indexed, then every member lookup the kernel layout makes.
 pub fn btf(data: &[u8]) {
     let Ok(btf) = Btf::parse(data) else {

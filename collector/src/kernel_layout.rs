@@ -7,8 +7,8 @@ use std::{
 };
 
 use synspan_shared::{
-    ConnectFields, FdPathFields, KernelLayout, ResetFields, RetransmitFields, SetStateFields, SkbFields,
-    SockFields, SockTupleFields, TaskFields, names::program,
+    ConnectFields, ExeFields, FdPathFields, KernelLayout, ResetFields, RetransmitFields, SetStateFields,
+    SkbFields, SockFields, SockTupleFields, TaskFields, names::program,
 };
 
 use crate::btf::{Btf, BtfError, KernelBtf};
@@ -172,6 +172,7 @@ pub(crate) fn resolve(vmlinux: Result<&KernelBtf, &BtfError>) -> Result<Resolved
     let fd_path = btf.as_ref().map(fd_path_fields).unwrap_or_default();
     let skb = btf.as_ref().and_then(skb_fields).unwrap_or_default();
     let task = btf.as_ref().and_then(task_fields).unwrap_or_default();
+    let exe = btf.as_ref().and_then(exe_fields).unwrap_or_default();
     if task.fsbase == 0 {
         tracing::warn!(
             "no task_struct thread pointer offsets in kernel BTF: connect spans cannot join \
@@ -224,6 +225,7 @@ pub(crate) fn resolve(vmlinux: Result<&KernelBtf, &BtfError>) -> Result<Resolved
             fd_path,
             skb,
             task,
+            exe,
         },
         unavailable,
     })
@@ -334,6 +336,17 @@ fn task_fields(btf: &Btf) -> Option<TaskFields> {
     Some(TaskFields {
         flags: u16::try_from(btf.member_offset("task_struct", "flags")?).ok()?,
         fsbase: u16::try_from(thread.checked_add(fsbase)?).ok()?,
+    })
+}
+
+/// Where a task's executable keeps its file name: `task->mm->exe_file->f_path.dentry->d_name.name`.
+fn exe_fields(btf: &Btf) -> Option<ExeFields> {
+    let offset = |name: &str, member: &str| u16::try_from(btf.member_offset(name, member)?).ok();
+    Some(ExeFields {
+        task_mm: offset("task_struct", "mm")?,
+        mm_exe_file: offset("mm_struct", "exe_file")?,
+        file_dentry: offset("file", "f_path")?.checked_add(offset("path", "dentry")?)?,
+        dentry_name: offset("dentry", "d_name")?.checked_add(offset("qstr", "name")?)?,
     })
 }
 

@@ -296,7 +296,11 @@ fn attributes(a: &Attempt, identity: &Identity, evidence: &Evidence) -> Vec<KeyV
         KeyValue::new(key::THREAD_ID, i64::from(a.tid)),
         KeyValue::new(
             key::PROCESS_EXECUTABLE_NAME,
-            info.map_or_else(|| a.comm.clone(), |i| i.exe_name.clone()),
+            match (info, &identity.exe_name) {
+                (Some(info), _) => info.exe_name.clone(),
+                (None, Some(name)) => name.to_string(),
+                (None, None) => a.comm.clone(),
+            },
         ),
         KeyValue::new(key::PROCESS_COMMAND, a.comm.clone()),
         KeyValue::new(key::OUTCOME, a.outcome.as_str()),

@@ -329,6 +329,21 @@ pub struct TaskFields {
     pub fsbase: u16,
 }
 
+/// The path from a task to its executable's file name, from BTF; all zero if any step is
+/// missing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExeFields {
+    /// `task_struct.mm`.
+    pub task_mm: u16,
+    /// `mm_struct.exe_file`.
+    pub mm_exe_file: u16,
+    /// `file.f_path.dentry`.
+    pub file_dentry: u16,
+    /// `dentry.d_name.name`.
+    pub dentry_name: u16,
+}
+
 /// `task_struct.flags` bits of tasks whose thread pointer means nothing to an application
 /// (`include/linux/sched.h`).
 pub mod task_flags {
@@ -405,6 +420,60 @@ pub struct ProcessNote {
     pub pid: u32,
     /// The user stack at `connect()`, or -1.
     pub user_stack_id: i32,
+    /// What still names the process and its frames if it exits before the agent reads
+    /// `/proc/<pid>`: a client refused on loopback often does, within a millisecond.
+    pub vanishing: VanishingProcess,
+}
+
+/// Bytes kept of the executable's file name (`task->mm->exe_file`'s dentry name, at most
+/// `NAME_MAX` bytes in the kernel), with its terminating NUL.
+pub const EXE_NAME_LEN: usize = 64;
+
+/// Frames of the user stack taken with their file's build id: as many as a span shows.
+pub const MAX_BUILD_ID_FRAMES: usize = 32;
+
+/// One frame as `bpf_get_stack(BPF_F_USER_BUILD_ID)` writes it (`struct bpf_stack_build_id`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BuildIdFrame {
+    /// [`build_id_status`].
+    pub status: i32,
+    pub build_id: [u8; 20],
+    /// The offset in the file when `status` is `VALID`, else the address.
+    pub offset_or_ip: u64,
+}
+
+/// `enum bpf_stack_build_id_status`.
+pub mod build_id_status {
+    pub const EMPTY: i32 = 0;
+    pub const VALID: i32 = 1;
+    pub const IP: i32 = 2;
+}
+
+/// Identity and stack of a process that needs no `/proc/<pid>`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VanishingProcess {
+    /// NUL-terminated, all zero when unread.
+    pub exe_name: [u8; EXE_NAME_LEN],
+    /// How many of `frames` the kernel wrote: the user stack's first frames, the same walk as
+    /// the note's stack id.
+    pub frame_count: u32,
+    pub _pad: u32,
+    pub frames: [BuildIdFrame; MAX_BUILD_ID_FRAMES],
+}
+
+impl VanishingProcess {
+    pub const EMPTY: Self = Self {
+        exe_name: [0; EXE_NAME_LEN],
+        frame_count: 0,
+        _pad: 0,
+        frames: [BuildIdFrame {
+            status: build_id_status::EMPTY,
+            build_id: [0; 20],
+            offset_or_ip: 0,
+        }; MAX_BUILD_ID_FRAMES],
+    };
 }
 
 /// Byte offsets of the tracepoint fields the programs read.
@@ -549,6 +618,7 @@ pub struct KernelLayout {
     pub fd_path: FdPathFields,
     pub skb: SkbFields,
     pub task: TaskFields,
+    pub exe: ExeFields,
 }
 
 impl KernelLayout {
@@ -614,6 +684,12 @@ impl KernelLayout {
             skb_iif: 0,
         },
         task: TaskFields { flags: 0, fsbase: 0 },
+        exe: ExeFields {
+            task_mm: 0,
+            mm_exe_file: 0,
+            file_dentry: 0,
+            dentry_name: 0,
+        },
     };
 }
 

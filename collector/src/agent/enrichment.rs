@@ -35,7 +35,9 @@ use crate::{
 /// per batch, not per attempt, is what keeps the second thread from costing the reader more
 /// than the work it takes off it.
 pub(super) enum Work {
-    Note(ProcessNote),
+    /// Boxed: a note carries a stack of build ids, a KiB, and the queue holds many of the
+    /// rest.
+    Note(Box<ProcessNote>),
     Attempts(Vec<Attempt>),
     /// Forget processes that have exited.
     Sweep,

@@ -5,7 +5,6 @@
 use std::{sync::Arc, time::Instant};
 
 use aya::maps::{MapData, RingBuf};
-use synspan_shared::ProcessNote;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::mpsc::{self, error::TrySendError},
@@ -65,13 +64,11 @@ impl Reader {
     /// still go out, identified when they are enriched.
     pub(super) fn read_notes(&mut self) {
         while let Some(item) = self.notes.get_mut().next() {
-            if item.len() < size_of::<ProcessNote>() {
+            let Some(note) = crate::enrich::read_note(&item) else {
                 continue;
-            }
-            // SAFETY: ProcessNote is plain old data and the length was checked.
-            let note = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ProcessNote>()) };
+            };
             drop(item);
-            if self.work.try_send(Work::Note(note)).is_err() {
+            if self.work.try_send(Work::Note(Box::new(note))).is_err() {
                 tracing::debug!(pid = note.pid, "process note dropped: enrichment is behind");
             }
         }

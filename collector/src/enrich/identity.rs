@@ -14,6 +14,9 @@ pub(crate) struct Identity {
     pub(crate) user_stack: Option<Arc<str>>,
     pub(crate) kernel_stack: Option<Arc<str>>,
     pub(crate) end_kernel_stack: Option<Arc<str>>,
+    /// The executable's file name as the kernel recorded it, for a process gone before
+    /// `/proc/<pid>` was read.
+    pub(crate) exe_name: Option<Arc<str>>,
 }
 
 /// A process with what is derived from it once.

@@ -20,7 +20,7 @@ use std::{cell::RefCell, collections::HashMap, num::NonZeroUsize, path::Path, sy
 
 use aya::maps::{MapData, StackTraceMap};
 use lru::LruCache;
-use synspan_shared::{ProcessNote, ThreadContextTls};
+use synspan_shared::{MAX_BUILD_ID_FRAMES, ProcessNote, ThreadContextTls, VanishingProcess};
 
 use crate::attempt::{Attempt, UserFrame};
 use identity::Identity;
@@ -38,6 +38,45 @@ const MAX_IMAGES: NonZeroUsize = NonZeroUsize::new(4096).unwrap();
 struct Image {
     code: ProcessImage,
     unwinder: ProcessUnwinder,
+}
+
+/// Processes remembered that exited before `/proc/<pid>` could be read, with what the kernel
+/// recorded of them: a churn of short-lived clients puts one here each, about 1.1 KiB.
+const MAX_VANISHED: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
+
+/// A process note as the kernel wrote it into its ring buffer; `None` if it is too short.
+pub(crate) fn read_note(bytes: &[u8]) -> Option<ProcessNote> {
+    if bytes.len() < size_of::<ProcessNote>() {
+        return None;
+    }
+    // SAFETY: ProcessNote is plain old data (integers and arrays of them, any bit pattern a
+    // value) and the length was checked.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ProcessNote>()) })
+}
+
+/// What names a process and its frames once it is gone, as its note carried it.
+pub(crate) struct Vanished {
+    pub(crate) exe_name: Option<Arc<str>>,
+    user_stack_id: i32,
+    pub(crate) frames: Vec<synspan_shared::BuildIdFrame>,
+}
+
+impl Vanished {
+    /// Bounded by the note's own arrays whatever counts the kernel wrote.
+    pub(crate) fn from_note(note: &ProcessNote) -> Self {
+        let v: &VanishingProcess = &note.vanishing;
+        let name = &v.exe_name[..v
+            .exe_name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(v.exe_name.len())];
+        let count = (v.frame_count as usize).min(MAX_BUILD_ID_FRAMES);
+        Self {
+            exe_name: (!name.is_empty()).then(|| String::from_utf8_lossy(name).into()),
+            user_stack_id: note.user_stack_id,
+            frames: v.frames[..count].to_vec(),
+        }
+    }
 }
 
 /// Stacks remembered, normalized and rendered: as many as the kernel's stack map holds ids,
@@ -78,6 +117,7 @@ pub(crate) struct Enricher {
     rendered_kernel: LruCache<Arc<[u64]>, Arc<str>>,
     /// Where processes publish their thread context; `None` when it is not read.
     thread_contexts: Option<ThreadContexts>,
+    vanished: LruCache<u32, Arc<Vanished>>,
 }
 
 // It may be made on one thread and run on another.
@@ -141,6 +181,7 @@ impl Enricher {
             rendered_user: LruCache::new(MAX_RENDERED_USER),
             rendered_kernel: LruCache::new(MAX_STACKS),
             thread_contexts: None,
+            vanished: LruCache::new(MAX_VANISHED),
         }
     }
 
@@ -153,13 +194,17 @@ impl Enricher {
     /// The kernel saw a process (or a new code path of one) start an attempt: read what
     /// might be gone by the time the attempt ends.
     pub(crate) fn on_note(&mut self, note: &ProcessNote) {
-        let _ = self.processes.check(note.pid);
+        let process = self.processes.check(note.pid);
         if let Some(contexts) = &mut self.thread_contexts {
             contexts.look(note.pid);
         }
         // A new code path may run in a library loaded since the process was last read.
-        if note.user_stack_id >= 0 {
-            self.read_image(note.pid);
+        let image = (note.user_stack_id >= 0)
+            .then(|| self.read_image(note.pid))
+            .flatten();
+        // Gone already: only what the kernel put in the note is left of it.
+        if process.is_none() || (note.user_stack_id >= 0 && image.is_none()) {
+            self.vanished.put(note.pid, Arc::new(Vanished::from_note(note)));
         }
     }
 
@@ -182,16 +227,22 @@ impl Enricher {
         }
         let user_stack = self
             .stack(attempt.user_stack_id)
-            .map(|addrs| self.render_user(attempt.pid, addrs, attempt.user_frame.as_ref()));
+            .zip(attempt.user_stack_id)
+            .map(|(addrs, id)| self.render_user(attempt.pid, id, addrs, attempt.user_frame.as_ref()));
         let kernel_stack = self.stack(attempt.kernel_stack_id).map(|a| self.render_kernel(a));
         let end_kernel_stack = self
             .stack(attempt.end_kernel_stack_id)
             .map(|a| self.render_kernel(a));
+        let exe_name = match &process {
+            Some(_) => None,
+            None => self.vanished.peek(&attempt.pid).and_then(|v| v.exe_name.clone()),
+        };
         Identity {
             process,
             user_stack,
             kernel_stack,
             end_kernel_stack,
+            exe_name,
         }
     }
 
@@ -273,10 +324,18 @@ impl Enricher {
     /// kernel copied, joined to its frame-pointer walk `walked`, each frame named from the
     /// files the process had mapped when it was read (at its note, or now). A process gone
     /// before it could be read still shows its walked frames, as addresses.
-    fn render_user(&mut self, pid: u32, walked: Arc<[u64]>, frame: Option<&UserFrame>) -> Arc<str> {
+    fn render_user(
+        &mut self,
+        pid: u32,
+        stack_id: u32,
+        walked: Arc<[u64]>,
+        frame: Option<&UserFrame>,
+    ) -> Arc<str> {
         let image = match self.images.get(&pid) {
             Some(image) => Some(image.clone()),
-            None => self.read_image(pid),
+            None => self
+                .read_image(pid)
+                .or_else(|| self.vanished_image(pid, stack_id, &walked)),
         };
         let addrs: Arc<[u64]> = match (&image, frame) {
             (Some(image), Some(frame)) => {
@@ -298,6 +357,23 @@ impl Enricher {
         let text = stack_text(&lines);
         self.rendered_user.put(key, text.clone());
         text
+    }
+
+    /// The code of a process that exited before it was read, placed from the build ids of
+    /// the frames of `stack_id` its note carried; not remembered as the process's image, which
+    /// another stack of the same process would place differently.
+    fn vanished_image(&mut self, pid: u32, stack_id: u32, walked: &[u64]) -> Option<Arc<Image>> {
+        let vanished = self.vanished.peek(&pid)?.clone();
+        if vanished.user_stack_id as u32 != stack_id || vanished.frames.is_empty() {
+            return None;
+        }
+        let code = self.normalizer.image_from_build_ids(walked, &vanished.frames);
+        tracing::debug!(
+            "user stack of {pid}: placed from the build ids of {} frames",
+            vanished.frames.len()
+        );
+        let unwinder = self.unwinder.for_process(code.code());
+        Some(Arc::new(Image { code, unwinder }))
     }
 
     fn render_kernel(&mut self, addrs: Arc<[u64]>) -> Arc<str> {
@@ -395,6 +471,7 @@ pub(crate) mod tests {
         enricher.on_note(&ProcessNote {
             pid,
             user_stack_id: -1,
+            vanishing: VanishingProcess::EMPTY,
         });
         reap(child);
         let mut attempt = crate::span::tests::timed_out();
@@ -405,5 +482,40 @@ pub(crate) mod tests {
         assert!(identity.user_stack.is_none() && identity.kernel_stack.is_none());
         enricher.sweep();
         assert!(enricher.identify(&attempt).process.is_none());
+    }
+
+    #[test]
+    fn a_process_gone_before_its_note_keeps_the_kernels_name_for_it() {
+        let mut enricher = Enricher::new(None, ReadOptions::default(), false);
+        let child = running_cat(&[], &[]);
+        let pid = child.id();
+        reap(child);
+        let mut vanishing = VanishingProcess::EMPTY;
+        // Unterminated: the name is bounded by its array.
+        vanishing.exe_name = [b'x'; synspan_shared::EXE_NAME_LEN];
+        vanishing.exe_name[..6].copy_from_slice(b"client");
+        // More frames than the array holds are not read past it.
+        vanishing.frame_count = u32::MAX;
+        enricher.on_note(&ProcessNote {
+            pid,
+            user_stack_id: 7,
+            vanishing,
+        });
+        let mut attempt = crate::span::tests::timed_out();
+        attempt.pid = pid;
+        let identity = enricher.identify(&attempt);
+        assert!(identity.process.is_none());
+        let name = identity.exe_name.expect("the kernel's name");
+        assert!(
+            name.starts_with("client") && name.len() == synspan_shared::EXE_NAME_LEN,
+            "{name}"
+        );
+        vanishing.exe_name = [0; synspan_shared::EXE_NAME_LEN];
+        enricher.on_note(&ProcessNote {
+            pid,
+            user_stack_id: 7,
+            vanishing,
+        });
+        assert!(enricher.identify(&attempt).exe_name.is_none());
     }
 }

@@ -32,6 +32,7 @@ use blazesym::symbolize::{
     source::{Elf, Source},
 };
 use lru::LruCache;
+use synspan_shared::{BuildIdFrame, build_id_status};
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SymbolError {
@@ -341,7 +342,14 @@ pub(crate) struct StackNormalizer {
     map_files_denied: bool,
     /// Files held by some process's image or stack, by identity.
     held: HashMap<FileIdentity, Weak<Module>>,
+    /// Every file opened for some process, by build id, held open: what names the frames of
+    /// a process that exited before its maps were read.
+    by_build_id: LruCache<Arc<[u8]>, Arc<Module>>,
 }
+
+/// Files kept open by build id, past the processes that mapped them: as many as one process
+/// may hold open at once.
+const MAX_INDEXED_FILES: NonZeroUsize = NonZeroUsize::new(MAX_CODE_FILES).unwrap();
 
 impl Default for StackNormalizer {
     fn default() -> Self {
@@ -349,6 +357,7 @@ impl Default for StackNormalizer {
             build_ids: LruCache::new(MAX_BUILD_IDS),
             map_files_denied: false,
             held: HashMap::new(),
+            by_build_id: LruCache::new(MAX_INDEXED_FILES),
         }
     }
 }
@@ -407,6 +416,7 @@ impl StackNormalizer {
         if let Some(module) = self.held.get(&identity).and_then(Weak::upgrade)
             && module.path == name
         {
+            self.index(&module);
             return Some(module);
         }
         let build_id = self.build_id(&file, identity);
@@ -420,7 +430,78 @@ impl StackNormalizer {
             self.held.retain(|_, module| module.strong_count() > 0);
         }
         self.held.insert(identity, Arc::downgrade(&module));
+        self.index(&module);
         Some(module)
+    }
+
+    fn index(&mut self, module: &Arc<Module>) {
+        if let Some(id) = &module.build_id {
+            self.by_build_id.put(id.clone(), module.clone());
+        }
+    }
+
+    /// The code of a process that exited before its maps were read, as far as its stack
+    /// shows it: each frame the kernel gave with a build id and file offset (`build_ids`,
+    /// the same walk as `walked`) places its file at `walked[i] - offset`, the file's load
+    /// bias, which also places the unwound frames of that file. A file never indexed is
+    /// named by its build id.
+    pub(crate) fn image_from_build_ids(
+        &mut self,
+        walked: &[u64],
+        build_ids: &[BuildIdFrame],
+    ) -> ProcessImage {
+        let mut placed: Vec<(Mapping, Option<Arc<Module>>)> = Vec::new();
+        for (&addr, frame) in walked.iter().zip(build_ids) {
+            if frame.status != build_id_status::VALID {
+                continue;
+            }
+            let Some(start) = addr.checked_sub(frame.offset_or_ip) else {
+                continue;
+            };
+            if placed.iter().any(|(m, _)| m.start <= addr && addr < m.end) {
+                continue;
+            }
+            let id: Arc<[u8]> = Arc::from(&frame.build_id[..build_id_len(&frame.build_id)]);
+            let module = self.by_build_id.get(&id).cloned();
+            // An unindexed file's length is unknown: it covers its frame alone (a return
+            // address is looked up a byte before it).
+            let (start, end, offset, name) = match &module {
+                Some(module) => {
+                    let len = module.file.metadata().map_or(0, |m| m.len());
+                    let end = start.saturating_add(len).max(addr.saturating_add(1));
+                    (start, end, 0, module.path.clone())
+                }
+                None => (
+                    addr.saturating_sub(1),
+                    addr.saturating_add(1),
+                    frame.offset_or_ip.saturating_sub(1),
+                    PathBuf::from(hex(&id)),
+                ),
+            };
+            placed.push((
+                Mapping {
+                    start,
+                    end,
+                    offset,
+                    executable: true,
+                    name: Some(name),
+                    deleted: false,
+                },
+                module,
+            ));
+        }
+        placed.sort_by_key(|(m, _)| m.start);
+        // Files placed from inconsistent frames would overlap: the later one is dropped.
+        let mut mappings: Vec<Mapping> = Vec::with_capacity(placed.len());
+        let mut modules = Vec::with_capacity(placed.len());
+        for (mapping, module) in placed {
+            if mappings.last().is_some_and(|last| mapping.start < last.end) {
+                continue;
+            }
+            mappings.push(mapping);
+            modules.push(module);
+        }
+        ProcessImage { mappings, modules }
     }
 
     fn open_mapped_file(&mut self, pid: u32, mapping: &Mapping, name: &Path) -> Option<File> {
@@ -461,6 +542,17 @@ impl StackNormalizer {
         self.build_ids.put(identity, build_id.clone());
         build_id
     }
+}
+
+/// The kernel pads a build id shorter than 20 bytes (an MD5 or UUID one, 16) with zeros.
+fn build_id_len(id: &[u8; 20]) -> usize {
+    id.iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |last| if last < 16 { 16 } else { 20 })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Files blazesym holds open and parsed (symbols, DWARF): the few hundred libraries and
@@ -776,6 +868,70 @@ mod tests {
         assert!(lines[0].starts_with("synspan_symbol_probe+0x3 ("), "{lines:?}");
     }
 
+    /// What names the frames of a process gone before its maps were read: the build id and
+    /// file offset of each walked frame, against the files indexed from other processes.
+    #[test]
+    fn frames_named_by_build_id_and_offset() {
+        let mut normalizer = StackNormalizer::new();
+        let addr = probe_addr() + 3;
+        let frames = normalizer.normalize(std::process::id(), &[addr]).unwrap();
+        let Location::File { module, offset } = &frames[0].location else {
+            panic!("{frames:?}");
+        };
+        let mut build_id = [0; 20];
+        let id = module
+            .build_id
+            .as_deref()
+            .expect("the test binary has a build id");
+        build_id[..id.len()].copy_from_slice(id);
+        let unknown = 0x1000_0000;
+        let walked = [addr, unknown, 0x10];
+        let kernel_frames = [
+            BuildIdFrame {
+                status: build_id_status::VALID,
+                build_id,
+                offset_or_ip: *offset,
+            },
+            BuildIdFrame {
+                status: build_id_status::VALID,
+                build_id: [0xab; 20],
+                offset_or_ip: 0x1234,
+            },
+            // The kernel could not read this frame's file: the address alone.
+            BuildIdFrame {
+                status: build_id_status::IP,
+                build_id: [0; 20],
+                offset_or_ip: 0x10,
+            },
+        ];
+        let image = normalizer.image_from_build_ids(&walked, &kernel_frames);
+        let lines = UserSymbolizer::new().symbolize_normalized(&image.normalize(&walked));
+        assert!(lines[0].starts_with("synspan_symbol_probe+0x3 ("), "{lines:?}");
+        assert_eq!(lines[1], format!("{unknown:#x} ({}+0x1234)", "ab".repeat(20)));
+        assert_eq!(lines[2], "0x10");
+        // The file placed from one frame also places the other addresses in it.
+        let lines = UserSymbolizer::new().symbolize_normalized(&image.normalize(&[probe_addr()]));
+        assert!(lines[0].starts_with("synspan_symbol_probe+0x0 ("), "{lines:?}");
+    }
+
+    /// Frames that place files over each other, or below address 0, are not trusted.
+    #[test]
+    fn inconsistent_build_id_frames_place_nothing() {
+        let mut normalizer = StackNormalizer::new();
+        let frame = |offset_or_ip| BuildIdFrame {
+            status: build_id_status::VALID,
+            build_id: [0xcd; 20],
+            offset_or_ip,
+        };
+        let image = normalizer.image_from_build_ids(
+            &[0x100, 0x2000, 0x2000],
+            &[frame(0x200), frame(0x10), frame(0x11)],
+        );
+        let lines = UserSymbolizer::new().symbolize_normalized(&image.normalize(&[0x100, 0x2000]));
+        assert_eq!(lines[0], "0x100");
+        assert_eq!(lines[1], format!("0x2000 ({}+0x10)", "cd".repeat(20)));
+    }
+
     #[test]
     fn vdso_and_unknown_addresses() {
         let maps = std::fs::read("/proc/self/maps").unwrap();
@@ -946,9 +1102,18 @@ int main(void) { synspan_c_probe(); return 0; }\n";
 
         let (theirs, ours, again) = (theirs.unwrap(), ours.unwrap(), again.unwrap());
         assert!(theirs[0].starts_with("synspan_c_probe+0x4 ("), "{theirs:?}");
-        assert_eq!(held_while_needed, 1, "blazesym holds the file it read");
+        // The normalizer holds its own descriptor on the file, by build id, for the frames of
+        // processes that exit before they are read; bounded apart from blazesym's.
+        let indexed = symbolizer
+            .normalizer
+            .by_build_id
+            .iter()
+            .filter(|(_, module)| module.path == binary)
+            .count();
+        assert_eq!(indexed, 1);
+        assert_eq!(held_while_needed, 1 + indexed, "blazesym holds the file it read");
         assert!(ours[0].starts_with("synspan_symbol_probe+0x0 ("), "{ours:?}");
-        assert_eq!(held_when_pushed_out, 0, "pushed out, yet still open");
+        assert_eq!(held_when_pushed_out, indexed, "pushed out, yet still open");
         assert!(again[0].starts_with("synspan_c_probe+0x5 ("), "{again:?}");
         assert_eq!(symbolizer.sources.len(), 1);
     }
