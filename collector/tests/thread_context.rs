@@ -18,6 +18,32 @@ use synspan_testbed::{
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// A receiver, and synspan exporting to it.
+fn exporting() -> (Receiver, Agent) {
+    let receiver = Receiver::start().unwrap();
+    let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).unwrap();
+    (receiver, agent)
+}
+
+/// Each report's connect span is parented in its thread's span and ended as `outcomes` says,
+/// in the reports' order.
+fn assert_outcomes_parented(
+    receiver: &Receiver,
+    app: &TracedApp,
+    reports: &[ThreadReport],
+    outcomes: &[&str],
+) {
+    for ((connect, own), (report, outcome)) in spans_of(receiver, app, reports)
+        .iter()
+        .zip(reports.iter().zip(outcomes))
+    {
+        assert_parented(connect, own, report);
+        assert_eq!(connect["attributes"]["synspan.outcome"], *outcome, "{connect:#}");
+        // What the receiver got, side by side (shown with --nocapture).
+        println!("application's span: {own}\nits connect span: {connect}");
+    }
+}
+
 /// `bin ARGS --otlp-endpoint RECEIVER --targets TARGETS`, once `agent` found where it
 /// publishes (`None`: not waited for).
 fn traced(receiver: &Receiver, agent: Option<&Agent>, bin: &Path, args: &[&str], targets: &str) -> TracedApp {
@@ -89,8 +115,7 @@ fn root(span: &Value) -> bool {
 /// TLS, initial-exec/local-exec).
 #[test]
 fn every_outcome_is_a_child_of_the_threads_active_span() {
-    let receiver = Receiver::start().unwrap();
-    let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).unwrap();
+    let (receiver, agent) = exporting();
     let ns = Netns::new("tctx").unwrap();
     ns.sysctl("net.ipv4.tcp_syn_retries", "1").unwrap();
     ns.iptables(
@@ -108,16 +133,12 @@ fn every_outcome_is_a_child_of_the_threads_active_span() {
         "127.0.0.1:1,127.0.0.1:9,listen",
     );
     let reports = app.connect().unwrap();
-    let outcomes = ["connection_refused", "timed_out", "established"];
-    for ((connect, own), (report, outcome)) in spans_of(&receiver, &app, &reports)
-        .iter()
-        .zip(reports.iter().zip(outcomes))
-    {
-        assert_parented(connect, own, report);
-        assert_eq!(connect["attributes"]["synspan.outcome"], outcome, "{connect:#}");
-        // What the receiver got, side by side (shown with --nocapture).
-        println!("application's span: {own}\nits connect span: {connect}");
-    }
+    assert_outcomes_parented(
+        &receiver,
+        &app,
+        &reports,
+        &["connection_refused", "timed_out", "established"],
+    );
     // Each thread its own trace: three spans, three parents.
     let traces: std::collections::HashSet<&str> = reports.iter().map(|r| r.trace_id.as_str()).collect();
     assert_eq!(traces.len(), 3, "{reports:#?}");
@@ -133,8 +154,7 @@ fn every_outcome_is_a_child_of_the_threads_active_span() {
 /// own thread's parent.
 #[test]
 fn two_threads_get_their_own_parents() {
-    let receiver = Receiver::start().unwrap();
-    let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).unwrap();
+    let (receiver, agent) = exporting();
     let mut app = traced(
         &receiver,
         Some(&agent),
@@ -154,8 +174,7 @@ fn two_threads_get_their_own_parents() {
 /// thread too, so it is a child of that thread's span as well.
 #[test]
 fn a_connect_that_never_starts_is_a_child_too() {
-    let receiver = Receiver::start().unwrap();
-    let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).unwrap();
+    let (receiver, agent) = exporting();
     let ns = Netns::new("tnoroute").unwrap();
     let mut app = traced(
         &receiver,
@@ -181,8 +200,7 @@ fn a_connect_that_never_starts_is_a_child_too() {
 /// The variable in a shared library that `bin` loads with `dlopen`, in each of the two
 /// dialects a tracer's native module is built with. Returns the agent, to read what it said.
 fn from_a_library(bin: &Path, lib: &str) -> Agent {
-    let receiver = Receiver::start().unwrap();
-    let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).unwrap();
+    let (receiver, agent) = exporting();
     let mut app = traced(
         &receiver,
         Some(&agent),
@@ -212,8 +230,7 @@ fn a_dlopened_library_with_general_dynamic_tls() {
 /// established, from two threads at once.
 #[test]
 fn musl_executable_static_tls() {
-    let receiver = Receiver::start().unwrap();
-    let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).unwrap();
+    let (receiver, agent) = exporting();
     let mut app = traced(
         &receiver,
         Some(&agent),
@@ -222,15 +239,7 @@ fn musl_executable_static_tls() {
         "127.0.0.1:1,listen",
     );
     let reports = app.connect().unwrap();
-    let outcomes = ["connection_refused", "established"];
-    for ((connect, own), (report, outcome)) in spans_of(&receiver, &app, &reports)
-        .iter()
-        .zip(reports.iter().zip(outcomes))
-    {
-        assert_parented(connect, own, report);
-        assert_eq!(connect["attributes"]["synspan.outcome"], outcome, "{connect:#}");
-        println!("application's span: {own}\nits connect span: {connect}");
-    }
+    assert_outcomes_parented(&receiver, &app, &reports, &["connection_refused", "established"]);
     assert!(agent.stderr().contains("static TLS at tp-"), "{}", agent.stderr());
 }
 
@@ -260,8 +269,7 @@ fn musl_dlopened_library_with_general_dynamic_tls() {
 /// from a process that publishes nothing: root spans in traces of their own.
 #[test]
 fn no_active_span_and_no_publisher_make_root_spans() {
-    let receiver = Receiver::start().unwrap();
-    let agent = Agent::start(&["--otlp-endpoint", &receiver.endpoint()]).unwrap();
+    let (receiver, agent) = exporting();
     let mut app = traced(
         &receiver,
         Some(&agent),
