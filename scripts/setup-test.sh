@@ -5,11 +5,11 @@
 # protobuf-compiler (the test bed's Jaeger receiver, synspan-jaeger, is built on otlp-embedded),
 # chromium and playwright-core from npm (the Jaeger UI test renders a trace page), musl-tools
 # and rustup's x86_64-unknown-linux-musl target (the traced applications built for musl,
-# scripts/build-musl.sh). Idempotent.
+# scripts/build-musl.sh), libc6-dbg (libc's frames named from its separate debug file). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need_apt=()
-for pkg in bpftool stunnel4 openssl util-linux protobuf-compiler chromium musl-tools; do
+for pkg in bpftool stunnel4 openssl util-linux protobuf-compiler chromium musl-tools libc6-dbg; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -9,6 +9,7 @@
 
 pub(crate) mod container;
 pub(crate) mod identity;
+pub(crate) mod kallsyms;
 pub(crate) mod process;
 pub(crate) mod process_cache;
 pub(crate) mod process_context;
@@ -24,9 +25,10 @@ use synspan_shared::{MAX_BUILD_ID_FRAMES, ProcessNote, ThreadContextTls, Vanishi
 
 use crate::attempt::{Attempt, UserFrame};
 use identity::Identity;
+use kallsyms::KernelSymbols;
 use process::ReadOptions;
 use process_cache::{MAX_PROCESSES, ProcessCache};
-use symbols::{KernelSymbols, ProcessImage, StackNormalizer, UserSymbolizer};
+use symbols::{ProcessImage, StackNormalizer, UserSymbolizer};
 use thread_context::ThreadContexts;
 use unwind::{FrameUnwinder, ProcessUnwinder};
 
@@ -164,7 +166,14 @@ impl Enricher {
     ) -> Self {
         let wanted = stacks.is_some() || drop_locations;
         let kernel = wanted.then(KernelSymbols::load).and_then(|loaded| match loaded {
-            Ok(symbols) => Some(symbols),
+            Ok(symbols) => {
+                let (count, bytes) = symbols.footprint();
+                tracing::debug!(
+                    "kernel symbols: {count} in {:.1} MiB",
+                    bytes as f64 / (1 << 20) as f64
+                );
+                Some(symbols)
+            }
             Err(err) => {
                 tracing::warn!("kernel stacks and drop locations will show addresses only: {err}");
                 None

@@ -13,12 +13,12 @@
 //! [`UserSymbolizer::symbolize_normalized`] names the frames any time later.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     ffi::OsStr,
-    fmt,
     fs::{File, Metadata},
     io,
     num::NonZeroUsize,
+    ops::Range,
     os::{
         fd::AsRawFd,
         unix::{ffi::OsStrExt, fs::MetadataExt},
@@ -32,6 +32,7 @@ use blazesym::symbolize::{
     source::{Elf, Source},
 };
 use lru::LruCache;
+use object::{Object, ObjectSegment, read::ReadCache};
 use synspan_shared::{BuildIdFrame, build_id_status};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,90 +48,8 @@ pub(crate) enum SymbolError {
 }
 
 /// The address to look up for the `index`-th frame of a stack.
-fn lookup_address(index: usize, addr: u64) -> u64 {
+pub(super) fn lookup_address(index: usize, addr: u64) -> u64 {
     if index == 0 { addr } else { addr.saturating_sub(1) }
-}
-
-/// No kernel function is this long. An address further from the symbol below it is in code
-/// that `/proc/kallsyms` did not list when it was read: a module loaded since, a BPF program.
-const MAX_KERNEL_SYMBOL_SPAN: u64 = 1 << 20;
-
-/// The kernel's symbols, read once from `/proc/kallsyms`.
-#[derive(Clone, Debug)]
-pub(crate) struct KernelSymbols {
-    symbols: BTreeMap<u64, String>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct KernelSymbol<'a> {
-    pub(crate) name: &'a str,
-    /// The module, for a symbol that is not in the kernel image.
-    pub(crate) module: Option<&'a str>,
-    pub(crate) offset: u64,
-}
-
-impl fmt::Display for KernelSymbol<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}+{:#x}", self.name, self.offset)?;
-        if let Some(module) = self.module {
-            write!(f, " [{module}]")?;
-        }
-        Ok(())
-    }
-}
-
-impl KernelSymbols {
-    /// Reads `/proc/kallsyms`. The kernel shows the addresses only to a reader with
-    /// `CAP_SYSLOG` (or to everyone, with `kernel.kptr_restrict=0`), and synspan does not keep
-    /// that capability: load them before dropping capabilities.
-    pub(crate) fn load() -> Result<Self, SymbolError> {
-        let symbols = aya::util::kernel_symbols().map_err(|source| SymbolError::Io {
-            path: PathBuf::from("/proc/kallsyms"),
-            source,
-        })?;
-        Self::from_symbols(symbols)
-    }
-
-    /// From `/proc/kallsyms` as aya parses it: address to name, `name\t[module]` for a module.
-    pub(crate) fn from_symbols(symbols: BTreeMap<u64, String>) -> Result<Self, SymbolError> {
-        if symbols.range(1..).next().is_none() {
-            return Err(SymbolError::KernelAddressesHidden);
-        }
-        Ok(Self { symbols })
-    }
-
-    /// The symbol an address is in: the nearest one at or below it.
-    pub(crate) fn resolve(&self, addr: u64) -> Option<KernelSymbol<'_>> {
-        let (&start, name) = self.symbols.range(..=addr).next_back()?;
-        let offset = addr - start;
-        if offset >= MAX_KERNEL_SYMBOL_SPAN {
-            return None;
-        }
-        let (name, module) = match name.split_once('\t') {
-            Some((name, module)) => (name, Some(module.trim_start_matches('[').trim_end_matches(']'))),
-            None => (name.as_str(), None),
-        };
-        Some(KernelSymbol { name, module, offset })
-    }
-
-    /// One line per frame: `tcp_connect+0x5`, `nf_hook_slow+0x44 [nf_tables]`, or the bare
-    /// address when no symbol fits.
-    pub(crate) fn symbolize(&self, addrs: &[u64]) -> Vec<String> {
-        addrs
-            .iter()
-            .enumerate()
-            .map(|(i, &addr)| {
-                let lookup = lookup_address(i, addr);
-                match self.resolve(lookup) {
-                    Some(mut symbol) => {
-                        symbol.offset += addr - lookup;
-                        symbol.to_string()
-                    }
-                    None => format!("{addr:#x}"),
-                }
-            })
-            .collect()
-    }
 }
 
 /// A line of `/proc/<pid>/maps`.
@@ -563,6 +482,64 @@ const MAX_SOURCES: NonZeroUsize = NonZeroUsize::new(256).unwrap();
 /// and a place, about a hundred bytes.
 const MAX_FOUND: NonZeroUsize = super::MAX_STACKS.saturating_mul(NonZeroUsize::new(4).unwrap());
 
+/// Where a file's names are read from. DWARF only from a file that carries its own, as an
+/// application built with `-g` does: that is where `file:line` names the calling code. A
+/// distribution's separate debug files (`/usr/lib/debug/.build-id/…`) give their symbol
+/// tables only: parsing their DWARF for `file:line` inside libc cost 10 MiB of the agent's
+/// heap on this machine (Debian's libc6-dbg, zlib-compressed sections decompressed whole,
+/// heaptrack over the churn soak), and its symbol table names the same functions.
+#[derive(Clone, Debug)]
+enum Names {
+    Dwarf,
+    /// The file's own symbol table (`.symtab`, or `.dynsym` when stripped).
+    Symbols,
+    /// The symbol table of the debug file for its build id, asked by the address the code is
+    /// linked at: a debug file's segments hold no bytes, so a file offset means nothing there.
+    DebugFile {
+        path: PathBuf,
+        /// Loadable segments of the file itself: file range, and the address it is linked at.
+        segments: Arc<[(Range<u64>, u64)]>,
+    },
+}
+
+/// Where separate debug files are looked for, by build id, as gdb and blazesym look.
+const DEBUG_DIRS: [&str; 2] = ["/usr/lib/debug", "/lib/debug"];
+
+/// Loadable segments read per file; an ELF file has a handful.
+const MAX_SEGMENTS: usize = 64;
+
+impl Names {
+    fn of(module: &Module) -> Self {
+        let cache = ReadCache::new(&module.file);
+        let Ok(elf) = object::File::parse(&cache) else {
+            return Self::Symbols;
+        };
+        if elf.section_by_name(".debug_info").is_some() {
+            return Self::Dwarf;
+        }
+        let Some(build_id) = module.build_id.as_deref().filter(|id| id.len() > 1) else {
+            return Self::Symbols;
+        };
+        let hex = hex(build_id);
+        let Some(path) = DEBUG_DIRS
+            .iter()
+            .map(|dir| PathBuf::from(format!("{dir}/.build-id/{}/{}.debug", &hex[..2], &hex[2..])))
+            .find(|path| path.is_file())
+        else {
+            return Self::Symbols;
+        };
+        let segments = elf
+            .segments()
+            .take(MAX_SEGMENTS)
+            .filter_map(|segment| {
+                let (offset, size) = segment.file_range();
+                Some((offset..offset.checked_add(size)?, segment.address()))
+            })
+            .collect();
+        Self::DebugFile { path, segments }
+    }
+}
+
 /// What blazesym found at an offset.
 #[derive(Clone, Debug)]
 struct Found {
@@ -583,7 +560,7 @@ pub(crate) struct UserSymbolizer {
     /// Paths given to `symbolizer`, which holds each file open and parsed, with the file
     /// each named then: a `/proc/self/fd/` path names another file once its descriptor is
     /// reused.
-    sources: LruCache<PathBuf, FileIdentity>,
+    sources: LruCache<PathBuf, (FileIdentity, Names)>,
     found: LruCache<(ModuleKey, u64), Option<Found>>,
     #[cfg(test)]
     normalizer: StackNormalizer,
@@ -664,12 +641,8 @@ impl UserSymbolizer {
         if let Some(None) = self.found.get(&file_key) {
             return None;
         }
-        let path = self.source_path(module);
-        let source = Source::Elf(Elf::new(path));
-        let found = match self
-            .symbolizer
-            .symbolize_single(&source, Input::FileOffset(offset))
-        {
+        let (source, input) = self.source(module, offset)?;
+        let found = match self.symbolizer.symbolize_single(&source, input) {
             Ok(Symbolized::Sym(sym)) => Some(Found {
                 name: sym.name.into_owned(),
                 offset: sym.offset as u64,
@@ -688,34 +661,61 @@ impl UserSymbolizer {
         found
     }
 
-    /// The path to give blazesym for a module: the process's own path when it names the held
-    /// file from here too (a process on the host: one name for every stack, and blazesym finds
-    /// a debug link beside it), else the held file itself.
-    fn source_path(&mut self, module: &Module) -> PathBuf {
+    /// What to ask blazesym for a module's offset: the process's own path when it names the
+    /// held file from here too (a process on the host: one name for every stack), else the
+    /// held file itself; or the file's separate debug file (see [`Names`]).
+    fn source(&mut self, module: &Module, offset: u64) -> Option<(Source<'static>, Input<u64>)> {
         let by_name = std::fs::metadata(&module.path).is_ok_and(|m| FileIdentity::of(&m) == module.identity);
         let path = if by_name {
             module.path.clone()
         } else {
             fd_path(&module.file)
         };
-        match self.sources.get(&path) {
-            Some(identity) if *identity == module.identity => return path,
-            // Another file by now: what blazesym holds for the path is stale.
-            Some(_) => self.forget_source(&path),
-            None => {}
-        }
-        if let Some((pushed_out, _)) = self.sources.push(path.clone(), module.identity)
-            && pushed_out != path
-        {
-            self.forget_source(&pushed_out);
-        }
-        path
+        let names = match self.sources.get(&path) {
+            Some((identity, names)) if *identity == module.identity => names.clone(),
+            stale => {
+                // Another file by now: what blazesym holds for the path is stale.
+                if let Some((_, names)) = stale.cloned() {
+                    self.forget_source(&path, &names);
+                }
+                let names = Names::of(module);
+                if let Some((pushed_out, (_, its_names))) =
+                    self.sources.push(path.clone(), (module.identity, names.clone()))
+                    && pushed_out != path
+                {
+                    self.forget_source(&pushed_out, &its_names);
+                }
+                names
+            }
+        };
+        let elf = |path: PathBuf, debug_syms: bool| {
+            let mut elf = Elf::new(path);
+            elf.debug_syms = debug_syms;
+            Source::Elf(elf)
+        };
+        Some(match names {
+            Names::Dwarf => (elf(path, true), Input::FileOffset(offset)),
+            Names::Symbols => (elf(path, false), Input::FileOffset(offset)),
+            Names::DebugFile { path, segments } => {
+                let (range, linked) = segments.iter().find(|(range, _)| range.contains(&offset))?;
+                (
+                    elf(path, false),
+                    Input::VirtOffset(linked + (offset - range.start)),
+                )
+            }
+        })
     }
 
-    /// Closes a file blazesym holds, and drops what it parsed of it.
-    fn forget_source(&mut self, path: &Path) {
-        if let Err(err) = self.symbolizer.evict(&evict::Evict::Elf(evict::Elf::new(path))) {
-            tracing::debug!("closing {}: {err}", path.display());
+    /// Closes the files blazesym holds for a path, and drops what it parsed of them.
+    fn forget_source(&mut self, path: &Path, names: &Names) {
+        let mut forget = |path: &Path| {
+            if let Err(err) = self.symbolizer.evict(&evict::Evict::Elf(evict::Elf::new(path))) {
+                tracing::debug!("closing {}: {err}", path.display());
+            }
+        };
+        forget(path);
+        if let Names::DebugFile { path, .. } = names {
+            forget(path);
         }
     }
 }
@@ -738,69 +738,6 @@ mod tests {
 
     fn probe_addr() -> u64 {
         synspan_symbol_probe as *const () as u64
-    }
-
-    #[test]
-    fn kernel_symbol_plus_offset() {
-        let kernel = KernelSymbols::load().unwrap();
-        let (&tcp_connect, _) = kernel
-            .symbols
-            .iter()
-            .find(|(_, name)| *name == "tcp_connect")
-            .expect("tcp_connect in /proc/kallsyms");
-        assert_eq!(
-            kernel.resolve(tcp_connect + 5).unwrap().to_string(),
-            "tcp_connect+0x5"
-        );
-        assert_eq!(
-            kernel.symbolize(&[tcp_connect + 5, tcp_connect + 0x20]),
-            ["tcp_connect+0x5", "tcp_connect+0x20"]
-        );
-    }
-
-    fn synthetic_kernel() -> KernelSymbols {
-        let symbols = [
-            (0xffff_ffff_8100_0000, "_stext"),
-            (0xffff_ffff_8100_0100, "noreturn_caller"),
-            (0xffff_ffff_8100_0200, "next_function"),
-            (0xffff_ffff_c000_0000, "nft_do_chain\t[nf_tables]"),
-        ];
-        KernelSymbols::from_symbols(symbols.into_iter().map(|(a, n)| (a, n.to_owned())).collect()).unwrap()
-    }
-
-    #[test]
-    fn kernel_modules_return_addresses_and_strays() {
-        let kernel = synthetic_kernel();
-        let module = kernel.resolve(0xffff_ffff_c000_0044).unwrap();
-        assert_eq!(module.module, Some("nf_tables"));
-        assert_eq!(module.to_string(), "nft_do_chain+0x44 [nf_tables]");
-        assert_eq!(
-            kernel.symbolize(&[
-                // Where the thread was: exactly at the start of a function.
-                0xffff_ffff_8100_0200,
-                // A return address right after a call that ends the function before.
-                0xffff_ffff_8100_0200,
-                // Below every symbol, and far above the last one.
-                0x1000,
-                0xffff_ffff_c100_0000,
-            ]),
-            [
-                "next_function+0x0",
-                "noreturn_caller+0x100",
-                "0x1000",
-                "0xffffffffc1000000"
-            ]
-        );
-    }
-
-    #[test]
-    fn hidden_kernel_addresses_are_an_error() {
-        // With kernel.kptr_restrict every line reads 0000000000000000.
-        let hidden = [(0, "tcp_connect".to_owned())].into_iter().collect();
-        assert!(matches!(
-            KernelSymbols::from_symbols(hidden),
-            Err(SymbolError::KernelAddressesHidden)
-        ));
     }
 
     #[test]
@@ -1116,6 +1053,48 @@ int main(void) { synspan_c_probe(); return 0; }\n";
         assert_eq!(held_when_pushed_out, indexed, "pushed out, yet still open");
         assert!(again[0].starts_with("synspan_c_probe+0x5 ("), "{again:?}");
         assert_eq!(symbolizer.sources.len(), 1);
+    }
+
+    /// libc's local functions are named from Debian's debug file (libc6-dbg, which the test
+    /// setup installs) by its symbol table: no DWARF, so no `file:line`. libc's own `.dynsym`
+    /// does not name `__libc_start_call_main`.
+    #[test]
+    fn libc_is_named_from_its_debug_file_without_dwarf() {
+        let connect = libc::connect as *const () as u64;
+        let mut symbolizer = UserSymbolizer::new();
+        let lines = symbolizer
+            .symbolize_process(std::process::id(), &[connect])
+            .unwrap();
+        let libc_path = symbolizer
+            .sources
+            .iter()
+            .map(|(path, _)| path.clone())
+            .next()
+            .unwrap();
+        assert_eq!(lines, [format!("connect+0x0 ({})", libc_path.display())]);
+        let (_, names) = symbolizer.sources.peek(&libc_path).unwrap().clone();
+        let Names::DebugFile { path: debug_file, .. } = names else {
+            panic!("{libc_path:?}: {names:?}");
+        };
+        assert!(
+            debug_file.starts_with("/usr/lib/debug/.build-id/"),
+            "{debug_file:?}"
+        );
+
+        let data = std::fs::read(&debug_file).unwrap();
+        let debug = object::File::parse(&*data).unwrap();
+        let linked = |name: &str| {
+            use object::ObjectSymbol;
+            debug.symbols().find(|s| s.name() == Ok(name)).unwrap().address()
+        };
+        let local = connect - linked("connect") + linked("__libc_start_call_main");
+        let lines = symbolizer
+            .symbolize_process(std::process::id(), &[local])
+            .unwrap();
+        assert_eq!(
+            lines,
+            [format!("__libc_start_call_main+0x0 ({})", libc_path.display())]
+        );
     }
 
     #[test]
