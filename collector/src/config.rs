@@ -158,8 +158,9 @@ pub(crate) struct Cli {
     #[arg(long = "dest", value_name = "CIDR", value_delimiter = ',')]
     pub(crate) dests: Vec<ipnet::IpNet>,
 
-    /// Do not look up NAT (conntrack) for failed and retried attempts. Lets synspan drop
-    /// CAP_SYS_ADMIN and CAP_NET_ADMIN after start-up.
+    /// Do not look up evidence in the attempt's network namespace for failed and retried
+    /// attempts: NAT (conntrack), a local listener's accept queue, ephemeral port use. Lets
+    /// synspan drop CAP_SYS_ADMIN and CAP_NET_ADMIN after start-up.
     #[arg(long, conflicts_with = "nat_all")]
     pub(crate) no_nat: bool,
 

@@ -9,6 +9,7 @@ use crate::{
     btf::Btf,
     clock::WallClock,
     enrich::{container, process, process_context, symbols, thread_context, unwind},
+    evidence::listener,
     kernel_layout,
     otlp::{self, settings},
 };
@@ -62,6 +63,19 @@ pub fn btf(data: &[u8]) {
 /// `/proc/<pid>/stat`.
 pub fn proc_stat(data: &[u8]) {
     black_box(process::parse_stat(data));
+}
+
+/// A `sock_diag` datagram answering a dump of listeners, for the port in its first two bytes;
+/// and the same bytes as `/proc/net/netstat`.
+pub fn sock_diag_answer(data: &[u8]) {
+    let port = data.get(..2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+    let mut listeners = Vec::new();
+    black_box(listener::answer(data.get(2..).unwrap_or_default(), port, &mut listeners).is_ok());
+    black_box(listener::netstat_counter(
+        &String::from_utf8_lossy(data),
+        "TcpExt:",
+        "ListenOverflows",
+    ));
 }
 
 /// `/proc/<pid>/environ`, whole and as if cut at the read bound.

@@ -52,6 +52,9 @@ pub(crate) mod key {
     pub(crate) const NAT_LOCAL_PORT: &str = "synspan.nat.local.port";
     pub(crate) const NAT_STATE: &str = "synspan.nat.state";
     /// Ephemeral ports of the attempt's namespace, for `address_not_available`.
+    pub(crate) const LISTENER_QUEUED: &str = "synspan.listener.queued";
+    pub(crate) const LISTENER_BACKLOG: &str = "synspan.listener.backlog";
+    pub(crate) const LISTENER_OVERFLOWS: &str = "synspan.listener.overflows";
     pub(crate) const PORTS_RANGE: &str = "synspan.ports.range";
     pub(crate) const PORTS_RANGE_SIZE: &str = "synspan.ports.range_size";
     pub(crate) const PORTS_IN_USE: &str = "synspan.ports.in_use";
@@ -337,6 +340,15 @@ fn attributes(a: &Attempt, identity: &Identity, evidence: &Evidence) -> Vec<KeyV
         ]);
         if let Some(state) = &t.tcp_state {
             attrs.push(KeyValue::new(key::NAT_STATE, state.clone()));
+        }
+    }
+    if let Some(l) = &evidence.listener {
+        attrs.extend([
+            KeyValue::new(key::LISTENER_QUEUED, i64::from(l.queued)),
+            KeyValue::new(key::LISTENER_BACKLOG, i64::from(l.backlog)),
+        ]);
+        if let Some(overflows) = l.overflows {
+            attrs.push(KeyValue::new(key::LISTENER_OVERFLOWS, overflows as i64));
         }
     }
     if let Some(p) = &evidence.ports {

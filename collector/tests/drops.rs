@@ -197,6 +197,61 @@ fn syn_dropped_when_the_neighbour_never_answers() {
     drops_all(&span, "SYN", "egress", &["NEIGH_FAILED"]);
 }
 
+/// Listens with a backlog of 1 on 127.0.0.1:`argv[1]`, says "listening", never accepts; gone
+/// after 60 s at the latest.
+const FULL_LISTENER: &str = r#"
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(1)
+print("listening", flush=True)
+time.sleep(60)
+"#;
+
+/// A local listener that never accepts, SYN cookies off: the kernel admits backlog + 1
+/// connections, then consumes the next SYN without a drop reason (`ListenOverflows` counts
+/// it), so the third client retransmits until it times out, and its span says the queue
+/// was full.
+#[test]
+fn a_full_accept_queue_is_on_the_span() {
+    let ns = namespace("drlsn");
+    ns.sysctl("net.ipv4.tcp_syncookies", "0").unwrap();
+    let mut listener = ns
+        .command(std::path::Path::new("python3"))
+        .args(["-c", FULL_LISTENER, "24680"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(listener.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "listening");
+    let (receiver, agent) = start(&[]);
+    for _ in 0..2 {
+        let admitted = connect(&ns, "127.0.0.1:24680", &[]).unwrap();
+        received_span(&receiver, &agent, &admitted, "established");
+    }
+    let refused_entry = connect(&ns, "127.0.0.1:24680", &[]).unwrap();
+    let span = received_span(&receiver, &agent, &refused_entry, "timed_out");
+    listener.kill().unwrap();
+    listener.wait().unwrap();
+    let attrs = &span["attributes"];
+    assert!(retransmits(&span) >= 1, "{span:#}");
+    assert_eq!(attrs["synspan.listener.backlog"], 1, "{span:#}");
+    assert_eq!(
+        attrs["synspan.listener.queued"], 2,
+        "backlog + 1 admitted: {span:#}"
+    );
+    assert!(
+        attrs["synspan.listener.overflows"].as_i64().unwrap() > retransmits(&span) as i64,
+        "each SYN counted: {span:#}"
+    );
+}
+
 /// Ordinary attempts lose no packet: a refusal (its SYN is freed with NO_SOCKET after the
 /// RST went out, which is the kernel's answer, not a loss) and a success show no drop.
 #[test]

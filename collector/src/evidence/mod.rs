@@ -1,6 +1,7 @@
 //! Evidence that explains a failed or retried attempt, looked up when it ends: where NAT sent
-//! it (conntrack, in the attempt's own network namespace) and, when no local port was free,
-//! how the ephemeral ports were used. Collisions are caught in the kernel instead (see
+//! it (conntrack, in the attempt's own network namespace), how full the accept queue of a
+//! listener in that namespace was, and, when no local port was free, how the ephemeral ports
+//! were used. Collisions are caught in the kernel instead (see
 //! `attempt::Collision`): they are gone before any lookup could find them.
 //!
 //! Lookups enter another network namespace and talk netlink or read `/proc/net/tcp`; any of
@@ -14,11 +15,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub(crate) mod listener;
 mod nat;
+mod netlink;
 mod netns;
 mod port_usage;
 
-pub(crate) use self::{nat::Translation, port_usage::PortUsage};
+pub(crate) use self::{listener::ListenerQueue, nat::Translation, port_usage::PortUsage};
 use self::{nat::Tuple, port_usage::port_usage};
 use crate::{attempt::Attempt, enrich::identity::Identity, outcome::Outcome};
 
@@ -28,6 +31,10 @@ pub(crate) struct Evidence {
     pub(crate) nat: Option<Translation>,
     /// For `address_not_available`.
     pub(crate) ports: Option<PortUsage>,
+    /// For an attempt that retransmitted its SYN or timed out, when the destination is a
+    /// listener in the attempt's own network namespace. Boxed: rare, and every queued span
+    /// carries an `Evidence`.
+    pub(crate) listener: Option<Box<ListenerQueue>>,
 }
 
 /// Lookups enter another network namespace on a fresh thread and talk netlink: a storm of
@@ -57,6 +64,7 @@ struct Lookup {
     pid: u32,
     ports: bool,
     nat: bool,
+    listener: bool,
 }
 
 impl Lookup {
@@ -73,6 +81,13 @@ impl Lookup {
                 Ok(_) => {}
                 Err(err) => tracing::debug!("conntrack for {} -> {}: {err}", self.tuple.src, self.tuple.dst),
             }
+        }
+        if self.listener {
+            evidence.listener = listener::lookup(&self.netns, self.tuple.dst)
+                .map_err(|err| tracing::debug!("listener at {}: {err}", self.tuple.dst))
+                .ok()
+                .flatten()
+                .map(Box::new);
         }
         evidence
     }
@@ -189,7 +204,9 @@ impl Explainer {
         let ports = attempt.outcome == Outcome::AddressNotAvailable;
         // Without a local port there is no tuple for conntrack to know.
         let nat = (interesting || self.all) && attempt.local.port() != 0;
-        if !(ports || nat) || !self.budget() {
+        // The SYN went unanswered at least once: a full accept queue is one reason.
+        let listener = attempt.syn_retransmits > 0 || attempt.outcome == Outcome::TimedOut;
+        if !(ports || nat || listener) || !self.budget() {
             return Evidence::default();
         }
         let lookup = Lookup {
@@ -205,6 +222,7 @@ impl Explainer {
             pid: attempt.pid,
             ports,
             nat,
+            listener,
         };
         let Some(lookups) = &mut self.lookups else {
             return Evidence::default();

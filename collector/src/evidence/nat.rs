@@ -14,9 +14,7 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    os::fd::AsRawFd,
     path::Path,
-    time::Duration,
 };
 
 use netlink_packet_core::{
@@ -31,10 +29,10 @@ use netlink_packet_netfilter::{
 };
 use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
 
-use super::netns::{NetnsError, in_netns};
-
-/// How long one netlink receive may wait for the kernel.
-pub(crate) const RECV_TIMEOUT: Duration = Duration::from_millis(200);
+use super::{
+    netlink::{self, RECV_TIMEOUT},
+    netns::{NetnsError, in_netns},
+};
 
 /// Conntrack status bits (`enum ip_conntrack_status` in the kernel's uapi).
 pub(crate) mod status {
@@ -141,7 +139,7 @@ fn query(tuple: &Tuple) -> Result<Option<Translation>, NatError> {
                 DecodeError::from(format!("answer of {len} bytes truncated to {}", buf.len())).into(),
             );
         }
-        for message in messages(&buf)? {
+        for message in netlink::messages::<NetfilterMessage>(&buf)? {
             if message.header.sequence_number != SEQUENCE {
                 continue;
             }
@@ -171,32 +169,10 @@ fn answer_error(error: io::Error) -> Result<Option<Translation>, NatError> {
 }
 
 fn open_socket() -> Result<Socket, NatError> {
-    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(|e| match e.raw_os_error() {
+    netlink::open(NETLINK_NETFILTER).map_err(|e| match e.raw_os_error() {
         Some(libc::EPROTONOSUPPORT) => NatError::Unsupported(e),
         _ => NatError::Socket(e),
-    })?;
-    socket.bind_auto().map_err(NatError::Socket)?;
-    socket
-        .connect(&netlink_sys::SocketAddr::new(0, 0))
-        .map_err(NatError::Socket)?;
-    let timeout = libc::timeval {
-        tv_sec: RECV_TIMEOUT.as_secs() as libc::time_t,
-        tv_usec: RECV_TIMEOUT.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: setsockopt with a properly sized timeval on a socket we own.
-    let ret = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&timeout as *const libc::timeval).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if ret != 0 {
-        return Err(NatError::Socket(io::Error::last_os_error()));
-    }
-    Ok(socket)
+    })
 }
 
 /// IPCTNL_MSG_CT_GET for one original-direction tuple: the kernel hashes it and answers with
@@ -232,22 +208,6 @@ fn get_request(tuple: &Tuple) -> Vec<u8> {
     let mut buf = vec![0; message.buffer_len()];
     message.serialize(&mut buf);
     buf
-}
-
-/// The netlink messages of one datagram.
-fn messages(mut buf: &[u8]) -> Result<Vec<NetlinkMessage<NetfilterMessage>>, DecodeError> {
-    let mut out = Vec::new();
-    while !buf.is_empty() {
-        let message = NetlinkMessage::<NetfilterMessage>::deserialize(buf)?;
-        // Messages are padded to 4 bytes.
-        let len = (message.header.length as usize).next_multiple_of(4);
-        out.push(message);
-        if len == 0 || len >= buf.len() {
-            break;
-        }
-        buf = &buf[len..];
-    }
-    Ok(out)
 }
 
 /// The source and destination of a conntrack tuple, if it is a complete TCP one.
@@ -461,7 +421,7 @@ mod tests {
             dst: addr("198.18.0.100:7777"),
         };
         let bytes = get_request(&tuple);
-        let parsed = messages(&bytes).unwrap();
+        let parsed = netlink::messages::<NetfilterMessage>(&bytes).unwrap();
         assert_eq!(parsed.len(), 1);
         assert_eq!(parsed[0].header.flags, NLM_F_REQUEST | NLM_F_ACK);
         // ctnetlink subsystem (1) << 8 | IPCTNL_MSG_CT_GET (1)

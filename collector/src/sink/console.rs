@@ -45,6 +45,9 @@ pub(crate) fn write_line(out: &mut Vec<u8>, span: &ConnectSpan) -> io::Result<()
             last.location_text()
         )?;
     }
+    if let Some(l) = span.evidence.listener.as_deref().filter(|l| l.is_full()) {
+        write!(out, "; listener queue full ({}/{})", l.queued, l.backlog)?;
+    }
     writeln!(out)
 }
 
@@ -53,6 +56,7 @@ mod tests {
     use super::*;
     use crate::{
         attempt::PacketDrop,
+        evidence::{Evidence, ListenerQueue},
         span::{SpanBuilder, tests::timed_out},
     };
 
@@ -91,6 +95,29 @@ mod tests {
         assert!(
             line.ends_with("retransmits=1; SYN dropped here 6×: NETFILTER_DROP (nf_hook_slow)\n"),
             "{line}"
+        );
+    }
+
+    #[test]
+    fn line_ends_with_a_full_listener_queue() {
+        let queue = |queued| Evidence {
+            listener: Some(Box::new(ListenerQueue {
+                queued,
+                backlog: 1,
+                overflows: Some(3),
+            })),
+            ..Default::default()
+        };
+        let line = |evidence| {
+            let span = SpanBuilder::new("h".into()).build(timed_out(), &Default::default(), evidence);
+            let mut out = Vec::new();
+            write_line(&mut out, &span).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        assert!(line(queue(2)).ends_with("retransmits=1; listener queue full (2/1)\n"));
+        assert!(
+            line(queue(1)).ends_with("retransmits=1\n"),
+            "room left: not shown"
         );
     }
 }
