@@ -52,19 +52,25 @@ pub(crate) fn lacking(name: &str) -> &'static str {
 }
 
 /// Classic tracepoint programs, each named after its tracepoint: (name, category). Each is
-/// optional: a kernel without one loses what it shows, not the attempts.
+/// optional: a kernel without one loses what it shows, not the attempts. The return of
+/// `connect()` before its entry, as the attempt's end before its start: a call whose entry
+/// was seen must have its return seen too, or its attempt waits for stacks that never come.
 pub(super) const CLASSIC: [(&str, &str); 5] = [
     (program::TCP_RETRANSMIT_SKB, "tcp"),
     (program::TCP_RECEIVE_RESET, "tcp"),
     (program::TCP_SEND_RESET, "tcp"),
-    (program::SYS_ENTER_CONNECT, "syscalls"),
     (program::SYS_EXIT_CONNECT, "syscalls"),
+    (program::SYS_ENTER_CONNECT, "syscalls"),
 ];
-/// Where attempts start and end, as BTF tracepoints, and as classic ones for kernels without
-/// BTF (see `collector-ebpf/src/attempt.rs` for why the former are preferred).
+/// Where attempts end and start, as BTF tracepoints, and as classic ones for kernels without
+/// BTF (see `collector-ebpf/src/attempt.rs` for why the former are preferred). Attached in
+/// this order: an attempt that started once the start was attached, and ended before the end
+/// was, would stay in flight until its socket's address came back (`replaced`), as the
+/// reliability tests saw once while other agents started on the host; the other way round,
+/// such an attempt is not tracked at all and its end counts as `untracked_finish`.
 const ATTEMPT_HOOK: &str = "inet_sock_set_state";
-pub(super) const ATTEMPT_BTF: [&str; 2] = [program::ATTEMPT_START, program::ATTEMPT_END];
-pub(super) const ATTEMPT_CLASSIC: [&str; 2] = [program::ATTEMPT_START_CLASSIC, program::ATTEMPT_END_CLASSIC];
+pub(super) const ATTEMPT_BTF: [&str; 2] = [program::ATTEMPT_END, program::ATTEMPT_START];
+pub(super) const ATTEMPT_CLASSIC: [&str; 2] = [program::ATTEMPT_END_CLASSIC, program::ATTEMPT_START_CLASSIC];
 /// BTF tracepoints, named after their hooks.
 pub(super) const ERROR_REPORT: &str = program::INET_SK_ERROR_REPORT;
 pub(super) const PACKET_DROP: &str = program::KFREE_SKB;
@@ -118,20 +124,18 @@ impl KernelObject {
             if unattached.iter().any(|(n, _)| *n == name) {
                 continue;
             }
+            // An attempt that starts inside a `connect()` the entry saw waits for the call's
+            // return to take its user stack (see `handoff` in synspan_shared): without the
+            // return, the entry must not be seen either.
+            if name == program::SYS_ENTER_CONNECT
+                && unattached.iter().any(|(n, _)| *n == program::SYS_EXIT_CONNECT)
+            {
+                unattached.push((name, "sys_exit_connect is not attached".into()));
+                continue;
+            }
             if let Err(err) = self.attach_tracepoint(name, category, name) {
                 unattached.push((name, err.to_string()));
             }
-        }
-        // An attempt that starts inside a `connect()` the entry saw waits for the call's return
-        // to take its user stack (see `handoff` in synspan_shared): without the return, the
-        // entry must not be seen either.
-        let exit_missing = unattached.iter().any(|(n, _)| *n == program::SYS_EXIT_CONNECT);
-        if exit_missing && !unattached.iter().any(|(n, _)| *n == program::SYS_ENTER_CONNECT) {
-            self.unload(program::SYS_ENTER_CONNECT);
-            unattached.push((
-                program::SYS_ENTER_CONNECT,
-                "sys_exit_connect is not attached".into(),
-            ));
         }
         let btf_hooks = [(ERROR_REPORT, true), (PACKET_DROP, drop_reasons)];
         for (name, wanted) in btf_hooks {
