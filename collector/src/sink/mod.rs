@@ -101,7 +101,7 @@ impl Sinks {
             }
         }
         match &mut self.otlp {
-            Some(otlp) => otlp.submit(std::mem::take(batch)),
+            Some(otlp) => otlp.submit(batch),
             None => {
                 if self.stdout.is_none() {
                     // Nowhere to go: the output broke, and there is no collector.

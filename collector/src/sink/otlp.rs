@@ -59,10 +59,13 @@ impl OtlpSink {
     }
 
     /// Queues spans for export without ever waiting.
-    pub(crate) fn submit(&mut self, batch: Vec<ConnectSpan>) {
+    /// Queues the spans of `batch`, leaving it empty with its capacity: a batch of 1024 spans
+    /// is 656 KiB, above the heap's mmap threshold, so a new one each time was fresh pages to
+    /// fault in, a tenth of the agent's CPU with every attempt exported (perf).
+    pub(crate) fn submit(&mut self, batch: &mut Vec<ConnectSpan>) {
         let mut full = 0u64;
         let mut queued = 0u64;
-        for span in batch {
+        for span in batch.drain(..) {
             match self.queue.try_send(span) {
                 Ok(()) => queued += 1,
                 Err(_) => full += 1,
@@ -142,17 +145,7 @@ async fn export_loop(
         if rx.recv_many(&mut batch, settings.batch_size).await == 0 {
             break;
         }
-        // Let a batch fill up under load instead of sending one request per wake-up.
-        if batch.len() < settings.batch_size {
-            let deadline = tokio::time::Instant::now() + BATCH_DELAY;
-            while batch.len() < settings.batch_size {
-                let want = settings.batch_size - batch.len();
-                match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, want)).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-        }
+        fill(&mut rx, &mut batch, settings.batch_size).await;
         for (bytes, n) in encode_batch(&mut request, &mut batch) {
             while in_flight.len() >= MAX_IN_FLIGHT_REQUESTS {
                 in_flight.join_next().await;
@@ -168,6 +161,34 @@ async fn export_loop(
     }
     while in_flight.join_next().await.is_some() {}
 }
+
+/// Lets a batch fill up under load instead of sending one request per wake-up: until it holds
+/// `batch_size` spans or `BATCH_DELAY` has passed, or the queue is closed and empty.
+///
+/// The queue is looked at every `FILL_TICK` rather than waited on: a task waiting on the
+/// queue is woken by every span the enrichment thread sends, a context switch each. With every
+/// attempt exported (43,000 spans a second) those switches were a fifth of the agent's CPU
+/// (perf, `finish_task_switch`); a span waits at most `BATCH_DELAY` either way.
+async fn fill(rx: &mut mpsc::Receiver<ConnectSpan>, batch: &mut Vec<ConnectSpan>, batch_size: usize) {
+    let deadline = tokio::time::Instant::now() + BATCH_DELAY;
+    loop {
+        while batch.len() < batch_size {
+            match rx.try_recv() {
+                Ok(span) => batch.push(span),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => return,
+            }
+        }
+        let now = tokio::time::Instant::now();
+        if batch.len() >= batch_size || now >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline.min(now + FILL_TICK)).await;
+    }
+}
+
+/// How often a filling batch looks at the queue: at 43,000 spans a second, 430 spans a look.
+const FILL_TICK: Duration = Duration::from_millis(10);
 
 /// gRPC servers refuse messages over 4 MiB by default. A request is closed once it passes
 /// this, so it ends at most one span (tens of KiB at worst) above it.
