@@ -18,6 +18,9 @@ pub struct Report {
     pub errno: i32,
     pub closed_by_app: bool,
     pub elapsed_ms: f64,
+    /// The kernel's count of the socket's retransmitted segments (`TCP_INFO`).
+    #[serde(default)]
+    pub syn_retransmits: Option<u32>,
 }
 
 /// One attempt from inside `ns`: `synspan-connect TARGET ARGS`.

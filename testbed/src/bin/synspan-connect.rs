@@ -270,6 +270,7 @@ fn synspan_testbed_connect_attempt(args: &Args) -> anyhow::Result<serde_json::Va
         }
     }
     let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    let syn_retransmits = total_retransmits(&fd);
     drop(fd);
     Ok(serde_json::json!({
         "pid": std::process::id(),
@@ -281,5 +282,27 @@ fn synspan_testbed_connect_attempt(args: &Args) -> anyhow::Result<serde_json::Va
         "errno": errno,
         "closed_by_app": closed_by_app,
         "elapsed_ms": elapsed_ms,
+        "syn_retransmits": syn_retransmits,
     }))
+}
+
+/// The segments the kernel retransmitted on the socket (`tcpi_total_retrans`): before the
+/// handshake completes, its SYNs. How many fit before a timeout depends on when the
+/// retransmit timer ran, so a test compares the span with this rather than with a count it
+/// expects.
+fn total_retransmits(fd: &OwnedFd) -> Option<u32> {
+    // SAFETY: tcp_info is plain old data; zeroed is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, a local of that size.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (ret == 0).then_some(info.tcpi_total_retrans)
 }
