@@ -32,7 +32,7 @@ use blazesym::symbolize::{
     source::{Elf, Source},
 };
 use lru::LruCache;
-use object::{Object, ObjectSegment, read::ReadCache};
+use object::{Object, read::ReadCache};
 use synspan_shared::{BuildIdFrame, build_id_status};
 
 #[derive(Debug, thiserror::Error)]
@@ -505,9 +505,6 @@ enum Names {
 /// Where separate debug files are looked for, by build id, as gdb and blazesym look.
 const DEBUG_DIRS: [&str; 2] = ["/usr/lib/debug", "/lib/debug"];
 
-/// Loadable segments read per file; an ELF file has a handful.
-const MAX_SEGMENTS: usize = 64;
-
 impl Names {
     fn of(module: &Module) -> Self {
         let cache = ReadCache::new(&module.file);
@@ -528,15 +525,10 @@ impl Names {
         else {
             return Self::Symbols;
         };
-        let segments = elf
-            .segments()
-            .take(MAX_SEGMENTS)
-            .filter_map(|segment| {
-                let (offset, size) = segment.file_range();
-                Some((offset..offset.checked_add(size)?, segment.address()))
-            })
-            .collect();
-        Self::DebugFile { path, segments }
+        Self::DebugFile {
+            path,
+            segments: super::unwind::loadable_segments(&elf).into(),
+        }
     }
 }
 

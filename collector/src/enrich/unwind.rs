@@ -59,6 +59,19 @@ pub(crate) struct UnwindSections {
 /// Loadable segments kept per file; an ELF file has a handful.
 const MAX_SEGMENTS: usize = 64;
 
+/// An ELF file's loadable segments: file range, and the address it is linked at.
+pub(crate) fn loadable_segments<'data, R: object::ReadRef<'data>>(
+    elf: &object::File<'data, R>,
+) -> Vec<(Range<u64>, u64)> {
+    elf.segments()
+        .take(MAX_SEGMENTS)
+        .filter_map(|segment| {
+            let (offset, size) = segment.file_range();
+            Some((offset..offset.checked_add(size)?, segment.address()))
+        })
+        .collect()
+}
+
 impl UnwindSections {
     /// Reads the sections of an ELF file. `None` for anything that is not one.
     pub(crate) fn read(file: &File) -> Option<Self> {
@@ -77,14 +90,7 @@ impl UnwindSections {
             let section = elf.section_by_name(name)?;
             Some(section.address()..section.address().checked_add(section.size())?)
         };
-        let segments = elf
-            .segments()
-            .take(MAX_SEGMENTS)
-            .filter_map(|segment| {
-                let (offset, size) = segment.file_range();
-                Some((offset..offset.checked_add(size)?, segment.address()))
-            })
-            .collect();
+        let segments = loadable_segments(&elf);
         Some(Self {
             eh_frame: section(".eh_frame"),
             eh_frame_hdr: section(".eh_frame_hdr"),

@@ -11,7 +11,6 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    path::Path,
 };
 
 use netlink_packet_core::{
@@ -24,10 +23,7 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 
-use super::{
-    netlink::{self, RECV_TIMEOUT},
-    netns::{NetnsError, in_netns},
-};
+use super::netlink::{self, NotReceived, RECV_TIMEOUT};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ListenerQueue {
@@ -48,8 +44,6 @@ impl ListenerQueue {
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ListenerError {
-    #[error(transparent)]
-    Netns(#[from] NetnsError),
     #[error("sock_diag netlink socket: {0}")]
     Socket(#[source] io::Error),
     #[error("sock_diag did not answer within {RECV_TIMEOUT:?}")]
@@ -60,35 +54,33 @@ pub(crate) enum ListenerError {
     Decode(#[from] DecodeError),
 }
 
-/// The listener `dst` reaches in the network namespace `netns`, if one listens there: the one
-/// bound to `dst`'s address or to every address, the fullest of a `SO_REUSEPORT` group. An
-/// IPv4 destination is also served by a dual-stack IPv6 listener. Blocks for up to
-/// [`RECV_TIMEOUT`] per answer.
-pub(crate) fn lookup(netns: &Path, dst: SocketAddr) -> Result<Option<ListenerQueue>, ListenerError> {
-    in_netns(netns, || {
-        let ip = dst.ip().to_canonical();
-        let families: &[u8] = if ip.is_ipv4() {
-            &[AF_INET, AF_INET6]
-        } else {
-            &[AF_INET6]
-        };
-        let mut found = None;
-        for &family in families {
-            found = query(family, dst.port())?
-                .iter()
-                .filter(|l| serves(&l.socket_id.source_address, ip))
-                .map(|l| (l.recv_queue, l.send_queue))
-                .max();
-            if found.is_some() {
-                break;
-            }
+/// The listener `dst` reaches in the calling thread's network namespace (the evidence thread
+/// enters the attempt's), if one listens there: the one bound to `dst`'s address or to every
+/// address, the fullest of a `SO_REUSEPORT` group. An IPv4 destination is also served by a
+/// dual-stack IPv6 listener. Blocks for up to [`RECV_TIMEOUT`] per answer.
+pub(crate) fn lookup(dst: SocketAddr) -> Result<Option<ListenerQueue>, ListenerError> {
+    let ip = dst.ip().to_canonical();
+    let families: &[u8] = if ip.is_ipv4() {
+        &[AF_INET, AF_INET6]
+    } else {
+        &[AF_INET6]
+    };
+    let mut found = None;
+    for &family in families {
+        found = query(family, dst.port())?
+            .iter()
+            .filter(|l| serves(&l.socket_id.source_address, ip))
+            .map(|l| (l.recv_queue, l.send_queue))
+            .max();
+        if found.is_some() {
+            break;
         }
-        Ok(found.map(|(queued, backlog)| ListenerQueue {
-            queued,
-            backlog,
-            overflows: listen_overflows(),
-        }))
-    })?
+    }
+    Ok(found.map(|(queued, backlog)| ListenerQueue {
+        queued,
+        backlog,
+        overflows: listen_overflows(),
+    }))
 }
 
 /// Whether a listener bound to `bound` accepts connections to `ip`.
@@ -113,19 +105,11 @@ fn query(family: u8, port: u16) -> Result<Vec<InetResponseHeader>, ListenerError
     let mut buf = Vec::with_capacity(RECV_BUFFER);
     let mut listeners = Vec::new();
     for _ in 0..MAX_DATAGRAMS {
-        buf.clear();
-        let len = match socket.recv(&mut buf, libc::MSG_TRUNC) {
-            Ok(len) => len,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                return Err(ListenerError::Timeout);
-            }
-            Err(e) => return Err(ListenerError::Socket(e)),
-        };
-        if len > buf.len() {
-            return Err(
-                DecodeError::from(format!("answer of {len} bytes truncated to {}", buf.len())).into(),
-            );
-        }
+        netlink::receive(&socket, &mut buf).map_err(|e| match e {
+            NotReceived::Timeout => ListenerError::Timeout,
+            NotReceived::Failed(e) => ListenerError::Socket(e),
+            NotReceived::Truncated(e) => ListenerError::Decode(e),
+        })?;
         if answer(&buf, port, &mut listeners)? {
             return Ok(listeners);
         }
@@ -252,20 +236,16 @@ mod tests {
     fn finds_a_listener_in_our_own_namespace() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let found = lookup(Path::new("/proc/self/ns/net"), addr).unwrap().unwrap();
+        let found = lookup(addr).unwrap().unwrap();
         // std listens with a backlog of 128 (capped by net.core.somaxconn).
         assert!(found.backlog > 0 && found.backlog <= 4096, "{found:?}");
         assert_eq!(found.queued, 0);
         assert!(!found.is_full());
         assert!(found.overflows.is_some());
         let other = SocketAddr::new("127.0.0.2".parse().unwrap(), addr.port());
-        assert_eq!(
-            lookup(Path::new("/proc/self/ns/net"), other).unwrap(),
-            None,
-            "bound to 127.0.0.1 only"
-        );
+        assert_eq!(lookup(other).unwrap(), None, "bound to 127.0.0.1 only");
         drop(listener);
-        assert_eq!(lookup(Path::new("/proc/self/ns/net"), addr).unwrap(), None);
+        assert_eq!(lookup(addr).unwrap(), None);
     }
 
     #[test]
@@ -275,7 +255,7 @@ mod tests {
         };
         let port = listener.local_addr().unwrap().port();
         let v4 = SocketAddr::new("127.0.0.1".parse().unwrap(), port);
-        assert!(lookup(Path::new("/proc/self/ns/net"), v4).unwrap().is_some());
+        assert!(lookup(v4).unwrap().is_some());
     }
 
     #[test]

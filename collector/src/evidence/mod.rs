@@ -22,7 +22,7 @@ mod netns;
 mod port_usage;
 
 pub(crate) use self::{listener::ListenerQueue, nat::Translation, port_usage::PortUsage};
-use self::{nat::Tuple, port_usage::port_usage};
+use self::{nat::Tuple, netns::in_netns, port_usage::port_usage};
 use crate::{attempt::Attempt, enrich::identity::Identity, outcome::Outcome};
 
 #[derive(Clone, Debug, Default)]
@@ -75,17 +75,34 @@ impl Lookup {
                 .map_err(|err| tracing::debug!("port usage of {}: {err}", self.pid))
                 .ok();
         }
-        if self.nat {
-            match nat::lookup(&self.netns, &self.tuple) {
-                Ok(Some(t)) if t.dnat || t.snat => evidence.nat = Some(t),
-                Ok(_) => {}
-                Err(err) => tracing::debug!("conntrack for {} -> {}: {err}", self.tuple.src, self.tuple.dst),
+        // Both talk netlink in the attempt's namespace: entered once, on one thread, for both.
+        if self.nat || self.listener {
+            let found = in_netns(&self.netns, || {
+                (
+                    self.nat.then(|| nat::lookup_here(&self.tuple)),
+                    self.listener.then(|| listener::lookup(self.tuple.dst)),
+                )
+            });
+            let (nat, listener) = match found {
+                Ok(found) => found,
+                Err(err) => {
+                    tracing::debug!("evidence for {}: {err}", self.pid);
+                    (None, None)
+                }
+            };
+            match nat {
+                Some(Ok(Some(t))) if t.dnat || t.snat => evidence.nat = Some(t),
+                Some(Err(err)) => {
+                    tracing::debug!("conntrack for {} -> {}: {err}", self.tuple.src, self.tuple.dst);
+                }
+                _ => {}
             }
-        }
-        if self.listener {
-            evidence.listener = listener::lookup(&self.netns, self.tuple.dst)
-                .map_err(|err| tracing::debug!("listener at {}: {err}", self.tuple.dst))
-                .ok()
+            evidence.listener = listener
+                .and_then(|found| {
+                    found
+                        .map_err(|err| tracing::debug!("listener at {}: {err}", self.tuple.dst))
+                        .ok()
+                })
                 .flatten()
                 .map(Box::new);
         }

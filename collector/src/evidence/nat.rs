@@ -14,7 +14,6 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    path::Path,
 };
 
 use netlink_packet_core::{
@@ -29,10 +28,9 @@ use netlink_packet_netfilter::{
 };
 use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
 
-use super::{
-    netlink::{self, RECV_TIMEOUT},
-    netns::{NetnsError, in_netns},
-};
+use super::netlink::{self, NotReceived, RECV_TIMEOUT};
+#[cfg(test)]
+use super::netns::NetnsError;
 
 /// Conntrack status bits (`enum ip_conntrack_status` in the kernel's uapi).
 pub(crate) mod status {
@@ -69,6 +67,9 @@ pub(crate) struct Translation {
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum NatError {
+    /// Only where the tests' `lookup` enters a namespace itself; the evidence thread enters
+    /// it once for all its lookups.
+    #[cfg(test)]
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error("tuple {src} -> {dst} mixes address families")]
@@ -90,16 +91,15 @@ pub(crate) enum NatError {
     Decode(#[from] DecodeError),
 }
 
-/// The conntrack entry of `tuple` in the network namespace `netns` (e.g.
-/// `/proc/<pid>/ns/net` of the process that made the attempt); `None` when conntrack has
-/// none, which is also the answer where nothing in the namespace enabled conntrack.
+/// The conntrack entry of `tuple` in the calling thread's network namespace (the evidence
+/// thread enters the attempt's: [`in_netns`](super::netns::in_netns)); `None` when conntrack
+/// has none, which is also the answer where nothing in the namespace enabled conntrack.
 ///
 /// An IPv4-mapped IPv6 tuple (an IPv6 socket connecting to an IPv4 address) is looked up as
-/// the IPv4 tuple the packets carried. Needs CAP_NET_ADMIN, and CAP_SYS_ADMIN to enter a
-/// namespace other than the caller's. Blocks for up to [`RECV_TIMEOUT`] per answer.
-pub(crate) fn lookup(netns: &Path, tuple: &Tuple) -> Result<Option<Translation>, NatError> {
-    let tuple = canonical(tuple)?;
-    in_netns(netns, || query(&tuple))?
+/// the IPv4 tuple the packets carried. Needs CAP_NET_ADMIN in the namespace. Blocks for up to
+/// [`RECV_TIMEOUT`] per answer.
+pub(super) fn lookup_here(tuple: &Tuple) -> Result<Option<Translation>, NatError> {
+    query(&canonical(tuple)?)
 }
 
 fn canonical(tuple: &Tuple) -> Result<Tuple, NatError> {
@@ -126,19 +126,11 @@ fn query(tuple: &Tuple) -> Result<Option<Translation>, NatError> {
     let mut buf = Vec::with_capacity(RECV_BUFFER);
     let mut found = None;
     for _ in 0..MAX_DATAGRAMS {
-        buf.clear();
-        let len = match socket.recv(&mut buf, libc::MSG_TRUNC) {
-            Ok(len) => len,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                return Err(NatError::Timeout);
-            }
-            Err(e) => return Err(NatError::Socket(e)),
-        };
-        if len > buf.len() {
-            return Err(
-                DecodeError::from(format!("answer of {len} bytes truncated to {}", buf.len())).into(),
-            );
-        }
+        netlink::receive(&socket, &mut buf).map_err(|e| match e {
+            NotReceived::Timeout => NatError::Timeout,
+            NotReceived::Failed(e) => NatError::Socket(e),
+            NotReceived::Truncated(e) => NatError::Decode(e),
+        })?;
         for message in netlink::messages::<NetfilterMessage>(&buf)? {
             if message.header.sequence_number != SEQUENCE {
                 continue;
@@ -303,9 +295,16 @@ fn translation(requested: &Tuple, attributes: &[ConntrackAttribute]) -> Option<T
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use netlink_packet_netfilter::conntrack::Status;
 
-    use super::*;
+    use super::{super::netns::in_netns, *};
+
+    /// [`lookup_here`] in the namespace file `netns`, entered for this lookup alone.
+    fn lookup(netns: &Path, tuple: &Tuple) -> Result<Option<Translation>, NatError> {
+        in_netns(netns, || lookup_here(tuple))?
+    }
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()

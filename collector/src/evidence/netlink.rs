@@ -35,6 +35,34 @@ pub(super) fn open(protocol: isize) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// Why no whole datagram came.
+pub(super) enum NotReceived {
+    /// Nothing within [`RECV_TIMEOUT`].
+    Timeout,
+    Failed(io::Error),
+    /// The datagram was longer than the buffer: its tail is lost.
+    Truncated(DecodeError),
+}
+
+/// The next datagram, into `buf` (emptied first, its capacity the most taken).
+pub(super) fn receive(socket: &Socket, buf: &mut Vec<u8>) -> Result<(), NotReceived> {
+    buf.clear();
+    let len = match socket.recv(buf, libc::MSG_TRUNC) {
+        Ok(len) => len,
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            return Err(NotReceived::Timeout);
+        }
+        Err(e) => return Err(NotReceived::Failed(e)),
+    };
+    if len > buf.len() {
+        return Err(NotReceived::Truncated(DecodeError::from(format!(
+            "answer of {len} bytes truncated to {}",
+            buf.len()
+        ))));
+    }
+    Ok(())
+}
+
 /// The netlink messages of one datagram.
 pub(super) fn messages<T: NetlinkDeserializable>(
     mut buf: &[u8],
