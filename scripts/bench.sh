@@ -3,14 +3,11 @@
 # (A/B pairs, nine modes), synspan's CPU time and peak RSS, and its accounting. Prints the
 # table and writes BENCHMARKS.md. Needs root: it loads eBPF programs and creates (and
 # removes) a network namespace, the only place it sends traffic to.
-#   sudo scripts/bench.sh                          # 3 pairs x 9 modes x 5 s, and the peers, about 14 minutes
-#   sudo scripts/bench.sh --pairs 5 --seconds 10   # see `target/release/synspan-bench --help`
+#   scripts/bench.sh                          # 3 pairs x 9 modes x 5 s, and the peers, about 14 minutes
+#   scripts/bench.sh --pairs 5 --seconds 10   # see `target/release/synspan-bench --help`
 set -euo pipefail
+. "$(dirname "$0")/as-root.sh"
 cd "$(dirname "$0")/.."
-if [ "$(id -u)" -ne 0 ]; then
-    echo "bench: needs root (eBPF, network namespaces): sudo $0 $*" >&2
-    exit 1
-fi
 scripts/setup.sh
 scripts/setup-test.sh
 # The peers measured beside synspan (synspan-bench --peers).

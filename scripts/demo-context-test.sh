@@ -4,6 +4,7 @@
 # collector/tests/demo_context.rs runs demo/app.py against synspan and a real receiver.
 # Needs root and the release binaries (cargo build --release --bins).
 set -euo pipefail
+. "$(dirname "$0")/as-root.sh"
 cd "$(dirname "$0")/.."
 dir=target/demo
 if [ ! -x "$dir/venv/bin/python3" ]; then

@@ -6,9 +6,10 @@
 # with its logs open. Then the test bed's synspan-traced, exporting its own spans to the same
 # Jaeger, makes the same attempt inside its span `GET /checkout/0` from the same namespace:
 # the second picture is that trace, the `tcp connect` span nested under the application's.
-#   sudo scripts/jaeger-screenshot.sh [OUTPUT_DIR]
+#   scripts/jaeger-screenshot.sh [OUTPUT_DIR]
 # Traffic stays between the two namespaces this script creates; it removes them at exit.
 set -euo pipefail
+. "$(dirname "$0")/as-root.sh"
 cd "$(dirname "$0")/.."
 dir=${1:-docs}
 out=$dir/jaeger-timed-out.png

@@ -4,6 +4,7 @@
 # otelite` builds several hundred crates, tens of minutes on a small machine; once built it is
 # kept in target/otelite/ and this takes about a minute. Run as root, after scripts/setup-test.sh.
 set -euo pipefail
+. "$(dirname "$0")/as-root.sh"
 cd "$(dirname "$0")/.."
 
 version=0.1.156

@@ -2,6 +2,7 @@
 # Runs every check CI runs: format, lints, unit tests, and the kernel-level end-to-end tests
 # (which need root: they load eBPF programs and create network namespaces).
 set -euo pipefail
+. "$(dirname "$0")/as-root.sh"
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/setup-test.sh

@@ -2,7 +2,7 @@
 //! refused attempt, a kernel timeout with its retransmits and an established attempt over
 //! gzip-compressed OTLP/HTTP to otelite, and otelite's REST API returns them with their
 //! attributes, events, status and resource. Needs root and otelite, which takes long to build:
-//! `sudo scripts/otelite-test.sh` installs it once and runs this test.
+//! `scripts/otelite-test.sh` installs it once and runs this test.
 
 use std::time::Duration;
 
@@ -87,7 +87,7 @@ fn events(span: &Value) -> (Vec<String>, Vec<String>) {
 }
 
 #[test]
-#[ignore = "needs otelite, which takes long to build: run sudo scripts/otelite-test.sh"]
+#[ignore = "needs otelite, which takes long to build: run scripts/otelite-test.sh"]
 fn attempts_in_otelite() {
     let otelite = Otelite::start().unwrap();
     let agent = Agent::start_exporting_http(&otelite.otlp_http_endpoint()).unwrap();
