@@ -54,6 +54,16 @@ pub(crate) enum ListenerError {
     Decode(#[from] DecodeError),
 }
 
+impl From<NotReceived> for ListenerError {
+    fn from(not: NotReceived) -> Self {
+        match not {
+            NotReceived::Timeout => Self::Timeout,
+            NotReceived::Failed(e) => Self::Socket(e),
+            NotReceived::Truncated(e) => Self::Decode(e),
+        }
+    }
+}
+
 /// The listener `dst` reaches in the calling thread's network namespace (the evidence thread
 /// enters the attempt's), if one listens there: the one bound to `dst`'s address or to every
 /// address, the fullest of a `SO_REUSEPORT` group. An IPv4 destination is also served by a
@@ -105,11 +115,7 @@ fn query(family: u8, port: u16) -> Result<Vec<InetResponseHeader>, ListenerError
     let mut buf = Vec::with_capacity(RECV_BUFFER);
     let mut listeners = Vec::new();
     for _ in 0..MAX_DATAGRAMS {
-        netlink::receive(&socket, &mut buf).map_err(|e| match e {
-            NotReceived::Timeout => ListenerError::Timeout,
-            NotReceived::Failed(e) => ListenerError::Socket(e),
-            NotReceived::Truncated(e) => ListenerError::Decode(e),
-        })?;
+        netlink::receive(&socket, &mut buf)?;
         if answer(&buf, port, &mut listeners)? {
             return Ok(listeners);
         }

@@ -91,6 +91,16 @@ pub(crate) enum NatError {
     Decode(#[from] DecodeError),
 }
 
+impl From<NotReceived> for NatError {
+    fn from(not: NotReceived) -> Self {
+        match not {
+            NotReceived::Timeout => Self::Timeout,
+            NotReceived::Failed(e) => Self::Socket(e),
+            NotReceived::Truncated(e) => Self::Decode(e),
+        }
+    }
+}
+
 /// The conntrack entry of `tuple` in the calling thread's network namespace (the evidence
 /// thread enters the attempt's: [`in_netns`](super::netns::in_netns)); `None` when conntrack
 /// has none, which is also the answer where nothing in the namespace enabled conntrack.
@@ -126,11 +136,7 @@ fn query(tuple: &Tuple) -> Result<Option<Translation>, NatError> {
     let mut buf = Vec::with_capacity(RECV_BUFFER);
     let mut found = None;
     for _ in 0..MAX_DATAGRAMS {
-        netlink::receive(&socket, &mut buf).map_err(|e| match e {
-            NotReceived::Timeout => NatError::Timeout,
-            NotReceived::Failed(e) => NatError::Socket(e),
-            NotReceived::Truncated(e) => NatError::Decode(e),
-        })?;
+        netlink::receive(&socket, &mut buf)?;
         for message in netlink::messages::<NetfilterMessage>(&buf)? {
             if message.header.sequence_number != SEQUENCE {
                 continue;
