@@ -366,8 +366,25 @@ pub(crate) fn scratch_attempt<'run>() -> Option<&'run mut AttemptRecord> {
     // can interrupt the other on its CPU. Programs that run in softirq, which can, build
     // what they need on the stack instead.
     let attempt = unsafe { &mut *attempt };
-    *attempt = AttemptRecord::ZERO;
+    zero(attempt);
     Some(attempt)
+}
+
+/// Zeroes a record eight bytes at a time. `*record = AttemptRecord::ZERO` compiles to a call
+/// of the compiler's `memcpy`, which on BPF copies one byte per iteration: 1408 iterations,
+/// about 8 500 instructions on every attempt's start.
+#[inline(always)]
+fn zero(record: &mut AttemptRecord) {
+    const WORDS: usize = size_of::<AttemptRecord>() / 8;
+    const _: () = assert!(size_of::<AttemptRecord>() % 8 == 0);
+    const _: () = assert!(align_of::<AttemptRecord>() == 8);
+    let words = core::ptr::from_mut(record).cast::<u64>();
+    for i in 0..WORDS {
+        // SAFETY: within the record, which is 8-aligned and a whole number of words, and of
+        // plain integers for which zero is valid. Volatile, so that the compiler cannot fold
+        // the stores back into that `memcpy`.
+        unsafe { words.add(i).write_volatile(0) };
+    }
 }
 
 /// Records the socket's pending error, if any and if none was recorded yet. Soft errors

@@ -51,6 +51,35 @@ pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((f.get(UTIME)? + f.get(STIME)?) as f64 / clock_ticks())
 }
 
+/// utime + stime of each thread of a process, in seconds, summed by thread name: the agent
+/// names each of its stages' threads. At most `MAX_THREADS` threads are read.
+pub(crate) fn thread_cpu_seconds(pid: u32) -> HashMap<String, f64> {
+    const MAX_THREADS: usize = 256;
+    let mut by_name = HashMap::new();
+    let tids = fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .take(MAX_THREADS);
+    for tid in tids {
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let fields: Vec<u64> = stat[close + 1..]
+            .split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect();
+        let ticks = fields.get(UTIME).copied().unwrap_or(0) + fields.get(STIME).copied().unwrap_or(0);
+        *by_name.entry(name).or_insert(0.0) += ticks as f64 / clock_ticks();
+    }
+    by_name
+}
+
 /// A `kB` line of /proc/PID/status, in MiB.
 pub(crate) fn status_mib(pid: u32, key: &str) -> Option<f64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

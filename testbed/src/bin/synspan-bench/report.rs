@@ -383,6 +383,47 @@ fn prog_table(runs: &[Run]) -> String {
     out
 }
 
+/// synspan's CPU per attempt by thread, over the B runs of each mode: the agent names a thread
+/// after each stage, so this is where its own time goes. "other" is what threads that had
+/// exited by the end (or that were beyond the bound of threads read) used.
+fn thread_table(runs: &[Run]) -> String {
+    let mut out = String::from(
+        "| mode | thread | µs per attempt | share of synspan's CPU |\n\
+         |---|---|---:|---:|\n",
+    );
+    for mode in &MODES {
+        let b: Vec<(&Run, &AgentRun)> = runs
+            .iter()
+            .filter(|r| r.mode == mode.id)
+            .filter_map(|r| Some((r, r.agent.as_ref()?)))
+            .collect();
+        let made: u64 = b.iter().map(|(r, _)| r.storm.attempts).sum();
+        let total: f64 = b.iter().map(|(_, t)| t.cpu_s - t.cpu_before_storm_s).sum();
+        if made == 0 || total <= 0.0 {
+            continue;
+        }
+        let mut by_name: Vec<(&str, f64)> = Vec::new();
+        for (name, s) in b.iter().flat_map(|(_, t)| t.threads.iter()) {
+            match by_name.iter_mut().find(|(n, _)| n == name) {
+                Some((_, sum)) => *sum += s,
+                None => by_name.push((name, *s)),
+            }
+        }
+        let named: f64 = by_name.iter().map(|(_, s)| s).sum();
+        by_name.push(("other", (total - named).max(0.0)));
+        for (name, s) in by_name {
+            let _ = writeln!(
+                out,
+                "| {} | `{name}` | {:.2} | {:.0} % |",
+                mode.id,
+                s * 1e6 / made as f64,
+                100.0 * s / total,
+            );
+        }
+    }
+    out
+}
+
 fn details(runs: &[Run]) -> String {
     let mut out = String::new();
     out.push_str(
@@ -581,6 +622,16 @@ pub(crate) fn document(
          the storm's attempts, also when synspan dropped part of the spans (export queue full): per span \
          actually exported, synspan's and the receiver's CPU are higher.\n\n{}\n",
         cost_table(&summaries, args.bpf_stats)
+    );
+    let _ = write!(
+        doc,
+        "synspan's own CPU by thread, from the storm's start until the export had drained, summed over \
+         the synspan runs of each mode and divided by their attempts. `synspan` is the main thread: it \
+         reads the ring buffer, decodes records, encodes spans and drives the OTLP export and the signals; \
+         `synspan-enrich` names processes and stacks; `synspan-evidenc` (the kernel keeps 15 characters \
+         of a thread's name) and `synspan-netns` make the conntrack and listener lookups of retried \
+         attempts. CPU time comes in clock ticks of 10 ms, so a share below a few ticks is noise.\n\n{}\n",
+        thread_table(runs)
     );
     if args.bpf_stats {
         let _ = write!(

@@ -49,6 +49,10 @@ pub(crate) struct AgentRun {
     pub(crate) cpu_storm_s: f64,
     /// synspan's CPU from start to just before SIGTERM (after the export drained).
     pub(crate) cpu_s: f64,
+    /// synspan's CPU just before the storm: start-up, loading and attaching.
+    pub(crate) cpu_before_storm_s: f64,
+    /// Each thread's CPU by name, from just before the storm to just before SIGTERM.
+    pub(crate) threads: Vec<(String, f64)>,
     /// From wait4: everything, shutdown included.
     pub(crate) cpu_total_s: f64,
     /// VmHWM just before SIGTERM.
@@ -187,12 +191,21 @@ impl Bench<'_> {
         let pid = agent.pid();
         let progs_before = measure::prog_stats(&agent);
         let cpu_start = measure::cpu_seconds(pid).unwrap_or(0.0);
+        let threads_start = measure::thread_cpu_seconds(pid);
         let host = HostSnapshot::take();
         let storm = storm(self.args, mode.storm)?;
         let host = Disturbance::between(&host, &HostSnapshot::take());
         let cpu_storm_s = measure::cpu_seconds(pid).unwrap_or(0.0) - cpu_start;
         let drain_s = wait_quiet(self.sink).as_secs_f64();
         let cpu_s = measure::cpu_seconds(pid).unwrap_or(f64::NAN);
+        let mut threads: Vec<(String, f64)> = measure::thread_cpu_seconds(pid)
+            .into_iter()
+            .map(|(name, s)| {
+                let before = threads_start.get(&name).copied().unwrap_or(0.0);
+                (name, s - before)
+            })
+            .collect();
+        threads.sort_by(|a, b| a.0.cmp(&b.0));
         let hwm_mib = measure::status_mib(pid, "VmHWM:").unwrap_or(f64::NAN);
         let progs = measure::prog_delta(&progs_before, &measure::prog_stats(&agent));
         let stopped = agent.stop(Duration::from_secs(SHUTDOWN_TIMEOUT_S + 30))?;
@@ -221,6 +234,8 @@ impl Bench<'_> {
         let run = AgentRun {
             cpu_storm_s,
             cpu_s,
+            threads,
+            cpu_before_storm_s: cpu_start,
             cpu_total_s: stopped.usage.cpu_s,
             hwm_mib,
             max_rss_mib: stopped.usage.max_rss_mib,
