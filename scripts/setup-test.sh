@@ -20,7 +20,14 @@ fi
 # node 20 or later (playwright-core's minimum): Debian 13's, or one installed before.
 if ! command -v npm >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
     apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+if [ "$node_major" -lt 20 ]; then
+    echo "setup-test: node ${node_major} found; playwright-core (the Jaeger UI test) needs node 20 or later:" \
+        "install Node.js 20+ (Debian 13's nodejs, or NodeSource's) and run again" >&2
+    exit 1
 fi
 if [ ! -d testbed/jaeger_ui/node_modules/playwright-core ]; then
     npm ci --prefix testbed/jaeger_ui --no-audit --no-fund --silent

@@ -236,8 +236,23 @@ impl SpanBuilder {
         let extra = info
             .map(|i| i.service.resource_attributes.as_slice())
             .unwrap_or_default();
+        // Where the process runs is part of its resource (the semantic conventions put
+        // `container.id` and `k8s.pod.uid` there, and Jaeger shows them as the process's
+        // tags), unless the process named them itself.
+        let platform = process
+            .into_iter()
+            .flat_map(|p| {
+                [
+                    (key::CONTAINER_ID, p.container_id.as_deref()),
+                    (key::K8S_POD_UID, p.k8s_pod_uid.as_deref()),
+                ]
+            })
+            .filter_map(|(k, v)| Some((k, v?)))
+            .filter(|(k, _)| !extra.iter().any(|(named, _)| named == k));
+        let platform: Vec<(&'static str, &str)> = platform.collect();
         let cache_key: String = std::iter::once(name)
             .chain(extra.iter().flat_map(|(k, v)| [k.as_str(), v.as_str()]))
+            .chain(platform.iter().flat_map(|&(k, v)| [k, v]))
             .collect::<Vec<_>>()
             .join("\0");
         if let Some(known) = self.resources.get(&cache_key) {
@@ -248,6 +263,7 @@ impl SpanBuilder {
                 extra
                     .iter()
                     .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
+                    .chain(platform.iter().map(|&(k, v)| KeyValue::new(k, v.to_string())))
                     .chain([
                         KeyValue::new(key::SERVICE_NAME, name.to_string()),
                         KeyValue::new(key::HOST_NAME, self.host_name.clone()),
@@ -375,14 +391,6 @@ fn attributes(a: &Attempt, identity: &Identity, evidence: &Evidence) -> Vec<KeyV
         }
         if let Some(inode) = info.netns_inode {
             attrs.push(KeyValue::new(key::NETNS, inode as i64));
-        }
-    }
-    if let Some(process) = process {
-        if let Some(id) = &process.container_id {
-            attrs.push(KeyValue::new(key::CONTAINER_ID, id.clone()));
-        }
-        if let Some(uid) = &process.k8s_pod_uid {
-            attrs.push(KeyValue::new(key::K8S_POD_UID, uid.clone()));
         }
     }
     if let Some(context) = &a.thread_context {

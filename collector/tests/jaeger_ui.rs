@@ -114,6 +114,14 @@ fn assert_connect_span(span: &Value, trace: &Value, exported: &Value, service: &
     }
 }
 
+/// A tag of the process (the resource) `span` of `trace` came from.
+fn process_tag<'a>(trace: &'a Value, span: &Value, key: &str) -> &'a Value {
+    tag(
+        &trace["processes"][span["processID"].as_str().unwrap()]["tags"],
+        key,
+    )
+}
+
 /// The timed-out attempt's five retransmits, as Jaeger logs.
 fn retransmit_logs(span: &Value) -> Vec<Value> {
     span["logs"]
@@ -153,9 +161,14 @@ fn attempts_in_the_jaeger_api_and_ui() {
         logs.iter().any(|l| tag(&l["fields"], "event") == "rst_received"),
         "{span:#}"
     );
-    let (span, _) = trace_of(&jaeger, &agent, established, SERVICE, "established");
-    assert_eq!(tag(&span["tags"], "container.id"), CONTAINER_ID, "{span:#}");
+    let (span, trace) = trace_of(&jaeger, &agent, established, SERVICE, "established");
+    assert_eq!(
+        process_tag(&trace, &span, "container.id"),
+        CONTAINER_ID,
+        "{trace:#}"
+    );
     let (span, trace) = trace_of(&jaeger, &agent, timed_out, SERVICE, "timed_out");
+    println!("the Jaeger API's trace of the timed-out attempt:\n{trace:#}");
     assert_eq!(retransmit_logs(&span), [1, 2, 3, 4, 5], "{span:#}");
     // The list the search page shows holds the same trace as the trace page.
     assert!(
@@ -334,8 +347,12 @@ fn synspan_over_otlp_http_into_the_jaeger_ui() {
             .any(|l| tag(&l["fields"], "event") == "rst_received"),
         "{span:#}"
     );
-    let (span, _) = trace_of(&jaeger, &agent, &established.report, OVER_HTTP, "established");
-    assert_eq!(tag(&span["tags"], "container.id"), OTHER_CONTAINER_ID, "{span:#}");
+    let (span, trace) = trace_of(&jaeger, &agent, &established.report, OVER_HTTP, "established");
+    assert_eq!(
+        process_tag(&trace, &span, "container.id"),
+        OTHER_CONTAINER_ID,
+        "{trace:#}"
+    );
     let (span, _) = trace_of(&jaeger, &agent, &timed_out.report, OVER_HTTP, "timed_out");
     assert_eq!(retransmit_logs(&span), [1, 2, 3, 4, 5], "{span:#}");
     let stopped = agent.stop(Duration::from_secs(10)).unwrap();

@@ -97,7 +97,10 @@ fn attempts_in_otelite() {
     let span = stored_span(&otelite, &agent, &refused.report, "connection_refused");
     assert!(events(&span).0.contains(&"rst_received".to_owned()), "{span:#}");
     let span = stored_span(&otelite, &agent, &established.report, "established");
-    assert_eq!(span["attributes"]["container.id"], CONTAINER_ID, "{span:#}");
+    assert_eq!(
+        span["resource"]["attributes"]["container.id"], CONTAINER_ID,
+        "{span:#}"
+    );
     let span = stored_span(&otelite, &agent, &timed_out.report, "timed_out");
     assert_eq!(events(&span).1, ["1", "2", "3", "4", "5"], "{span:#}");
     println!(

@@ -47,10 +47,22 @@ fn assert_outcomes_parented(
 /// `bin ARGS --otlp-endpoint RECEIVER --targets TARGETS`, once `agent` found where it
 /// publishes (`None`: not waited for).
 fn traced(receiver: &Receiver, agent: Option<&Agent>, bin: &Path, args: &[&str], targets: &str) -> TracedApp {
+    traced_with_env(receiver, agent, bin, args, targets, &[])
+}
+
+/// As `traced`, with `env` added to the application's environment.
+fn traced_with_env(
+    receiver: &Receiver,
+    agent: Option<&Agent>,
+    bin: &Path,
+    args: &[&str],
+    targets: &str,
+    env: &[(&str, &str)],
+) -> TracedApp {
     let endpoint = receiver.endpoint();
     let mut all = args.to_vec();
     all.extend(["--otlp-endpoint", &endpoint, "--targets", targets]);
-    let app = TracedApp::start(bin, &all).unwrap();
+    let app = TracedApp::start_with_env(bin, &all, env).unwrap();
     if let Some(agent) = agent {
         app.wait_found_by(agent, WAIT).unwrap();
     }
@@ -200,13 +212,18 @@ fn a_connect_that_never_starts_is_a_child_too() {
 /// The variable in a shared library that `bin` loads with `dlopen`, in each of the two
 /// dialects a tracer's native module is built with. Returns the agent, to read what it said.
 fn from_a_library(bin: &Path, lib: &str) -> Agent {
+    from_a_library_with_env(bin, lib, &[])
+}
+
+fn from_a_library_with_env(bin: &Path, lib: &str, env: &[(&str, &str)]) -> Agent {
     let (receiver, agent) = exporting();
-    let mut app = traced(
+    let mut app = traced_with_env(
         &receiver,
         Some(&agent),
         bin,
         &["--lib", lib],
         "127.0.0.1:1,listen",
+        env,
     );
     let reports = app.connect().unwrap();
     for ((connect, own), report) in spans_of(&receiver, &app, &reports).iter().zip(&reports) {
@@ -220,9 +237,63 @@ fn a_dlopened_library_with_tlsdesc() {
     from_a_library(&workspace_bin("synspan-traced-dl"), "tlsdesc");
 }
 
+/// glibc puts a dlopened library's TLSDESC block in static TLS while the optional part of
+/// its surplus lasts. With none (a tunable), the descriptor resolves to glibc's dynamic
+/// resolver, and the variable is reached through the DTV: a block the connecting threads
+/// allocated when they first touched it.
+#[test]
+fn a_dlopened_library_with_tlsdesc_in_dynamic_tls() {
+    let agent = from_a_library_with_env(
+        &workspace_bin("synspan-traced-dl"),
+        "tlsdesc",
+        &[("GLIBC_TUNABLES", "glibc.rtld.optional_static_tls=0")],
+    );
+    assert!(
+        agent.stderr().contains("dynamic TLS, module"),
+        "{}",
+        agent.stderr()
+    );
+}
+
 #[test]
 fn a_dlopened_library_with_general_dynamic_tls() {
     from_a_library(&workspace_bin("synspan-traced-dl"), "gd");
+}
+
+/// The library that holds the variable is loaded only after the agent first saw the process
+/// and found none: the agent looks again once the process's mapped files have changed (at
+/// its next attempt, at most once a second), and the attempts after that are parented.
+#[test]
+fn a_library_loaded_after_the_process_was_first_seen() {
+    let (receiver, agent) = exporting();
+    let mut app = traced(
+        &receiver,
+        None,
+        &workspace_bin("synspan-traced-dl"),
+        &["--lib", "tlsdesc", "--load-later"],
+        "127.0.0.1:1,listen",
+    );
+    // Its first connect's span arrived: the agent has looked at the process by then.
+    let first = receiver.wait_spans(1, WAIT, |s| s["attributes"]["process.pid"] == app.pid);
+    assert_eq!(first.len(), 1, "{}", agent.stderr());
+    let found = format!("process {} publishes its thread context", app.pid);
+    assert!(
+        !agent.stderr().contains(&found),
+        "found before it was loaded:\n{}",
+        agent.stderr()
+    );
+    app.command("load").unwrap();
+    let mut poked = std::time::Instant::now() - Duration::from_secs(1);
+    let seen = synspan_testbed::wait_until(WAIT, || {
+        if poked.elapsed() >= Duration::from_millis(250) {
+            app.command("poke").unwrap();
+            poked = std::time::Instant::now();
+        }
+        agent.stderr().contains(&found).then_some(())
+    });
+    assert!(seen.is_some(), "not found after the load:\n{}", agent.stderr());
+    let reports = app.connect().unwrap();
+    assert_outcomes_parented(&receiver, &app, &reports, &["connection_refused", "established"]);
 }
 
 /// The application built for musl (scripts/build-musl.sh), its spans exported by the same

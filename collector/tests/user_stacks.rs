@@ -215,23 +215,36 @@ fn a_stripped_binary_shows_file_offsets() {
     );
 }
 
-/// Exits at once after its refused attempt, so the agent, reading the process's code when the
-/// kernel notes its first attempt, often finds `/proc/<pid>` gone. The note itself carries
-/// the executable's name and the walked frames as build id and file offset, which the agent
-/// resolves through the files it indexed from an earlier run of the same binary (`hold`, so
-/// that it is read). Either way the stack is named as for a process that stays. Built with
-/// frame pointers in the client (not in libc): the walk then reaches the client's own file,
-/// which places it in memory for the frame unwound under `connect`.
+/// Exits at once after its refused attempt, while the agent is stopped: by the time the agent
+/// reads the kernel's note of the process's first attempt, `/proc/<pid>` is gone, always. The
+/// note itself carries the executable's name and the walked frames as build id and file
+/// offset, which the agent resolves through the files it indexed from an earlier run of the
+/// same binary (`hold`, so that it is read). The stack is named as for a process that stays.
+/// Built with frame pointers in the client (not in libc): the walk then reaches the client's
+/// own file, which places it in memory for the frame unwound under `connect`.
 #[test]
 fn a_client_that_exits_at_once() {
-    let (receiver, agent) = start();
+    let (receiver, agent) =
+        Agent::start_exporting_with_env(&[], &[("SYNSPAN_LOG", "info,synspan::enrich=debug")])
+            .expect("start synspan and its receiver");
     let dir = TempDir::new("exit");
     let binary = build(&dir.0, "client-exits", &["-O2", "-fno-omit-frame-pointer"]);
     let ns = Netns::new("cexit").unwrap();
     let first = run(&ns, &binary, &["hold"]);
     received(&receiver, &agent, first);
-    let pid = run(&ns, &binary, &[]);
+    let pid = agent.while_stopped(|| run(&ns, &binary, &[]));
     let (span, stack) = received(&receiver, &agent, pid);
+    println!(
+        "the exited client's attempt, as the receiver got it:\n{}",
+        serde_json::to_string_pretty(&span).unwrap()
+    );
+    assert!(
+        agent
+            .stderr()
+            .contains(&format!("user stack of {pid}: placed from the build ids")),
+        "named from the note's build ids, not from /proc:\n{}",
+        agent.stderr()
+    );
     assert_eq!(span["attributes"]["process.command"], "client-exits", "{span:#}");
     assert_eq!(
         span["attributes"]["process.executable.name"], "client-exits",

@@ -87,11 +87,16 @@ impl Agent {
     /// Starts a receiver, then `synspan --output json --otlp-endpoint RECEIVER ARGS`: every
     /// span both on stdout and as the receiver got it.
     pub fn start_exporting(args: &[&str]) -> anyhow::Result<(Receiver, Self)> {
+        Self::start_exporting_with_env(args, &[])
+    }
+
+    /// As [`Agent::start_exporting`], with `env` added to synspan's environment.
+    pub fn start_exporting_with_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<(Receiver, Self)> {
         let receiver = Receiver::start().context("starting the OTLP receiver")?;
         let endpoint = receiver.endpoint();
         let mut all = vec!["--otlp-endpoint", &endpoint];
         all.extend_from_slice(args);
-        Ok((receiver, Self::start(&all)?))
+        Ok((receiver, Self::start_with_env(Output::Json, &all, env)?))
     }
 
     /// Starts `synspan --output json` exporting its spans, and no self-metrics, over
@@ -208,6 +213,22 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.proc.pid()
+    }
+
+    /// Runs `f` while synspan is stopped (SIGSTOP), and lets it go on after (SIGCONT, also
+    /// when `f` panics). What the kernel records meanwhile waits in its maps and ring buffers
+    /// for synspan, and a process that exits within `f` is gone before synspan can read
+    /// anything of it: no race left to chance.
+    pub fn while_stopped<T>(&self, f: impl FnOnce() -> T) -> T {
+        struct Resume<'a>(&'a Reaped);
+        impl Drop for Resume<'_> {
+            fn drop(&mut self) {
+                self.0.signal(libc::SIGCONT);
+            }
+        }
+        self.proc.signal(libc::SIGSTOP);
+        let _resume = Resume(&self.proc);
+        f()
     }
 
     /// Ids of the BPF programs this agent holds, from its file descriptors.

@@ -4,11 +4,14 @@
 //!
 //! ```text
 //! synspan-traced[-dl] --otlp-endpoint URL --targets ADDR:PORT,… [--netns NAME] [--no-span]
-//!                     [--route ROUTE] [--service NAME] [--lib tlsdesc|gd]
+//!                     [--route ROUTE] [--service NAME] [--lib tlsdesc|gd [--load-later]]
 //! ```
 //! It publishes its process context (with the attribute key map), makes one connect outside
 //! any span (to a closed port: the agent then notices the process), prints
-//! `{"ready":true,"pid":N}`, and waits for a line on stdin. Then one thread per target, all
+//! `{"ready":true,"pid":N}`, and waits for a line on stdin. With `--load-later` the library
+//! that holds the variable is not loaded yet: the lines are commands, `load` (dlopen it,
+//! answered `{"loaded":true}`), `poke` (one more connect outside any span, answered
+//! `{"poked":true}`), until `go`. Then one thread per target, all
 //! at the same moment, starts a span `GET ROUTE/i`, publishes it, connects, unpublishes and
 //! ends the span; with `--no-span` the threads connect with the pointer NULL. A target
 //! `listen` is a listener of the application's own. One JSON line per thread follows
@@ -83,6 +86,7 @@ struct Args {
     no_span: bool,
     route: String,
     service: String,
+    load_later: bool,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Args> {
@@ -93,6 +97,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Args> {
         no_span: false,
         route: "/checkout".into(),
         service: "traced-app".into(),
+        load_later: false,
     };
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -114,6 +119,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Args> {
             "--route" => parsed.route = value()?,
             "--service" => parsed.service = value()?,
             "--no-span" => parsed.no_span = true,
+            "--load-later" => parsed.load_later = true,
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -140,8 +146,19 @@ fn gettid() -> i64 {
     unsafe { libc::gettid() as i64 }
 }
 
-/// Runs the application with `publish` as its publisher; `args` without the program name.
-pub fn run(args: impl Iterator<Item = String>, publish: Publish) -> anyhow::Result<()> {
+/// One connect outside any span, to a closed port: the agent notices the process, or looks
+/// at it again.
+fn poke() -> anyhow::Result<()> {
+    let _ = TcpStream::connect_timeout(&"127.0.0.1:1".parse()?, Duration::from_secs(2));
+    Ok(())
+}
+
+/// Runs the application with the publisher `load` gives; `args` without the program name.
+/// `load` is called at start, or on the command `load` with `--load-later`.
+pub fn run(
+    args: impl Iterator<Item = String>,
+    load: impl FnOnce() -> anyhow::Result<Publish>,
+) -> anyhow::Result<()> {
     let args = parse_args(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -168,8 +185,14 @@ pub fn run(args: impl Iterator<Item = String>, publish: Publish) -> anyhow::Resu
     let own = listener.local_addr()?;
     let _context = Published::publish(&[("service.name".to_string(), args.service.clone())])?;
 
-    // Outside any span, so that the agent has seen this process before the real attempts.
-    let _ = TcpStream::connect_timeout(&"127.0.0.1:1".parse()?, Duration::from_secs(2));
+    let mut load = Some(load);
+    let mut publish = None;
+    if !args.load_later {
+        publish = load.take().map(|load| load()).transpose()?;
+    }
+    // Outside any span, so that the agent has seen this process (with its library, unless
+    // `--load-later`) before the real attempts.
+    poke()?;
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -179,6 +202,25 @@ pub fn run(args: impl Iterator<Item = String>, publish: Publish) -> anyhow::Resu
     out.flush()?;
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line)?;
+    while args.load_later && line.trim() != "go" {
+        let answer = match line.trim() {
+            "load" => {
+                let load = load.take().context("load: loaded already")?;
+                publish = Some(load()?);
+                "loaded"
+            }
+            "poke" => {
+                poke()?;
+                "poked"
+            }
+            other => anyhow::bail!("unknown command {other:?}: expected load, poke or go"),
+        };
+        writeln!(out, "{}", serde_json::json!({answer: true}))?;
+        out.flush()?;
+        line.clear();
+        anyhow::ensure!(std::io::stdin().lock().read_line(&mut line)? > 0, "stdin closed");
+    }
+    let publish = publish.context("go before load")?;
 
     let barrier = Arc::new(Barrier::new(args.targets.len()));
     let route_key = THREAD_ATTRIBUTE_KEYS
@@ -257,8 +299,18 @@ impl TracedApp {
     /// Starts `bin` (a build of `synspan-traced` or `synspan-traced-dl`) with `args`; returns
     /// once it is ready (it made its first connect, outside any span).
     pub fn start(bin: &std::path::Path, args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_env(bin, args, &[])
+    }
+
+    /// As [`TracedApp::start`], with `env` added to the application's environment.
+    pub fn start_with_env(
+        bin: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut child = std::process::Command::new(bin)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -278,6 +330,21 @@ impl TracedApp {
         let needle = format!("process {} publishes its thread context", self.pid);
         crate::wait_until(timeout, || agent.stderr().contains(&needle).then_some(()))
             .with_context(|| format!("no {needle:?} in:\n{}", agent.stderr()))
+    }
+
+    /// Sends a command of `--load-later` (`load`, `poke`) and waits for its answer.
+    pub fn command(&mut self, command: &str) -> anyhow::Result<()> {
+        let stdin = self.child.stdin.as_mut().context("stdin")?;
+        writeln!(stdin, "{command}")?;
+        stdin.flush()?;
+        let mut line = String::new();
+        anyhow::ensure!(self.stdout.read_line(&mut line)? > 0, "the application exited");
+        let answer: serde_json::Value = serde_json::from_str(&line)?;
+        anyhow::ensure!(
+            answer.as_object().is_some_and(|o| o.values().all(|v| v == true)),
+            "{command}: {line}"
+        );
+        Ok(())
     }
 
     /// Lets the threads connect; returns their reports once the application's spans are

@@ -56,8 +56,12 @@ mod tests {
     use super::*;
     use crate::{
         attempt::PacketDrop,
+        config::TraceContext,
         evidence::{Evidence, ListenerQueue},
-        span::{SpanBuilder, tests::timed_out},
+        span::{
+            SpanBuilder,
+            tests::{in_the_apps_span, timed_out},
+        },
     };
 
     #[test]
@@ -71,6 +75,27 @@ mod tests {
             "2023-11-14T22:13:20.000Z timed_out                7100.0ms pid=42/43 nc              \
              127.0.0.1:40000 -> 127.0.0.2:80 retransmits=1\n"
         );
+    }
+
+    #[test]
+    fn line_shows_the_trace_it_joined() {
+        let line = |mode| {
+            let span = SpanBuilder::new("h".into()).with_trace_context(mode).build(
+                in_the_apps_span(),
+                &Default::default(),
+                Default::default(),
+            );
+            let mut out = Vec::new();
+            write_line(&mut out, &span).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        assert!(
+            line(TraceContext::Parent).ends_with("retransmits=1 trace=abababab\n"),
+            "{}",
+            line(TraceContext::Parent)
+        );
+        // A link joins no trace: the span is a root of its own.
+        assert!(line(TraceContext::Link).ends_with("retransmits=1\n"));
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The traced application (see `synspan_testbed::traced`) with `otel_thread_ctx_v1` in a
 //! shared library it loads with `dlopen` after start: `--lib tlsdesc` (built with
-//! `-mtls-dialect=gnu2`) or `--lib gd` (`-mtls-dialect=gnu`, `__tls_get_addr`). The
-//! remaining arguments are the application's.
+//! `-mtls-dialect=gnu2`) or `--lib gd` (`-mtls-dialect=gnu`, `__tls_get_addr`); with
+//! `--load-later`, only when told (see `synspan_testbed::traced`). The remaining arguments
+//! are the application's.
 
-use std::ffi::{CString, c_void};
+use std::ffi::{CStr, CString, c_void};
 
 use anyhow::{Context as _, bail};
 use synspan_testbed::traced::Publish;
@@ -22,6 +23,11 @@ fn main() -> anyhow::Result<()> {
         other => bail!("--lib {other}: expected tlsdesc or gd"),
     };
     let path = CString::new(path)?;
+    synspan_testbed::traced::run(args.into_iter(), move || load(&path))
+}
+
+/// Loads the library and finds its publisher.
+fn load(path: &CStr) -> anyhow::Result<Publish> {
     // SAFETY: a library of this crate's own build; RTLD_NOW resolves its TLS entries before
     // any thread uses them, and it is never closed.
     let lib = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
@@ -34,6 +40,5 @@ fn main() -> anyhow::Result<()> {
         bail!("{path:?} has no synspan_testbed_publish");
     }
     // SAFETY: the symbol is `void synspan_testbed_publish(void *)` in thread_context.c.
-    let publish: Publish = unsafe { std::mem::transmute::<*mut c_void, Publish>(publish) };
-    synspan_testbed::traced::run(args.into_iter(), publish)
+    Ok(unsafe { std::mem::transmute::<*mut c_void, Publish>(publish) })
 }

@@ -9,5 +9,5 @@ unsafe extern "C" {
 }
 
 fn main() -> anyhow::Result<()> {
-    synspan_testbed::traced::run(std::env::args().skip(1), synspan_testbed_publish)
+    synspan_testbed::traced::run(std::env::args().skip(1), || Ok(synspan_testbed_publish))
 }

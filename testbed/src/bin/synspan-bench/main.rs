@@ -138,6 +138,8 @@ fn main() -> anyhow::Result<()> {
     }
     println!("{}", report::cost_table(&summaries, args.bpf_stats));
     if let Some(out) = args.report_path() {
+        let previous = fs::read_to_string(&out).ok();
+        let doc = report::keep_written_part(doc, previous.as_deref());
         fs::write(&out, &doc).with_context(|| format!("writing {}", out.display()))?;
         eprintln!("synspan-bench: wrote {}", out.display());
     }

@@ -108,7 +108,13 @@ pub(crate) struct Cost {
     pub(crate) target: f64,
 }
 
-pub(crate) const COSTS: [Cost; 3] = [
+pub(crate) const COSTS: [Cost; 4] = [
+    Cost {
+        what: "reading the calling thread's context, every attempt exported",
+        on: 6,
+        off: 1,
+        target: 0.02,
+    },
     Cost {
         what: "connect metrics with --failures-only",
         on: 2,

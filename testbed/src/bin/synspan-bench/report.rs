@@ -411,6 +411,9 @@ fn thread_table(runs: &[Run]) -> String {
         }
         let named: f64 = by_name.iter().map(|(_, s)| s).sum();
         by_name.push(("other", (total - named).max(0.0)));
+        // Process and thread times are read at slightly different moments, a tick apart at
+        // worst: the threads may add up to a little more than the process.
+        let total = total.max(named);
         for (name, s) in by_name {
             let _ = writeln!(
                 out,
@@ -696,6 +699,20 @@ pub(crate) fn document(
     doc
 }
 
+/// Where a report's written part starts: comparisons with other revisions, measured by their
+/// own benchmark in the same session, which this run cannot reproduce.
+pub(crate) const WRITTEN_PART: &str =
+    "<!-- Written, not generated: kept as it is when synspan-bench writes this file again. -->";
+
+/// The new report, followed by the written part of the one it replaces, if that has one.
+pub(crate) fn keep_written_part(mut doc: String, previous: Option<&str>) -> String {
+    if let Some(at) = previous.and_then(|p| p.find(WRITTEN_PART)) {
+        doc.push('\n');
+        doc.push_str(&previous.unwrap_or_default()[at..]);
+    }
+    doc
+}
+
 /// `2026-12-01 21:40 UTC`.
 pub(crate) fn utc_now() -> String {
     let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
@@ -731,6 +748,18 @@ mod tests {
                 hwm_mib: 10.0,
             }),
         }
+    }
+
+    #[test]
+    fn the_written_part_outlives_a_new_report() {
+        let previous = format!("# Benchmarks\n\nold figures\n\n{WRITTEN_PART}\n\n## Against 626e43e\n");
+        let doc = keep_written_part("# Benchmarks\n\nnew figures\n".into(), Some(&previous));
+        assert_eq!(
+            doc,
+            format!("# Benchmarks\n\nnew figures\n\n{WRITTEN_PART}\n\n## Against 626e43e\n")
+        );
+        assert_eq!(keep_written_part("new\n".into(), Some("old\n")), "new\n");
+        assert_eq!(keep_written_part("new\n".into(), None), "new\n");
     }
 
     fn agent(counters: &[(&str, u64)]) -> Option<AgentRun> {
