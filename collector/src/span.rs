@@ -239,20 +239,21 @@ impl SpanBuilder {
         // Where the process runs is part of its resource (the semantic conventions put
         // `container.id` and `k8s.pod.uid` there, and Jaeger shows them as the process's
         // tags), unless the process named them itself.
-        let platform = process
-            .into_iter()
-            .flat_map(|p| {
-                [
-                    (key::CONTAINER_ID, p.container_id.as_deref()),
-                    (key::K8S_POD_UID, p.k8s_pod_uid.as_deref()),
-                ]
-            })
-            .filter_map(|(k, v)| Some((k, v?)))
-            .filter(|(k, _)| !extra.iter().any(|(named, _)| named == k));
-        let platform: Vec<(&'static str, &str)> = platform.collect();
+        let platform = || {
+            process
+                .into_iter()
+                .flat_map(|p| {
+                    [
+                        (key::CONTAINER_ID, p.container_id.as_deref()),
+                        (key::K8S_POD_UID, p.k8s_pod_uid.as_deref()),
+                    ]
+                })
+                .filter_map(|(k, v)| Some((k, v?)))
+                .filter(|(k, _)| !extra.iter().any(|(named, _)| named == k))
+        };
         let cache_key: String = std::iter::once(name)
             .chain(extra.iter().flat_map(|(k, v)| [k.as_str(), v.as_str()]))
-            .chain(platform.iter().flat_map(|&(k, v)| [k, v]))
+            .chain(platform().flat_map(|(k, v)| [k, v]))
             .collect::<Vec<_>>()
             .join("\0");
         if let Some(known) = self.resources.get(&cache_key) {
@@ -263,7 +264,7 @@ impl SpanBuilder {
                 extra
                     .iter()
                     .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
-                    .chain(platform.iter().map(|&(k, v)| KeyValue::new(k, v.to_string())))
+                    .chain(platform().map(|(k, v)| KeyValue::new(k, v.to_string())))
                     .chain([
                         KeyValue::new(key::SERVICE_NAME, name.to_string()),
                         KeyValue::new(key::HOST_NAME, self.host_name.clone()),

@@ -186,10 +186,11 @@ pub fn run(
     let _context = Published::publish(&[("service.name".to_string(), args.service.clone())])?;
 
     let mut load = Some(load);
-    let mut publish = None;
-    if !args.load_later {
-        publish = load.take().map(|load| load()).transpose()?;
-    }
+    let mut publish = if args.load_later {
+        None
+    } else {
+        load.take().map(|load| load()).transpose()?
+    };
     // Outside any span, so that the agent has seen this process (with its library, unless
     // `--load-later`) before the real attempts.
     poke()?;

@@ -77,9 +77,7 @@ impl Reader {
     /// Up to `limit` decoded attempts, and how many records that took.
     fn next_batch(&mut self, limit: usize) -> (Vec<Attempt>, usize) {
         let mut read = 0;
-        // Sized up front: under load a batch is full, and grown from empty it would be
-        // copied at every doubling.
-        let mut attempts = Vec::with_capacity(limit);
+        let mut attempts = Vec::new();
         while read < limit {
             let Some(attempt) = self.next_attempt(&mut read) else {
                 break;

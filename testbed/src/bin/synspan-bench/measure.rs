@@ -27,14 +27,24 @@ fn clock_ticks() -> f64 {
 
 /// The fields of /proc/PID/stat after the command, from `state` (field 3) on.
 fn stat_fields(pid: u32) -> Option<Vec<u64>> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(read_stat(&format!("/proc/{pid}/stat"))?.1)
+}
+
+/// A `stat` file of /proc (a process's or a thread's): the command, and the fields after it.
+fn read_stat(path: &str) -> Option<(String, Vec<u64>)> {
+    let stat = fs::read_to_string(path).ok()?;
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
     // The state is a letter: keep the positions, with 0 in its place.
-    Some(
-        rest.split_whitespace()
-            .map(|f| f.parse::<i64>().map_or(0, |v| v.max(0) as u64))
-            .collect(),
-    )
+    let fields = stat[close + 1..]
+        .split_whitespace()
+        .map(|f| f.parse::<i64>().map_or(0, |v| v.max(0) as u64))
+        .collect();
+    Some((stat.get(open + 1..close)?.to_string(), fields))
+}
+
+/// utime + stime in `stat_fields`, in seconds.
+fn cpu_of(fields: &[u64]) -> Option<f64> {
+    Some((fields.get(UTIME)? + fields.get(STIME)?) as f64 / clock_ticks())
 }
 
 // Indexes into `stat_fields`: field number - 3.
@@ -47,8 +57,7 @@ const STARTTIME: usize = 19;
 
 /// utime + stime of a whole process, in seconds.
 pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
-    let f = stat_fields(pid)?;
-    Some((f.get(UTIME)? + f.get(STIME)?) as f64 / clock_ticks())
+    cpu_of(&stat_fields(pid)?)
 }
 
 /// utime + stime of each thread of a process, in seconds, summed by thread name: the agent
@@ -63,19 +72,10 @@ pub(crate) fn thread_cpu_seconds(pid: u32) -> HashMap<String, f64> {
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .take(MAX_THREADS);
     for tid in tids {
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else {
+        let Some((name, fields)) = read_stat(&format!("/proc/{pid}/task/{tid}/stat")) else {
             continue;
         };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let name = stat[open + 1..close].to_string();
-        let fields: Vec<u64> = stat[close + 1..]
-            .split_whitespace()
-            .map(|f| f.parse().unwrap_or(0))
-            .collect();
-        let ticks = fields.get(UTIME).copied().unwrap_or(0) + fields.get(STIME).copied().unwrap_or(0);
-        *by_name.entry(name).or_insert(0.0) += ticks as f64 / clock_ticks();
+        *by_name.entry(name).or_insert(0.0) += cpu_of(&fields).unwrap_or(0.0);
     }
     by_name
 }

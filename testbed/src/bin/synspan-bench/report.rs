@@ -706,9 +706,9 @@ pub(crate) const WRITTEN_PART: &str =
 
 /// The new report, followed by the written part of the one it replaces, if that has one.
 pub(crate) fn keep_written_part(mut doc: String, previous: Option<&str>) -> String {
-    if let Some(at) = previous.and_then(|p| p.find(WRITTEN_PART)) {
+    if let Some(kept) = previous.and_then(|p| Some(&p[p.find(WRITTEN_PART)?..])) {
         doc.push('\n');
-        doc.push_str(&previous.unwrap_or_default()[at..]);
+        doc.push_str(kept);
     }
     doc
 }
