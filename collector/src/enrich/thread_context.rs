@@ -359,34 +359,40 @@ impl ThreadContexts {
             return;
         }
         let found = match self.resolve(pid, &files) {
-            Ok(Some((path, location))) => {
-                tracing::info!(
-                    "process {pid} publishes its thread context: {SYMBOL} in {}, {}",
-                    path.display(),
-                    describe(&location)
-                );
-                match self.map.insert(&pid, &location, 0) {
-                    Ok(()) => true,
-                    Err(err) => {
-                        tracing::debug!("process {pid}: thread context not handed to the kernel: {err}");
-                        false
-                    }
+            // Said once the kernel has it: from then on its attempts find their parents.
+            Ok(Some((path, location))) => match self.map.insert(&pid, &location, 0) {
+                Ok(()) => {
+                    tracing::info!(
+                        "process {pid} publishes its thread context: {SYMBOL} in {}, {}",
+                        path.display(),
+                        describe(&location)
+                    );
+                    true
                 }
-            }
+                Err(err) => {
+                    tracing::debug!("process {pid}: thread context not handed to the kernel: {err}");
+                    false
+                }
+            },
             Ok(None) => false,
             Err(err) => {
                 tracing::debug!("process {pid}: thread context not usable yet: {err}");
                 false
             }
         };
-        self.processes.put(
-            pid,
-            Looked {
-                at: Instant::now(),
-                files: paths,
-                found,
-            },
-        );
+        let looked = Looked {
+            at: Instant::now(),
+            files: paths,
+            found,
+        };
+        // A process pushed out of the cache is no longer swept: its kernel entry goes with it
+        // (it is looked at again on its next attempt), or a reused pid would inherit it.
+        if let Some((evicted, old)) = self.processes.push(pid, looked)
+            && evicted != pid
+            && old.found
+        {
+            let _ = self.map.remove(&evicted);
+        }
     }
 
     /// Forgets processes that have exited, in the kernel too: their pid may be reused.
