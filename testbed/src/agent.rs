@@ -299,10 +299,37 @@ impl Agent {
         })
     }
 
+    /// The end of what synspan said: its final accounting and whatever it warned of.
+    fn tail_of_stderr(&self, lines: usize) -> String {
+        let stderr = self.stderr();
+        let all: Vec<&str> = stderr.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     /// Once synspan has exited its pipes reach EOF, so the readers end.
     fn join_readers(&mut self) {
         for reader in self.readers.drain(..) {
             let _ = reader.join();
         }
+    }
+}
+
+/// A test that fails with the agent still running gets the agent's own account of every
+/// attempt (seen, in flight, exported, dropped and why): what a missing span needs to be
+/// explained. A passing test only has it killed.
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if !std::thread::panicking() || self.readers.is_empty() {
+            return;
+        }
+        self.proc.signal(libc::SIGTERM);
+        if self.proc.wait(Duration::from_secs(10)).is_some() {
+            self.join_readers();
+        }
+        println!(
+            "synspan {} at the failure, the end of its stderr:\n{}",
+            self.proc.pid(),
+            self.tail_of_stderr(20)
+        );
     }
 }
