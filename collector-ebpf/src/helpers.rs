@@ -12,6 +12,7 @@ use aya_ebpf::{
 
 /// Types for which every bit pattern is a value: what a probe read may fill in.
 pub(crate) trait Plain: Copy {}
+impl Plain for u8 {}
 impl Plain for u16 {}
 impl Plain for u32 {}
 impl Plain for i32 {}

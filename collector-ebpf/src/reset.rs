@@ -1,7 +1,11 @@
 //! `tcp:tcp_receive_reset` and `tcp:tcp_send_reset`. A socket found in the in-flight map is
-//! still in SYN_SENT, so neither needs the state.
+//! still in SYN_SENT, so neither needs the state. BTF tracepoints where the kernel has BTF,
+//! for the reason `retransmit` gives: both run in softirqs.
 
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
+};
 use synspan_shared::attempt_flags;
 
 use crate::{
@@ -9,25 +13,42 @@ use crate::{
     maps::{COLLISION_WATCH, WATCH_SINCE, in_flight, layout, local_endpoint},
 };
 
-#[tracepoint(category = "tcp", name = "tcp_receive_reset")]
-pub(crate) fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    mark(&ctx, layout().receive_reset.skaddr, attempt_flags::RST_RECEIVED);
+/// `tcp_receive_reset(sk)`.
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub(crate) fn tcp_receive_reset(ctx: BtfTracePointContext) -> u32 {
+    mark(ctx.arg::<u64>(0), attempt_flags::RST_RECEIVED);
     0
 }
 
 /// The client resets in SYN_SENT when its SYN is answered by an ACK for data it never
-/// sent: the SYN met an existing connection.
+/// sent: the SYN met an existing connection. `tcp_send_reset(sk, skb, reason)`; `sk` is
+/// NULL for a reset sent on no socket's behalf.
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub(crate) fn tcp_send_reset(ctx: BtfTracePointContext) -> u32 {
+    mark(ctx.arg::<u64>(0), attempt_flags::RST_SENT);
+    0
+}
+
+/// `tcp_receive_reset` for kernels without BTF.
+#[tracepoint(category = "tcp", name = "tcp_receive_reset")]
+pub(crate) fn tcp_receive_reset_tp(ctx: TracePointContext) -> u32 {
+    if let Ok(sock) = read_event::<u64>(&ctx, layout().receive_reset.skaddr) {
+        mark(sock, attempt_flags::RST_RECEIVED);
+    }
+    0
+}
+
+/// `tcp_send_reset` for kernels without BTF.
 #[tracepoint(category = "tcp", name = "tcp_send_reset")]
-pub(crate) fn tcp_send_reset(ctx: TracePointContext) -> u32 {
-    mark(&ctx, layout().send_reset.skaddr, attempt_flags::RST_SENT);
+pub(crate) fn tcp_send_reset_tp(ctx: TracePointContext) -> u32 {
+    if let Ok(sock) = read_event::<u64>(&ctx, layout().send_reset.skaddr) {
+        mark(sock, attempt_flags::RST_SENT);
+    }
     0
 }
 
 #[inline(always)]
-fn mark(ctx: &TracePointContext, skaddr_offset: u16, flag: u8) {
-    let Ok(sock) = read_event::<u64>(ctx, skaddr_offset) else {
-        return;
-    };
+fn mark(sock: u64, flag: u8) {
     if sock == 0 {
         return;
     }

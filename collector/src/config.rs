@@ -190,8 +190,8 @@ pub(crate) struct Cli {
     #[arg(long)]
     pub(crate) no_drop_reasons: bool,
 
-    /// Trace attempts with classic tracepoints even where BTF tracepoints work: what a
-    /// kernel without BTF gets. For testing that path.
+    /// Trace attempts, retransmits and resets with classic tracepoints even where BTF
+    /// tracepoints work: what a kernel without BTF gets. For testing that path.
     #[arg(long, hide = true)]
     pub(crate) classic_tracepoints: bool,
 

@@ -290,6 +290,7 @@ pub(crate) fn tuple_fields(btf: &Btf) -> Option<SockTupleFields> {
         daddr: offset("skc_daddr")?,
         v6_rcv_saddr: offset("skc_v6_rcv_saddr")?,
         v6_daddr: offset("skc_v6_daddr")?,
+        state: offset("skc_state")?,
     })
 }
 

@@ -20,10 +20,15 @@ pub mod names {
         /// The same two as classic tracepoints, for kernels without BTF.
         pub const ATTEMPT_START_CLASSIC: &str = "attempt_start_tp";
         pub const ATTEMPT_END_CLASSIC: &str = "attempt_end_tp";
-        /// The classic tracepoint programs are named after their tracepoints.
+        /// The tcp tracepoints that run in softirqs, as BTF tracepoints named after them,
+        /// and as classic ones (`_tp`) for kernels without BTF.
         pub const TCP_RETRANSMIT_SKB: &str = "tcp_retransmit_skb";
         pub const TCP_RECEIVE_RESET: &str = "tcp_receive_reset";
         pub const TCP_SEND_RESET: &str = "tcp_send_reset";
+        pub const TCP_RETRANSMIT_SKB_CLASSIC: &str = "tcp_retransmit_skb_tp";
+        pub const TCP_RECEIVE_RESET_CLASSIC: &str = "tcp_receive_reset_tp";
+        pub const TCP_SEND_RESET_CLASSIC: &str = "tcp_send_reset_tp";
+        /// Classic tracepoints, named after them: they run in the calling thread.
         pub const SYS_ENTER_CONNECT: &str = "sys_enter_connect";
         pub const SYS_EXIT_CONNECT: &str = "sys_exit_connect";
         /// A BTF tracepoint, named after its tracepoint too.
@@ -540,6 +545,9 @@ pub struct SockTupleFields {
     pub daddr: u16,
     pub v6_rcv_saddr: u16,
     pub v6_daddr: u16,
+    /// `skc_state`, one byte: what the classic tcp tracepoints put in their events, for the
+    /// BTF ones that get only the socket.
+    pub state: u16,
 }
 
 /// An attempt's tuple as a map key, oriented from the attempt: its local endpoint and its
@@ -659,6 +667,7 @@ impl KernelLayout {
             daddr: 0,
             v6_rcv_saddr: 0,
             v6_daddr: 0,
+            state: 0,
         },
         connect: ConnectFields {
             fd: 0,

@@ -145,9 +145,11 @@ mod tests {
         let classic = programs::CLASSIC
             .iter()
             .map(|(name, _)| *name)
+            .chain(programs::SOFTIRQ_TCP.iter().map(|(_, classic)| *classic))
             .chain(programs::ATTEMPT_CLASSIC);
         let btf = programs::ATTEMPT_BTF
             .into_iter()
+            .chain(programs::SOFTIRQ_TCP.iter().map(|(btf, _)| *btf))
             .chain([programs::ERROR_REPORT, programs::PACKET_DROP]);
         let expected: Vec<(&str, bool)> = classic
             .map(|n| (n, false))

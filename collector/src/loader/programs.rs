@@ -51,14 +51,20 @@ pub(crate) fn lacking(name: &str) -> &'static str {
         .map_or("what it shows", |(_, lacks)| lacks)
 }
 
-/// Classic tracepoint programs, each named after its tracepoint: (name, category). Each is
-/// optional: a kernel without one loses what it shows, not the attempts. The return of
-/// `connect()` before its entry, as the attempt's end before its start: a call whose entry
-/// was seen must have its return seen too, or its attempt waits for stacks that never come.
-pub(super) const CLASSIC: [(&str, &str); 5] = [
-    (program::TCP_RETRANSMIT_SKB, "tcp"),
-    (program::TCP_RECEIVE_RESET, "tcp"),
-    (program::TCP_SEND_RESET, "tcp"),
+/// The tcp tracepoints that run in softirqs, as (BTF program, classic program); the BTF one
+/// is named after its tracepoint, and preferred for the reason `ATTEMPT_BTF` is. Each is
+/// optional: a kernel without one loses what it shows, not the attempts.
+pub(super) const SOFTIRQ_TCP: [(&str, &str); 3] = [
+    (program::TCP_RETRANSMIT_SKB, program::TCP_RETRANSMIT_SKB_CLASSIC),
+    (program::TCP_RECEIVE_RESET, program::TCP_RECEIVE_RESET_CLASSIC),
+    (program::TCP_SEND_RESET, program::TCP_SEND_RESET_CLASSIC),
+];
+/// Classic tracepoint programs, each named after its tracepoint: (name, category). They run
+/// in the calling thread, where no other program can be running on the CPU. Each is
+/// optional. The return of `connect()` before its entry, as the attempt's end before its
+/// start: a call whose entry was seen must have its return seen too, or its attempt waits
+/// for stacks that never come.
+pub(super) const CLASSIC: [(&str, &str); 2] = [
     (program::SYS_EXIT_CONNECT, "syscalls"),
     (program::SYS_ENTER_CONNECT, "syscalls"),
 ];
@@ -99,15 +105,18 @@ impl KernelObject {
                 unattached.push((name, "--pretend-missing".into()));
             }
         }
-        let btf_attach = match &btf {
-            _ if !prefer_btf => Err("--classic-tracepoints".into()),
-            Ok(btf) if resolved.layout.tuple.known != 0 => ATTEMPT_BTF
-                .into_iter()
-                .try_for_each(|name| self.attach_btf(name, ATTEMPT_HOOK, btf))
-                .map_err(|err| err.to_string()),
+        let usable_btf = match &btf {
+            _ if !prefer_btf => Err("--classic-tracepoints".to_string()),
+            Ok(btf) if resolved.layout.tuple.known != 0 => Ok(*btf),
             Ok(_) => Err("struct sock's tuple members are not in the kernel's BTF".into()),
             Err(err) => Err(format!("no kernel BTF: {err}")),
         };
+        let btf_attach = usable_btf.clone().and_then(|btf| {
+            ATTEMPT_BTF
+                .into_iter()
+                .try_for_each(|name| self.attach_btf(name, ATTEMPT_HOOK, btf))
+                .map_err(|err| err.to_string())
+        });
         if let Err(why) = btf_attach {
             tracing::warn!(
                 "attempts are traced with classic tracepoints ({why}): under load the kernel may \
@@ -118,6 +127,23 @@ impl KernelObject {
             }
             for name in ATTEMPT_CLASSIC {
                 self.attach_tracepoint(name, "sock", ATTEMPT_HOOK)?;
+            }
+        }
+        for (name, classic) in SOFTIRQ_TCP {
+            if unattached.iter().any(|(n, _)| *n == name) {
+                continue;
+            }
+            let attached = usable_btf.clone().and_then(|btf| {
+                self.attach_btf(name, name, btf).map_err(|err| {
+                    self.unload(name);
+                    err.to_string()
+                })
+            });
+            if let Err(why) = attached {
+                tracing::debug!("{name} as a classic tracepoint: {why}");
+                if let Err(err) = self.attach_tracepoint(classic, "tcp", name) {
+                    unattached.push((name, err.to_string()));
+                }
             }
         }
         for (name, category) in CLASSIC {
