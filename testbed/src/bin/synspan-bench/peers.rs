@@ -65,7 +65,7 @@ impl Peer {
     pub(crate) fn check_installed(&self) -> anyhow::Result<()> {
         if which::which(self.program).is_err() {
             bail!(
-                "peer {}: `{}` is not installed (apt-get install {}, or run scripts/setup-test.sh); \
+                "peer {}: `{}` is not installed (apt-get install {}, or run scripts/bench.sh, which installs it); \
                  --peers none skips the peers",
                 self.name,
                 self.program,
