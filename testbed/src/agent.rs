@@ -323,11 +323,14 @@ impl Drop for Agent {
             return;
         }
         self.proc.signal(libc::SIGTERM);
-        if self.proc.wait(Duration::from_secs(10)).is_some() {
+        let ended = if self.proc.wait(Duration::from_secs(10)).is_some() {
             self.join_readers();
-        }
+            "stopped by SIGTERM"
+        } else {
+            "still running 10 s after SIGTERM, so without its final accounting"
+        };
         println!(
-            "synspan {} at the failure, the end of its stderr:\n{}",
+            "synspan {} at the failure ({ended}), the end of its stderr:\n{}",
             self.proc.pid(),
             self.tail_of_stderr(20)
         );

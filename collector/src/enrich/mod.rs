@@ -204,8 +204,8 @@ impl Enricher {
     /// might be gone by the time the attempt ends.
     pub(crate) fn on_note(&mut self, note: &ProcessNote) {
         let process = self.processes.check(note.pid);
-        if let Some(contexts) = &mut self.thread_contexts {
-            contexts.look(note.pid);
+        if let (Some(contexts), Some(p)) = (&mut self.thread_contexts, &process) {
+            contexts.look(note.pid, p.info.start_time);
         }
         // A new code path may run in a library loaded since the process was last read.
         let image = (note.user_stack_id >= 0)
@@ -231,8 +231,8 @@ impl Enricher {
         let process = self.processes.get(attempt.pid);
         // A process not resolved yet is looked at again, at most once a RETRY: a library it
         // loaded since, a process context it published since.
-        if let Some(contexts) = &mut self.thread_contexts {
-            contexts.look(attempt.pid);
+        if let (Some(contexts), Some(p)) = (&mut self.thread_contexts, &process) {
+            contexts.look(attempt.pid, p.info.start_time);
         }
         let user_stack = self
             .stack(attempt.user_stack_id)

@@ -312,6 +312,8 @@ pub(crate) fn attributes(bytes: &[u8]) -> Vec<(u8, &str)> {
 #[derive(Debug)]
 struct Looked {
     at: Instant,
+    /// The process's start time: the same pid with another one is another process.
+    start_time: u64,
     /// The mapped files when it was looked at: a look is only repeated once they change.
     files: Vec<PathBuf>,
     found: bool,
@@ -338,13 +340,20 @@ impl ThreadContexts {
         }
     }
 
-    /// Looks for the variable in `pid` if it was never looked at, or if it was not found and
-    /// the last look is older than [`RETRY`] (a library loaded since, a context published).
-    pub(crate) fn look(&mut self, pid: u32) {
-        if let Some(looked) = self.processes.get(&pid)
-            && (looked.found || looked.at.elapsed() < RETRY)
-        {
-            return;
+    /// Looks for the variable in the process `pid` started at `start_time` if it was never
+    /// looked at, or if it was not found and the last look is older than [`RETRY`] (a library
+    /// loaded since, a context published).
+    pub(crate) fn look(&mut self, pid: u32, start_time: u64) {
+        match self.processes.get(&pid) {
+            Some(looked) if looked.start_time != start_time => {
+                // The pid was reused: the kernel must not read the old process's location in
+                // the new one, whatever the look below finds.
+                if self.processes.pop(&pid).is_some_and(|l| l.found) {
+                    let _ = self.map.remove(&pid);
+                }
+            }
+            Some(looked) if looked.found || looked.at.elapsed() < RETRY => return,
+            _ => {}
         }
         let Ok(maps) = std::fs::read(self.proc_root.join(pid.to_string()).join("maps")) else {
             return;
@@ -357,6 +366,15 @@ impl ThreadContexts {
         {
             looked.at = Instant::now();
             return;
+        }
+        // Room first: the kernel's map holds as many processes as this cache, so a full cache
+        // of processes that publish leaves no kernel entry for a new one until one goes.
+        if !self.processes.contains(&pid)
+            && self.processes.len() == self.processes.cap().get()
+            && let Some((evicted, old)) = self.processes.pop_lru()
+            && old.found
+        {
+            let _ = self.map.remove(&evicted);
         }
         let found = match self.resolve(pid, &files) {
             // Said once the kernel has it: from then on its attempts find their parents.
@@ -380,19 +398,15 @@ impl ThreadContexts {
                 false
             }
         };
-        let looked = Looked {
-            at: Instant::now(),
-            files: paths,
-            found,
-        };
-        // A process pushed out of the cache is no longer swept: its kernel entry goes with it
-        // (it is looked at again on its next attempt), or a reused pid would inherit it.
-        if let Some((evicted, old)) = self.processes.push(pid, looked)
-            && evicted != pid
-            && old.found
-        {
-            let _ = self.map.remove(&evicted);
-        }
+        self.processes.put(
+            pid,
+            Looked {
+                at: Instant::now(),
+                start_time,
+                files: paths,
+                found,
+            },
+        );
     }
 
     /// Forgets processes that have exited, in the kernel too: their pid may be reused.

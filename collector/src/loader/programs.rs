@@ -140,9 +140,18 @@ impl KernelObject {
                 })
             });
             if let Err(why) = attached {
-                tracing::debug!("{name} as a classic tracepoint: {why}");
+                // Without BTF that is the plan; with it, a program the kernel refused.
+                if usable_btf.is_ok() {
+                    tracing::warn!(
+                        "{name} as a classic tracepoint ({why}): under load the kernel may skip \
+                         it, counted as kernel_skipped_runs"
+                    );
+                } else {
+                    tracing::debug!("{name} as a classic tracepoint: {why}");
+                }
                 if let Err(err) = self.attach_tracepoint(classic, "tcp", name) {
-                    unattached.push((name, err.to_string()));
+                    self.unload(classic);
+                    unattached.push((name, format!("{err} (as a BTF tracepoint: {why})")));
                 }
             }
         }
