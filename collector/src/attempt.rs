@@ -34,6 +34,9 @@ pub(crate) struct Attempt {
     /// An ICMP error recorded as soft while the attempt went on.
     pub(crate) soft_errno: i32,
     pub(crate) syn_retransmits: u32,
+    /// Retransmit timeouts at which the last SYN was still queued in this host, so that the
+    /// kernel sent nothing.
+    pub(crate) syn_retransmits_held: u16,
     pub(crate) events: Vec<AttemptEvent>,
     pub(crate) user_stack_id: Option<u32>,
     /// The registers and top of the user stack at SYN_SENT, for unwinding what the
@@ -378,6 +381,7 @@ impl Attempt {
             errno,
             soft_errno: record.soft_error,
             syn_retransmits: record.retransmits,
+            syn_retransmits_held: record.retransmits_held,
             events,
             user_stack_id: stack_id(record.user_stack_id),
             user_frame: UserFrame::decode(record),

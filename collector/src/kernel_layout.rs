@@ -136,6 +136,9 @@ pub(crate) fn resolve(vmlinux: Result<&KernelBtf, &BtfError>) -> Result<Resolved
             skaddr: f.offset("skaddr")?,
             state: f.offset("state")?,
             sport: f.offset("sport")?,
+            // Since the tracepoint also fires for retransmits that failed; the offset is
+            // never 0, which the common fields take.
+            err: f.offset("err").unwrap_or(0),
         })
     });
     let receive_reset = optional(&tracefs, ("tcp", "tcp_receive_reset"), &mut unavailable, |f| {

@@ -40,6 +40,7 @@ pub(crate) mod key {
 
     pub(crate) const OUTCOME: &str = "synspan.outcome";
     pub(crate) const SYN_RETRANSMITS: &str = "synspan.syn_retransmits";
+    pub(crate) const SYN_RETRANSMITS_HELD: &str = "synspan.syn_retransmits_held";
     pub(crate) const ERRNO: &str = "synspan.errno";
     pub(crate) const SOFT_ERRNO: &str = "synspan.soft_errno";
     pub(crate) const CGROUP_ID: &str = "synspan.cgroup_id";
@@ -327,6 +328,12 @@ fn attributes(a: &Attempt, identity: &Identity, evidence: &Evidence) -> Vec<KeyV
         KeyValue::new(key::SYN_RETRANSMITS, i64::from(a.syn_retransmits)),
         KeyValue::new(key::CGROUP_ID, a.cgroup_id as i64),
     ]);
+    if a.syn_retransmits_held > 0 {
+        attrs.push(KeyValue::new(
+            key::SYN_RETRANSMITS_HELD,
+            i64::from(a.syn_retransmits_held),
+        ));
+    }
     if a.outcome.is_failure() {
         attrs.push(KeyValue::new(key::ERROR_TYPE, a.outcome.as_str()));
     }
@@ -507,6 +514,7 @@ pub(crate) mod tests {
             errno: libc::ETIMEDOUT,
             soft_errno: 0,
             syn_retransmits: 1,
+            syn_retransmits_held: 0,
             events: vec![AttemptEvent {
                 time: start + Duration::from_secs(1),
                 kind: EventKind::SynRetransmit(1),

@@ -327,3 +327,46 @@ fn no_drop_reasons_flag() {
     let client = connect(&ns, "127.0.0.1:9", &[]).unwrap();
     no_drops(&received_span(&receiver, &agent, &client, "timed_out"));
 }
+
+/// A SYN that has not left the host when its retransmit timer fires: a slow token bucket on
+/// the namespace's loopback, with datagrams queued ahead of the SYN. The kernel sends
+/// nothing then (`-EBUSY`); the span counts those timeouts as held, not as retransmits, so
+/// its retransmits are the kernel's own count (`TCP_INFO`).
+#[test]
+fn a_syn_still_queued_in_the_host_is_held_not_retransmitted() {
+    let ns = Netns::new("dheld").unwrap();
+    // 4 000 bytes a second: six datagrams of 1400 bytes ahead of the SYN hold it for about
+    // two seconds, past the first retransmit timeout (1 s).
+    let tbf = [
+        "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", "32kbit", "burst", "1600", "latency", "60s",
+    ];
+    let out = ns.exec(&[&["tc"][..], &tbf].concat()).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (receiver, agent) = start(&[]);
+    let queued = ns
+        .command(std::path::Path::new("python3"))
+        .args([
+            "-c",
+            "import socket\nu = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             for _ in range(6):\n    u.sendto(b'x' * 1400, ('127.0.0.1', 9))",
+        ])
+        .output()
+        .unwrap();
+    assert!(queued.status.success(), "{queued:?}");
+    let client = connect(&ns, "127.0.0.1:0", &["--listen-first"]).unwrap();
+    let span = received_span(&receiver, &agent, &client, "established");
+    let held = span["attributes"]["synspan.syn_retransmits_held"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(held >= 1, "{span:#}");
+    assert_eq!(
+        Some(retransmits(&span)),
+        client.syn_retransmits.map(u64::from),
+        "the kernel's count: {span:#}"
+    );
+    assert_eq!(
+        events(&span, "syn_retransmit").len() as u64,
+        retransmits(&span),
+        "{span:#}"
+    );
+}

@@ -25,6 +25,10 @@ pub mod names {
         pub const TCP_RETRANSMIT_SKB: &str = "tcp_retransmit_skb";
         pub const TCP_RECEIVE_RESET: &str = "tcp_receive_reset";
         pub const TCP_SEND_RESET: &str = "tcp_send_reset";
+        /// `tcp_retransmit_skb` on kernels whose tracepoint has no `err` argument yet (it
+        /// fired only for retransmits that were sent): a program that read the argument would
+        /// not load there.
+        pub const TCP_RETRANSMIT_SKB_WITHOUT_ERR: &str = "tcp_retransmit_skb_without_err";
         pub const TCP_RETRANSMIT_SKB_CLASSIC: &str = "tcp_retransmit_skb_tp";
         pub const TCP_RECEIVE_RESET_CLASSIC: &str = "tcp_receive_reset_tp";
         pub const TCP_SEND_RESET_CLASSIC: &str = "tcp_send_reset_tp";
@@ -226,6 +230,11 @@ pub struct AttemptRecord {
     pub last_drop_packet: u8,
     /// How many bytes of `user_stack` hold the stack: [`USER_STACK_BYTES`], or 0.
     pub user_stack_len: u16,
+    /// Retransmit timeouts at which the previous SYN had not left this host yet (still in a
+    /// qdisc or the driver: the kernel's `-EBUSY`), so nothing was sent. Not in
+    /// `retransmits`. Kernels whose `tcp_retransmit_skb` has no `err` leave it at 0 (and do
+    /// not report these at all).
+    pub retransmits_held: u16,
     /// The caller's user registers as `connect()` entered the kernel, and the top of its user
     /// stack from `user_sp`: what the agent unwinds the innermost frames from with the call
     /// frame information of their files, where frame pointers cannot (see
@@ -395,6 +404,7 @@ impl AttemptRecord {
         collision_state: 0,
         last_drop_packet: 0,
         user_stack_len: 0,
+        retransmits_held: 0,
         user_regs: UserRegs::ZERO,
         handoff: 0,
         user_stack: [0; USER_STACK_BYTES],
@@ -507,6 +517,8 @@ pub struct RetransmitFields {
     pub skaddr: u16,
     pub state: u16,
     pub sport: u16,
+    /// The retransmit's result (kernels since it fires for failed ones too); 0: no such field.
+    pub err: u16,
 }
 
 #[repr(C)]
@@ -649,6 +661,7 @@ impl KernelLayout {
             skaddr: 0,
             state: 0,
             sport: 0,
+            err: 0,
         },
         receive_reset: ResetFields { skaddr: 0 },
         send_reset: ResetFields { skaddr: 0 },

@@ -150,7 +150,11 @@ mod tests {
         let btf = programs::ATTEMPT_BTF
             .into_iter()
             .chain(programs::SOFTIRQ_TCP.iter().map(|(btf, _)| *btf))
-            .chain([programs::ERROR_REPORT, programs::PACKET_DROP]);
+            .chain([
+                programs::ERROR_REPORT,
+                programs::PACKET_DROP,
+                synspan_shared::names::program::TCP_RETRANSMIT_SKB_WITHOUT_ERR,
+            ]);
         let expected: Vec<(&str, bool)> = classic
             .map(|n| (n, false))
             .chain(btf.map(|n| (n, true)))

@@ -133,9 +133,15 @@ impl KernelObject {
             if unattached.iter().any(|(n, _)| *n == name) {
                 continue;
             }
+            // Where the classic event has no `err`, neither has the BTF tracepoint.
+            let program = if name == program::TCP_RETRANSMIT_SKB && resolved.layout.retransmit.err == 0 {
+                program::TCP_RETRANSMIT_SKB_WITHOUT_ERR
+            } else {
+                name
+            };
             let attached = usable_btf.clone().and_then(|btf| {
-                self.attach_btf(name, name, btf).map_err(|err| {
-                    self.unload(name);
+                self.attach_btf(program, name, btf).map_err(|err| {
+                    self.unload(program);
                     err.to_string()
                 })
             });

@@ -28,6 +28,13 @@ pub(crate) fn write_line(out: &mut Vec<u8>, span: &ConnectSpan) -> io::Result<()
         let trace = span.trace_id.to_string();
         write!(out, " trace={}", &trace[..8])?;
     }
+    if a.syn_retransmits_held > 0 {
+        write!(
+            out,
+            "; SYN still queued in this host at {} retransmit timeout(s)",
+            a.syn_retransmits_held
+        )?;
+    }
     if let Some(c) = &a.collision {
         write!(
             out,
