@@ -84,7 +84,7 @@ fn on_retransmit(sock: u64, state: u8, sport: Option<u16>, err: i32) {
     } else {
         attempt.flags |= attempt_flags::RETRANSMIT_TIMES_TRUNCATED;
     }
-    attempt.retransmits += 1;
+    attempt.retransmits = attempt.retransmits.saturating_add(1);
     note_error(attempt, sock, now);
     if let Some(sport) = sport
         && sport != attempt.sport

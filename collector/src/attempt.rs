@@ -380,7 +380,7 @@ impl Attempt {
             outcome,
             errno,
             soft_errno: record.soft_error,
-            syn_retransmits: record.retransmits,
+            syn_retransmits: u32::from(record.retransmits),
             syn_retransmits_held: record.retransmits_held,
             events,
             user_stack_id: stack_id(record.user_stack_id),
@@ -545,10 +545,10 @@ mod tests {
     fn a_retransmit_count_past_the_timed_ones_allocates_only_those() {
         // Found by fuzzing: the count sized the event list, 4 billion events' worth.
         let mut r = timed_out_v4();
-        r.retransmits = u32::MAX;
+        r.retransmits = u16::MAX;
         r.retransmit_ns = [2_000_000_000; MAX_RETRANSMIT_TIMES];
         let a = Attempt::decode(&r, &WallClock::from_offset(0)).unwrap();
-        assert_eq!(a.syn_retransmits, u32::MAX);
+        assert_eq!(a.syn_retransmits, u32::from(u16::MAX));
         assert_eq!(a.events.len(), MAX_RETRANSMIT_TIMES);
         assert!(a.events.capacity() <= MAX_RETRANSMIT_TIMES + 4);
     }

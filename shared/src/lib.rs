@@ -201,7 +201,14 @@ pub struct AttemptRecord {
     /// Thread group id (the "pid" users know) and thread id of the caller of `connect()`.
     pub pid: u32,
     pub tid: u32,
-    pub retransmits: u32,
+    /// SYN retransmits the kernel sent (`tcp_syn_retries` allows at most 127): 16 bits, so
+    /// that the count below shares their four bytes and the record keeps its size.
+    pub retransmits: u16,
+    /// Retransmit timeouts at which the previous SYN had not left this host yet (still in a
+    /// qdisc or the driver: the kernel's `-EBUSY`), so nothing was sent. Not in
+    /// `retransmits`. Kernels whose `tcp_retransmit_skb` has no `err` leave it at 0 (and do
+    /// not report these at all).
+    pub retransmits_held: u16,
     /// `sk_err` when the socket left SYN_SENT: the errno `connect()` reports.
     pub error: i32,
     /// `sk_err_soft` at the same moment: an ICMP error that did not kill the attempt by itself.
@@ -230,11 +237,6 @@ pub struct AttemptRecord {
     pub last_drop_packet: u8,
     /// How many bytes of `user_stack` hold the stack: [`USER_STACK_BYTES`], or 0.
     pub user_stack_len: u16,
-    /// Retransmit timeouts at which the previous SYN had not left this host yet (still in a
-    /// qdisc or the driver: the kernel's `-EBUSY`), so nothing was sent. Not in
-    /// `retransmits`. Kernels whose `tcp_retransmit_skb` has no `err` leave it at 0 (and do
-    /// not report these at all).
-    pub retransmits_held: u16,
     /// The caller's user registers as `connect()` entered the kernel, and the top of its user
     /// stack from `user_sp`: what the agent unwinds the innermost frames from with the call
     /// frame information of their files, where frame pointers cannot (see
