@@ -239,9 +239,27 @@ impl KernelObject {
     }
 
     /// Detaches every program so that no new attempt is recorded. Maps stay readable.
+    ///
+    /// In the reverse of the attach order: the starts first, the return of `connect()` last.
+    /// An attempt that ends inside `connect()` is counted in its series at its end and waits
+    /// in flight for the call's return to take its stack; with the return detached before it
+    /// (the object's programs come in no set order), it stayed in flight after being counted,
+    /// and a socket that came back at that address counted it once more as `replaced`: the
+    /// connect metrics then had one attempt more than the books (the metrics tests saw it,
+    /// with other agents' attempts on the host).
     pub(crate) fn detach(&mut self) {
         self.recursion_misses_at_detach = Some(self.recursion_misses());
-        let names: Vec<String> = self.ebpf.programs().map(|(name, _)| name.to_string()).collect();
+        const FIRST: [&str; 3] = [
+            program::SYS_ENTER_CONNECT,
+            program::ATTEMPT_START,
+            program::ATTEMPT_START_CLASSIC,
+        ];
+        let mut names: Vec<String> = self.ebpf.programs().map(|(name, _)| name.to_string()).collect();
+        names.sort_by_key(|name| match name.as_str() {
+            n if FIRST.contains(&n) => 0,
+            program::SYS_EXIT_CONNECT => 2,
+            _ => 1,
+        });
         for name in names {
             self.unload(&name);
         }
