@@ -240,13 +240,14 @@ impl KernelObject {
 
     /// Detaches every program so that no new attempt is recorded. Maps stay readable.
     ///
-    /// In the reverse of the attach order: the starts first, the return of `connect()` last.
-    /// An attempt that ends inside `connect()` is counted in its series at its end and waits
-    /// in flight for the call's return to take its stack; with the return detached before it
-    /// (the object's programs come in no set order), it stayed in flight after being counted,
-    /// and a socket that came back at that address counted it once more as `replaced`: the
-    /// connect metrics then had one attempt more than the books (the metrics tests saw it,
-    /// with other agents' attempts on the host).
+    /// The starts first, the return of `connect()` last (attaching had the opposite worry:
+    /// ends before starts, the return before the entry). An attempt that ends inside
+    /// `connect()` is counted in its series at its end and waits in flight for the call's
+    /// return to take its stack; with the return detached before it (the object's programs
+    /// come in no set order), it stayed in flight after being counted, and a socket that came
+    /// back at that address counted it once more as `replaced`: the connect metrics then had
+    /// one attempt more than the books (the metrics tests saw it, with other agents' attempts
+    /// on the host).
     pub(crate) fn detach(&mut self) {
         self.recursion_misses_at_detach = Some(self.recursion_misses());
         const FIRST: [&str; 3] = [
